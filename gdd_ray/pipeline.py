@@ -50,12 +50,9 @@ def check(cfg: RunConfig) -> tuple[RunDir, list[ClassInfo], dict[str, str]]:
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
-    import ray
-
-    from gdd_ray.ray_utils import init_ray
+    from gdd_ray.ray_utils import shutdown_if_started_here
 
     run_dir, classes, _ = check(cfg)
-    started_here = init_ray()
     try:
         summaries = {}
         for stage in STAGES:
@@ -63,5 +60,4 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 summaries[stage] = stage_module(stage).run(cfg, run_dir, classes)
         return summaries
     finally:
-        if started_here:
-            ray.shutdown()
+        shutdown_if_started_here()

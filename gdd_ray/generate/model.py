@@ -39,7 +39,12 @@ def build_tiny_pipeline(seed: int = 0):
     `text_time` conditioning, the real CLIP tokenizers; only the widths and depths are small.
     """
     import torch
-    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -83,7 +88,9 @@ def build_tiny_pipeline(seed: int = 0):
         force_upcast=False,
     )
     sched_cfg = json.loads(
-        resources.files("gdd_ray").joinpath("data", "sdxl_turbo_config", "scheduler", "scheduler_config.json").read_text()
+        resources.files("gdd_ray")
+        .joinpath("data", "sdxl_turbo_config", "scheduler", "scheduler_config.json")
+        .read_text()
     )
     scheduler = EulerAncestralDiscreteScheduler.from_config(sched_cfg)
     return StableDiffusionXLPipeline(
@@ -104,11 +111,11 @@ def ensure_tiny_model() -> Path:
     Saved under a temporary name and renamed, so a crash or a concurrent builder never leaves a half
     model under the final name; the loser of a race simply discards its copy.
     """
-    import torch
-
     final = tiny_model_path()
     if (final / "model_index.json").exists():
         return final
+    import torch
+
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}-{final.name}"
     pipe = build_tiny_pipeline()
@@ -142,25 +149,49 @@ def resolve_model(model: str) -> str:
     try:
         from huggingface_hub import hf_hub_download
 
+        hf_hub_download(model, "model_index.json", local_files_only=True)
+        return model
+    except Exception:
+        pass
+    reason = _hub_unreachable_reason()
+    if reason is None:
         try:
-            hf_hub_download(model, "model_index.json", local_files_only=True)
-        except Exception:
             hf_hub_download(model, "model_index.json", etag_timeout=10)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"--model {model}: cannot load it: not a local folder, not in the Hugging Face cache, and the hub "
-            f"did not serve it ({reason}). Download it where there is network (`huggingface-cli download {model}`) "
-            "and pass the folder as --model, or use --model tiny for an offline test run"
-        ) from e
+            return model
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    raise UserError(
+        f"--model {model}: cannot load it: not a local folder, not in the Hugging Face cache, and the hub "
+        f"did not serve it ({reason}). Download it where there is network (`huggingface-cli download {model}`) "
+        "and pass the folder as --model, or use --model tiny for an offline test run"
+    )
+
+
+def _hub_unreachable_reason() -> str | None:
+    """A quick look before asking the hub, whose client retries a dead network for half a minute."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as e:
+        return f"{host} unreachable: {e.strerror or e}"
+    return None
     return model
 
 
 def load_pipeline(model: str, vae: str | None = None, device: str | None = None, compile: bool = False):
     """The pipeline for one worker: fp16 on CUDA, fp32 on CPU; progress bars off (they flood actor logs)."""
+    import diffusers
     import torch
+    import transformers
     from diffusers import AutoencoderKL, AutoPipelineForText2Image
 
+    diffusers.utils.logging.disable_progress_bar()  # one bar per component per actor floods job logs
+    transformers.utils.logging.disable_progress_bar()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device.startswith("cuda") else torch.float32

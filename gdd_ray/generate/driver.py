@@ -1,0 +1,263 @@
+"""The distribution engine: a queue of work units fed to a pool of workers, with retries and progress.
+
+Knows nothing of diffusion: a worker is anything with `run(unit) -> UnitResult` (in process) or a Ray
+actor with `run_unit.remote(unit)`. Two runners with one signature:
+    run_serial(units, make_worker, ...)   in-process, for tests and debugging
+    run_on_ray(units, spec, ...)          one GPU actor per worker, each kept busy from the queue
+
+Scheduling is pull-based: every ready actor holds `PIPELINE_DEPTH` units at a time and gets the next one
+as soon as one finishes, so a faster GPU simply does more units. An actor that dies (OOM, lost node,
+killed process) is replaced and its units go back to the queue; a unit that fails `max_retries` times
+stops the run with that unit's error. Shards are committed by the workers, so what finished stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from gdd_ray.errors import UserError
+from gdd_ray.generate.generator import GenerationSpec, UnitGenerator, UnitResult
+from gdd_ray.generate.plan import WorkUnit
+
+log = logging.getLogger("gdd_ray")
+
+# Two units in flight per actor: while one is PNG-encoded and written, the GPU renders the other.
+PIPELINE_DEPTH = 2
+
+
+class UnitFailed(UserError):
+    """A unit failed every attempt; shards already committed stay."""
+
+
+def last_line(err: BaseException | str) -> str:
+    """The useful line of an error (Ray wraps causes in long tracebacks)."""
+    text = str(err).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if not ln.startswith(("File ", "^", "~", "During handling", "Traceback", "The above exception")):
+            return ln[:400]
+    return type(err).__name__ if not isinstance(err, str) else text[:400]
+
+
+@dataclass
+class Progress:
+    """A live status line: units done/total, images/s and ETA (visible in `ray job logs`)."""
+
+    total_units: int
+    total_images: int
+    label: str = "generate"
+    interval_s: float = 5.0
+    stream: object = field(default=sys.stdout)
+    done_units: int = 0
+    done_images: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    _last: float = 0.0
+
+    def add(self, result: UnitResult) -> None:
+        self.done_units += 1
+        self.done_images += result.images
+        self.maybe_print()
+
+    def rate(self) -> float:
+        dt = time.perf_counter() - self.t0
+        return self.done_images / dt if dt > 0 else 0.0
+
+    def line(self, workers: int | None = None) -> str:
+        rate = self.rate()
+        left = self.total_images - self.done_images
+        eta = time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate > 0 else "--:--:--"
+        w = f", {workers} workers" if workers is not None else ""
+        return (
+            f"[{self.label}] {self.done_units}/{self.total_units} units, {self.done_images}/{self.total_images} "
+            f"images, {rate:.1f} img/s, ETA {eta}{w}"
+        )
+
+    def maybe_print(self, force: bool = False, workers: int | None = None) -> None:
+        now = time.perf_counter()
+        if force or now - self._last >= self.interval_s or self.done_units == self.total_units:
+            self._last = now
+            print(self.line(workers), file=self.stream, flush=True)
+
+
+def run_serial(
+    units: Iterable[WorkUnit],
+    make_worker: Callable[[], UnitGenerator],
+    max_retries: int = 3,
+    progress: Progress | None = None,
+) -> list[UnitResult]:
+    """Every unit in this process, in order, with the same retry rule as the Ray runner."""
+    worker = make_worker()
+    results = []
+    for unit in units:
+        for attempt in range(1, max_retries + 1):
+            try:
+                results.append(worker.run(unit))
+                break
+            except Exception as e:
+                if attempt == max_retries:
+                    raise UnitFailed(f"work unit {unit} failed {attempt} times: {last_line(e)}") from e
+        if progress:
+            progress.add(results[-1])
+    return results
+
+
+def _actor_class():
+    import threading
+
+    import ray
+
+    @ray.remote
+    class GeneratorActor:
+        """One per GPU: holds one pipeline; renders under a lock so encoding overlaps the next render."""
+
+        def __init__(self, spec: GenerationSpec):
+            from gdd_ray.cli import quiet_libraries
+
+            quiet_libraries()
+            self.gen = UnitGenerator(spec)
+            self.gen.load()
+            self.gpu = threading.Lock()
+
+        def ready(self) -> dict:
+            import os
+            import socket
+
+            return {"pid": os.getpid(), "host": socket.gethostname(), "device": self.gen.device}
+
+        def run_unit(self, unit: WorkUnit) -> UnitResult:
+            with self.gpu:
+                rendered = self.gen.render(unit)
+            return self.gen.encode_and_write(rendered)  # outside the lock: the other thread renders
+
+    return GeneratorActor
+
+
+@dataclass
+class _Slot:
+    """A place for one actor; `epoch` tells a replaced actor's late failures from the new one's."""
+
+    index: int
+    actor: object = None
+    epoch: int = 0
+    ready_ref: object = None
+    ready: bool = False
+    info: dict = field(default_factory=dict)
+    in_flight: int = 0
+
+
+def actor_options(cluster_gpus: int) -> dict:
+    """One GPU per actor where the cluster has GPUs; a CPU otherwise. Two threads: render + encode."""
+    opts = {"max_concurrency": PIPELINE_DEPTH, "max_restarts": 0, "max_task_retries": 0}
+    if cluster_gpus > 0:
+        opts["num_gpus"] = 1
+    else:
+        opts["num_cpus"] = 1
+    return opts
+
+
+def run_on_ray(
+    units: Iterable[WorkUnit],
+    spec: GenerationSpec,
+    workers: int,
+    max_retries: int = 3,
+    progress: Progress | None = None,
+    cluster_gpus: int | None = None,
+    max_replacements: int | None = None,
+) -> list[UnitResult]:
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+    if cluster_gpus is None:
+        cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+    opts = actor_options(cluster_gpus)
+    actor_cls = _actor_class()
+    queue: deque[WorkUnit] = deque(units)
+    attempts: Counter[WorkUnit] = Counter()
+    last_error: dict[WorkUnit, str] = {}
+    results: list[UnitResult] = []
+    replacements = 0
+    if max_replacements is None:
+        max_replacements = max(3, 2 * workers)
+
+    def start(slot: _Slot) -> None:
+        slot.actor = actor_cls.options(**opts).remote(spec)
+        slot.epoch += 1
+        slot.ready = False
+        slot.ready_ref = slot.actor.ready.remote()
+        slot.in_flight = 0
+
+    slots = [_Slot(i) for i in range(workers)]
+    for s in slots:
+        start(s)
+    in_flight: dict = {}  # ObjectRef -> (slot, epoch, unit)
+
+    def replace(slot: _Slot, cause: str) -> None:
+        nonlocal replacements
+        replacements += 1
+        if replacements > max_replacements:
+            raise UnitFailed(f"generator workers keep dying ({replacements} replaced); last cause: {cause}")
+        print(f"[generate] worker {slot.index} died ({cause}); starting a replacement", flush=True)
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:
+            pass
+        start(slot)
+
+    def fail_unit(unit: WorkUnit, cause: str) -> None:
+        attempts[unit] += 1
+        last_error[unit] = cause
+        if attempts[unit] >= max_retries:
+            raise UnitFailed(f"work unit {unit} failed {attempts[unit]} times: {cause}")
+        queue.appendleft(unit)  # retry soon, so a bad unit surfaces early rather than at the end
+
+    try:
+        while queue or in_flight:
+            for s in slots:
+                while s.ready and queue and s.in_flight < PIPELINE_DEPTH:
+                    unit = queue.popleft()
+                    ref = s.actor.run_unit.remote(unit)
+                    in_flight[ref] = (s, s.epoch, unit)
+                    s.in_flight += 1
+            waiting = list(in_flight) + [s.ready_ref for s in slots if not s.ready]
+            done, _ = ray.wait(waiting, num_returns=1, timeout=progress.interval_s if progress else 5.0)
+            if not done:
+                if progress:
+                    progress.maybe_print(workers=sum(s.ready for s in slots))
+                continue
+            ref = done[0]
+            starting = next((s for s in slots if not s.ready and s.ready_ref == ref), None)
+            if starting is not None:
+                try:
+                    starting.info = ray.get(ref)
+                    starting.ready = True
+                except (RayActorError, RayTaskError) as e:
+                    replace(starting, f"could not start: {last_line(e)}")
+                continue
+            slot, epoch, unit = in_flight.pop(ref)
+            if slot.epoch == epoch:
+                slot.in_flight -= 1
+            try:
+                result = ray.get(ref)
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+                fail_unit(unit, f"worker died: {last_line(e)}")
+                if slot.epoch == epoch:
+                    replace(slot, last_line(e))
+                continue
+            except RayTaskError as e:
+                fail_unit(unit, last_line(e))
+                continue
+            results.append(result)
+            if progress:
+                progress.add(result)
+    finally:
+        for s in slots:
+            try:
+                ray.kill(s.actor, no_restart=True)
+            except Exception:
+                pass
+    return results

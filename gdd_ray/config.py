@@ -88,6 +88,25 @@ class TrainConfig:
     eval_data: str | None = opt(None, "Path to the real test set (CIFAR python folder, Tiny-ImageNet folder, ...).")
     epochs: int = opt(1000, "Training epochs (the standard protocol uses 1000; fewer for quick looks).")
     eval_runs: int = opt(3, "Independent training runs (seeds); the accuracy is reported as mean +- std.")
+    eval_seed: int = opt(0, "Seed of the first evaluation run; run i uses eval-seed + i (init, shuffling, DSA).")
+    lr: float = opt(0.01, "SGD learning rate (standard DD protocol: 0.01; dropped x0.1 at half the epochs).")
+    momentum: float = opt(0.9, "SGD momentum (standard: 0.9).")
+    weight_decay: float = opt(5e-4, "SGD weight decay (standard: 5e-4).")
+    train_batch_size: int = opt(256, "Training batch size (standard: 256); also the test batch size.")
+    net_depth: int = opt(3, "ConvNet blocks (conv-norm-act-pool); ConvNetD3 = 3 is what the field reports.")
+    net_width: int = opt(128, "ConvNet channels per block (standard: 128).")
+    net_norm: str = opt("instance", "ConvNet normalisation: instance (standard), batch, group, none.")
+    net_act: str = opt("relu", "ConvNet activation: relu (standard), leakyrelu, sigmoid.")
+    net_pool: str = opt("avg", "ConvNet pooling: avg (standard), max, none.")
+    dsa_strategy: str = opt(
+        "color_crop_cutout_flip_scale_rotate",
+        "DSA ops, '_'-separated; one is drawn per batch (the standard strategy); 'none' trains without augmentation.",
+    )
+    eval_every: int = opt(100, "Test-set accuracy every N epochs for the curve (the reported one is the last epoch's).")
+    checkpoint_every: int = opt(50, "Checkpoint every N epochs under OUT/eval/checkpoints/; a rerun resumes there.")
+    eval_workers: int | None = opt(
+        None, "Ray Train workers (runs go in parallel); default one per GPU, or one per CPU on a CPU-only cluster."
+    )
 
 
 @dataclass(frozen=True)
@@ -198,7 +217,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per option; defaults are None so that 'not given' can be told from 'given the default'."""
     parser.add_argument("--config", help="YAML file with the same keys as the flags; flags given here win.")
-    for sec, f in _fields():
+    for _section, f in _fields():
         if not f.metadata.get("cli", True):
             continue
         flag = "--" + _key(f).replace("_", "-")
@@ -280,7 +299,9 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--ipc must be at least 1, got {cfg.ipc}")
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad or not cfg.stages:
-        raise UserError(f"--stages: unknown stage(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(STAGES)}")
+        raise UserError(
+            f"--stages: unknown stage(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(STAGES)}"
+        )
     for name, value, low in [
         ("steps", g.steps, 1),
         ("gen-resolution", g.gen_resolution, 8),
@@ -293,7 +314,9 @@ def validate(cfg: RunConfig) -> None:
     if g.gen_resolution % 8:
         raise UserError(f"--gen-resolution must be a multiple of 8 (the VAE's downscale), got {g.gen_resolution}")
     if cfg.image_size < 1 or cfg.image_size > g.gen_resolution:
-        raise UserError(f"--image-size must be between 1 and --gen-resolution ({g.gen_resolution}), got {cfg.image_size}")
+        raise UserError(
+            f"--image-size must be between 1 and --gen-resolution ({g.gen_resolution}), got {cfg.image_size}"
+        )
     if g.workers is not None and g.workers < 1:
         raise UserError(f"--workers must be at least 1, got {g.workers}")
     if g.guidance < 0:
@@ -306,6 +329,34 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--epochs must be at least 1, got {cfg.train.epochs}")
     if cfg.train.eval_runs < 1:
         raise UserError(f"--eval-runs must be at least 1, got {cfg.train.eval_runs}")
+    t = cfg.train
+    for name, value, low in [
+        ("train-batch-size", t.train_batch_size, 1),
+        ("net-depth", t.net_depth, 1),
+        ("net-width", t.net_width, 1),
+        ("eval-every", t.eval_every, 1),
+        ("checkpoint-every", t.checkpoint_every, 1),
+        ("eval-workers", t.eval_workers if t.eval_workers is not None else 1, 1),
+    ]:
+        if value < low:
+            raise UserError(f"--{name} must be at least {low}, got {value}")
+    if t.lr <= 0 or t.momentum < 0 or t.weight_decay < 0:
+        raise UserError(
+            f"--lr must be > 0 and --momentum, --weight-decay >= 0; got {t.lr}, {t.momentum}, {t.weight_decay}"
+        )
+    for name, value, choices in [
+        ("net-norm", t.net_norm, ("instance", "batch", "group", "none")),
+        ("net-act", t.net_act, ("relu", "leakyrelu", "sigmoid")),
+        ("net-pool", t.net_pool, ("avg", "max", "none")),
+    ]:
+        if value not in choices:
+            raise UserError(f"--{name} must be one of {', '.join(choices)}, got '{value}'")
+    dsa_ops = ("color", "crop", "cutout", "flip", "scale", "rotate")
+    bad_ops = [o for o in t.dsa_strategy.split("_") if o not in dsa_ops]
+    if t.dsa_strategy.lower() != "none" and bad_ops:
+        raise UserError(
+            f"--dsa-strategy: unknown op(s) {', '.join(bad_ops)}; use '_'-separated {', '.join(dsa_ops)} or none"
+        )
 
 
 def fingerprint(obj: Any) -> str:

@@ -180,7 +180,6 @@ def _hub_unreachable_reason() -> str | None:
     except OSError as e:
         return f"{host} unreachable: {e.strerror or e}"
     return None
-    return model
 
 
 def load_pipeline(model: str, vae: str | None = None, device: str | None = None, compile: bool = False):

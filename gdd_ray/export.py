@@ -1,0 +1,273 @@
+"""Exports of a run's images in the forms evaluators and training code take.
+
+    pt           the DD challenge format: one float tensor N x 3 x H x W normalised with the dataset's
+                 mean/std, class by class with the same count per class (label = position // count),
+                 plus DEST_labels.pt (int64, N) and DEST_classes.txt (label, class id, name)
+    imagefolder  DEST/<class id>/<label>_<index>_v<variant>.png, the PNG bytes as stored (lossless);
+                 folders are class ids, whose sorted order is the dataset's label order for CIFAR,
+                 Tiny-ImageNet and ImageNet-1K, so torchvision's ImageFolder gives the same labels
+
+Images are taken in the order (label, index, variant): with --per-class n the first n of each class,
+i.e. the first n/(K+1) generated images of a class with all their variants.
+
+    python -m gdd_ray export --run OUT --format pt --dest distilled.pt --per-class 10
+    python -m gdd_ray export --run OUT --format imagefolder --dest OUT/imagefolder
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gdd_ray import storage
+from gdd_ray.errors import UserError
+from gdd_ray.generate import shards
+from gdd_ray.run import RUN_FILE, STAGE_DIRS
+
+# (mean, std) per channel of the real training set, the normalisation evaluators apply to it.
+MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # the values of the DC/DSA/MTT code
+    "cifar100": ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "tiny-imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenet-1k": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+FORMATS = ("pt", "imagefolder")
+SOURCES = ("augmented", "generated")
+COLUMNS = ["image", "label", "class_id", "class_name", "index", "variant"]
+
+
+def run_record(run: str) -> dict[str, Any]:
+    root = storage.Location(run)
+    try:
+        return json.loads(root.read_bytes(RUN_FILE)) if root.exists(RUN_FILE) else {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{storage.join(run, RUN_FILE)} is unreadable ({e})") from e
+
+
+def load_images(run: str, source: str = "augmented") -> pa.Table:
+    """Every row of OUT/<source>/*.parquet (no pixels decoded), sorted by (label, index, variant)."""
+    if source not in SOURCES:
+        raise UserError(f"--source must be one of {', '.join(SOURCES)}, got '{source}'")
+    loc = storage.Location(run).child(STAGE_DIRS["augment" if source == "augmented" else "generate"])
+    names = loc.list(".parquet")
+    if not names:
+        stage = "augment" if source == "augmented" else "generate"
+        raise UserError(f"{loc.uri} has no shards: run the {stage} stage first, or pick another --source")
+    tables = []
+    for n in names:
+        t = storage.read_parquet(loc, n).replace_schema_metadata(None)
+        if "variant" not in t.column_names:
+            t = t.append_column("variant", pa.array(np.zeros(t.num_rows, np.int32)))
+        tables.append(t.select(COLUMNS))
+    table = pa.concat_tables(tables)
+    return table.sort_by([("label", "ascending"), ("index", "ascending"), ("variant", "ascending")])
+
+
+def select_per_class(table: pa.Table, per_class: int | None, num_classes: int | None) -> tuple[pa.Table, int]:
+    """Same count for every class (the first `per_class` of each); labels must be 0..C-1 with none missing."""
+    labels = table.column("label").to_numpy()
+    present, counts = np.unique(labels, return_counts=True)
+    c = num_classes if num_classes is not None else int(present.max()) + 1
+    missing = sorted(set(range(c)) - set(present.tolist()))
+    if missing:
+        raise UserError(f"class(es) {', '.join(map(str, missing[:5]))} have no images; every class needs some")
+    if per_class is None:
+        if counts.min() != counts.max():
+            raise UserError(
+                f"classes have between {counts.min()} and {counts.max()} images; "
+                f"pass --per-class N (at most {counts.min()}) to take the same number of each"
+            )
+        return table, int(counts[0])
+    if per_class < 1:
+        raise UserError(f"--per-class must be at least 1, got {per_class}")
+    short = present[counts < per_class]
+    if len(short):
+        raise UserError(
+            f"--per-class {per_class}: class {short[0]} has only {counts[present == short[0]][0]} images "
+            f"(the smallest class has {counts.min()})"
+        )
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])  # table is sorted by label
+    take = (starts[:, None] + np.arange(per_class)[None, :]).reshape(-1)
+    return table.take(pa.array(take)), per_class
+
+
+def _mean_std(
+    dataset: str | None, mean: list[float] | None, std: list[float] | None
+) -> tuple[list[float], list[float]]:
+    if (mean is None) != (std is None):
+        raise UserError("give both --mean and --std, or neither")
+    if mean is not None and std is not None:
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise UserError(f"--mean and --std take three numbers each (std > 0), got {mean} and {std}")
+        return list(mean), list(std)
+    if dataset not in MEAN_STD:
+        raise UserError(
+            f"no mean/std known for dataset {dataset!r}; pass --dataset ({', '.join(MEAN_STD)}) or --mean/--std"
+        )
+    m, s = MEAN_STD[dataset]
+    return list(m), list(s)
+
+
+def decode(table: pa.Table) -> np.ndarray:
+    """N x H x W x 3 uint8 pixels of the table's images."""
+    data = table.column("image").combine_chunks().field("bytes").to_pylist()
+    if not data:
+        raise UserError("no images to export")
+    return np.stack([shards.decode_png(b) for b in data])
+
+
+def export_pt(
+    run: str,
+    dest: str,
+    per_class: int | None = None,
+    dataset: str | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    source: str = "augmented",
+) -> dict[str, Any]:
+    """Write DEST (images), DEST_labels.pt and DEST_classes.txt; returns what was written."""
+    import torch
+
+    if not dest.endswith(".pt"):
+        raise UserError(f"--dest for --format pt must be a .pt file name, got '{dest}'")
+    record = run_record(run)
+    m, s = _mean_std(dataset or record.get("config", {}).get("dataset"), mean, std)
+    num_classes = len(record["classes"]) if record.get("classes") else None
+    table, n = select_per_class(load_images(run, source), per_class, num_classes)
+    x = torch.from_numpy(decode(table)).permute(0, 3, 1, 2).float().div_(255.0)
+    x = (x - torch.tensor(m).view(1, 3, 1, 1)) / torch.tensor(s).view(1, 3, 1, 1)
+    labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
+
+    parent, name = _split(dest)
+    stem = name[: -len(".pt")]
+    loc = storage.Location(parent)
+    loc.write_bytes(name, _torch_bytes(x.contiguous()))
+    loc.write_bytes(f"{stem}_labels.pt", _torch_bytes(labels))
+    classes = _class_lines(table)
+    loc.write_bytes(f"{stem}_classes.txt", "".join(classes).encode())
+    return {
+        "images": storage.join(parent, name),
+        "labels": storage.join(parent, f"{stem}_labels.pt"),
+        "shape": list(x.shape),
+        "per_class": n,
+        "classes": len(classes),
+        "mean": m,
+        "std": s,
+    }
+
+
+def export_imagefolder(run: str, dest: str, per_class: int | None = None, source: str = "augmented") -> dict[str, Any]:
+    """Write DEST/<class id>/<label>_<index>_v<variant>.png (the stored PNG bytes)."""
+    record = run_record(run)
+    num_classes = len(record["classes"]) if record.get("classes") else None
+    table, n = select_per_class(load_images(run, source), per_class, num_classes)
+    root = storage.Location(dest)
+    ids = table.column("class_id").to_pylist()
+    folders = {cid: _folder_name(cid) for cid in set(ids)}
+    if len(set(folders.values())) != len(folders):
+        raise UserError("two class ids map to the same folder name; export with --format pt instead")
+    labels = table.column("label").to_pylist()
+    index = table.column("index").to_pylist()
+    variant = table.column("variant").to_pylist()
+    data = table.column("image").combine_chunks().field("bytes").to_pylist()
+    jobs = [
+        (folders[ids[i]], f"{labels[i]:05d}_{index[i]:06d}_v{variant[i]}.png", data[i]) for i in range(table.num_rows)
+    ]
+    locs = {f: root.child(f) for f in folders.values()}
+
+    def write(job: tuple[str, str, bytes]) -> None:
+        locs[job[0]].write_bytes(job[1], job[2])
+
+    # object stores answer each PUT in tens of ms: write in parallel
+    with ThreadPoolExecutor(max_workers=1 if root.local else 32) as pool:
+        list(pool.map(write, jobs))
+    order = [folders[cid] for cid in dict.fromkeys(ids)]  # label order (table sorted by label)
+    return {
+        "root": dest,
+        "images": len(jobs),
+        "per_class": n,
+        "classes": len(order),
+        "sorted_folders_match_labels": order == sorted(order),
+    }
+
+
+def _folder_name(class_id: str) -> str:
+    return class_id.replace("/", "_").replace("\\", "_").strip() or "_"
+
+
+def _class_lines(table: pa.Table) -> list[str]:
+    first = pc.unique(table.column("label")).to_pylist()
+    out = []
+    for lab in first:
+        i = pc.index(table.column("label"), lab).as_py()
+        out.append(f"{lab}\t{table.column('class_id')[i].as_py()}\t{table.column('class_name')[i].as_py()}\n")
+    return out
+
+
+def _split(path: str) -> tuple[str, str]:
+    if "/" not in path.rstrip("/"):
+        return ".", path
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    return parent or "/", name
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+# ---- command line (python -m gdd_ray export, jobs/export.py) ------------------------------------
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got '{text}'") from e
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="The run folder (--out of distill.py): local path or s3://... URI.")
+    p.add_argument("--format", required=True, choices=FORMATS, help="pt: challenge tensor; imagefolder: PNG tree.")
+    p.add_argument("--dest", required=True, help="pt: the .pt file to write; imagefolder: the root folder.")
+    p.add_argument(
+        "--per-class",
+        type=int,
+        default=None,
+        help="Keep the first N images of each class (the challenge's fixed-IPC track takes 10); default all.",
+    )
+    p.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="augmented",
+        help="Export the augmented set (default) or the generated images alone.",
+    )
+    p.add_argument("--dataset", default=None, help="pt: whose mean/std to normalise with; default the run's dataset.")
+    p.add_argument("--mean", type=_floats, default=None, help="pt: per-channel mean r,g,b instead of the dataset's.")
+    p.add_argument("--std", type=_floats, default=None, help="pt: per-channel std r,g,b instead of the dataset's.")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    if args.format == "pt":
+        out = export_pt(args.run, args.dest, args.per_class, args.dataset, args.mean, args.std, args.source)
+        print(
+            f"[export] {out['shape'][0]} images {tuple(out['shape'])} ({out['per_class']} per class) -> {out['images']}"
+        )
+    else:
+        if args.mean is not None or args.std is not None or args.dataset is not None:
+            raise UserError("--dataset/--mean/--std apply to --format pt only (ImageFolder keeps the PNGs as stored)")
+        out = export_imagefolder(args.run, args.dest, args.per_class, args.source)
+        print(f"[export] {out['images']} PNGs in {out['classes']} class folders -> {out['root']}")
+        if not out["sorted_folders_match_labels"]:
+            print("[export] note: the sorted folder names do not follow the label order; ImageFolder will relabel")
+    return 0

@@ -52,7 +52,7 @@ class Progress:
     total_images: int
     label: str = "generate"
     interval_s: float = 5.0
-    stream: object = field(default=sys.stdout)
+    stream: object = None  # None = the sys.stdout of the moment (pytest swaps it)
     done_units: int = 0
     done_images: int = 0
     t0: float = field(default_factory=time.perf_counter)

@@ -1,0 +1,42 @@
+"""Helpers shared by the generation tests."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from gdd_ray.config import build_config
+
+
+def tiny_config(out, **overrides):
+    values = dict(
+        dataset="cifar10", ipc=3, out=str(out), model="tiny", gen_resolution=64, image_size=16, unit_size=2,
+        batch_size=2, stages="generate",
+    )  # fmt: skip
+    values.update(overrides)
+    return build_config(values)
+
+
+def read_images(folder: Path) -> dict[tuple[int, int], bytes]:
+    """(label, index) -> PNG bytes over every shard; asserts no (label, index) appears twice."""
+    out: dict[tuple[int, int], bytes] = {}
+    for f in sorted(Path(folder).glob("*.parquet")):
+        t = pq.read_table(io.BytesIO(f.read_bytes()))
+        for img, label, index in zip(t["image"].to_pylist(), t["label"].to_pylist(), t["index"].to_pylist()):
+            assert (label, index) not in out, f"duplicate {(label, index)}"
+            out[(label, index)] = img["bytes"]
+    return out
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under folder with its content hash and mtime: to prove a failed command touched nothing."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            p = Path(root) / name
+            out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest() + f":{p.stat().st_mtime_ns}"
+    return out

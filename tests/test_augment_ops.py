@@ -1,0 +1,125 @@
+"""PDA ops: recipe parsing, determinism, and what each op does to the pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gdd_ray.augment import ops
+from gdd_ray.augment.synthetic import pattern_image
+from gdd_ray.config import build_config
+from gdd_ray.errors import UserError
+
+
+def batch(n: int = 6, size: int = 16) -> torch.Tensor:
+    return torch.from_numpy(np.stack([pattern_image(i, size) for i in range(n)])).permute(0, 3, 1, 2).contiguous()
+
+
+def test_default_recipe_is_the_papers():
+    recipe = dict(ops.resolve_ops(None))
+    assert list(recipe) == ["hflip", "vflip", "brightness_contrast", "rotate", "gamma"]
+    assert recipe["hflip"]["p"] == recipe["vflip"]["p"] == 0.8
+    assert recipe["brightness_contrast"] == {"p": 0.5, "brightness": 0.2, "contrast": 0.2}
+    assert recipe["rotate"] == {"p": 0.8, "degrees": 60.0, "border": "reflect"}
+    assert recipe["gamma"] == {"p": 0.5, "low": 0.8, "high": 1.2}
+
+
+def test_custom_recipe_keeps_order_and_fills_defaults():
+    recipe = ops.resolve_ops({"rotate": {"degrees": 10}, "hflip": None})
+    assert recipe == [("rotate", {"p": 0.8, "degrees": 10, "border": "reflect"}), ("hflip", {"p": 0.8})]
+
+
+@pytest.mark.parametrize(
+    "pda_ops, words",
+    [
+        ({"blur": {}}, "unknown op 'blur'"),
+        ({"hflip": {"prob": 0.5}}, "no parameter(s) prob"),
+        ({"hflip": {"p": 1.5}}, "hflip.p must be a number in [0.0, 1.0]"),
+        ({"rotate": {"border": "wrap"}}, "rotate.border must be one of"),
+        ({"gamma": {"low": 1.3, "high": 1.1}}, "gamma.low (1.3) must not exceed"),
+        ({"hflip": 0.5}, "'hflip' takes a mapping"),
+    ],
+)
+def test_bad_recipes_say_what_is_wrong(pda_ops, words):
+    with pytest.raises(UserError) as e:
+        ops.resolve_ops(pda_ops)
+    assert words in str(e.value)
+
+
+def test_config_takes_ops_from_yaml_and_rejects_negative_k(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("out: /tmp/x\ndataset: cifar10\nipc: 2\npda-variants: 2\npda-ops:\n  vflip: {p: 1.0}\n  gamma: {}\n")
+    cfg = build_config({}, str(y))
+    assert [n for n, _ in ops.resolve_ops(cfg.augment.pda_ops)] == ["vflip", "gamma"]
+    with pytest.raises(UserError, match="--pda-variants must be >= 0"):
+        build_config({"out": "/tmp/x", "dataset": "cifar10", "ipc": 2, "pda_variants": -1})
+
+
+def test_variant_seeds():
+    assert ops.variant_seed(123, 0) == 123
+    seeds = {ops.variant_seed(s, v) for s in range(50) for v in range(1, 5)}
+    assert len(seeds) == 200  # no collisions between images or variants
+    assert ops.variant_seed(7, 1) == ops.variant_seed(7, 1)
+
+
+def test_same_seed_same_pixels_whatever_the_batch():
+    x, recipe = batch(8), ops.resolve_ops(None)
+    seeds = [ops.variant_seed(1000 + i, 1) for i in range(8)]
+    whole = ops.augment(x, seeds, recipe)
+    assert torch.equal(whole, ops.augment(x, seeds, recipe))
+    one_by_one = torch.cat([ops.augment(x[i : i + 1], seeds[i : i + 1], recipe) for i in range(8)])
+    assert torch.equal(whole, one_by_one)
+    shuffled = [3, 1, 7, 0, 5, 2, 6, 4]
+    assert torch.equal(ops.augment(x[shuffled], [seeds[i] for i in shuffled], recipe), whole[shuffled])
+    other = ops.augment(x, [ops.variant_seed(1000 + i, 2) for i in range(8)], recipe)
+    assert not torch.equal(whole, other)
+    assert whole.dtype == torch.uint8 and whole.shape == x.shape
+
+
+def test_probabilities_zero_and_one():
+    x = batch(5)
+    seeds = list(range(5))
+    off = ops.resolve_ops({k: {"p": 0.0} for k in ops.DEFAULT_OPS})
+    assert torch.equal(ops.augment(x, seeds, off), x)
+    assert torch.equal(ops.augment(x, seeds, ops.resolve_ops({"hflip": {"p": 1.0}})), x.flip(-1))
+    assert torch.equal(ops.augment(x, seeds, ops.resolve_ops({"vflip": {"p": 1.0}})), x.flip(-2))
+    no_turn = ops.resolve_ops({"rotate": {"p": 1.0, "degrees": 0.0}})
+    assert torch.equal(ops.augment(x, seeds, no_turn), x)
+    flat_gamma = ops.resolve_ops({"gamma": {"p": 1.0, "low": 1.0, "high": 1.0}})
+    assert torch.equal(ops.augment(x, seeds, flat_gamma), x)
+
+
+def test_flip_rate_follows_p():
+    x = batch(1).repeat(400, 1, 1, 1)
+    out = ops.augment(x, [ops.variant_seed(s, 1) for s in range(400)], ops.resolve_ops({"hflip": {"p": 0.8}}))
+    flipped = (out == x.flip(-1)).flatten(1).all(1).float().mean().item()
+    assert 0.72 < flipped < 0.88
+
+
+def test_rotation_reflects_borders_and_keeps_centre():
+    x = torch.full((1, 3, 32, 32), 200, dtype=torch.uint8)
+    x[..., 14:18, 14:18] = 10  # a dark centre square: stays in the middle whatever the angle
+    turned = ops.augment(x, [5], ops.resolve_ops({"rotate": {"p": 1.0, "degrees": 45.0}}))
+    assert turned[..., 15:17, 15:17].max() < 60
+    assert turned[..., :3, :3].min() > 150  # reflected, not zero-filled corners
+    zeros = ops.augment(x, [5], ops.resolve_ops({"rotate": {"p": 1.0, "degrees": 45.0, "border": "zeros"}}))
+    assert zeros[..., 0, 0].max() < 100
+
+
+def test_brightness_contrast_and_gamma_move_intensities_within_limits():
+    x = torch.full((200, 3, 8, 8), 128, dtype=torch.uint8)
+    seeds = list(range(200))
+    bc = ops.augment(x, seeds, ops.resolve_ops({"brightness_contrast": {"p": 1.0}})).float()
+    # 128/255 * [0.8, 1.2] + [-0.2, 0.2] -> about [51, 205]
+    assert 45 < bc.min() and bc.max() < 210 and bc.std() > 10
+    g = ops.augment(x, seeds, ops.resolve_ops({"gamma": {"p": 1.0}})).float()
+    lo, hi = 255 * (128 / 255) ** 1.2, 255 * (128 / 255) ** 0.8
+    assert lo - 1 <= g.min() and g.max() <= hi + 1 and g.std() > 2
+
+
+def test_rejects_wrong_input():
+    with pytest.raises(ValueError, match="uint8"):
+        ops.augment(torch.zeros(1, 3, 4, 4), [0], ops.resolve_ops(None))
+    with pytest.raises(ValueError, match="seeds"):
+        ops.augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), [0], ops.resolve_ops(None))

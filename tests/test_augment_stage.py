@@ -1,0 +1,236 @@
+"""The augment stage end to end on a local Ray: counts, determinism, pass-through, resume, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from gdd_ray import pipeline, storage
+from gdd_ray.augment import shard as aug_shard
+from gdd_ray.augment import stage, synthetic
+from gdd_ray.classes import load_classes
+from gdd_ray.config import build_config
+from gdd_ray.errors import UserError
+from gdd_ray.generate import shards
+from gdd_ray.run import RunDir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def make_cfg(out, **kw):
+    values = {"out": str(out), "dataset": "cifar10", "ipc": 4, "unit_size": 2, "pda_variants": 2, "stages": "augment"}
+    values.update(kw)
+    return build_config(values)
+
+
+def make_run(out, **kw):
+    """Synthetic generated shards + an opened run folder, as distill.py --stages augment would see it."""
+    cfg = make_cfg(out, **kw)
+    classes = load_classes(cfg.dataset, None)
+    fps = pipeline.stage_fingerprints(cfg, classes)
+    synthetic.write_generated(cfg, RunDir(cfg.out), classes, fps["generate"])
+    run_dir, classes, _ = pipeline.check(cfg)
+    return cfg, run_dir, classes
+
+
+def read_dir(loc: storage.Location):
+    return {n: pq.read_table(loc.file(n)) for n in loc.list(".parquet")}
+
+
+def test_counts_layout_and_skip(tmp_path, local_ray):
+    cfg, run_dir, classes = make_run(tmp_path / "run")
+    summary = stage.run(cfg, run_dir, classes)
+    assert summary["images_out"] == 10 * 4 * 3 and summary["images_per_class"] == 12 and not summary["skipped"]
+
+    gen, aug = read_dir(run_dir.generated), read_dir(run_dir.augmented)
+    assert set(aug) == set(gen)  # one output per input, same name
+    for name, t in aug.items():
+        g = gen[name]
+        assert t.schema.names == shards.SCHEMA.names + ["variant", "variant_seed"]
+        assert t.column("variant").to_pylist() == [0, 1, 2] * g.num_rows
+        # variant 0 is the generated PNG, bit for bit; the others are new images of the same size
+        orig = [b for b, v in zip(t.column("image").to_pylist(), t.column("variant").to_pylist()) if v == 0]
+        assert [o["bytes"] for o in orig] == [x["bytes"] for x in g.column("image").to_pylist()]
+        assert t.column("seed").to_pylist() == [s for s in g.column("seed").to_pylist() for _ in range(3)]
+        meta = aug_shard.footer_kv(pq.read_metadata(run_dir.augmented.file(name)))
+        assert meta[aug_shard.META_SOURCE] == name and "variant" in meta["huggingface"]
+
+    rows = [
+        (lab, idx, v)
+        for t in aug.values()
+        for lab, idx, v in zip(t.column("label").to_pylist(), t.column("index").to_pylist(), t.column("variant").to_pylist())
+    ]
+    assert len(rows) == len(set(rows)) == 120  # each (class, image, variant) exactly once
+    assert sorted(rows) == [(c, i, v) for c in range(10) for i in range(4) for v in range(3)]
+    vseeds = [s for t in aug.values() for s in t.column("variant_seed").to_pylist()]
+    assert len(set(vseeds)) == 120
+    assert run_dir.root.exists("samples.png")
+    assert run_dir.read_record()["stages"]["augment"]["status"] == "done"
+
+    again = stage.run(cfg, run_dir, classes)
+    assert again["skipped"] and again["fingerprint"] == summary["fingerprint"]
+
+
+def test_deterministic_across_runs_and_matches_the_serial_worker(tmp_path, local_ray):
+    cfg_a, dir_a, classes = make_run(tmp_path / "a", ipc=2, unit_size=1, dataset="cifar10", pda_variants=3)
+    cfg_b, dir_b, _ = make_run(tmp_path / "b", ipc=2, unit_size=2, dataset="cifar10", pda_variants=3)
+    stage.run(cfg_a, dir_a, classes)
+    stage.run(cfg_b, dir_b, classes)
+
+    def pixels(loc):
+        out = {}
+        for tab in read_dir(loc).values():
+            for img, lab, idx, v in zip(
+                tab.column("image").to_pylist(),
+                tab.column("label").to_pylist(),
+                tab.column("index").to_pylist(),
+                tab.column("variant").to_pylist(),
+            ):
+                out[(lab, idx, v)] = shards.decode_png(img["bytes"])
+        return out
+
+    a, b = pixels(dir_a.augmented), pixels(dir_b.augmented)
+    assert a.keys() == b.keys() and len(a) == 10 * 2 * 4
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # other shard grouping, same pixels
+    assert any(not np.array_equal(a[(0, 0, 0)], a[(0, 0, v)]) for v in (1, 2, 3))
+
+    # the per-shard worker alone (no Ray) writes the same bytes
+    name = dir_a.augmented.list(".parquet")[0]
+    solo = storage.Location(str(tmp_path / "solo"))
+    fp = dir_a.read_record()["fingerprints"]["augment"]
+    aug_shard.augment_shard(dir_a.generated, solo, name, 3, stage.ops.resolve_ops(None), fp)
+    assert solo.read_bytes(name) == dir_a.augmented.read_bytes(name)
+
+
+def test_pass_through(tmp_path, local_ray):
+    cfg, run_dir, classes = make_run(tmp_path / "run", ipc=2, pda_variants=0)
+    summary = stage.run(cfg, run_dir, classes)
+    assert summary["images_out"] == summary["images_in"] == 20
+    gen, aug = read_dir(run_dir.generated), read_dir(run_dir.augmented)
+    for name, t in aug.items():
+        assert t.column("image").to_pylist() != [] and t.column("variant").to_pylist() == [0] * t.num_rows
+        assert [x["bytes"] for x in t.column("image").to_pylist()] == [
+            x["bytes"] for x in gen[name].column("image").to_pylist()
+        ]
+
+
+def test_resume_redoes_only_missing_or_broken_shards(tmp_path, local_ray):
+    cfg, run_dir, classes = make_run(tmp_path / "run")
+    stage.run(cfg, run_dir, classes)
+    before = {n: run_dir.augmented.read_bytes(n) for n in run_dir.augmented.list(".parquet")}
+    names = sorted(before)
+    # an interrupted run: two outputs never written, one cut short, a temp file left behind
+    run_dir.augmented.delete(names[0])
+    run_dir.augmented.delete(names[5])
+    with open(run_dir.augmented.file(names[7]), "wb") as fh:
+        fh.write(before[names[7]][:100])
+    with open(run_dir.augmented.file(".tmp-deadbeef-" + names[9]), "wb") as fh:
+        fh.write(b"partial")
+    mtimes = {n: os.stat(run_dir.augmented.file(n)).st_mtime_ns for n in names if n not in (names[0], names[5], names[7])}
+
+    summary = stage.run(cfg, run_dir, classes)
+    assert summary["shards_done_now"] == 3 and summary["shards_done_before"] == len(names) - 3
+    after = {n: run_dir.augmented.read_bytes(n) for n in run_dir.augmented.list(".parquet")}
+    assert after == before  # same names, same bytes: nothing duplicated, nothing changed
+    assert run_dir.augmented.list(include_hidden=True) == sorted(["_summary.json", *names])
+    assert all(os.stat(run_dir.augmented.file(n)).st_mtime_ns == m for n, m in mtimes.items())
+
+
+def test_changed_recipe_needs_overwrite(tmp_path, local_ray):
+    cfg, run_dir, classes = make_run(tmp_path / "run", ipc=2)
+    stage.run(cfg, run_dir, classes)
+    changed = make_cfg(tmp_path / "run", ipc=2, pda_variants=3)
+    with pytest.raises(UserError, match="augment config differs"):
+        pipeline.check(changed)
+    run_dir2, classes, _ = pipeline.check(changed.replace(overwrite=True))
+    assert not run_dir2.augmented.list(".parquet")  # the old outputs went; the generated ones stayed
+    assert run_dir2.generated.list(".parquet")
+    summary = stage.run(changed, run_dir2, classes)
+    assert summary["images_out"] == 10 * 2 * 4
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    cfg = make_cfg(tmp_path / "empty")
+    with pytest.raises(UserError, match="has no generated shards: run the generate stage first"):
+        pipeline.check(cfg)
+    assert not (tmp_path / "empty").exists()  # preflight wrote nothing
+
+    cfg, run_dir, classes = make_run(tmp_path / "run", ipc=4)
+    run_dir.generated.delete(run_dir.generated.list(".parquet")[3])
+    with pytest.raises(UserError, match="lacks 1 of the 20 shards"):
+        stage.preflight(cfg, run_dir, classes)
+
+    bad_ops = build_config({"out": str(tmp_path / "x"), "dataset": "cifar10", "ipc": 2, "stages": "augment"})
+    bad_ops = bad_ops.replace(**{"augment.pda_ops": {"sharpen": {}}})
+    with pytest.raises(UserError, match="unknown op 'sharpen'"):
+        pipeline.check(bad_ops)
+
+
+def test_inputs_of_another_generation_config_are_refused(tmp_path, local_ray):
+    cfg, run_dir, classes = make_run(tmp_path / "run", ipc=2)
+    other = cfg.replace(seed=99)
+    synthetic.write_generated(other, run_dir, classes, "0123456789abcdef")  # same names, foreign footer
+    with pytest.raises(UserError, match="made by another generation config"):
+        stage.run(cfg, run_dir, classes)
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill(tmp_path):
+    """Kill the stage's process mid-run (SIGKILL: no cleanup), run again, get exactly the full output."""
+    cfg, run_dir, classes = make_run(tmp_path / "run", ipc=24, unit_size=1, pda_variants=4)
+    n = len(run_dir.generated.list(".parquet"))
+    script = textwrap.dedent(
+        f"""
+        import ray
+        from gdd_ray import pipeline
+        from gdd_ray.augment import stage
+        from gdd_ray.config import build_config
+        cfg = build_config({{"out": {str(run_dir.uri)!r}, "dataset": "cifar10", "ipc": 24, "unit_size": 1,
+                             "pda_variants": 4, "stages": "augment"}})
+        run_dir, classes, _ = pipeline.check(cfg)
+        ray.init(num_cpus=2, include_dashboard=False)
+        stage.SHARDS_PER_TASK = 1
+        stage.run(cfg, run_dir, classes)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(run_dir.augmented.list(".parquet")) < 10:
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    partial = len(run_dir.augmented.list(".parquet"))
+    assert 10 <= partial < n, "the kill came too late to test anything"
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        summary = stage.run(cfg, run_dir, classes)
+    finally:
+        ray.shutdown()
+    assert summary["shards_done_before"] >= partial - 2  # shards the kill caught mid-write are redone
+    assert sorted(run_dir.augmented.list(".parquet")) == sorted(run_dir.generated.list(".parquet"))
+    keys = [
+        k
+        for t in read_dir(run_dir.augmented).values()
+        for k in zip(t.column("label").to_pylist(), t.column("index").to_pylist(), t.column("variant").to_pylist())
+    ]
+    assert len(keys) == len(set(keys)) == 10 * 24 * 5

@@ -1,0 +1,57 @@
+import pytest
+
+from gdd_ray.config import build_config, config_from_args, generation_fingerprint
+from gdd_ray.errors import UserError
+
+
+def test_defaults_and_flags():
+    cfg = config_from_args(["--dataset", "cifar100", "--ipc", "20", "--out", "/tmp/x"])
+    assert cfg.generate.model == "stabilityai/sdxl-turbo"
+    assert cfg.generate.steps == 1 and cfg.generate.guidance == 0.0 and cfg.generate.gen_resolution == 512
+    assert cfg.image_size == 32
+    assert cfg.generate.prompt_template == "{name}"
+    assert cfg.stages == ("generate", "augment", "train")
+    cfg = config_from_args(["--dataset", "tiny-imagenet", "--ipc", "1", "--out", "x", "--stages", "generate"])
+    assert cfg.image_size == 64 and cfg.stages == ("generate",)
+
+
+def test_yaml_keys_match_flags_and_flags_win(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("dataset: cifar10\nipc: 5\nprompt-template: 'a photo of a {name}'\nbatch_size: 4\nout: /tmp/o\n")
+    cfg = config_from_args(["--config", str(y), "--ipc", "7"])
+    assert cfg.ipc == 7  # flag wins
+    assert cfg.generate.prompt_template == "a photo of a {name}"
+    assert cfg.generate.batch_size == 4
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"dataset": "mnist", "ipc": 1, "out": "x"}, "unknown dataset 'mnist'"),
+        ({"dataset": "cifar10", "ipc": 0, "out": "x"}, "--ipc must be at least 1"),
+        ({"dataset": "cifar10", "ipc": "two", "out": "x"}, "'ipc' must be a int"),
+        ({"dataset": "cifar10", "ipc": 1}, "--out is required"),
+        ({"ipc": 1, "out": "x"}, "give --dataset"),
+        ({"dataset": "cifar10", "ipc": 1, "out": "x", "stages": "generate,fly"}, "unknown stage(s) fly"),
+        ({"dataset": "cifar10", "ipc": 1, "out": "x", "prompt_template": "a photo"}, "must contain {name}"),
+        ({"dataset": "cifar10", "ipc": 1, "out": "x", "gen_resolution": 100}, "multiple of 8"),
+        ({"dataset": "cifar10", "ipc": 1, "out": "x", "image_size": 1024}, "--image-size must be between"),
+        ({"dataset": "cifar10", "ipc": 1, "out": "x", "bogus": 1}, "unknown option(s) bogus"),
+    ],
+)
+def test_bad_values_are_one_clear_error(values, message):
+    with pytest.raises(UserError) as e:
+        build_config(values)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_fingerprint_covers_pixels_not_layout():
+    base = build_config({"dataset": "cifar10", "ipc": 5, "out": "x"})
+    names = ["a", "b"]
+    fp = generation_fingerprint(base, names)
+    assert generation_fingerprint(base.replace(ipc=50, **{"generate.batch_size": 2}), names) == fp
+    assert generation_fingerprint(base.replace(**{"generate.workers": 8}), names) == fp
+    for change in [{"seed": 1}, {"generate.steps": 2}, {"generate.prompt_template": "a {name}"}, {"generate.model": "m"}]:
+        assert generation_fingerprint(base.replace(**change), names) != fp, change
+    assert generation_fingerprint(base, ["b", "a"]) != fp

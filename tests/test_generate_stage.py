@@ -1,0 +1,86 @@
+"""Resume, skip, redo and refuse: the generate stage's rules, run in process with the serial runner."""
+
+import pytest
+from gen_helpers import read_images, tiny_config, tree_digest
+
+from gdd_ray import pipeline
+from gdd_ray.errors import UserError
+from gdd_ray.generate import stage as gen_stage
+from gdd_ray.generate.plan import plan_units
+
+
+def run_serial(cfg):
+    run_dir, classes, _ = pipeline.check(cfg)
+    return gen_stage.run(cfg, run_dir, classes, serial=True)
+
+
+def test_fresh_run_then_noop_rerun(tmp_path, tiny_model):
+    cfg = tiny_config(tmp_path / "run")
+    summary = run_serial(cfg)
+    gen = tmp_path / "run" / "generated"
+    images = read_images(gen)
+    assert len(images) == 10 * 3
+    assert summary["totals"]["images_generated"] == 30 and summary["totals"]["shards"] == 20
+    assert (tmp_path / "run" / "run.json").exists() and (gen / "_summary.json").exists()
+    before = tree_digest(gen)
+    again = run_serial(cfg)
+    assert again["totals"]["units_run"] == 0 or again == summary
+    assert tree_digest(gen) == before
+
+
+def test_broken_short_and_missing_shards_are_redone_only(tmp_path, tiny_model, capsys):
+    cfg = tiny_config(tmp_path / "run")
+    run_serial(cfg)
+    gen = tmp_path / "run" / "generated"
+    reference = read_images(gen)
+    names = sorted(p.name for p in gen.glob("*.parquet"))
+    (gen / names[0]).unlink()  # missing
+    (gen / names[1]).write_bytes((gen / names[1]).read_bytes()[:100])  # truncated: unreadable
+    (gen / names[2]).write_bytes((gen / names[3]).read_bytes())  # 1 row where 2 belong
+    (gen / names[4]).write_bytes((gen / names[6]).read_bytes())  # another unit's rows
+    (gen / ".tmp-dead-c00000-i000000-000002.parquet").write_bytes(b"half")  # a crashed writer's leftover
+    untouched = {n: (gen / n).stat().st_mtime_ns for n in names[5:]}
+    summary = run_serial(cfg)
+    assert summary["totals"]["units_run"] == 4
+    assert {n: (gen / n).stat().st_mtime_ns for n in names[5:]} == untouched
+    assert read_images(gen) == reference
+    assert not list(gen.glob(".tmp-*"))
+    out = capsys.readouterr().out
+    assert "unreadable" in out and "short (1 of 2 rows)" in out and "written for another unit" in out
+
+
+def test_changed_pixel_config_is_refused_and_nothing_touched(tmp_path, tiny_model):
+    cfg = tiny_config(tmp_path / "run")
+    run_serial(cfg)
+    before = tree_digest(tmp_path / "run")
+    for change in [{"seed": 1}, {"generate.steps": 2}, {"generate.prompt_template": "a photo of a {name}"}]:
+        with pytest.raises(UserError, match="differs from this one"):
+            pipeline.check(cfg.replace(**change))
+    assert tree_digest(tmp_path / "run") == before
+    # workers and batch size do not decide pixels: resuming with other values is fine
+    pipeline.check(cfg.replace(**{"generate.batch_size": 1, "generate.workers": 3}))
+
+
+def test_overwrite_replaces_a_run(tmp_path, tiny_model):
+    cfg = tiny_config(tmp_path / "run")
+    run_serial(cfg)
+    old = read_images(tmp_path / "run" / "generated")
+    new_cfg = cfg.replace(seed=7, overwrite=True)
+    run_serial(new_cfg)
+    new = read_images(tmp_path / "run" / "generated")
+    assert set(new) == set(old) and all(new[k] != old[k] for k in old)
+
+
+def test_raising_ipc_extends_and_lowering_trims(tmp_path, tiny_model):
+    cfg = tiny_config(tmp_path / "run", ipc=4)
+    run_serial(cfg)
+    gen = tmp_path / "run" / "generated"
+    first = read_images(gen)
+    s = run_serial(cfg.replace(ipc=6))
+    assert s["totals"]["units_run"] == 10  # only the new index range
+    bigger = read_images(gen)
+    assert len(bigger) == 60 and all(bigger[k] == v for k, v in first.items())
+    run_serial(cfg.replace(ipc=3))  # 3 is not on the unit grid of 2: [2,3) is made, [2,4) and [4,6) go
+    trimmed = read_images(gen)
+    assert sorted(trimmed) == sorted((c, i) for c in range(10) for i in range(3))
+    assert {p.name for p in gen.glob("*.parquet")} == {u.shard_name for u in plan_units(10, 3, 2)}

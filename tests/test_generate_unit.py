@@ -1,0 +1,89 @@
+"""The per-unit generator on the tiny SDXL-architecture pipeline, loaded through the real from_pretrained path."""
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+from gen_helpers import tiny_config
+from PIL import Image
+
+from gdd_ray.classes import dataset_classes
+from gdd_ray.generate import shards
+from gdd_ray.generate.generator import UnitGenerator
+from gdd_ray.generate.model import load_pipeline
+from gdd_ray.generate.plan import WorkUnit, image_seed
+from gdd_ray.generate.stage import make_spec
+from gdd_ray.storage import Location
+
+
+def make_generator(tmp_path, pipeline=None, **overrides):
+    cfg = tiny_config(tmp_path / "run", **overrides)
+    classes = dataset_classes("cifar10")
+    spec = make_spec(cfg, classes, "fp-test", str(tmp_path / "run" / "generated"))
+    return UnitGenerator(spec, pipeline=pipeline), spec
+
+
+def test_tiny_model_saved_with_fp16_variant_and_loaded_by_the_real_path(tiny_model):
+    files = {p.relative_to(tiny_model).as_posix() for p in tiny_model.rglob("*") if p.is_file()}
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in files
+    assert "text_encoder_2/model.fp16.safetensors" in files
+    pipe = load_pipeline("tiny", device="cpu")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert pipe.unet.dtype.is_floating_point and str(pipe.unet.dtype) == "torch.float32"  # fp32 on CPU
+    ids = pipe.tokenizer("aquarium fish").input_ids  # the real CLIP vocabulary, offline
+    assert len(pipe.tokenizer) == 49408 and ids[0] == 49406 and ids[-1] == 49407
+    assert pipe.tokenizer.decode(ids[1:-1]) == "aquarium fish"
+
+
+def test_unit_shard_content(tmp_path, tiny_model):
+    gen, spec = make_generator(tmp_path)
+    unit = WorkUnit(label=1, start=2, stop=5)
+    result = gen.run(unit)
+    assert result.images == 3
+    path = tmp_path / "run" / "generated" / unit.shard_name
+    t = pq.read_table(path)
+    assert t.schema.names == ["image", "label", "class_id", "class_name", "prompt", "seed", "index"]
+    assert t["label"].to_pylist() == [1, 1, 1] and t["index"].to_pylist() == [2, 3, 4]
+    assert t["class_name"].to_pylist()[0] == "automobile" and t["prompt"].to_pylist()[0] == "automobile"
+    assert t["seed"].to_pylist() == [image_seed(spec.seed, 1, i) for i in (2, 3, 4)]
+    img = Image.open(io.BytesIO(t["image"].to_pylist()[0]["bytes"]))
+    assert img.format == "PNG" and img.size == (16, 16) and img.mode == "RGB"
+    meta = pq.read_metadata(path).metadata
+    assert meta[b"gdd_ray.fingerprint"] == b"fp-test"
+    assert shards.shard_problem(pq.read_metadata(path), unit, "fp-test") is None
+    assert "short" in shards.shard_problem(pq.read_metadata(path), WorkUnit(1, 2, 6), "fp-test")
+    assert shards.shard_problem(pq.read_metadata(path), unit, "other") == "another fingerprint"
+    assert not [p for p in (tmp_path / "run" / "generated").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_same_unit_same_pixels_regardless_of_batching(tmp_path, tiny_model):
+    pipe = load_pipeline("tiny", device="cpu")
+    a, _ = make_generator(tmp_path / "a", pipeline=pipe, batch_size=4)
+    b, _ = make_generator(tmp_path / "b", pipeline=pipe, batch_size=1)
+    unit = WorkUnit(3, 0, 4)
+    pa_, pb = a.render(unit).pixels, b.render(unit).pixels
+    assert pa_.shape == (4, 16, 16, 3) and pa_.dtype == np.uint8
+    assert np.abs(pa_.astype(int) - pb.astype(int)).max() <= 1  # batch only changes float rounding
+    assert not np.array_equal(pa_[0], pa_[1])  # different seeds, different images
+    again = a.render(unit).pixels
+    assert np.array_equal(pa_, again)  # same unit, same worker setup: identical
+
+
+def test_prompt_embeddings_computed_once_per_class(tmp_path, tiny_model):
+    gen, _ = make_generator(tmp_path)
+    gen.load()
+    calls = []
+    original = gen.pipeline.encode_prompt
+    gen.pipeline.encode_prompt = lambda *a, **k: calls.append(a) or original(*a, **k)
+    gen.render(WorkUnit(0, 0, 2))
+    gen.render(WorkUnit(0, 2, 3))
+    gen.render(WorkUnit(4, 0, 1))
+    # the pipeline itself calls encode_prompt with the cached embeddings (no prompt) on every batch
+    assert [a[0] for a in calls if a and a[0]] == ["airplane", "deer"]
+
+
+def test_batches_split_evenly(tmp_path):
+    gen, _ = make_generator(tmp_path, batch_size=16)
+    assert [len(r) for r in gen.batches(WorkUnit(0, 0, 20))] == [10, 10]
+    assert [len(r) for r in gen.batches(WorkUnit(0, 20, 36))] == [16]
+    assert [list(r) for r in gen.batches(WorkUnit(0, 0, 3))] == [[0, 1, 2]]

@@ -73,7 +73,9 @@ def test_counts_layout_and_skip(tmp_path, local_ray):
     rows = [
         (lab, idx, v)
         for t in aug.values()
-        for lab, idx, v in zip(t.column("label").to_pylist(), t.column("index").to_pylist(), t.column("variant").to_pylist())
+        for lab, idx, v in zip(
+            t.column("label").to_pylist(), t.column("index").to_pylist(), t.column("variant").to_pylist()
+        )
     ]
     assert len(rows) == len(set(rows)) == 120  # each (class, image, variant) exactly once
     assert sorted(rows) == [(c, i, v) for c in range(10) for i in range(4) for v in range(3)]
@@ -141,7 +143,9 @@ def test_resume_redoes_only_missing_or_broken_shards(tmp_path, local_ray):
         fh.write(before[names[7]][:100])
     with open(run_dir.augmented.file(".tmp-deadbeef-" + names[9]), "wb") as fh:
         fh.write(b"partial")
-    mtimes = {n: os.stat(run_dir.augmented.file(n)).st_mtime_ns for n in names if n not in (names[0], names[5], names[7])}
+    mtimes = {
+        n: os.stat(run_dir.augmented.file(n)).st_mtime_ns for n in names if n not in (names[0], names[5], names[7])
+    }
 
     summary = stage.run(cfg, run_dir, classes)
     assert summary["shards_done_now"] == 3 and summary["shards_done_before"] == len(names) - 3
@@ -190,7 +194,7 @@ def test_inputs_of_another_generation_config_are_refused(tmp_path, local_ray):
 
 
 @pytest.mark.slow
-def test_resume_after_a_kill(tmp_path):
+def test_resume_after_a_kill(tmp_path, local_ray):
     """Kill the stage's process mid-run (SIGKILL: no cleanup), run again, get exactly the full output."""
     cfg, run_dir, classes = make_run(tmp_path / "run", ipc=24, unit_size=1, pda_variants=4)
     n = len(run_dir.generated.list(".parquet"))
@@ -208,7 +212,9 @@ def test_resume_after_a_kill(tmp_path):
         stage.run(cfg, run_dir, classes)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and len(run_dir.augmented.list(".parquet")) < 10:
@@ -221,11 +227,7 @@ def test_resume_after_a_kill(tmp_path):
     partial = len(run_dir.augmented.list(".parquet"))
     assert 10 <= partial < n, "the kill came too late to test anything"
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    try:
-        summary = stage.run(cfg, run_dir, classes)
-    finally:
-        ray.shutdown()
+    summary = stage.run(cfg, run_dir, classes)
     assert summary["shards_done_before"] >= partial - 2  # shards the kill caught mid-write are redone
     assert sorted(run_dir.augmented.list(".parquet")) == sorted(run_dir.generated.list(".parquet"))
     keys = [

@@ -1,0 +1,70 @@
+"""Bad input: one clear line on stderr, exit code 2, no traceback, existing output untouched."""
+
+import subprocess
+import sys
+
+import pytest
+from gen_helpers import tree_digest
+
+from tests.conftest import REPO
+
+DISTILL = [sys.executable, str(REPO / "jobs" / "distill.py")]
+
+
+def distill(*args, env=None):
+    return subprocess.run(DISTILL + list(args), capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    """A folder that looks like a finished run of another config (what bad input must not touch)."""
+    run = tmp_path / "run"
+    (run / "generated").mkdir(parents=True)
+    (run / "generated" / "c00000-i000000-000002.parquet").write_bytes(b"precious")
+    (run / "run.json").write_text('{"fingerprints": {"generate": "0000"}, "config": {"seed": 5}}')
+    return run
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "cifar1000", "--ipc", "2"], "unknown dataset 'cifar1000'"),
+        (["--dataset", "cifar10", "--ipc", "0"], "--ipc must be at least 1"),
+        (["--dataset", "cifar10", "--ipc", "-3"], "--ipc must be at least 1"),
+        (["--classes", "/nonexistent/classes.txt", "--ipc", "2"], "cannot read it"),
+        (["--classes", "EMPTY", "--ipc", "2"], "lists no classes"),
+        (["--dataset", "cifar10", "--ipc", "2", "--model", "/nonexistent/model"], "not a diffusers pipeline folder"),
+        (["--dataset", "cifar10", "--ipc", "2", "--model", "someone/not-cached"], "cannot load it"),
+        (["--dataset", "cifar10", "--ipc", "2", "--model", "tiny", "--seed", "1"], "differs from this one"),
+        (["--dataset", "cifar10", "--ipc", "2", "--stages", "paint"], "unknown stage(s) paint"),
+        (["--config", "/nonexistent.yaml"], "cannot read it"),
+    ],
+)
+def test_bad_input(args, message, existing_run, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    args = [str(empty) if a == "EMPTY" else a for a in args]
+    before = tree_digest(existing_run)
+    r = distill(*args, "--out", str(existing_run))
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: ") and message in lines[-1], r.stderr
+    assert "Traceback" not in r.stderr
+    assert tree_digest(existing_run) == before
+
+
+def test_unwritable_out(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = distill("--dataset", "cifar10", "--ipc", "1", "--model", "tiny", "--out", str(blocker / "run"))
+    assert r.returncode == 2 and "is not writable" in r.stderr and "Traceback" not in r.stderr
+    assert blocker.read_text() == "x"
+
+
+def test_help_lists_every_flag():
+    r = distill("--help")
+    assert r.returncode == 0
+    for flag in ["--dataset", "--classes", "--ipc", "--model", "--steps", "--guidance", "--gen-resolution",
+                 "--image-size", "--prompt-template", "--seed", "--batch-size", "--workers", "--out",
+                 "--overwrite", "--stages", "--config"]:  # fmt: skip
+        assert flag in r.stdout, flag

@@ -1,0 +1,85 @@
+"""The Ray driver on a local cluster with fake GPUs: scheduling, a killed actor, a unit that keeps failing."""
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import ray
+from gen_helpers import read_images, tiny_config
+
+from gdd_ray.classes import dataset_classes
+from gdd_ray.generate.driver import UnitFailed, actor_options, run_on_ray
+from gdd_ray.generate.plan import plan_units
+from gdd_ray.generate.stage import make_spec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fake_gpu_cluster(gdd_cache, tiny_model):
+    # Two fake GPUs: actors ask for num_gpus=1 each, exactly as on a real GPU node, and run on the CPU.
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def generator_actor_pids(busy: bool = False) -> list[int]:
+    """GeneratorActor processes of the Ray this test started (descendants of this process only).
+
+    Ray titles a worker process after what it runs: `ray::GeneratorActor.run_unit` while rendering."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if ("GeneratorActor.run_unit" if busy else "GeneratorActor") in " ".join(p.cmdline()):
+                out.append(p.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_actor_asks_for_one_gpu():
+    assert actor_options(8)["num_gpus"] == 1 and "num_cpus" not in actor_options(8)
+    assert actor_options(0)["num_cpus"] == 1
+
+
+def test_killed_actor_is_replaced_and_each_image_made_once(tmp_path, fake_gpu_cluster, capsys):
+    # 128 px: slow enough on a CPU that the kill lands mid-run
+    cfg = tiny_config(tmp_path / "run", ipc=4, unit_size=1, gen_resolution=128, image_size=16)
+    out = tmp_path / "run" / "generated"
+    spec = make_spec(cfg, dataset_classes("cifar10"), "fp", str(out))
+    units = plan_units(10, 4, 1)
+    results, errors = [], []
+
+    def drive():
+        try:
+            results.extend(run_on_ray(units, spec, workers=2, max_retries=3, cluster_gpus=2))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    t = threading.Thread(target=drive)
+    t.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and (len(list(out.glob("*.parquet"))) < 3 or len(generator_actor_pids(True)) < 2):
+        time.sleep(0.1)
+    victims = generator_actor_pids(busy=True)
+    assert len(victims) == 2, "both actors should be rendering"
+    os.kill(victims[0], signal.SIGKILL)  # mid-unit
+    t.join(timeout=300)
+    assert not t.is_alive() and not errors, errors
+    assert sorted(r.unit for r in results) == sorted(units)  # every unit reported done exactly once
+    images = read_images(out)  # asserts no (label, index) twice
+    assert sorted(images) == sorted((c, i) for c in range(10) for i in range(4))
+    assert victims[0] not in generator_actor_pids()
+    assert "starting a replacement" in capsys.readouterr().out
+
+
+def test_unit_that_keeps_failing_stops_the_run_naming_it(tmp_path, fake_gpu_cluster):
+    cfg = tiny_config(tmp_path / "run", prompt_template="{name} {oops}")  # KeyError on every unit
+    spec = make_spec(cfg, dataset_classes("cifar10"), "fp", str(tmp_path / "run" / "generated"))
+    with pytest.raises(UnitFailed) as e:
+        run_on_ray(plan_units(10, 2, 2), spec, workers=2, max_retries=2, cluster_gpus=2)
+    msg = str(e.value)
+    assert "work unit class" in msg and "failed 2 times" in msg and "oops" in msg

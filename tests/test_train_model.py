@@ -60,7 +60,7 @@ def test_crop_is_a_translation_with_zero_fill():
     y = dsa.crop(x, p, _g(1))
     s = int(size * p.ratio_crop_pad + 0.5)
     padded = torch.nn.functional.pad(x, [s + 1] * 4)
-    for xi, yi, pi in zip(x, y, padded):
+    for yi, pi in zip(y, padded):
         # The reference pads one zero pixel and clamps: the output is a window of the zero-padded image.
         hits = [
             (dx, dy)
@@ -99,7 +99,9 @@ def test_color_ops():
     assert not torch.allclose(c, x)
 
 
-@pytest.mark.parametrize("op,neutral", [("scale", dsa.DSAParams(ratio_scale=1.0)), ("rotate", dsa.DSAParams(ratio_rotate=0.0))])
+@pytest.mark.parametrize(
+    "op,neutral", [("scale", dsa.DSAParams(ratio_scale=1.0)), ("rotate", dsa.DSAParams(ratio_rotate=0.0))]
+)
 def test_geometric_ops(op, neutral):
     x = _img(8, 33)
     fn = dsa.FUNCTIONS[op]

@@ -1,0 +1,203 @@
+"""One evaluation run of the standard DD protocol: train a fresh ConvNet on the distilled set, test it.
+
+    SGD(lr, momentum, weight decay), cross-entropy, hard labels, `epochs` epochs of batches of 256 with one
+    DSA op per batch; at epochs // 2 the lr drops x0.1 and the optimizer is recreated (its momentum is
+    reset); the accuracy reported is the test accuracy after the LAST epoch, never the best one seen.
+
+(The DC/MTT reference runs epochs + 1 epochs and drops after epoch index epochs // 2 + 1; we run exactly
+`epochs` and drop at epochs // 2, as the protocol is usually stated.)
+
+The whole training set lives on the device as one normalised tensor and batches are index slices of a
+device-side permutation: no DataLoader, no host-to-device copy per batch. Checkpoints hold everything
+(model, optimizer, lr, both random generators, the metrics so far), so a resumed run computes the same
+numbers as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gdd_ray.train.convnet import ConvNet, NetSpec
+from gdd_ray.train.dsa import DSA
+
+
+@dataclass(frozen=True)
+class Protocol:
+    epochs: int = 1000
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    eval_every: int = 100
+    checkpoint_every: int = 50
+
+    @property
+    def lr_drop_epoch(self) -> int:
+        return self.epochs // 2
+
+
+class Checkpointer:
+    """Where one run keeps its checkpoint; `load` returns None when there is none."""
+
+    def load(self) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def save(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class LocationCheckpointer(Checkpointer):
+    """A checkpoint file in a storage.Location (local or object store), replaced atomically."""
+
+    def __init__(self, loc, name: str):
+        self.loc, self.name = loc, name
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.loc.exists(self.name):
+            return None
+        return torch.load(io.BytesIO(self.loc.read_bytes(self.name)), map_location="cpu", weights_only=False)
+
+    def save(self, state: dict[str, Any]) -> None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        self.loc.write_bytes(self.name, buf.getvalue())
+
+
+def to_device_images(images: np.ndarray | torch.Tensor, mean: list[float], std: list[float], device) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> normalised float N x 3 x H x W on `device` (the upload happens once, as uint8)."""
+    x = torch.as_tensor(images).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return ((x - m) / s).contiguous()
+
+
+def _optimizer(model: torch.nn.Module, lr: float, p: Protocol) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images_u8: torch.Tensor, labels: torch.Tensor, mean, std, batch: int) -> float:
+    """Accuracy on uint8 NHWC images already on the device, normalised batch by batch (a test set can be big)."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=labels.device)
+    for i in range(0, len(labels), batch):
+        x = to_device_images(images_u8[i : i + batch], mean, std, labels.device)
+        correct += (model(x).argmax(1) == labels[i : i + batch]).sum()
+    model.train(was_training)
+    return correct.item() / max(1, len(labels))
+
+
+def train_run(
+    *,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x_u8: torch.Tensor | None,
+    test_y: torch.Tensor | None,
+    spec: NetSpec,
+    protocol: Protocol,
+    seed: int,
+    mean: list[float],
+    std: list[float],
+    checkpointer: Checkpointer | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    tag: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one ConvNet from `seed`; train_x is normalised NCHW on the device, test_x_u8 raw NHWC on the device.
+
+    Returns the run's result and its per-epoch metrics. `on_epoch` sees each epoch's metrics (and may
+    raise: the tests use it to simulate a crash between checkpoints).
+    """
+    device = train_x.device
+    p = protocol
+    torch.manual_seed(seed)
+    model = ConvNet(spec).to(device)
+    shuffle = torch.Generator(device=device)
+    shuffle.manual_seed(seed + 1_000_003)
+    dsa = DSA(p.dsa_strategy, device, seed + 2_000_003)
+    lr = p.lr
+    optimizer = _optimizer(model, lr, p)
+    history: list[dict[str, Any]] = []
+    start_epoch, seconds_before = 0, 0.0
+
+    state = checkpointer.load() if checkpointer else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        lr = state["lr"]
+        optimizer = _optimizer(model, lr, p)
+        optimizer.load_state_dict(state["optimizer"])
+        shuffle.set_state(state["shuffle"])
+        dsa.load_state(state["dsa"])
+        history, start_epoch, seconds_before = state["history"], state["epoch"], state["seconds"]
+
+    n = len(train_y)
+    t0 = time.perf_counter()
+    model.train()
+    for epoch in range(start_epoch, p.epochs):
+        if epoch == p.lr_drop_epoch and epoch > 0:
+            lr *= 0.1
+            optimizer = _optimizer(model, lr, p)
+        te = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        perm = torch.randperm(n, device=device, generator=shuffle)
+        for i in range(0, n, p.batch_size):
+            idx = perm[i : i + p.batch_size]
+            x, y = dsa(train_x[idx]), train_y[idx]
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # Accumulated on the device: one host sync per epoch instead of one per batch.
+            loss_sum += loss.detach() * len(y)
+            correct += (out.argmax(1) == y).sum()
+        row: dict[str, Any] = dict(tag or {})
+        row.update(
+            epoch=epoch + 1,
+            lr=lr,
+            train_loss=loss_sum.item() / n,
+            train_acc=correct.item() / n,
+            epoch_s=round(time.perf_counter() - te, 4),
+        )
+        last = epoch + 1 == p.epochs
+        if test_x_u8 is not None and (last or (epoch + 1) % p.eval_every == 0):
+            row["test_acc"] = evaluate(model, test_x_u8, test_y, mean, std, max(p.batch_size, 1024))
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+        if checkpointer and ((epoch + 1) % p.checkpoint_every == 0 or last):
+            checkpointer.save(
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "lr": lr,
+                    "shuffle": shuffle.get_state(),
+                    "dsa": dsa.state(),
+                    "history": history,
+                    "seconds": seconds_before + time.perf_counter() - t0,
+                    "protocol": asdict(p),
+                    "seed": seed,
+                }
+            )
+    final = history[-1] if history else {}
+    return {
+        "seed": seed,
+        "test_acc": final.get("test_acc"),
+        "train_acc": final.get("train_acc"),
+        "train_loss": final.get("train_loss"),
+        "epochs": p.epochs,
+        "resumed_from_epoch": start_epoch,
+        "train_s": round(seconds_before + time.perf_counter() - t0, 3),
+        "history": history,
+    }

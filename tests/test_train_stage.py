@@ -1,0 +1,107 @@
+"""The train stage end to end on a 2-CPU Ray cluster: parallel runs, outputs, skip when done, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gdd_ray import storage
+from gdd_ray.classes import dataset_classes
+from gdd_ray.config import build_config
+from gdd_ray.errors import UserError
+from gdd_ray.run import RunDir
+from gdd_ray.train import stage, synthetic
+
+SIZE = 16
+CLASSES = dataset_classes("cifar10")
+NAMES = [c.class_id for c in CLASSES]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def make_run(tmp_path, **kw):
+    pats = synthetic.patterns(10, SIZE, seed=0)
+    x, y = synthetic.sample(pats, 6, seed=1)
+    tx, ty = synthetic.sample(pats, 10, seed=2)
+    synthetic.write_cifar(str(tmp_path / "test"), tx, ty, NAMES, kind="cifar10")
+    values = dict(
+        dataset="cifar10", ipc=6, out=str(tmp_path / "run"), stages="train", image_size=SIZE,
+        eval_data=str(tmp_path / "test"), epochs=4, eval_runs=3, eval_workers=2, net_width=16,
+        train_batch_size=32, eval_every=2, checkpoint_every=2,
+    )  # fmt: skip
+    values.update(kw)
+    cfg = build_config(values)
+    run_dir = RunDir(cfg.out)
+    synthetic.write_shards(run_dir.generated, CLASSES, x, y, unit_size=3)
+    return cfg, run_dir
+
+
+@pytest.mark.slow
+def test_train_stage_runs_in_parallel_writes_outputs_skips_and_resumes(ray_cluster, tmp_path):
+    cfg, run_dir = make_run(tmp_path)
+    stage.preflight(cfg, run_dir, CLASSES)
+    res = stage.run(cfg, run_dir, CLASSES)
+    ev = tmp_path / "run" / "eval"
+
+    assert res["evaluated"] and res["workers"] == 2 and len(res["runs"]) == 3
+    assert [r["seed"] for r in res["runs"]] == [0, 1, 2]
+    assert len({r["rank"] for r in res["runs"]}) == 2  # the runs were spread over both workers
+    accs = [r["test_acc"] for r in res["runs"]]
+    assert res["accuracies"] == accs and res["accuracy_mean"] == pytest.approx(np.mean(accs))
+    assert res["accuracy_std"] == pytest.approx(np.std(accs))
+    assert res["model"]["parameters"] > 0 and res["protocol"]["lr"] == 0.01 and res["config"]["epochs"] == 4
+    assert res["train_set"]["images"] == 60 and res["test_set"]["kind"] == "cifar10"
+    on_disk = json.loads((ev / "results.json").read_text())
+    assert on_disk["fingerprint"] == res["fingerprint"] and on_disk["accuracies"] == accs
+
+    rows = [json.loads(line) for line in (ev / "metrics.jsonl").read_text().splitlines()]
+    assert sorted((r["run"], r["epoch"]) for r in rows) == [(r, e) for r in range(3) for e in range(1, 5)]
+    assert [r["test_acc"] for r in rows if r["epoch"] == 4] == accs
+    assert (ev / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(ev / "checkpoints")) == ["run00.pt", "run01.pt", "run02.pt"]
+
+    # Same fingerprint: nothing is redone (no Ray Train job at all).
+    again = stage.run(cfg, run_dir, CLASSES)
+    assert again == res
+
+    # A lost result: that run resumes from its checkpoint (its last epoch) and reports the same accuracy.
+    (ev / "runs" / "run01.json").unlink()
+    (ev / "results.json").unlink()
+    resumed = stage.run(cfg, run_dir, CLASSES)
+    assert resumed["accuracies"] == accs and resumed["workers"] == 1
+    assert resumed["runs"][1]["resumed_from_epoch"] == 4
+    assert resumed["runs"][0]["finished"] == res["runs"][0]["finished"]  # runs 0 and 2 were not touched
+
+    # Asking for one more run trains only that one.
+    more = stage.run(cfg.replace(**{"train.eval_runs": 4}), run_dir, CLASSES)
+    assert more["accuracies"][:3] == accs and len(more["runs"]) == 4 and more["runs"][3]["seed"] == 3
+
+
+@pytest.mark.slow
+def test_train_stage_without_test_set_says_nothing_was_evaluated(ray_cluster, tmp_path, capsys):
+    cfg, run_dir = make_run(tmp_path, eval_data=None, eval_runs=1, epochs=2)
+    res = stage.run(cfg, run_dir, CLASSES)
+    assert res["evaluated"] is False and res["accuracy_mean"] is None and res["runs"][0]["test_acc"] is None
+    assert "nothing was evaluated" in capsys.readouterr().out
+
+
+def test_train_stage_refuses_misaligned_shards_before_training(tmp_path):
+    cfg, run_dir = make_run(tmp_path)
+    # Shards written under a class list shifted by one: stopped before any Ray work, nothing written to eval/.
+    run_dir.generated.delete_tree()
+    shifted = [c.__class__(c.label, NAMES[(c.label + 1) % 10], c.name) for c in CLASSES]
+    pats = synthetic.patterns(10, SIZE)
+    synthetic.write_shards(run_dir.generated, shifted, *synthetic.sample(pats, 2, seed=0))
+    with pytest.raises(UserError, match="label alignment: 10 of 10 labels.*label 0: shards 'automobile'"):
+        stage.run(cfg, run_dir, CLASSES)
+    assert not storage.Location(str(tmp_path / "run" / "eval")).exists()

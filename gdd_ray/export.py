@@ -138,9 +138,9 @@ def export_pt(
     if not dest.endswith(".pt"):
         raise UserError(f"--dest for --format pt must be a .pt file name, got '{dest}'")
     record = run_record(run)
-    m, s = _mean_std(dataset or record.get("config", {}).get("dataset"), mean, std)
     num_classes = len(record["classes"]) if record.get("classes") else None
     table, n = select_per_class(load_images(run, source), per_class, num_classes)
+    m, s = _mean_std(dataset or record.get("config", {}).get("dataset"), mean, std)
     x = torch.from_numpy(decode(table)).permute(0, 3, 1, 2).float().div_(255.0)
     x = (x - torch.tensor(m).view(1, 3, 1, 1)) / torch.tensor(s).view(1, 3, 1, 1)
     labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))

@@ -1,0 +1,154 @@
+"""Exports: challenge .pt and ImageFolder round-trips, the Parquet as a Hugging Face Image dataset, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gdd_ray import export, pipeline
+from gdd_ray.__main__ import main as cli_main
+from gdd_ray.augment import ops, stage, synthetic
+from gdd_ray.augment.shard import augment_shard
+from gdd_ray.config import build_config
+from gdd_ray.generate import shards
+from gdd_ray.run import RunDir
+
+K = 2
+IPC = 4
+
+
+def make_run(out, dataset="cifar100", ipc=IPC, num_classes=None):
+    """Generated + augmented shards written by the real per-shard worker (serially, no Ray needed)."""
+    cfg = build_config(
+        {"out": str(out), "dataset": dataset, "ipc": ipc, "unit_size": 2, "pda_variants": K, "stages": "augment"}
+    )
+    from gdd_ray.classes import load_classes
+
+    classes = load_classes(dataset, None)[:num_classes]
+    fps = pipeline.stage_fingerprints(cfg, classes)
+    run_dir = RunDir(cfg.out)
+    names = synthetic.write_generated(cfg, run_dir, classes, fps["generate"])
+    run_dir.prepare(cfg, [vars(c) for c in classes], fps)
+    for n in names:
+        augment_shard(run_dir.generated, run_dir.augmented, n, K, ops.resolve_ops(None), fps["augment"])
+    return run_dir, classes
+
+
+@pytest.fixture(scope="module")
+def run5(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("run"), num_classes=5)
+
+
+def stored_pixels(run_dir):
+    """(label, index, variant) -> HxWx3 uint8, straight from the augmented Parquet."""
+    t = export.load_images(run_dir.uri)
+    keys = zip(t.column("label").to_pylist(), t.column("index").to_pylist(), t.column("variant").to_pylist())
+    return {k: shards.decode_png(img["bytes"]) for k, img in zip(keys, t.column("image").to_pylist())}
+
+
+def test_challenge_pt_round_trip(run5, tmp_path):
+    run_dir, classes = run5
+    dest = str(tmp_path / "out" / "distilled.pt")
+    info = export.export_pt(run_dir.uri, dest)
+    n = IPC * (K + 1)
+    assert info["shape"] == [5 * n, 3, 32, 32] and info["per_class"] == n
+    x = torch.load(dest)
+    labels = torch.load(str(tmp_path / "out" / "distilled_labels.pt"))
+    assert x.dtype == torch.float32 and x.shape == (5 * n, 3, 32, 32)
+    assert labels.tolist() == [i // n for i in range(5 * n)]  # label follows from position
+    mean, std = export.MEAN_STD["cifar100"]
+    assert info["mean"] == list(mean)
+    back = (x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)) * 255
+    back = back.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pix = stored_pixels(run_dir)
+    order = [(c, i, v) for c in range(5) for i in range(IPC) for v in range(K + 1)]
+    for row, key in enumerate(order):
+        assert np.abs(back[row].astype(int) - pix[key].astype(int)).max() <= 1, key
+    lines = (tmp_path / "out" / "distilled_classes.txt").read_text().splitlines()
+    assert lines[3] == f"3\t{classes[3].class_id}\t{classes[3].name}"
+
+
+def test_first_n_per_class_and_mean_override(run5, tmp_path):
+    run_dir, _ = run5
+    dest = str(tmp_path / "d10.pt")
+    info = export.export_pt(run_dir.uri, dest, per_class=4, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+    x, labels = torch.load(dest), torch.load(str(tmp_path / "d10_labels.pt"))
+    assert x.shape[0] == 20 and info["per_class"] == 4 and labels.tolist() == [c for c in range(5) for _ in range(4)]
+    pix = stored_pixels(run_dir)
+    # the first 4 of class 2 in (index, variant) order: image 0 v0..v2, image 1 v0
+    for j, key in enumerate([(2, 0, 0), (2, 0, 1), (2, 0, 2), (2, 1, 0)]):
+        got = ((x[8 + j] * 0.5 + 0.5) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        assert np.abs(got.astype(int) - pix[key].astype(int)).max() <= 1
+
+
+def test_imagefolder_round_trip(run5, tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    run_dir, classes = run5
+    info = export.export_imagefolder(run_dir.uri, str(tmp_path / "if"))
+    assert info["images"] == 5 * IPC * (K + 1) and info["sorted_folders_match_labels"]
+    ds = ImageFolder(str(tmp_path / "if"))
+    assert ds.classes == [c.class_id for c in classes]  # ImageFolder's labels are the dataset's labels
+    pix = stored_pixels(run_dir)
+    for path, label in ds.samples:
+        name = path.rsplit("/", 1)[1][:-4]
+        lab, idx, v = name.split("_")
+        assert int(lab) == label
+        assert np.array_equal(np.asarray(ds.loader(path)), pix[(label, int(idx), int(v[1:]))])  # lossless
+
+
+def test_parquet_loads_with_hugging_face_datasets(run5, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    run_dir, _ = run5
+    files = [run_dir.augmented.file(n) for n in run_dir.augmented.list(".parquet")]
+    ds = datasets.Dataset.from_parquet(files, cache_dir=str(tmp_path / "hf"))
+    assert isinstance(ds.features["image"], datasets.Image)
+    assert ds.features["variant"].dtype == "int32" and len(ds) == 5 * IPC * (K + 1)
+    row = ds[0]
+    pix = stored_pixels(run_dir)
+    assert np.array_equal(np.asarray(row["image"].convert("RGB")), pix[(row["label"], row["index"], row["variant"])])
+
+
+def test_cli_export_and_errors(run5, tmp_path, capsys):
+    run_dir, _ = run5
+    assert cli_main(["export", "--run", run_dir.uri, "--format", "pt", "--dest", str(tmp_path / "c.pt")]) == 0
+    assert "(60, 3, 32, 32)" in capsys.readouterr().out
+
+    def error(*args):
+        assert cli_main(["export", "--run", run_dir.uri, *args]) == 2
+        return capsys.readouterr().err.strip()
+
+    assert "class 0 has only 12 images" in error(
+        "--format", "pt", "--dest", str(tmp_path / "x.pt"), "--per-class", "13"
+    )
+    assert "must be a .pt file" in error("--format", "pt", "--dest", str(tmp_path / "x.npy"))
+    assert "give both --mean and --std" in error("--format", "pt", "--dest", str(tmp_path / "x.pt"), "--mean", "0,0,0")
+    assert "apply to --format pt only" in error(
+        "--format", "imagefolder", "--dest", str(tmp_path / "f"), "--mean", "0,0,0", "--std", "1,1,1"
+    )
+    err = cli_main(["export", "--run", str(tmp_path / "nothing"), "--format", "pt", "--dest", str(tmp_path / "y.pt")])
+    assert err == 2 and "has no shards: run the augment stage first" in capsys.readouterr().err
+
+
+def test_unequal_or_missing_classes_are_refused(tmp_path):
+    run_dir, _ = make_run(tmp_path / "run", dataset="cifar10", num_classes=3)
+    names = run_dir.augmented.list(".parquet")
+    run_dir.augmented.delete([n for n in names if n.startswith("c00001-i000002")][0])  # class 1 loses 2 images
+    with pytest.raises(export.UserError, match="between 6 and 12 images; pass --per-class"):
+        export.export_pt(run_dir.uri, str(tmp_path / "a.pt"))
+    info = export.export_pt(run_dir.uri, str(tmp_path / "a.pt"), per_class=6)
+    assert info["shape"][0] == 18
+    for n in [n for n in names if n.startswith("c00002")]:
+        run_dir.augmented.delete(n)  # class 2 gone: positions would shift the labels
+    with pytest.raises(export.UserError, match="class\\(es\\) 2 have no images"):
+        export.export_pt(run_dir.uri, str(tmp_path / "b.pt"), per_class=6)
+
+
+def test_generated_source_and_tiny_imagenet_stats(tmp_path):
+    run_dir, classes = make_run(tmp_path / "run", dataset="tiny-imagenet", ipc=2, num_classes=2)
+    info = export.export_pt(run_dir.uri, str(tmp_path / "g.pt"), source="generated")
+    assert info["shape"] == [4, 3, 64, 64] and info["mean"] == [0.485, 0.456, 0.406]
+    info = export.export_imagefolder(run_dir.uri, str(tmp_path / "if"), source="generated")
+    assert sorted(p.name for p in (tmp_path / "if").iterdir()) == sorted(c.class_id for c in classes)
+    assert stage.SAMPLES_FILE == "samples.png"

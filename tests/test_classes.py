@@ -39,7 +39,9 @@ def test_class_file_formats(tmp_path):
     assert [c.class_id for c in load_classes(None, str(f))] == ["a", "b"]
 
 
-@pytest.mark.parametrize("text, msg", [("", "lists no classes"), ("\n# x\n", "lists no classes"), ("a\na\n", "duplicate")])
+@pytest.mark.parametrize(
+    "text, msg", [("", "lists no classes"), ("\n# x\n", "lists no classes"), ("a\na\n", "duplicate")]
+)
 def test_bad_class_files(text, msg):
     with pytest.raises(UserError, match=msg):
         parse_class_file(text, "f")

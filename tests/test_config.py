@@ -52,6 +52,11 @@ def test_fingerprint_covers_pixels_not_layout():
     fp = generation_fingerprint(base, names)
     assert generation_fingerprint(base.replace(ipc=50, **{"generate.batch_size": 2}), names) == fp
     assert generation_fingerprint(base.replace(**{"generate.workers": 8}), names) == fp
-    for change in [{"seed": 1}, {"generate.steps": 2}, {"generate.prompt_template": "a {name}"}, {"generate.model": "m"}]:
+    for change in [
+        {"seed": 1},
+        {"generate.steps": 2},
+        {"generate.prompt_template": "a {name}"},
+        {"generate.model": "m"},
+    ]:
         assert generation_fingerprint(base.replace(**change), names) != fp, change
     assert generation_fingerprint(base, ["b", "a"]) != fp

@@ -13,7 +13,6 @@ from gdd_ray.generate.generator import UnitGenerator
 from gdd_ray.generate.model import load_pipeline
 from gdd_ray.generate.plan import WorkUnit, image_seed
 from gdd_ray.generate.stage import make_spec
-from gdd_ray.storage import Location
 
 
 def make_generator(tmp_path, pipeline=None, **overrides):

@@ -1,0 +1,86 @@
+"""A real `ray start --head --block` child on free ports, for tests that go through `ray job submit`.
+
+Only this child (and what it spawned) is stopped at the end, by its pid: never `ray stop`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_env() -> dict[str, str]:
+    """The venv's bin first on PATH: the job's `python` must be the one with gdd_ray and ray installed."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["RAY_AUTH_MODE"] = "disabled"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+class RayHead:
+    def __init__(self, num_cpus: int = 2, num_gpus: int = 0):
+        gcs, dash, client, agent_http, agent_grpc, metrics, rt_env, nm, om = free_ports(9)
+        self.gcs_address = f"127.0.0.1:{gcs}"
+        self.dashboard_url = f"http://127.0.0.1:{dash}"
+        self.temp_dir = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")  # short: Ray's socket paths are limited
+        self.env = test_env()
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        cmd = [
+            ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={rt_env}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+            f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+        ]  # fmt: skip
+        self.log = open(Path(self.temp_dir) / "head.log", "w")
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited: {Path(self.log.name).read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.dashboard_url + "/api/version", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise RuntimeError("ray head did not come up")
+
+    def stop(self) -> None:
+        """SIGTERM to our `ray start --block` child: it takes down the processes it started."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

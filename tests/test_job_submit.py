@@ -1,0 +1,94 @@
+"""End to end through a real Ray head: `ray job submit` of jobs/distill.py, and resume after a killed driver."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from gen_helpers import read_images, tiny_config
+from ray_head import RayHead
+
+from gdd_ray import pipeline
+from gdd_ray.generate import stage as gen_stage
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def head(gdd_cache, tiny_model):
+    h = RayHead(num_cpus=2)
+    yield h
+    h.stop()
+
+
+def job_args(out: Path, **extra) -> list[str]:
+    args = dict(dataset="cifar10", ipc="3", model="tiny", gen_resolution="64", image_size="16", unit_size="2",
+                stages="generate", out=str(out))  # fmt: skip
+    args.update({k: str(v) for k, v in extra.items()})
+    return [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
+
+
+def submit(head: RayHead, args: list[str]) -> subprocess.CompletedProcess:
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    cmd = [ray_bin, "job", "submit", "--address", head.dashboard_url, "--working-dir", str(REPO), "--",
+           "python", "jobs/distill.py", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=head.env, cwd=REPO, timeout=600)
+
+
+def test_ray_job_submit_generates_every_image_once(head, tmp_path):
+    out = tmp_path / "run"
+    r = submit(head, job_args(out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[generate] done:" in r.stdout  # the progress/summary lines reach the job log
+    images = read_images(out / "generated")
+    assert sorted(images) == sorted((c, i) for c in range(10) for i in range(3))
+    summary = json.loads((out / "generated" / "_summary.json").read_text())
+    assert summary["totals"]["images"] == 30 and summary["totals"]["images_generated"] == 30
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["ipc"] == 3 and record["fingerprints"]["generate"] == summary["fingerprint"]
+    assert "ray" in record["versions"]
+
+
+def test_killed_driver_then_rerun_redoes_only_missing_units(head, tmp_path):
+    out = tmp_path / "run"
+    # 160 px renders slowly enough on a CPU to kill the driver half way
+    args = job_args(out, ipc=4, unit_size=1, gen_resolution=160)
+    driver = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "distill.py"), *args],
+        env={**head.env, "RAY_ADDRESS": head.gcs_address},
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    gen = out / "generated"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(gen.glob("*.parquet"))) < 5 and driver.poll() is None:
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    done_before = {p.name for p in gen.glob("*.parquet")}
+    assert 5 <= len(done_before) < 40, "the driver should have been killed half way"
+    assert not (gen / "_summary.json").exists()
+    mtimes = {n: (gen / n).stat().st_mtime_ns for n in done_before}
+
+    r = submit(head, job_args(out, ipc=4, unit_size=1, gen_resolution=160))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((gen / "_summary.json").read_text())
+    assert summary["totals"]["units_run"] == 40 - len(done_before)  # only the missing units
+    assert {n: (gen / n).stat().st_mtime_ns for n in done_before} == mtimes  # finished shards kept as they were
+    resumed = read_images(gen)
+
+    # The same run without interruption, in process: image for image the same PNGs.
+    ref_cfg = tiny_config(tmp_path / "ref", ipc=4, unit_size=1, gen_resolution=160)
+    run_dir, classes, _ = pipeline.check(ref_cfg)
+    gen_stage.run(ref_cfg, run_dir, classes, serial=True)
+    assert resumed == read_images(tmp_path / "ref" / "generated")
+
+    # A third run has nothing to do and ends at once.
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(REPO / "jobs" / "distill.py"), *args], env=head.env, cwd=REPO,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stderr[-2000:]
+    assert time.time() - t0 < 30

@@ -1,0 +1,205 @@
+"""Benchmark: the Ray Data PDA stage vs the paper's way (one process, one image at a time), same images.
+
+    python jobs/bench_augment.py                                  # CIFAR-100 size, 20 per class, K=4
+    python jobs/bench_augment.py --dataset tiny-imagenet --ipc 10 # 64 px images
+    python jobs/bench_augment.py --smoke-test                     # seconds, CPU, checks the plumbing
+
+The inputs are stand-in generated shards (patterned images, gdd_ray.augment.synthetic) written in the
+generate stage's format; every contender reads the same shards, decodes, augments with the same recipe
+and seeds, encodes PNG and writes one Parquet shard per input. Three contenders:
+    per_image_loop   one process on one core, the ops called per image and per variant (the paper's way)
+    serial_batched   one process on one core, the stage's own per-shard worker (batched ops), no Ray
+    ray_data         the augment stage itself on the local Ray (workers warmed up first: the time is the
+                     steady state, not Ray's start)
+All three must produce byte-identical shards; images/s counts the images written (originals included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="cifar100", help="Whose class count and image size to mimic.")
+    p.add_argument("--ipc", type=int, default=20, help="Generated images per class (the paper: 20 for CIFAR-100).")
+    p.add_argument("--variants", type=int, default=4, help="PDA variants per image (the paper: 4, i.e. x5).")
+    p.add_argument("--unit-size", type=int, default=10, help="Images per generated shard (distill.py's default).")
+    p.add_argument("--out", default="/tmp/gdd-bench-augment", help="Scratch folder (deleted first).")
+    p.add_argument("--results", default="bench_results/augment.json", help="Where to write the results JSON.")
+    p.add_argument("--cpus", type=int, default=None, help="CPUs for the local Ray (default: all).")
+    p.add_argument("--smoke-test", action="store_true", help="10 classes x 2 images: checks the plumbing only.")
+    return p.parse_args(argv)
+
+
+def per_image_loop(src, dst, names, variants, recipe, fp) -> None:
+    """The paper's way: decode, augment and encode one image and one variant at a time, in one process."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from gdd_ray import storage
+    from gdd_ray.augment import ops
+    from gdd_ray.augment.shard import (
+        HF_FEATURES,
+        META_SOURCE,
+        META_SOURCE_FINGERPRINT,
+        META_SOURCE_ROWS,
+        META_VARIANTS,
+        SCHEMA,
+        _variant_path,
+        footer_kv,
+    )
+    from gdd_ray.generate import shards
+
+    for name in names:
+        pf = pq.ParquetFile(pa.BufferReader(src.read_bytes(name)))
+        kv = footer_kv(pf.metadata)
+        rows = pf.read().replace_schema_metadata(None).to_pylist()
+        out = []
+        for row in rows:
+            pixels = torch.from_numpy(shards.decode_png(row["image"]["bytes"])).permute(2, 0, 1)[None]
+            for v in range(variants + 1):
+                vs = ops.variant_seed(row["seed"], v)
+                if v == 0:
+                    data = row["image"]["bytes"]
+                else:
+                    img = ops.augment(pixels, [vs], recipe)[0].permute(1, 2, 0).contiguous().numpy()
+                    data = shards.encode_png(img)
+                out.append(
+                    {
+                        **row,
+                        "image": {"bytes": data, "path": _variant_path(row["image"]["path"], v)},
+                        "variant": v,
+                        "variant_seed": vs,
+                    }
+                )
+        meta = {
+            shards.META_FINGERPRINT: fp,
+            META_SOURCE: name,
+            META_SOURCE_ROWS: str(len(rows)),
+            META_SOURCE_FINGERPRINT: kv.get(shards.META_FINGERPRINT, ""),
+            META_VARIANTS: str(variants),
+            shards.META_IMAGE_SIZE: kv.get(shards.META_IMAGE_SIZE, ""),
+            "huggingface": HF_FEATURES,
+        }
+        dst.write_bytes(name, storage.parquet_bytes(pa.Table.from_pylist(out, schema=SCHEMA), meta))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.smoke_test:
+        args.dataset, args.ipc, args.unit_size = "cifar10", 2, 1
+
+    import ray
+    import torch
+
+    from gdd_ray import pipeline, storage
+    from gdd_ray.augment import ops, stage, synthetic
+    from gdd_ray.augment.shard import augment_shard
+    from gdd_ray.classes import load_classes
+    from gdd_ray.config import build_config
+    from gdd_ray.run import RunDir
+
+    shutil.rmtree(args.out, ignore_errors=True)
+    cfg = build_config(
+        {
+            "out": os.path.join(args.out, "run"),
+            "dataset": args.dataset,
+            "ipc": args.ipc,
+            "unit_size": args.unit_size,
+            "pda_variants": args.variants,
+            "stages": "augment",
+        }
+    )
+    classes = load_classes(cfg.dataset, None)
+    fps = pipeline.stage_fingerprints(cfg, classes)
+    names = synthetic.write_generated(cfg, RunDir(cfg.out), classes, fps["generate"])
+    run_dir, classes, fps = pipeline.check(cfg)
+    recipe = ops.resolve_ops(cfg.augment.pda_ops)
+    images_in = len(classes) * cfg.ipc
+    images_out = images_in * (args.variants + 1)
+    print(f"[bench] {images_in} images of {cfg.image_size} px in {len(names)} shards -> {images_out}", flush=True)
+
+    # The single-process contenders get one core, like each Ray worker (Ray sets OMP_NUM_THREADS=1 per
+    # 1-CPU task); torch's intra-op threads on tiny images only spin on a shared machine.
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()
+    results: dict = {}
+
+    def record(label: str, seconds: float) -> None:
+        results[label] = {"seconds": round(seconds, 3), "images_per_s": round(images_out / seconds, 1)}
+        print(f"[bench] {label}: {seconds:.2f} s, {images_out / seconds:.0f} images/s", flush=True)
+
+    loop_dst = storage.Location(os.path.join(args.out, "per_image_loop"))
+    t0 = time.perf_counter()
+    per_image_loop(run_dir.generated, loop_dst, names, args.variants, recipe, fps["augment"])
+    record("per_image_loop", time.perf_counter() - t0)
+
+    serial_dst = storage.Location(os.path.join(args.out, "serial_batched"))
+    t0 = time.perf_counter()
+    for n in names:
+        augment_shard(run_dir.generated, serial_dst, n, args.variants, recipe, fps["augment"])
+    record("serial_batched", time.perf_counter() - t0)
+
+    ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    # Warm-up on a copy: starts the Ray workers and imports torch in them, which a long run pays once.
+    warm_cfg = cfg.replace(out=os.path.join(args.out, "warmup"))
+    synthetic.write_generated(warm_cfg, RunDir(warm_cfg.out), classes, fps["generate"])
+    warm_dir, _, _ = pipeline.check(warm_cfg)
+    stage.run(warm_cfg, warm_dir, classes)
+
+    t0 = time.perf_counter()
+    summary = stage.run(cfg, run_dir, classes)
+    record("ray_data", time.perf_counter() - t0)
+    ray.shutdown()
+
+    same = all(run_dir.augmented.read_bytes(n) == serial_dst.read_bytes(n) == loop_dst.read_bytes(n) for n in names)
+    out = {
+        "benchmark": "PDA stage (Ray Data, batched ops) vs per-image single-process loop",
+        "dataset": cfg.dataset,
+        "classes": len(classes),
+        "ipc": cfg.ipc,
+        "image_size": cfg.image_size,
+        "variants": args.variants,
+        "shards": len(names),
+        "images_in": images_in,
+        "images_out": images_out,
+        "ray_cpus": cpus,
+        "torch_threads_single_process": torch.get_num_threads(),
+        "load_average_before": [round(v, 2) for v in load_before],
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "versions": {"ray": ray.__version__, "torch": torch.__version__},
+        **results,
+        "ratio_ray_data_vs_per_image_loop": round(
+            results["per_image_loop"]["seconds"] / results["ray_data"]["seconds"], 2
+        ),
+        "ratio_serial_batched_vs_per_image_loop": round(
+            results["per_image_loop"]["seconds"] / results["serial_batched"]["seconds"], 2
+        ),
+        "identical_outputs": same,
+        "stage_summary_images_out": summary["images_out"],
+        "smoke_test": args.smoke_test,
+    }
+    if not same:
+        print("[bench] ERROR: the contenders wrote different bytes", flush=True)
+    if not args.smoke_test or args.results != parse_args([]).results:
+        os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+        with open(args.results, "w") as fh:
+            json.dump(out, fh, indent=2)
+        print(f"[bench] results -> {args.results}", flush=True)
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""The training benchmark runs and writes its JSON (smoke sizes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "jobs" / "bench_train.py"
+
+
+def test_bench_train_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "train.json"
+    res = bench.main(["--smoke-test", "--out", str(out), "--device", "cpu"])
+    on_disk = json.loads(out.read_text())
+    assert on_disk == res
+    sec = res["seconds_per_epoch"]
+    assert sec["ours"] > 0 and sec["baseline"] > 0
+    assert res["ratio_ours_over_baseline"] == round(sec["ours"] / sec["baseline"], 3)
+    assert len(res["all_epoch_seconds"]["ours"]) == res["timed_epochs"] == 1
+    # Same init, same data: both loops trained the same model to a finite loss.
+    assert set(res["final_loss"]) == {"ours", "baseline"}

@@ -123,3 +123,28 @@ def test_rejects_wrong_input():
         ops.augment(torch.zeros(1, 3, 4, 4), [0], ops.resolve_ops(None))
     with pytest.raises(ValueError, match="seeds"):
         ops.augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), [0], ops.resolve_ops(None))
+
+
+def test_fingerprint_follows_what_decides_the_pixels():
+    from gdd_ray.augment import stage
+
+    def fp(**kw):
+        cfg = build_config({"out": "/tmp/x", "dataset": "cifar10", "ipc": 2, **kw})
+        return stage.fingerprint(cfg, [], {"generate": "g1"})
+
+    cfg = build_config({"out": "/tmp/x", "dataset": "cifar10", "ipc": 2})
+    base = fp()
+    assert base == fp(ipc=5)  # more images, same recipe: resumable
+    assert base != fp(pda_variants=3)
+    assert base != stage.fingerprint(cfg, [], {"generate": "g2"})
+    assert base != stage.fingerprint(
+        cfg.replace(**{"augment.pda_ops": {"hflip": {}, "vflip": {}}}), [], {"generate": "g1"}
+    )
+    swapped = {"vflip": {}, "hflip": {}}  # same ops, other order: other pixels
+    assert stage.fingerprint(cfg.replace(**{"augment.pda_ops": swapped}), [], {"generate": "g1"}) != stage.fingerprint(
+        cfg.replace(**{"augment.pda_ops": {"hflip": {}, "vflip": {}}}), [], {"generate": "g1"}
+    )
+    k0 = cfg.replace(**{"augment.pda_variants": 0})
+    assert stage.fingerprint(k0, [], {"generate": "g1"}) == stage.fingerprint(
+        k0.replace(**{"augment.pda_ops": {"gamma": {}}}), [], {"generate": "g1"}
+    )  # pass-through: the recipe decides nothing

@@ -41,7 +41,10 @@ def fingerprint(cfg: RunConfig, classes: list[ClassInfo], upstream: dict[str, st
             "generate": upstream["generate"],
             "variants": cfg.augment.pda_variants,
             # a list, not a dict: the ops' order changes the pixels and fingerprint() sorts dict keys
-            "ops": [[name, params] for name, params in ops.resolve_ops(cfg.augment.pda_ops)],
+            # (with K=0 the recipe decides nothing, so changing it keeps the output)
+            "ops": [[name, params] for name, params in ops.resolve_ops(cfg.augment.pda_ops)]
+            if cfg.augment.pda_variants
+            else [],
             "version": RECIPE_VERSION,
         }
     )
@@ -84,7 +87,7 @@ def run(cfg: RunConfig, run_dir: RunDir, classes: list[ClassInfo]) -> dict[str, 
     gen_fp = fps.get("generate")
     if gen_fp is None:
         raise UserError(f"{run_dir.uri}/run.json has no generate fingerprint; open the run with jobs/distill.py")
-    fp = fps.get("augment") or fingerprint(cfg, classes, {"generate": gen_fp})
+    fp = fingerprint(cfg, classes, {"generate": gen_fp})
     recipe = ops.resolve_ops(cfg.augment.pda_ops)
     k = cfg.augment.pda_variants
 
@@ -129,12 +132,14 @@ def run(cfg: RunConfig, run_dir: RunDir, classes: list[ClassInfo]) -> dict[str, 
 
     run_dir.update_stage("augment", status="running", started=now_iso(), finished=None)
     new_stats: list[dict] = []
+    augment_seconds = 0.0
     if pending:
         from gdd_ray.ray_utils import init_ray
 
         init_ray()
+        t_ray = Stopwatch()
         new_stats = _run_ray(run_dir, pending, k, recipe, fp)
-    augment_seconds = watch.seconds
+        augment_seconds = t_ray.seconds
     # Outputs of shards outside this plan (a larger --ipc earlier) go only now that the plan's own are all there.
     for n in stale:
         print(f"[augment] removing {n}: its input is not part of this plan", flush=True)
@@ -159,6 +164,7 @@ def run(cfg: RunConfig, run_dir: RunDir, classes: list[ClassInfo]) -> dict[str, 
         "images_per_class": cfg.ipc * (k + 1),
         "images_written_now": made,
         "seconds": round(watch.seconds, 3),
+        "augment_seconds": round(augment_seconds, 3),
         "images_per_s": round(made / augment_seconds, 1) if made else None,
         "samples": SAMPLES_FILE,
         "skipped": False,
@@ -185,9 +191,8 @@ def _run_ray(run_dir: RunDir, pending: list[str], variants: int, recipe: ops.Rec
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    ds = ray.data.from_items(
-        [{"shard": n} for n in pending], override_num_blocks=max(1, math.ceil(len(pending) / SHARDS_PER_TASK))
-    )
+    blocks = max(1, math.ceil(len(pending) / SHARDS_PER_TASK))
+    ds = ray.data.from_items([{"shard": n} for n in pending], override_num_blocks=blocks)
     ds = ds.map_batches(
         _augment_batch,
         batch_size=None,  # one block of shard names = one call
@@ -198,7 +203,7 @@ def _run_ray(run_dir: RunDir, pending: list[str], variants: int, recipe: ops.Rec
             "recipe": recipe,
             "fp": fp,
         },
-        compute=ray.data.TaskPoolStrategy(size=cpus),
+        compute=ray.data.TaskPoolStrategy(size=min(cpus, blocks)),
         num_cpus=1,
     )
     stats: list[dict] = []

@@ -14,7 +14,6 @@ stops the run with that unit's error. Shards are committed by the workers, so wh
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -168,7 +167,10 @@ def run_on_ray(
     progress: Progress | None = None,
     cluster_gpus: int | None = None,
     max_replacements: int | None = None,
+    stats: dict | None = None,
 ) -> list[UnitResult]:
+    """Run every unit on `workers` actors; `stats` (if given) receives what happened along the way:
+    workers_started, worker_start_s (until the first actor was ready), replacements, failed_attempts."""
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
@@ -178,11 +180,13 @@ def run_on_ray(
     actor_cls = _actor_class()
     queue: deque[WorkUnit] = deque(units)
     attempts: Counter[WorkUnit] = Counter()
-    last_error: dict[WorkUnit, str] = {}
     results: list[UnitResult] = []
     replacements = 0
     if max_replacements is None:
         max_replacements = max(3, 2 * workers)
+    stats = stats if stats is not None else {}
+    stats.update(workers_started=0, worker_start_s=None, replacements=0, failed_attempts=0, errors=[])
+    t0 = time.perf_counter()
 
     def start(slot: _Slot) -> None:
         slot.actor = actor_cls.options(**opts).remote(spec)
@@ -190,6 +194,7 @@ def run_on_ray(
         slot.ready = False
         slot.ready_ref = slot.actor.ready.remote()
         slot.in_flight = 0
+        stats["workers_started"] += 1
 
     slots = [_Slot(i) for i in range(workers)]
     for s in slots:
@@ -199,6 +204,7 @@ def run_on_ray(
     def replace(slot: _Slot, cause: str) -> None:
         nonlocal replacements
         replacements += 1
+        stats["replacements"] = replacements
         if replacements > max_replacements:
             raise UnitFailed(f"generator workers keep dying ({replacements} replaced); last cause: {cause}")
         print(f"[generate] worker {slot.index} died ({cause}); starting a replacement", flush=True)
@@ -210,7 +216,8 @@ def run_on_ray(
 
     def fail_unit(unit: WorkUnit, cause: str) -> None:
         attempts[unit] += 1
-        last_error[unit] = cause
+        stats["failed_attempts"] += 1
+        stats["errors"] = (stats["errors"] + [f"{unit}: {cause}"])[-10:]
         if attempts[unit] >= max_retries:
             raise UnitFailed(f"work unit {unit} failed {attempts[unit]} times: {cause}")
         queue.appendleft(unit)  # retry soon, so a bad unit surfaces early rather than at the end
@@ -235,6 +242,8 @@ def run_on_ray(
                 try:
                     starting.info = ray.get(ref)
                     starting.ready = True
+                    if stats["worker_start_s"] is None:
+                        stats["worker_start_s"] = round(time.perf_counter() - t0, 3)
                 except (RayActorError, RayTaskError) as e:
                     replace(starting, f"could not start: {last_line(e)}")
                 continue

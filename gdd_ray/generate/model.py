@@ -16,6 +16,9 @@ from pathlib import Path
 from gdd_ray.errors import UserError
 
 TINY = "tiny"
+# The real SDXL-Turbo architecture (packaged configs + real tokenizers) with random weights: for GPU
+# throughput benchmarks where the weights cannot be downloaded. Its images are noise.
+SDXL_RANDOM = "sdxl-random"
 TINY_VERSION = "v1"  # bump when the tiny architecture changes, so old caches are not reused
 DEFAULT_MODEL = "stabilityai/sdxl-turbo"
 
@@ -105,6 +108,51 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
+def _config_dir(name: str) -> Path:
+    return Path(str(resources.files("gdd_ray").joinpath("data", "sdxl_turbo_config", name)))
+
+
+def build_random_sdxl(device: str = "cpu", dtype=None):
+    """SDXL-Turbo's exact architecture from its public configs, random weights, built on `device`.
+
+    `device="meta"` builds it without memory (to count parameters in tests); on a GPU it is built in
+    place in fp16 (no 10 GB fp32 copy on the host).
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(_config_dir("unet")))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(_config_dir("vae")))
+            te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(_config_dir("text_encoder")))
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(_config_dir("text_encoder_2")))
+    finally:
+        torch.set_default_dtype(previous)
+    scheduler = EulerAncestralDiscreteScheduler.from_config(
+        EulerAncestralDiscreteScheduler.load_config(_config_dir("scheduler"))
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=te1,
+        text_encoder_2=te2,
+        tokenizer=CLIPTokenizer.from_pretrained(_tokenizer_dir("tokenizer")),
+        tokenizer_2=CLIPTokenizer.from_pretrained(_tokenizer_dir("tokenizer_2")),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
 def ensure_tiny_model() -> Path:
     """Build and save the tiny pipeline once (fp16 variant files, like SDXL-Turbo's); return its folder.
 
@@ -138,6 +186,8 @@ def resolve_model(model: str) -> str:
     """
     if model == TINY:
         return str(ensure_tiny_model())
+    if model == SDXL_RANDOM:
+        return model
     path = Path(os.path.expanduser(model))
     if path.exists() or model.startswith((".", "/", "~")):
         if not (path / "model_index.json").is_file():
@@ -194,14 +244,17 @@ def load_pipeline(model: str, vae: str | None = None, device: str | None = None,
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    source = str(ensure_tiny_model()) if model == TINY else model
-    try:
-        pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, variant="fp16")
-    except (OSError, ValueError) as e:
-        if "variant" not in str(e):
-            raise
-        # A folder saved without fp16 variant files: the same weights under plain names.
-        pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
+    if model == SDXL_RANDOM:
+        pipe = build_random_sdxl(device, dtype)
+    else:
+        source = str(ensure_tiny_model()) if model == TINY else model
+        try:
+            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, variant="fp16")
+        except (OSError, ValueError) as e:
+            if "variant" not in str(e):
+                raise
+            # A folder saved without fp16 variant files: the same weights under plain names.
+            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
     if vae is not None:
         pipe.vae = AutoencoderKL.from_pretrained(vae, dtype=dtype)
         pipe.vae.config.force_upcast = False  # an fp16-safe VAE is the point of swapping it in

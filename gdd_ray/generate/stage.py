@@ -95,6 +95,7 @@ def run(cfg: RunConfig, run_dir: RunDir, classes: list[ClassInfo], *, serial: bo
 
     results = []
     workers = 0
+    driver_stats: dict = {}
     started = now_iso()
     if todo:
         run_dir.update_stage("generate", started=started, finished=None)
@@ -108,7 +109,7 @@ def run(cfg: RunConfig, run_dir: RunDir, classes: list[ClassInfo], *, serial: bo
 
             init_ray()
             workers = default_workers(cfg)
-            results = run_on_ray(todo, spec, workers, cfg.generate.max_retries, progress)
+            results = run_on_ray(todo, spec, workers, cfg.generate.max_retries, progress, stats=driver_stats)
     # Out-of-plan shards go only now that the plan's own shards all exist (never fewer images than asked).
     for name in stale:
         print(f"[generate] removing {name}: not part of this plan (--ipc or --unit-size changed)", flush=True)
@@ -119,6 +120,7 @@ def run(cfg: RunConfig, run_dir: RunDir, classes: list[ClassInfo], *, serial: bo
 
     wall = time.perf_counter() - t0
     summary = make_summary(fp, plan, results, wall, workers, started)
+    summary["driver"] = driver_stats
     run_dir.write_summary("generate", summary)
     run_dir.update_stage("generate", finished=now_iso(), summary=summary["totals"])
     t = summary["totals"]

@@ -1,0 +1,43 @@
+# Fresh machine: `make demo` or `make test` creates .venv and installs everything first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_OUT ?= runs/demo
+
+.PHONY: install demo test test-fast lint format bench clean-demo
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the embedded default: local Ray, a local folder, the tiny random-weight model (images are noise).
+demo: $(STAMP)
+	$(PY) jobs/distill.py --dataset cifar10 --ipc 10 --model tiny --gen-resolution 128 \
+		--epochs 30 --eval-runs 1 --out $(DEMO_OUT)
+	$(PY) -m gdd_ray status $(DEMO_OUT)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# Every test, the slow end-to-end ones (Ray clusters, ray job submit) included.
+test: lint
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) jobs/bench_generate.py --out bench_results/generate.json
+
+clean-demo:
+	rm -rf $(DEMO_OUT)

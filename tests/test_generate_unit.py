@@ -4,6 +4,7 @@ import io
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from gen_helpers import tiny_config
 from PIL import Image
 
@@ -86,3 +87,12 @@ def test_batches_split_evenly(tmp_path):
     assert [len(r) for r in gen.batches(WorkUnit(0, 0, 20))] == [10, 10]
     assert [len(r) for r in gen.batches(WorkUnit(0, 20, 36))] == [16]
     assert [list(r) for r in gen.batches(WorkUnit(0, 0, 3))] == [[0, 1, 2]]
+
+
+@pytest.mark.slow
+def test_random_sdxl_has_the_real_architecture():
+    from gdd_ray.generate.model import build_random_sdxl
+
+    pipe = build_random_sdxl("meta")  # no memory: parameters only
+    counts = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("unet", "vae", "text_encoder_2")}
+    assert counts == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder_2": 694_659_840}

@@ -261,6 +261,9 @@ def load_pipeline(model: str, vae: str | None = None, device: str | None = None,
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if device.startswith("cuda"):
+        # TF32 for whatever still runs in fp32 (SDXL's VAE upcasts itself): same images to the eye, ~8x faster.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
         if compile:

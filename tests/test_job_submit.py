@@ -1,5 +1,6 @@
 """End to end through a real Ray head: `ray job submit` of jobs/distill.py, and resume after a killed driver."""
 
+import io
 import json
 import signal
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from gen_helpers import read_images, tiny_config
+from PIL import Image
 from ray_head import RayHead
 
 from gdd_ray import pipeline
@@ -46,6 +48,7 @@ def test_ray_job_submit_generates_every_image_once(head, tmp_path):
     assert "[generate] done:" in r.stdout  # the progress/summary lines reach the job log
     images = read_images(out / "generated")
     assert sorted(images) == sorted((c, i) for c in range(10) for i in range(3))
+    assert {Image.open(io.BytesIO(b)).size for b in images.values()} == {(16, 16)}
     summary = json.loads((out / "generated" / "_summary.json").read_text())
     assert summary["totals"]["images"] == 30 and summary["totals"]["images_generated"] == 30
     record = json.loads((out / "run.json").read_text())

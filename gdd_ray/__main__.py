@@ -1,6 +1,7 @@
 """`python -m gdd_ray <command>` (also the `gdd-ray` console script).
 
     python -m gdd_ray export --run OUT --format pt --dest distilled.pt --per-class 10
+    python -m gdd_ray status OUT
 
 A command is a module with `add_arguments(parser)` and `run_from_args(args) -> int`; add one by naming
 it in COMMANDS.
@@ -16,6 +17,7 @@ from gdd_ray.cli import guarded
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("gdd_ray.export", "write a run's images as a challenge .pt tensor or an ImageFolder tree"),
+    "status": ("gdd_ray.status", "per stage: units done/total, images, throughput, failures, complete or not"),
 }
 
 

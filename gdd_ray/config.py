@@ -120,6 +120,11 @@ class RunConfig:
     seed: int = opt(0, "Run seed; every image's seed derives from (seed, class, index).")
     stages: tuple[str, ...] = opt(STAGES, "Stages to run, comma separated (default: all).")
     overwrite: bool = opt(False, "Delete an existing run at --out whose config differs, instead of stopping.")
+    shared_local_out: bool = opt(
+        False,
+        "--out is a local path that is the same shared mount (NFS, ...) on every node; without it a local "
+        "--out on a cluster of several nodes is refused, since each node would write to its own disk.",
+    )
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -287,6 +292,8 @@ def validate(cfg: RunConfig) -> None:
     g = cfg.generate
     if not cfg.out:
         raise UserError("--out is required: a local folder or a URI such as s3://bucket/run")
+    if cfg.shared_local_out and "://" in cfg.out and not cfg.out.startswith("file://"):
+        raise UserError(f"--shared-local-out is for a local --out on a shared mount; {cfg.out} is already shared")
     if cfg.dataset is None and cfg.classes is None:
         raise UserError(f"give --dataset ({', '.join(DATASETS)}) or --classes FILE")
     if cfg.dataset is not None and cfg.classes is not None:

@@ -15,11 +15,28 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
-    # Inside `ray job submit` RAY_ADDRESS is set and ray.init() joins that cluster; plain `python
-    # jobs/distill.py` starts a local one, which is ours to shut down at the end.
-    _started_here = not os.environ.get("RAY_ADDRESS")
+    # Inside `ray job submit` RAY_ADDRESS is set and ray.init() joins that cluster, as it does on a node
+    # where `ray start` ran; otherwise plain `python jobs/distill.py` starts a local one, ours to shut down.
+    _started_here = cluster_address() is None
     kwargs = {"include_dashboard": False} if _started_here else {}
     ray.init(log_to_driver=True, configure_logging=False, **kwargs)
+
+
+def cluster_address() -> str | None:
+    """The cluster a plain ray.init() would join: RAY_ADDRESS, else the last `ray start` on this machine.
+    None = it would start a local, single-node Ray. Uses Ray's own lookup, so the two never disagree."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(None)
+    except Exception:  # a malformed RAY_ADDRESS: ray.init() will say what is wrong with it
+        return os.environ.get("RAY_ADDRESS") or None
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
 def shutdown_if_started_here() -> None:

@@ -145,6 +145,20 @@ class RunDir:
         )
 
 
+# Sections (described field by field) and options that do not change what a run produces.
+_NOT_DESCRIBED = (
+    "generate",
+    "augment",
+    "train",
+    "overwrite",
+    "stages",
+    "out",
+    "workers",
+    "batch_size",
+    "shared_local_out",
+)
+
+
 def _describe_change(record: dict[str, Any] | None, cfg: RunConfig) -> str:
     """'steps 1 -> 2, seed 0 -> 1': the first few options that differ from the stored run."""
     old = (record or {}).get("config", {})
@@ -154,7 +168,7 @@ def _describe_change(record: dict[str, Any] | None, cfg: RunConfig) -> str:
         o = old.get(sec, {}) if sec else old
         n = new.get(sec, {}) if sec else new
         for k in n:
-            if k in ("generate", "augment", "train", "overwrite", "stages", "out", "workers", "batch_size"):
+            if k in _NOT_DESCRIBED:
                 continue
             if k in o and o[k] != n[k]:
                 diffs.append(f"{k.replace('_', '-')} {o[k]!r} -> {n[k]!r}")

@@ -1,0 +1,249 @@
+"""Where a run stands, from its files alone (no driver, no Ray): works on a dead run, a live one, any machine.
+
+    python -m gdd_ray status runs/c100
+    python -m gdd_ray status s3://bucket/c100 --json
+
+Per stage: units done/total, images, throughput, failures (shards that exist but must be redone), and
+whether it is complete. Exit code 0 when every stage of the run is complete, 1 when not, 2 when OUT holds
+no run. The rules are the stages' own resume rules (footers judged by the same functions), so "done"
+here means exactly what a rerun would skip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from gdd_ray import storage
+from gdd_ray.config import STAGES
+from gdd_ray.errors import UserError
+from gdd_ray.run import RUN_FILE, RunDir
+
+# A stage is `complete` when every unit is done and its summary (written last) is current; `incomplete`
+# when it has work on disk or a start time but is not complete (running now, or stopped: files cannot tell).
+
+
+def _when(iso: str | None) -> datetime | None:
+    if not iso:
+        return None
+    t = datetime.fromisoformat(iso)
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _mtimes(loc: storage.Location, names: set[str]) -> dict[str, datetime]:
+    if not loc.exists():
+        return {}
+    out = {}
+    for e in loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True)):
+        name = e.path.rsplit("/", 1)[-1]
+        if name in names and e.mtime is not None:
+            out[name] = e.mtime if e.mtime.tzinfo else e.mtime.replace(tzinfo=timezone.utc)
+    return out
+
+
+def _rate(images_by_name: dict[str, int], mtimes: dict[str, datetime], started: datetime | None) -> float | None:
+    """Images/s of the current attempt: shards committed since it started, over the time to the last one."""
+    if started is None:
+        return None
+    recent = [n for n in images_by_name if n in mtimes and mtimes[n] >= started]
+    if not recent:
+        return None
+    span = (max(mtimes[n] for n in recent) - started).total_seconds()
+    return round(sum(images_by_name[n] for n in recent) / span, 3) if span > 0 else None
+
+
+def _shard_stage(
+    run_dir: RunDir,
+    stage: str,
+    record: dict[str, Any],
+    expected: dict[str, int],
+    judge,
+) -> dict[str, Any]:
+    """Status of a stage made of one shard per unit: `expected` maps shard name -> rows it must hold."""
+    loc = run_dir.stage_dir(stage)
+    present = set(loc.list(".parquet")) & set(expected)
+    metas = storage.footers(loc, sorted(present))
+    done: dict[str, int] = {}
+    failures = []
+    for name, meta in sorted(metas.items()):
+        why = judge(meta, name)
+        if why:
+            failures.append(f"{name}: {why}")
+        else:
+            done[name] = meta.num_rows
+    info = record.get("stages", {}).get(stage, {})
+    summary = run_dir.read_summary(stage)
+    fp = record.get("fingerprints", {}).get(stage)
+    complete = len(done) == len(expected) and bool(summary) and summary.get("fingerprint") == fp
+    if complete:
+        rate = (summary.get("totals") or summary).get("images_per_s")
+    else:
+        rate = _rate(done, _mtimes(loc, set(done)), _when(info.get("started")))
+    return {
+        "stage": stage,
+        "unit": "shards",
+        "done": len(done),
+        "total": len(expected),
+        "images": sum(done.values()),
+        "images_total": sum(expected.values()),
+        "images_per_s": rate,
+        "failures": failures,
+        "started": info.get("started"),
+        "finished": info.get("finished") if complete else None,
+        "state": _state(complete, len(done) + len(failures), info),
+    }
+
+
+def _state(complete: bool, on_disk: int, info: dict[str, Any]) -> str:
+    if complete:
+        return "complete"
+    return "incomplete" if on_disk or info.get("started") else "not started"
+
+
+def generate_status(run_dir: RunDir, record: dict[str, Any]) -> dict[str, Any]:
+    from gdd_ray.generate.plan import plan_units
+    from gdd_ray.generate.shards import shard_problem
+
+    cfg = record["config"]
+    plan = plan_units(len(record["classes"]), cfg["ipc"], cfg["generate"]["unit_size"])
+    by_name = {u.shard_name: u for u in plan}
+    fp = record["fingerprints"]["generate"]
+    return _shard_stage(
+        run_dir,
+        "generate",
+        record,
+        {n: u.size for n, u in by_name.items()},
+        lambda meta, name: shard_problem(meta, by_name[name], fp),
+    )
+
+
+def augment_status(run_dir: RunDir, record: dict[str, Any]) -> dict[str, Any]:
+    from gdd_ray.augment.shard import output_problem  # imports torch: only for runs with this stage
+    from gdd_ray.generate.plan import plan_units
+
+    cfg = record["config"]
+    k = cfg["augment"]["pda_variants"]
+    plan = plan_units(len(record["classes"]), cfg["ipc"], cfg["generate"]["unit_size"])
+    rows_in = {u.shard_name: u.size for u in plan}
+    fp = record["fingerprints"]["augment"]
+    return _shard_stage(
+        run_dir,
+        "augment",
+        record,
+        {n: r * (k + 1) for n, r in rows_in.items()},
+        lambda meta, name: output_problem(meta, name, rows_in[name], k, fp),
+    )
+
+
+def train_status(run_dir: RunDir, record: dict[str, Any]) -> dict[str, Any]:
+    """Units are evaluation runs (independent seeds): finished ones have eval/runs/runNN.json."""
+    fp = record["fingerprints"]["train"]
+    wanted = record["config"]["train"]["eval_runs"]
+    runs_loc = run_dir.eval.child("runs")
+    present = set(runs_loc.list(".json"))
+    done, failures = [], []
+    for r in range(wanted):
+        name = f"run{r:02d}.json"
+        if name not in present:
+            continue
+        try:
+            res = json.loads(runs_loc.read_bytes(name))
+        except (OSError, ValueError) as e:
+            failures.append(f"runs/{name}: unreadable ({type(e).__name__})")
+            continue
+        if res.get("fingerprint") == fp:
+            done.append(res)
+        else:
+            failures.append(f"runs/{name}: another fingerprint")
+    checkpoints = len(run_dir.eval.child("checkpoints").list(".pt"))
+    summary = run_dir.read_summary("train")
+    complete = len(done) == wanted and bool(summary) and summary.get("fingerprint") == fp
+    info = record.get("stages", {}).get("train", {})
+    out = {
+        "stage": "train",
+        "unit": "runs",
+        "done": len(done),
+        "total": wanted,
+        "images": (summary or {}).get("train_set", {}).get("images") if complete else None,
+        "images_total": None,
+        "images_per_s": None,
+        "failures": failures,
+        "started": info.get("started"),
+        "finished": info.get("finished") if complete else None,
+        "state": _state(complete, len(done) + len(failures) + checkpoints, info),
+        "checkpoints": checkpoints,
+    }
+    if complete:
+        out["accuracy_mean"] = summary.get("accuracy_mean")
+        out["accuracy_std"] = summary.get("accuracy_std")
+        out["wall_s"] = summary.get("wall_s")
+    return out
+
+
+STATUS_OF = {"generate": generate_status, "augment": augment_status, "train": train_status}
+
+
+def run_status(out: str) -> dict[str, Any]:
+    """The status of every stage the run at `out` was opened with (raises UserError if there is no run)."""
+    run_dir = RunDir(out)
+    try:
+        record = run_dir.read_record()
+    except OSError as e:  # e.g. a bucket that does not exist or no credentials
+        raise UserError(f"cannot read {out} ({e})") from e
+    if record is None:
+        raise UserError(f"{storage.join(out, RUN_FILE)} does not exist: no run was started at {out}")
+    stages = [s for s in STAGES if s in record.get("fingerprints", {})]
+    cfg = record.get("config", {})
+    result = {
+        "run": out,
+        "dataset": cfg.get("dataset") or cfg.get("classes"),
+        "classes": len(record.get("classes", [])),
+        "ipc": cfg.get("ipc"),
+        "created": record.get("created"),
+        "updated": record.get("updated"),
+        "stages": [STATUS_OF[s](run_dir, record) for s in stages],
+    }
+    result["complete"] = bool(result["stages"]) and all(s["state"] == "complete" for s in result["stages"])
+    return result
+
+
+def format_status(st: dict[str, Any]) -> str:
+    lines = [
+        f"{st['run']}: {st['dataset']}, {st['classes']} classes, IPC {st['ipc']} "
+        f"(created {st['created']}, updated {st['updated']})"
+    ]
+    for s in st["stages"]:
+        done = f"{s['done']}/{s['total']} {s['unit']}"
+        if s["images_total"] is not None:
+            images = f"{s['images']}/{s['images_total']} images"
+        else:
+            images = f"{s['images']} images" if s["images"] is not None else ""
+        rate = f"{s['images_per_s']:.1f} img/s" if s["images_per_s"] else ""
+        extra = ""
+        if s.get("accuracy_mean") is not None:
+            extra = f"accuracy {100 * s['accuracy_mean']:.2f} +- {100 * s['accuracy_std']:.2f} %"
+        elif s.get("checkpoints"):
+            extra = f"{s['checkpoints']} checkpoints"
+        fails = f"{len(s['failures'])} to redo" if s["failures"] else ""
+        cols = [f"{s['stage']:<9}", f"{done:<16}", f"{images:<22}", f"{rate:<14}", s["state"], fails, extra]
+        lines.append("  " + "  ".join(c for c in cols if c is not None).rstrip())
+        lines.extend(f"      redo {f}" for f in s["failures"][:10])
+        if len(s["failures"]) > 10:
+            lines.append(f"      ... and {len(s['failures']) - 10} more")
+    lines.append("complete" if st["complete"] else "not complete: run the same command again to finish it")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", metavar="OUT", help="The run's --out: a local folder or s3://, gs:// URI.")
+    parser.add_argument("--json", action="store_true", help="Print the status as JSON (for scripts and dashboards).")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    st = run_status(args.out)
+    print(json.dumps(st, indent=2) if args.json else format_status(st), flush=True)
+    return 0 if st["complete"] else 1

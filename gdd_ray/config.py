@@ -65,6 +65,11 @@ class GenerateConfig:
         "the unit grid is fixed per run, so raising --ipc later extends a run instead of redoing it.",
     )
     workers: int | None = opt(None, "Generator actors; default one per GPU in the cluster (1 when it has none).")
+    worker_gpus: float | None = opt(
+        None,
+        "GPUs each generator actor asks for; default 1 when the cluster has GPUs now, else 0 (CPU). Set 1 with "
+        "--workers N on an autoscaling cluster whose GPU nodes are not up yet, so the actors make it add them.",
+    )
     max_retries: int = opt(3, "Attempts per work unit before the run stops with that unit's error.")
     compile: bool = opt(False, "torch.compile the UNet and VAE decoder (slower start, faster steady state on GPU).")
 
@@ -324,6 +329,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(
             f"--image-size must be between 1 and --gen-resolution ({g.gen_resolution}), got {cfg.image_size}"
         )
+    if g.worker_gpus is not None and g.worker_gpus < 0:
+        raise UserError(f"--worker-gpus must be >= 0, got {g.worker_gpus}")
     if g.workers is not None and g.workers < 1:
         raise UserError(f"--workers must be at least 1, got {g.workers}")
     if g.guidance < 0:

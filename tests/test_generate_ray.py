@@ -43,6 +43,8 @@ def generator_actor_pids(busy: bool = False) -> list[int]:
 def test_actor_asks_for_one_gpu():
     assert actor_options(8)["num_gpus"] == 1 and "num_cpus" not in actor_options(8)
     assert actor_options(0)["num_cpus"] == 1
+    assert actor_options(0, worker_gpus=1)["num_gpus"] == 1  # autoscaling: ask before GPU nodes exist
+    assert actor_options(4, worker_gpus=0.5)["num_gpus"] == 0.5
 
 
 def test_killed_actor_is_replaced_and_each_image_made_once(tmp_path, fake_gpu_cluster, capsys):

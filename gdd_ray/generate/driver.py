@@ -149,11 +149,12 @@ class _Slot:
     in_flight: int = 0
 
 
-def actor_options(cluster_gpus: int) -> dict:
-    """One GPU per actor where the cluster has GPUs; a CPU otherwise. Two threads: render + encode."""
+def actor_options(cluster_gpus: int, worker_gpus: float | None = None) -> dict:
+    """One GPU per actor where the cluster has GPUs (or as asked); a CPU otherwise. Two threads: render + encode."""
     opts = {"max_concurrency": PIPELINE_DEPTH, "max_restarts": 0, "max_task_retries": 0}
-    if cluster_gpus > 0:
-        opts["num_gpus"] = 1
+    gpus = worker_gpus if worker_gpus is not None else (1 if cluster_gpus > 0 else 0)
+    if gpus > 0:
+        opts["num_gpus"] = gpus
     else:
         opts["num_cpus"] = 1
     return opts
@@ -168,6 +169,7 @@ def run_on_ray(
     cluster_gpus: int | None = None,
     max_replacements: int | None = None,
     stats: dict | None = None,
+    worker_gpus: float | None = None,
 ) -> list[UnitResult]:
     """Run every unit on `workers` actors; `stats` (if given) receives what happened along the way:
     workers_started, worker_start_s (until the first actor was ready), replacements, failed_attempts."""
@@ -176,7 +178,7 @@ def run_on_ray(
 
     if cluster_gpus is None:
         cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
-    opts = actor_options(cluster_gpus)
+    opts = actor_options(cluster_gpus, worker_gpus)
     actor_cls = _actor_class()
     queue: deque[WorkUnit] = deque(units)
     attempts: Counter[WorkUnit] = Counter()

@@ -109,7 +109,10 @@ def run(cfg: RunConfig, run_dir: RunDir, classes: list[ClassInfo], *, serial: bo
 
             init_ray()
             workers = default_workers(cfg)
-            results = run_on_ray(todo, spec, workers, cfg.generate.max_retries, progress, stats=driver_stats)
+            results = run_on_ray(
+                todo, spec, workers, cfg.generate.max_retries, progress, stats=driver_stats,
+                worker_gpus=cfg.generate.worker_gpus,
+            )  # fmt: skip
     # Out-of-plan shards go only now that the plan's own shards all exist (never fewer images than asked).
     for name in stale:
         print(f"[generate] removing {name}: not part of this plan (--ipc or --unit-size changed)", flush=True)

@@ -108,6 +108,9 @@ def test_parquet_loads_with_hugging_face_datasets(run5, tmp_path):
     row = ds[0]
     pix = stored_pixels(run_dir)
     assert np.array_equal(np.asarray(row["image"].convert("RGB")), pix[(row["label"], row["index"], row["variant"])])
+    # what a user types: the folder itself (its _summary.json is not data)
+    folder = datasets.load_dataset(run_dir.augmented.path, split="train", cache_dir=str(tmp_path / "hf2"))
+    assert isinstance(folder.features["image"], datasets.Image) and len(folder) == len(ds)
 
 
 def test_cli_export_and_errors(run5, tmp_path, capsys):

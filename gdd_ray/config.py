@@ -81,8 +81,9 @@ class AugmentConfig:
     pda_variants: int = opt(4, "Augmented variants per generated image, besides the original (0 = pass-through).")
     pda_ops: dict | None = opt(
         None,
-        "Augmentation ops and their parameters by name (YAML mapping); default: the paper's recipe.",
-        cli=False,
+        "Replace the paper's PDA recipe: op name -> parameters, applied in the given order (a YAML mapping, "
+        "or JSON on the command line, e.g. '{\"hflip\": {\"p\": 0.5}, \"rotate\": {\"degrees\": 30}}'). "
+        "Ops: hflip, vflip, brightness_contrast, rotate, gamma; parameters left out keep the paper's values.",
     )
 
 

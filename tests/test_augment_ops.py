@@ -52,6 +52,13 @@ def test_config_takes_ops_from_yaml_and_rejects_negative_k(tmp_path):
     y.write_text("out: /tmp/x\ndataset: cifar10\nipc: 2\npda-variants: 2\npda-ops:\n  vflip: {p: 1.0}\n  gamma: {}\n")
     cfg = build_config({}, str(y))
     assert [n for n, _ in ops.resolve_ops(cfg.augment.pda_ops)] == ["vflip", "gamma"]
+    from gdd_ray.config import config_from_args
+
+    flags = ["--out", "/tmp/x", "--dataset", "cifar10", "--ipc", "2"]
+    cli = config_from_args([*flags, "--pda-ops", '{"rotate": {"degrees": 30}, "hflip": {}}'])
+    assert ops.resolve_ops(cli.augment.pda_ops)[0] == ("rotate", {"p": 0.8, "degrees": 30, "border": "reflect"})
+    with pytest.raises(UserError, match="'pda-ops' must be a dict"):
+        config_from_args([*flags, "--pda-ops", "{rotate"])
     with pytest.raises(UserError, match="--pda-variants must be >= 0"):
         build_config({"out": "/tmp/x", "dataset": "cifar10", "ipc": 2, "pda_variants": -1})
 

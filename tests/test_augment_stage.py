@@ -228,7 +228,9 @@ def test_resume_after_a_kill(tmp_path, local_ray):
     assert 10 <= partial < n, "the kill came too late to test anything"
 
     summary = stage.run(cfg, run_dir, classes)
-    assert summary["shards_done_before"] >= partial - 2  # shards the kill caught mid-write are redone
+    # outputs are committed whole, so every file seen before the kill counts as done (workers of the
+    # killed driver may finish a few more before Ray reaps them: same names, same bytes)
+    assert summary["shards_done_before"] >= partial
     assert sorted(run_dir.augmented.list(".parquet")) == sorted(run_dir.generated.list(".parquet"))
     keys = [
         k

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "jobs" / "bench_train.py"
 
 
@@ -19,7 +21,7 @@ def test_bench_train_smoke(tmp_path):
     assert on_disk == res
     sec = res["seconds_per_epoch"]
     assert sec["ours"] > 0 and sec["baseline"] > 0
-    assert res["ratio_ours_over_baseline"] == round(sec["ours"] / sec["baseline"], 3)
+    assert res["ratio_ours_over_baseline"] == pytest.approx(sec["ours"] / sec["baseline"], rel=0.02)
     assert len(res["all_epoch_seconds"]["ours"]) == res["timed_epochs"] == 1
     # Same init, same data: both loops trained the same model to a finite loss.
     assert set(res["final_loss"]) == {"ours", "baseline"}

@@ -74,17 +74,16 @@ def test_train_stage_runs_in_parallel_writes_outputs_skips_and_resumes(ray_clust
     again = stage.run(cfg, run_dir, CLASSES)
     assert again == res
 
-    # A lost result: that run resumes from its checkpoint (its last epoch) and reports the same accuracy.
+    # A lost result and one more run asked for: run 1 resumes from its checkpoint (its last epoch) and reports
+    # the same accuracy, run 3 is new, runs 0 and 2 are not touched.
     (ev / "runs" / "run01.json").unlink()
     (ev / "results.json").unlink()
-    resumed = stage.run(cfg, run_dir, CLASSES)
-    assert resumed["accuracies"] == accs and resumed["workers"] == 1
-    assert resumed["runs"][1]["resumed_from_epoch"] == 4
-    assert resumed["runs"][0]["finished"] == res["runs"][0]["finished"]  # runs 0 and 2 were not touched
-
-    # Asking for one more run trains only that one.
     more = stage.run(cfg.replace(**{"train.eval_runs": 4}), run_dir, CLASSES)
     assert more["accuracies"][:3] == accs and len(more["runs"]) == 4 and more["runs"][3]["seed"] == 3
+    assert more["runs"][1]["resumed_from_epoch"] == 4 and more["runs"][3]["resumed_from_epoch"] == 0
+    assert more["runs"][0]["finished"] == res["runs"][0]["finished"]
+    assert more["runs"][2]["finished"] == res["runs"][2]["finished"]
+    assert more["fingerprint"] == res["fingerprint"]  # --eval-runs is not part of it: finished runs are kept
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -72,9 +73,17 @@ class LocationCheckpointer(Checkpointer):
         self.loc.write_bytes(self.name, buf.getvalue())
 
 
+def host_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Wrap without copying. Arrays from the object store are read-only and torch warns about that; nothing
+    here writes to them (they are only ever copied to the device)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(array)
+
+
 def to_device_images(images: np.ndarray | torch.Tensor, mean: list[float], std: list[float], device) -> torch.Tensor:
     """uint8 N x H x W x 3 -> normalised float N x 3 x H x W on `device` (the upload happens once, as uint8)."""
-    x = torch.as_tensor(images).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    x = host_tensor(images).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
     return ((x - m) / s).contiguous()

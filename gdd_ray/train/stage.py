@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -133,7 +134,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from gdd_ray.train.loop import to_device_images, train_run
+    from gdd_ray.train.loop import host_tensor, to_device_images, train_run
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -147,7 +148,7 @@ def train_worker(config: dict[str, Any]) -> None:
         test_x = test_y = None
         if config["test_ref"] is not None:
             test_u8, test_labels = ray.get(config["test_ref"])
-            test_x = torch.as_tensor(test_u8).to(device)
+            test_x = host_tensor(test_u8).to(device)
             test_y = torch.as_tensor(test_labels, device=device)
         spec, proto = NetSpec(**config["spec"]), Protocol(**config["protocol"])
         eval_loc = storage.Location(config["eval_uri"])
@@ -158,11 +159,12 @@ def train_worker(config: dict[str, Any]) -> None:
             def progress(row: dict[str, Any], run: int = run) -> None:
                 if row["epoch"] % proto.eval_every == 0 or row["epoch"] == proto.epochs:
                     test = f", test acc {row['test_acc']:.4f}" if "test_acc" in row else ""
-                    print(
+                    # Not print(): Ray Train patches it to tee into its logger, and every line would show twice.
+                    sys.stdout.write(
                         f"[train] run {run} epoch {row['epoch']}/{proto.epochs}: loss {row['train_loss']:.4f}, "
-                        f"train acc {row['train_acc']:.4f}{test} ({row['epoch_s']:.2f} s/epoch on {device})",
-                        flush=True,
+                        f"train acc {row['train_acc']:.4f}{test} ({row['epoch_s']:.2f} s/epoch on {device})\n"
                     )
+                    sys.stdout.flush()
 
             result = train_run(
                 train_x=train_x,
@@ -272,6 +274,9 @@ def run(cfg: RunConfig, run_dir: RunDir, classes: list[ClassInfo]) -> dict[str, 
     )
     workers, use_gpu = 0, False
     if pending:
+        from gdd_ray.ray_utils import init_ray
+
+        init_ray()  # only now: a rerun over finished runs starts nothing
         workers, use_gpu = _default_workers(len(pending))
         if t.eval_workers is not None:
             workers = min(t.eval_workers, len(pending))
@@ -307,8 +312,11 @@ def run(cfg: RunConfig, run_dir: RunDir, classes: list[ClassInfo]) -> dict[str, 
     runs = [done[r] for r in range(t.eval_runs)]
     history = _merge_metrics(eval_loc, t.eval_runs)
     eval_loc.write_bytes("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
-    eval_loc.write_bytes("curve.png", plot_curves(history, t.eval_runs))
     accs = [r["test_acc"] for r in runs] if test is not None else []
+    title = f"ConvNet depth {spec.depth} width {spec.width} on {len(distilled.labels)} images, {t.eval_runs} runs"
+    if accs:
+        title += f": test accuracy {100 * np.mean(accs):.2f} +- {100 * np.std(accs):.2f} % (last epoch)"
+    eval_loc.write_bytes("curve.png", plot_curves(history, t.eval_runs, proto.lr_drop_epoch, title))
     results = {
         "stage": "train",
         "fingerprint": fp,
@@ -373,7 +381,7 @@ def _merge_metrics(eval_loc: storage.Location, n_runs: int) -> list[dict[str, An
     return rows
 
 
-def plot_curves(history: list[dict[str, Any]], n_runs: int) -> bytes:
+def plot_curves(history: list[dict[str, Any]], n_runs: int, lr_drop: int | None = None, title: str = "") -> bytes:
     """PNG: training loss (left) and train/test accuracy (right) per epoch, one colour per run."""
     import matplotlib
 
@@ -395,8 +403,12 @@ def plot_curves(history: list[dict[str, Any]], n_runs: int) -> bytes:
     ax_loss.set(xlabel="epoch", ylabel="train loss (cross-entropy)", title="Training loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy (train: augmented batches)", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
+        if lr_drop:
+            ax.axvline(lr_drop + 0.5, color="grey", linestyle=":", linewidth=1, label="lr x0.1")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

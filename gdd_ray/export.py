@@ -8,7 +8,8 @@
                  Tiny-ImageNet and ImageNet-1K, so torchvision's ImageFolder gives the same labels
 
 Images are taken in the order (label, index, variant): with --per-class n the first n of each class,
-i.e. the first n/(K+1) generated images of a class with all their variants.
+i.e. the first n/(K+1) generated images of a class with all their variants. Shards are read one at a
+time (the listing reads no pixels); the .pt tensor itself is built in memory (4*3*H*W bytes an image).
 
     python -m gdd_ray export --run OUT --format pt --dest distilled.pt --per-class 10
     python -m gdd_ray export --run OUT --format imagefolder --dest OUT/imagefolder
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from gdd_ray import storage
 from gdd_ray.errors import UserError
@@ -40,7 +42,7 @@ MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 FORMATS = ("pt", "imagefolder")
 SOURCES = ("augmented", "generated")
-COLUMNS = ["image", "label", "class_id", "class_name", "index", "variant"]
+META_COLUMNS = ["label", "class_id", "class_name", "index", "variant"]
 
 
 def run_record(run: str) -> dict[str, Any]:
@@ -51,23 +53,63 @@ def run_record(run: str) -> dict[str, Any]:
         raise UserError(f"{storage.join(run, RUN_FILE)} is unreadable ({e})") from e
 
 
-def load_images(run: str, source: str = "augmented") -> pa.Table:
-    """Every row of OUT/<source>/*.parquet (no pixels decoded), sorted by (label, index, variant)."""
+def _source(run: str, source: str) -> tuple[storage.Location, list[str]]:
     if source not in SOURCES:
         raise UserError(f"--source must be one of {', '.join(SOURCES)}, got '{source}'")
-    loc = storage.Location(run).child(STAGE_DIRS["augment" if source == "augmented" else "generate"])
+    stage = "augment" if source == "augmented" else "generate"
+    loc = storage.Location(run).child(STAGE_DIRS[stage])
     names = loc.list(".parquet")
     if not names:
-        stage = "augment" if source == "augmented" else "generate"
         raise UserError(f"{loc.uri} has no shards: run the {stage} stage first, or pick another --source")
+    return loc, names
+
+
+def _read(loc: storage.Location, name: str, columns: list[str]) -> pa.Table:
+    """Some columns of a shard; ranged reads, so listing a run never downloads its pixels."""
+    with loc.fs.open_input_file(loc.file(name)) as fh:
+        schema = pq.read_schema(fh)
+        t = pq.read_table(fh, columns=[c for c in columns if c in schema.names]).replace_schema_metadata(None)
+    if "variant" in columns and "variant" not in t.column_names:  # generated shards: all originals
+        t = t.append_column("variant", pa.array(np.zeros(t.num_rows, np.int32)))
+    return t
+
+
+def list_images(run: str, source: str = "augmented") -> pa.Table:
+    """One row per image (no pixels): label, ids, index, variant, and where it is (shard, row), sorted
+    by (label, index, variant)."""
+    loc, names = _source(run, source)
     tables = []
-    for n in names:
-        t = storage.read_parquet(loc, n).replace_schema_metadata(None)
-        if "variant" not in t.column_names:
-            t = t.append_column("variant", pa.array(np.zeros(t.num_rows, np.int32)))
-        tables.append(t.select(COLUMNS))
-    table = pa.concat_tables(tables)
+    for i, n in enumerate(names):
+        t = _read(loc, n, META_COLUMNS)
+        t = t.append_column("shard", pa.array(np.full(t.num_rows, i, np.int32)))
+        tables.append(t.append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
+    table = pa.concat_tables(tables).select([*META_COLUMNS, "shard", "row"])
     return table.sort_by([("label", "ascending"), ("index", "ascending"), ("variant", "ascending")])
+
+
+def iter_shards(run: str, source: str, selected: pa.Table):
+    """Per shard holding selected images: [(position in `selected`, PNG bytes)]; one shard in memory at a time."""
+    loc, names = _source(run, source)
+    shard_col = selected.column("shard").to_numpy()
+    row_col = selected.column("row").to_numpy()
+    for i in np.unique(shard_col):
+        positions = np.flatnonzero(shard_col == i)
+        data = _read(loc, names[i], ["image"]).column("image").combine_chunks().field("bytes")
+        yield [(int(pos), data[int(row_col[pos])].as_py()) for pos in positions]
+
+
+def iter_images(run: str, source: str, selected: pa.Table):
+    for items in iter_shards(run, source, selected):
+        yield from items
+
+
+def load_images(run: str, source: str = "augmented") -> pa.Table:
+    """Every image with its PNG bytes, sorted by (label, index, variant): small runs and tests."""
+    table = list_images(run, source)
+    data: list[bytes | None] = [None] * table.num_rows
+    for pos, png in iter_images(run, source, table):
+        data[pos] = png
+    return table.append_column("image", pa.array([{"bytes": b, "path": ""} for b in data], shards.IMAGE_TYPE))
 
 
 def select_per_class(table: pa.Table, per_class: int | None, num_classes: int | None) -> tuple[pa.Table, int]:
@@ -115,14 +157,6 @@ def _mean_std(
     return list(m), list(s)
 
 
-def decode(table: pa.Table) -> np.ndarray:
-    """N x H x W x 3 uint8 pixels of the table's images."""
-    data = table.column("image").combine_chunks().field("bytes").to_pylist()
-    if not data:
-        raise UserError("no images to export")
-    return np.stack([shards.decode_png(b) for b in data])
-
-
 def export_pt(
     run: str,
     dest: str,
@@ -139,16 +173,25 @@ def export_pt(
         raise UserError(f"--dest for --format pt must be a .pt file name, got '{dest}'")
     record = run_record(run)
     num_classes = len(record["classes"]) if record.get("classes") else None
-    table, n = select_per_class(load_images(run, source), per_class, num_classes)
+    table, n = select_per_class(list_images(run, source), per_class, num_classes)
     m, s = _mean_std(dataset or record.get("config", {}).get("dataset"), mean, std)
-    x = torch.from_numpy(decode(table)).permute(0, 3, 1, 2).float().div_(255.0)
-    x = (x - torch.tensor(m).view(1, 3, 1, 1)) / torch.tensor(s).view(1, 3, 1, 1)
+    x = None
+    mean_t, std_t = torch.tensor(m).view(3, 1, 1), torch.tensor(s).view(3, 1, 1)
+    for pos, png in iter_images(run, source, table):
+        px = torch.from_numpy(np.array(shards.decode_png(png))).permute(2, 0, 1).float().div_(255.0)
+        if x is None:
+            x = torch.empty((table.num_rows, *px.shape), dtype=torch.float32)
+        elif px.shape != x.shape[1:]:
+            raise UserError(
+                f"images of different sizes ({tuple(px.shape)} and {tuple(x.shape[1:])}) cannot form one tensor"
+            )
+        x[pos] = (px - mean_t) / std_t
     labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
 
     parent, name = _split(dest)
     stem = name[: -len(".pt")]
     loc = storage.Location(parent)
-    loc.write_bytes(name, _torch_bytes(x.contiguous()))
+    loc.write_bytes(name, _torch_bytes(x))
     loc.write_bytes(f"{stem}_labels.pt", _torch_bytes(labels))
     classes = _class_lines(table)
     loc.write_bytes(f"{stem}_classes.txt", "".join(classes).encode())
@@ -167,7 +210,7 @@ def export_imagefolder(run: str, dest: str, per_class: int | None = None, source
     """Write DEST/<class id>/<label>_<index>_v<variant>.png (the stored PNG bytes)."""
     record = run_record(run)
     num_classes = len(record["classes"]) if record.get("classes") else None
-    table, n = select_per_class(load_images(run, source), per_class, num_classes)
+    table, n = select_per_class(list_images(run, source), per_class, num_classes)
     root = storage.Location(dest)
     ids = table.column("class_id").to_pylist()
     folders = {cid: _folder_name(cid) for cid in set(ids)}
@@ -176,22 +219,22 @@ def export_imagefolder(run: str, dest: str, per_class: int | None = None, source
     labels = table.column("label").to_pylist()
     index = table.column("index").to_pylist()
     variant = table.column("variant").to_pylist()
-    data = table.column("image").combine_chunks().field("bytes").to_pylist()
-    jobs = [
-        (folders[ids[i]], f"{labels[i]:05d}_{index[i]:06d}_v{variant[i]}.png", data[i]) for i in range(table.num_rows)
-    ]
     locs = {f: root.child(f) for f in folders.values()}
 
-    def write(job: tuple[str, str, bytes]) -> None:
-        locs[job[0]].write_bytes(job[1], job[2])
+    def write(item: tuple[int, bytes]) -> None:
+        i, png = item
+        locs[folders[ids[i]]].write_bytes(f"{labels[i]:05d}_{index[i]:06d}_v{variant[i]}.png", png)
 
-    # object stores answer each PUT in tens of ms: write in parallel
-    with ThreadPoolExecutor(max_workers=1 if root.local else 32) as pool:
-        list(pool.map(write, jobs))
+    # Each file is committed with an fsync (disk) or a PUT (object store): both wait, so write in parallel,
+    # one shard's images at a time.
+    written = 0
+    with ThreadPoolExecutor(max_workers=8 if root.local else 32) as pool:
+        for items in iter_shards(run, source, table):
+            written += sum(1 for _ in pool.map(write, items))
     order = [folders[cid] for cid in dict.fromkeys(ids)]  # label order (table sorted by label)
     return {
         "root": dest,
-        "images": len(jobs),
+        "images": written,
         "per_class": n,
         "classes": len(order),
         "sorted_folders_match_labels": order == sorted(order),

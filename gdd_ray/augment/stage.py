@@ -8,6 +8,8 @@ blocks do not follow file boundaries, so a task that owns whole shards is what m
 input, committed atomically" hold.)
 
 Resume = list the outputs whose footer says complete for this fingerprint, redo the rest.
+Faults: Ray Data retries a task whose worker died (lost node, OOM kill) and it rewrites the same names
+with the same bytes; an exception in the work stops the stage with that error, and a rerun resumes.
 """
 
 from __future__ import annotations

@@ -1,0 +1,235 @@
+"""Several Ray nodes on one machine (ray.cluster_utils.Cluster), each with one fake GPU.
+
+Proves on a CPU what a GPU cluster needs: generator actors spread over the nodes; a node lost mid-run
+(a spot instance reclaimed) costs only time, every image exactly once; a draining (preempted) node gets
+no new actor, so the replacement of its worker lands on another node; a local --out on a multi-node
+cluster is refused unless --shared-local-out.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+
+import psutil
+import pytest
+import ray
+from gen_helpers import read_images, tiny_config
+
+from gdd_ray import pipeline
+from gdd_ray.cli import run_main
+from gdd_ray.errors import UserError
+from gdd_ray.generate import stage as gen_stage
+
+pytestmark = pytest.mark.slow
+
+# Detect a dead node in ~2 s instead of the production ~30 s (heartbeats are cheap on loopback).
+FAST_FAILURE = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 4}
+
+
+@pytest.fixture(scope="module")
+def cluster(gdd_cache, tiny_model):
+    """A CPU-only head and three worker nodes with one fake GPU each.
+
+    RAY_TMPDIR points at a private folder: the Cluster records its address in RAY_TMPDIR/ray, and a
+    plain ray.init() anywhere else on this machine must not find (and join) this test's cluster."""
+    from ray.cluster_utils import Cluster
+
+    tmp = tempfile.mkdtemp(prefix="gddmn", dir="/tmp")  # short: Ray's socket paths live under it
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False, "_system_config": FAST_FAILURE},
+    )
+    try:
+        workers = [c.add_node(num_cpus=2, num_gpus=1) for _ in range(3)]
+        c.wait_for_nodes()
+        ray.init(address=c.address, configure_logging=False)
+        yield c, workers
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def raylet_pid(node) -> int:
+    return node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+
+
+class ActorWatcher:
+    """Which node each GeneratorActor process lives on (a worker is a child of its node's raylet)."""
+
+    def __init__(self, nodes):
+        self.nodes = {raylet_pid(n): n.node_id for n in nodes}
+        self.node_of: dict[int, str] = {}
+
+    def add_nodes(self, *nodes):
+        self.nodes.update({raylet_pid(n): n.node_id for n in nodes})
+
+    def poll(self) -> list[tuple[int, str, bool]]:
+        """(pid, node id, busy rendering) of every live generator actor, remembering each pid's node."""
+        out = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                cmd = " ".join(p.cmdline())
+                if "GeneratorActor" not in cmd:
+                    continue
+                node = self.node_of.get(p.pid) or self.nodes.get(p.ppid())
+            except psutil.Error:
+                continue
+            if node:
+                self.node_of[p.pid] = node
+                out.append((p.pid, node, "GeneratorActor.run_unit" in cmd))
+        return out
+
+    def nodes_of_workers(self, per_worker: dict) -> dict[str, int]:
+        """node id -> units done there, from the summary's per-worker ('host:pid') counts."""
+        out: dict[str, int] = {}
+        for worker, w in per_worker.items():
+            node = self.node_of[int(worker.rsplit(":", 1)[1])]
+            out[node] = out.get(node, 0) + w["units"]
+        return out
+
+
+def start_generation(cfg):
+    run_dir, classes, _ = pipeline.check(cfg)
+    box: dict = {}
+
+    def go():
+        try:
+            box["summary"] = gen_stage.run(cfg, run_dir, classes)
+        except BaseException as e:  # surfaced by the test
+            box["error"] = e
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t, box
+
+
+def wait_until(cond, timeout: float, what: str, watcher: ActorWatcher | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if watcher:
+            watcher.poll()
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_local_out_on_several_nodes_is_refused(cluster, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"is a local folder but the Ray cluster has 4 nodes"):
+        pipeline.check(tiny_config(out))
+    assert not out.exists()  # refused before anything was written
+    assert run_main(["--dataset", "cifar10", "--ipc", "1", "--model", "tiny", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and "--shared-local-out" in err and err.count("\n") == 1
+    assert not out.exists()
+    pipeline.check(tiny_config(out, shared_local_out=True))  # the user says it is a shared mount
+    assert (out / "run.json").exists()
+
+
+def test_units_spread_over_nodes_and_a_lost_node_costs_only_time(cluster, tmp_path, capsys):
+    c, workers = cluster
+    watcher = ActorWatcher(workers)
+    cfg = tiny_config(tmp_path / "run", ipc=6, unit_size=1, shared_local_out=True)
+    gen = tmp_path / "run" / "generated"
+    t, box = start_generation(cfg)  # default workers: one per GPU = 3
+    wait_until(
+        lambda: len(list(gen.glob("*.parquet"))) >= 12 and sum(b for *_, b in watcher.poll()) == 3,
+        240,
+        "three busy actors and 12 shards",
+        watcher,
+    )
+    victim = workers[1]
+    c.remove_node(victim, allow_graceful=False)  # the instance is gone, with its actor and units in flight
+    fresh = c.add_node(num_cpus=2, num_gpus=1)  # what the autoscaler does for a lost spot node
+    watcher.add_nodes(fresh)
+    while t.is_alive():
+        watcher.poll()
+        t.join(timeout=0.1)
+    assert "error" not in box, box.get("error")
+    summary = box["summary"]
+    images = read_images(gen)  # asserts each (label, index) once
+    assert sorted(images) == [(c_, i) for c_ in range(10) for i in range(6)]
+    assert summary["totals"]["images"] == 60 and summary["totals"]["workers"] == 3
+    units_by_node = watcher.nodes_of_workers(summary["per_worker"])
+    assert {workers[0].node_id, workers[1].node_id, workers[2].node_id} <= set(units_by_node), units_by_node
+    assert sum(units_by_node.values()) == summary["totals"]["units_run"] >= 60
+    assert "starting a replacement" in capsys.readouterr().out
+    workers[1] = fresh  # later tests see the cluster as it now is
+
+
+def test_draining_node_gets_no_new_work(cluster, tmp_path, capsys):
+    """Preemption notice: the node is drained and its worker dies first. Its GPU is free again and no other
+    node has one, yet the replacement must wait for the new node the autoscaler brings, not go back there."""
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    c, workers = cluster
+    watcher = ActorWatcher(workers)
+    cfg = tiny_config(tmp_path / "run", ipc=6, unit_size=1, shared_local_out=True)
+    gen = tmp_path / "run" / "generated"
+    t, box = start_generation(cfg)  # 3 workers on the 3 GPU nodes: no spare GPU anywhere
+    wait_until(
+        lambda: len(list(gen.glob("*.parquet"))) >= 8 and sum(b for *_, b in watcher.poll()) == 3,
+        240,
+        "three busy actors and 8 shards",
+        watcher,
+    )
+    busy = [a for a in watcher.poll() if a[2]]
+    pid, draining, _ = busy[0]
+    before = set(watcher.node_of)
+    # Hold the other two workers still, so the queue cannot drain before the replacement is up.
+    others = [p for p, _, _ in busy[1:]]
+    for p in others:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        accepted, why = GcsClient(address=c.gcs_address).drain_node(
+            draining,
+            autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+            "spot instance preemption notice (test)",
+            int(time.time() * 1000) + 120_000,
+        )
+        assert accepted, why
+        psutil.Process(pid).kill()  # the preempted worker goes first; the node itself lingers, draining
+        settle = time.time() + 3  # time enough for the replacement to be placed, if any node would take it
+        while time.time() < settle:
+            watcher.poll()
+            time.sleep(0.05)
+        placed = {watcher.node_of[p] for p in set(watcher.node_of) - before}
+        assert draining not in placed, "the replacement went to the draining node"
+        fresh = c.add_node(num_cpus=2, num_gpus=1)  # the autoscaler's answer to the preemption
+        watcher.add_nodes(fresh)
+        wait_until(
+            lambda: any(n == fresh.node_id and b for p, n, b in watcher.poll() if p not in before),
+            120,
+            "the replacement rendering on the new node",
+        )
+    finally:
+        for p in others:
+            os.kill(p, signal.SIGCONT)
+    while t.is_alive():
+        watcher.poll()
+        t.join(timeout=0.1)
+    assert "error" not in box, box.get("error")
+    images = read_images(gen)
+    assert sorted(images) == [(c_, i) for c_ in range(10) for i in range(6)]
+    assert "starting a replacement" in capsys.readouterr().out
+    new_actors = {p: n for p, n in watcher.node_of.items() if p not in before}
+    assert set(new_actors.values()) == {fresh.node_id}, (new_actors, draining)
+    units_by_node = watcher.nodes_of_workers(box["summary"]["per_worker"])
+    assert units_by_node.get(fresh.node_id, 0) > 0  # the replacement did part of the run
+    drained = next(n for n in workers if n.node_id == draining)
+    c.remove_node(drained)  # the deadline: the instance goes
+    workers[workers.index(drained)] = fresh

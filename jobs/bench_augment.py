@@ -59,8 +59,8 @@ def per_image_loop(src, dst, names, variants, recipe, fp) -> None:
         META_SOURCE_ROWS,
         META_VARIANTS,
         SCHEMA,
-        _variant_path,
         footer_kv,
+        variant_path,
     )
     from gdd_ray.generate import shards
 
@@ -81,7 +81,7 @@ def per_image_loop(src, dst, names, variants, recipe, fp) -> None:
                 out.append(
                     {
                         **row,
-                        "image": {"bytes": data, "path": _variant_path(row["image"]["path"], v)},
+                        "image": {"bytes": data, "path": variant_path(row["image"]["path"], v)},
                         "variant": v,
                         "variant_seed": vs,
                     }

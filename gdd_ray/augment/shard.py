@@ -81,7 +81,7 @@ def augment_table(table: pa.Table, variants: int, recipe: ops.Recipe) -> pa.Tabl
             out_bytes[j % n].append(shards.encode_png(augmented[j]))
 
     take = pa.array(np.repeat(np.arange(n), k1))
-    out_paths = [_variant_path(p, v) for p in paths for v in range(k1)]
+    out_paths = [variant_path(p, v) for p in paths for v in range(k1)]
     cols = {
         "image": pa.array(
             [{"bytes": b, "path": p} for b, p in zip((b for row in out_bytes for b in row), out_paths)],
@@ -95,7 +95,7 @@ def augment_table(table: pa.Table, variants: int, recipe: ops.Recipe) -> pa.Tabl
     return pa.Table.from_pydict(cols, schema=SCHEMA)
 
 
-def _variant_path(path: str, variant: int) -> str:
+def variant_path(path: str, variant: int) -> str:
     stem = path[:-4] if path.endswith(".png") else path
     return f"{stem}_v{variant}.png"
 

@@ -18,6 +18,7 @@ from gdd_ray import pipeline, storage
 from gdd_ray.errors import UserError
 from gdd_ray.generate import stage as gen_stage
 from gdd_ray.run import RunDir
+from gdd_ray.status import run_status
 
 BUCKET = "gdd-test"
 S3_ENV = {
@@ -118,6 +119,9 @@ def test_generate_on_s3_resumes_only_what_is_broken(s3_server, tiny_model, capsy
     gone, torn = shard_keys[3], shard_keys[11]
     client.delete_object(Bucket=BUCKET, Key=gone)
     client.put_object(Bucket=BUCKET, Key=torn, Body=objects[torn][: len(objects[torn]) // 2])
+    st = run_status(uri)["stages"][0]  # `python -m gdd_ray status` reads the bucket the same way
+    assert (st["done"], st["total"], st["state"]) == (18, 20, "incomplete")
+    assert st["failures"] == [f"{torn.rsplit('/', 1)[1]}: unreadable (ArrowInvalid)"]
     capsys.readouterr()
     _, summary = generate_serial(cfg)
     out = capsys.readouterr().out
@@ -128,6 +132,7 @@ def test_generate_on_s3_resumes_only_what_is_broken(s3_server, tiny_model, capsy
     untouched = [k for k in shard_keys if k not in (gone, torn)]
     assert all(again[k] == objects[k] for k in untouched)
 
+    assert run_status(uri)["complete"]
     # A finished run: nothing to do, nothing rewritten.
     capsys.readouterr()
     generate_serial(cfg)

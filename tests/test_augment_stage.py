@@ -81,7 +81,20 @@ def test_counts_layout_and_skip(tmp_path, local_ray):
     assert sorted(rows) == [(c, i, v) for c in range(10) for i in range(4) for v in range(3)]
     vseeds = [s for t in aug.values() for s in t.column("variant_seed").to_pylist()]
     assert len(set(vseeds)) == 120
-    assert run_dir.root.exists("samples.png")
+    # the grid: 10 class rows, 2 images each with their variants; the first cell is class 0's first original
+    from PIL import Image
+
+    from gdd_ray.augment import samples
+
+    grid = np.asarray(Image.open(run_dir.root.file("samples.png")).convert("RGB"))
+    assert grid.shape == (
+        10 * (samples.CELL + 4) + 18,
+        samples.LABEL_WIDTH + 2 * (3 * (samples.CELL + 2) + samples.GAP),
+        3,
+    )
+    first = shards.decode_png(gen["c00000-i000000-000002.parquet"].column("image")[0].as_py()["bytes"])
+    cell = grid[18 : 18 + samples.CELL, samples.LABEL_WIDTH : samples.LABEL_WIDTH + samples.CELL]
+    assert np.array_equal(cell, first.repeat(2, 0).repeat(2, 1))
     assert run_dir.read_record()["stages"]["augment"]["status"] == "done"
 
     again = stage.run(cfg, run_dir, classes)

@@ -20,13 +20,14 @@ LABEL_WIDTH = 110
 GAP = 8
 
 
-def _first_shard_per_class(names: list[str], labels: list[int]) -> dict[int, str]:
-    out: dict[int, str] = {}
+def _shards_per_class(names: list[str], labels: list[int]) -> dict[int, list[str]]:
+    """The shards of each wanted class, first images first."""
+    out: dict[int, list[tuple[int, str]]] = {}
     for n in names:
         unit = parse_shard_name(n)
-        if unit is not None and unit.label in labels and unit.label not in out:
-            out[unit.label] = n
-    return out
+        if unit is not None and unit.label in labels:
+            out.setdefault(unit.label, []).append((unit.start, n))
+    return {label: [n for _, n in sorted(items)] for label, items in out.items()}
 
 
 def grid_image(rows: list[tuple[str, list[list[np.ndarray]]]]) -> Image.Image:
@@ -61,15 +62,20 @@ def write_sample_grid(
 ) -> str:
     """Draw the first images of the first classes from OUT/augmented and write OUT/<file>."""
     labels = [c.label for c in classes[:MAX_CLASSES]]
-    by_label = _first_shard_per_class(names, labels)
+    by_label = _shards_per_class(names, labels)
     rows = []
     for c in classes[:MAX_CLASSES]:
-        if c.label not in by_label:
-            continue
-        table = storage.read_parquet(run_dir.augmented, by_label[c.label], columns=["image", "variant"])
-        imgs = table.column("image").combine_chunks().field("bytes").to_pylist()
-        groups = [imgs[i : i + variants + 1] for i in range(0, len(imgs), variants + 1)][:IMAGES_PER_CLASS]
-        rows.append((c.name, [[shards.decode_png(b) for b in grp] for grp in groups]))
+        groups: list[list[np.ndarray]] = []
+        for name in by_label.get(c.label, []):
+            table = storage.read_parquet(run_dir.augmented, name, columns=["image"])
+            imgs = table.column("image").combine_chunks().field("bytes").to_pylist()
+            for i in range(0, len(imgs), variants + 1):
+                if len(groups) < IMAGES_PER_CLASS:
+                    groups.append([shards.decode_png(b) for b in imgs[i : i + variants + 1]])
+            if len(groups) == IMAGES_PER_CLASS:
+                break
+        if groups:
+            rows.append((c.name, groups))
     if not rows:
         return ""
     buf = io.BytesIO()

@@ -154,19 +154,24 @@ def test_unwritable_bucket_is_a_clear_error(s3_server):
         pipeline.check(tiny_config("s3://no-such-bucket-gdd/run"))
 
 
-@pytest.mark.slow
-def test_generate_and_augment_through_ray_on_s3(s3_server, tiny_model):
-    """The Ray actors and Ray Data tasks write to the bucket themselves; pixels equal the serial run's."""
+@pytest.fixture(scope="module")
+def ray_s3(s3_server):
+    """A local Ray whose workers see the same S3 endpoint and credentials."""
     import ray
 
-    client, env = s3_server
+    _, env = s3_server
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, runtime_env={"env_vars": env})
-    try:
-        uri = f"s3://{BUCKET}/ray-run"
-        cfg = tiny_config(uri, stages="generate,augment", pda_variants=1)
-        summaries = pipeline.run(cfg)
-    finally:
-        ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_generate_and_augment_through_ray_on_s3(s3_server, ray_s3, tiny_model):
+    """The Ray actors and Ray Data tasks write to the bucket themselves; pixels equal the serial run's."""
+    client, _ = s3_server
+    uri = f"s3://{BUCKET}/ray-run"
+    cfg = tiny_config(uri, stages="generate,augment", pda_variants=1)
+    summaries = pipeline.run(cfg)
     assert summaries["generate"]["totals"]["units_run"] == 20
     assert summaries["augment"]["images_out"] == 60
 
@@ -181,3 +186,53 @@ def test_generate_and_augment_through_ray_on_s3(s3_server, tiny_model):
     assert len(aug) == 20 and "ray-run/augmented/_summary.json" in objects and "ray-run/samples.png" in objects
     rows = sum(pq.read_metadata(io.BytesIO(objects[k])).num_rows for k in aug)
     assert rows == 60
+
+
+@pytest.mark.slow
+def test_train_stage_checkpoints_and_resumes_in_the_bucket(s3_server, ray_s3, tmp_path):
+    """Ray Train workers write checkpoints, run records and results to s3://; a lost run resumes from its
+    checkpoint in the bucket. The test set is a local folder read by the driver only."""
+    from gdd_ray.classes import dataset_classes
+    from gdd_ray.config import build_config
+    from gdd_ray.train import stage as train_stage
+    from gdd_ray.train import synthetic
+
+    client, _ = s3_server
+    classes = dataset_classes("cifar10")
+    pats = synthetic.patterns(10, 16, seed=0)
+    tx, ty = synthetic.sample(pats, 4, seed=2)
+    synthetic.write_cifar(str(tmp_path / "test"), tx, ty, [c.class_id for c in classes], kind="cifar10")
+    uri = f"s3://{BUCKET}/train-run"
+    cfg = build_config(
+        dict(
+            dataset="cifar10",
+            ipc=4,
+            out=uri,
+            stages="train",
+            image_size=16,
+            eval_data=str(tmp_path / "test"),
+            epochs=2,
+            eval_runs=2,
+            eval_workers=2,
+            net_width=8,
+            train_batch_size=20,
+            checkpoint_every=1,
+        )  # fmt: skip
+    )
+    run_dir = RunDir(uri)
+    synthetic.write_shards(run_dir.generated, classes, *synthetic.sample(pats, 4, seed=1), unit_size=2)
+    train_stage.preflight(cfg, run_dir, classes)
+    res = train_stage.run(cfg, run_dir, classes)
+    assert res["evaluated"] and len(res["runs"]) == 2
+
+    objects = keys(client, "train-run/eval/")
+    for name in ("results.json", "_summary.json", "metrics.jsonl", "curve.png", "runs/run00.json",
+                 "runs/run01.json", "checkpoints/run00.pt", "checkpoints/run01.pt"):  # fmt: skip
+        assert f"train-run/eval/{name}" in objects, sorted(objects)
+    assert any(k.startswith("train-run/eval/_ray_train/") for k in objects)  # Ray Train's own storage_path
+
+    client.delete_object(Bucket=BUCKET, Key="train-run/eval/runs/run01.json")
+    client.delete_object(Bucket=BUCKET, Key="train-run/eval/results.json")
+    again = train_stage.run(cfg, run_dir, classes)
+    assert again["runs"][1]["resumed_from_epoch"] == 2  # from the checkpoint in the bucket
+    assert again["accuracies"] == res["accuracies"] and again["runs"][0] == res["runs"][0]

@@ -236,3 +236,9 @@ def test_train_stage_checkpoints_and_resumes_in_the_bucket(s3_server, ray_s3, tm
     again = train_stage.run(cfg, run_dir, classes)
     assert again["runs"][1]["resumed_from_epoch"] == 2  # from the checkpoint in the bucket
     assert again["accuracies"] == res["accuracies"] and again["runs"][0] == res["runs"][0]
+
+
+def test_shared_local_out_is_only_for_local_paths():
+    with pytest.raises(UserError, match="--shared-local-out is for a local --out on a shared mount"):
+        tiny_config(f"s3://{BUCKET}/run", shared_local_out=True)
+    assert tiny_config("/mnt/nfs/run", shared_local_out=True).shared_local_out

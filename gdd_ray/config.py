@@ -82,7 +82,7 @@ class AugmentConfig:
     pda_ops: dict | None = opt(
         None,
         "Replace the paper's PDA recipe: op name -> parameters, applied in the given order (a YAML mapping, "
-        "or JSON on the command line, e.g. '{\"hflip\": {\"p\": 0.5}, \"rotate\": {\"degrees\": 30}}'). "
+        'or JSON on the command line, e.g. \'{"hflip": {"p": 0.5}, "rotate": {"degrees": 30}}\'). '
         "Ops: hflip, vflip, brightness_contrast, rotate, gamma; parameters left out keep the paper's values.",
     )
 

@@ -6,7 +6,6 @@ CPU, so the tests exercise the very code that loads SDXL-Turbo on a GPU node.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -44,11 +43,9 @@ def build_tiny_pipeline(seed: int = 0):
     import torch
     from diffusers import (
         AutoencoderKL,
-        EulerAncestralDiscreteScheduler,
-        StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     hidden = 32
@@ -90,22 +87,7 @@ def build_tiny_pipeline(seed: int = 0):
         scaling_factor=0.13025,
         force_upcast=False,
     )
-    sched_cfg = json.loads(
-        resources.files("gdd_ray")
-        .joinpath("data", "sdxl_turbo_config", "scheduler", "scheduler_config.json")
-        .read_text()
-    )
-    scheduler = EulerAncestralDiscreteScheduler.from_config(sched_cfg)
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=CLIPTokenizer.from_pretrained(_tokenizer_dir("tokenizer")),
-        tokenizer_2=CLIPTokenizer.from_pretrained(_tokenizer_dir("tokenizer_2")),
-        unet=unet,
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=True,
-    )
+    return _assemble_sdxl(unet, vae, text_encoder, text_encoder_2)
 
 
 def _config_dir(name: str) -> Path:
@@ -121,11 +103,9 @@ def build_random_sdxl(device: str = "cpu", dtype=None):
     import torch
     from diffusers import (
         AutoencoderKL,
-        EulerAncestralDiscreteScheduler,
-        StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
     previous = torch.get_default_dtype()
@@ -138,17 +118,24 @@ def build_random_sdxl(device: str = "cpu", dtype=None):
             te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(_config_dir("text_encoder_2")))
     finally:
         torch.set_default_dtype(previous)
-    scheduler = EulerAncestralDiscreteScheduler.from_config(
-        EulerAncestralDiscreteScheduler.load_config(_config_dir("scheduler"))
-    )
+    return _assemble_sdxl(unet, vae, te1, te2)
+
+
+def _assemble_sdxl(unet, vae, text_encoder, text_encoder_2):
+    """A StableDiffusionXLPipeline around given models: SDXL-Turbo's scheduler config and real CLIP tokenizers."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
     return StableDiffusionXLPipeline(
         vae=vae,
-        text_encoder=te1,
-        text_encoder_2=te2,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
         tokenizer=CLIPTokenizer.from_pretrained(_tokenizer_dir("tokenizer")),
         tokenizer_2=CLIPTokenizer.from_pretrained(_tokenizer_dir("tokenizer_2")),
         unet=unet,
-        scheduler=scheduler,
+        scheduler=EulerAncestralDiscreteScheduler.from_config(
+            EulerAncestralDiscreteScheduler.load_config(_config_dir("scheduler"))
+        ),
         force_zeros_for_empty_prompt=True,
     )
 

@@ -174,7 +174,7 @@ def run_on_ray(
     """Run every unit on `workers` actors; `stats` (if given) receives what happened along the way:
     workers_started, worker_start_s (until the first actor was ready), replacements, failed_attempts."""
     import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+    from ray.exceptions import RayError, RayTaskError
 
     if cluster_gpus is None:
         cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -246,7 +246,7 @@ def run_on_ray(
                     starting.ready = True
                     if stats["worker_start_s"] is None:
                         stats["worker_start_s"] = round(time.perf_counter() - t0, 3)
-                except (RayActorError, RayTaskError) as e:
+                except RayError as e:
                     replace(starting, f"could not start: {last_line(e)}")
                 continue
             slot, epoch, unit = in_flight.pop(ref)
@@ -254,13 +254,14 @@ def run_on_ray(
                 slot.in_flight -= 1
             try:
                 result = ray.get(ref)
-            except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
-                fail_unit(unit, f"worker died: {last_line(e)}")
-                if slot.epoch == epoch:
-                    replace(slot, last_line(e))
-                continue
-            except RayTaskError as e:
+            except RayTaskError as e:  # the unit's own code raised: the worker is fine
                 fail_unit(unit, last_line(e))
+                continue
+            except RayError as e:  # the worker, its process or its node is gone (ActorDiedError, NodeDiedError, ...)
+                cause = f"{type(e).__name__}: {last_line(e)}"
+                fail_unit(unit, f"worker died: {cause}")
+                if slot.epoch == epoch:
+                    replace(slot, cause)
                 continue
             results.append(result)
             if progress:

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from gen_helpers import read_images, tiny_config
 from PIL import Image
@@ -25,6 +26,23 @@ def head(gdd_cache, tiny_model):
     h = RayHead(num_cpus=2)
     yield h
     h.stop()
+
+
+def wait_for_no_generator_actors(timeout: float = 60) -> None:
+    """Until no GeneratorActor process is left among this test's descendants (the head child's workers)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if "GeneratorActor" in " ".join(p.cmdline()):
+                    alive.append(p.pid)
+            except psutil.Error:
+                pass
+        if not alive:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"generator actors still alive after the driver died: {alive}")
 
 
 def job_args(out: Path, **extra) -> list[str]:
@@ -71,6 +89,8 @@ def test_killed_driver_then_rerun_redoes_only_missing_units(head, tmp_path):
         time.sleep(0.1)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
+    # Ray kills a dead driver's actors a moment later; one may still commit a shard until then.
+    wait_for_no_generator_actors()
     done_before = {p.name for p in gen.glob("*.parquet")}
     assert 5 <= len(done_before) < 40, "the driver should have been killed half way"
     assert not (gen / "_summary.json").exists()

@@ -7,6 +7,7 @@ import io
 import os
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 
 from gdd_ray.config import build_config
@@ -39,4 +40,18 @@ def tree_digest(folder: Path) -> dict[str, str]:
         for name in files:
             p = Path(root) / name
             out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest() + f":{p.stat().st_mtime_ns}"
+    return out
+
+
+def generator_actor_pids(busy: bool = False) -> list[int]:
+    """GeneratorActor processes of the Ray this test started (descendants of this process only).
+
+    Ray titles a worker process after what it runs: `ray::GeneratorActor.run_unit` while rendering."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if ("GeneratorActor.run_unit" if busy else "GeneratorActor") in " ".join(p.cmdline()):
+                out.append(p.pid)
+        except psutil.Error:
+            pass
     return out

@@ -5,10 +5,9 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
 import ray
-from gen_helpers import read_images, tiny_config
+from gen_helpers import generator_actor_pids, read_images, tiny_config
 
 from gdd_ray.classes import dataset_classes
 from gdd_ray.generate.driver import UnitFailed, actor_options, run_on_ray
@@ -24,20 +23,6 @@ def fake_gpu_cluster(gdd_cache, tiny_model):
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()
-
-
-def generator_actor_pids(busy: bool = False) -> list[int]:
-    """GeneratorActor processes of the Ray this test started (descendants of this process only).
-
-    Ray titles a worker process after what it runs: `ray::GeneratorActor.run_unit` while rendering."""
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if ("GeneratorActor.run_unit" if busy else "GeneratorActor") in " ".join(p.cmdline()):
-                out.append(p.pid)
-        except psutil.Error:
-            pass
-    return out
 
 
 def test_actor_asks_for_one_gpu():

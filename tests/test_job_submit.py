@@ -8,9 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from gen_helpers import read_images, tiny_config
+from gen_helpers import generator_actor_pids, read_images, tiny_config
 from PIL import Image
 from ray_head import RayHead
 
@@ -31,18 +30,9 @@ def head(gdd_cache, tiny_model):
 def wait_for_no_generator_actors(timeout: float = 60) -> None:
     """Until no GeneratorActor process is left among this test's descendants (the head child's workers)."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        alive = []
-        for p in psutil.Process().children(recursive=True):
-            try:
-                if "GeneratorActor" in " ".join(p.cmdline()):
-                    alive.append(p.pid)
-            except psutil.Error:
-                pass
-        if not alive:
-            return
+    while generator_actor_pids() and time.time() < deadline:
         time.sleep(0.2)
-    raise AssertionError(f"generator actors still alive after the driver died: {alive}")
+    assert not generator_actor_pids(), "generator actors still alive after the driver died"
 
 
 def job_args(out: Path, **extra) -> list[str]:

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -275,6 +276,10 @@ def build_config(values: dict[str, Any], yaml_path: str | None = None) -> RunCon
         sec, f = known[k]
         v = _coerce(k, v, f.type)
         (sections[sec] if sec else top)[f.name] = v
+    # Local paths become absolute here, once: Ray workers (Train workers above all) run in other folders.
+    for section, name in ((top, "out"), (top, "classes"), (sections["train"], "eval_data")):
+        if section.get(name) and "://" not in section[name]:
+            section[name] = os.path.abspath(os.path.expanduser(section[name]))
     cfg = RunConfig(
         **top,
         generate=GenerateConfig(**sections["generate"]),

@@ -60,3 +60,10 @@ def test_fingerprint_covers_pixels_not_layout():
     ]:
         assert generation_fingerprint(base.replace(**change), names) != fp, change
     assert generation_fingerprint(base, ["b", "a"]) != fp
+
+
+def test_local_paths_become_absolute_uris_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config({"dataset": "cifar10", "ipc": 1, "out": "runs/x", "eval_data": "data/c10"})
+    assert cfg.out == str(tmp_path / "runs" / "x") and cfg.train.eval_data == str(tmp_path / "data" / "c10")
+    assert build_config({"dataset": "cifar10", "ipc": 1, "out": "s3://b/run"}).out == "s3://b/run"

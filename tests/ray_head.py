@@ -1,6 +1,6 @@
 """A real `ray start --head --block` child on free ports, for tests that go through `ray job submit`.
 
-Only this child (and what it spawned) is stopped at the end, by its pid: never `ray stop`.
+Only this child (and what it spawned) is stopped at the end, by its pid; nothing else on the machine is touched.
 """
 
 from __future__ import annotations

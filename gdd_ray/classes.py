@@ -20,6 +20,16 @@ _FILES = {
 }
 
 
+# Per-channel (mean, std) of each real training set: what the DC/DSA/MTT evaluators normalise with,
+# used by the train stage and by the challenge export alike.
+MEAN_STD = {
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]),
+    "cifar100": ([0.5071, 0.4866, 0.4409], [0.2673, 0.2564, 0.2762]),
+    "tiny-imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    "imagenet-1k": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+}
+
+
 @dataclass(frozen=True)
 class ClassInfo:
     label: int  # index in the dataset's own label order

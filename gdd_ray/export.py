@@ -29,17 +29,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gdd_ray import storage
+from gdd_ray.classes import MEAN_STD
 from gdd_ray.errors import UserError
 from gdd_ray.generate import shards
 from gdd_ray.run import RUN_FILE, STAGE_DIRS
 
-# (mean, std) per channel of the real training set, the normalisation evaluators apply to it.
-MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # the values of the DC/DSA/MTT code
-    "cifar100": ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "tiny-imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "imagenet-1k": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
 FORMATS = ("pt", "imagefolder")
 SOURCES = ("augmented", "generated")
 META_COLUMNS = ["label", "class_id", "class_name", "index", "variant"]

@@ -13,17 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from gdd_ray import storage
-from gdd_ray.classes import ClassInfo
+from gdd_ray.classes import MEAN_STD, ClassInfo
 from gdd_ray.errors import UserError
 from gdd_ray.generate import shards
-
-# Per-channel mean/std of each real training set (those the DC/DSA/MTT code normalises with).
-MEAN_STD = {
-    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]),
-    "cifar100": ([0.5071, 0.4866, 0.4409], [0.2673, 0.2564, 0.2762]),
-    "tiny-imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-    "imagenet-1k": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-}
 
 
 def mean_std(dataset: str | None) -> tuple[list[float], list[float]]:

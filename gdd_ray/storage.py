@@ -157,6 +157,11 @@ def read_parquet_footer(loc: Location, name: str) -> pq.FileMetaData:
         return pq.ParquetFile(fh).metadata
 
 
+def footer_metadata(meta: pq.FileMetaData) -> dict[str, str]:
+    """A Parquet footer's key-value metadata as text (where our shards keep fingerprint and unit)."""
+    return {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
+
+
 def read_parquet(loc: Location, name: str, columns: list[str] | None = None) -> pa.Table:
     data = loc.read_bytes(name)
     return pq.read_table(io.BytesIO(data), columns=columns)

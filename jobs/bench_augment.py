@@ -59,14 +59,14 @@ def per_image_loop(src, dst, names, variants, recipe, fp) -> None:
         META_SOURCE_ROWS,
         META_VARIANTS,
         SCHEMA,
-        footer_kv,
         variant_path,
     )
     from gdd_ray.generate import shards
+    from gdd_ray.storage import footer_metadata
 
     for name in names:
         pf = pq.ParquetFile(pa.BufferReader(src.read_bytes(name)))
-        kv = footer_kv(pf.metadata)
+        kv = footer_metadata(pf.metadata)
         rows = pf.read().replace_schema_metadata(None).to_pylist()
         out = []
         for row in rows:

@@ -67,7 +67,7 @@ def test_counts_layout_and_skip(tmp_path, local_ray):
         orig = [b for b, v in zip(t.column("image").to_pylist(), t.column("variant").to_pylist()) if v == 0]
         assert [o["bytes"] for o in orig] == [x["bytes"] for x in g.column("image").to_pylist()]
         assert t.column("seed").to_pylist() == [s for s in g.column("seed").to_pylist() for _ in range(3)]
-        meta = aug_shard.footer_kv(pq.read_metadata(run_dir.augmented.file(name)))
+        meta = storage.footer_metadata(pq.read_metadata(run_dir.augmented.file(name)))
         assert meta[aug_shard.META_SOURCE] == name and "variant" in meta["huggingface"]
 
     rows = [

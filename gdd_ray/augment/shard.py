@@ -42,17 +42,13 @@ def _hf_features() -> str:
 HF_FEATURES = _hf_features()
 
 
-def footer_kv(meta: pq.FileMetaData) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
-
-
 def output_problem(
     meta: pq.FileMetaData | Exception, source: str, source_rows: int, variants: int, fp: str
 ) -> str | None:
     """Why an augmented shard must be redone (None = complete and current), from its footer."""
     if isinstance(meta, Exception):
         return f"unreadable ({type(meta).__name__})"
-    kv = footer_kv(meta)
+    kv = storage.footer_metadata(meta)
     if kv.get(META_SOURCE) != source:
         return "made from another input"
     if kv.get(shards.META_FINGERPRINT) != fp:
@@ -107,7 +103,7 @@ def augment_shard(
     t0 = time.perf_counter()
     data = src.read_bytes(name)
     pf = pq.ParquetFile(pa.BufferReader(data))
-    kv = footer_kv(pf.metadata)
+    kv = storage.footer_metadata(pf.metadata)
     table = pf.read().replace_schema_metadata(None)
     out = augment_table(table, variants, recipe)
     meta = {

@@ -21,7 +21,7 @@ import numpy as np
 
 from gdd_ray import config, storage
 from gdd_ray.augment import ops
-from gdd_ray.augment.shard import augment_shard, footer_kv, output_problem
+from gdd_ray.augment.shard import augment_shard, output_problem
 from gdd_ray.classes import ClassInfo
 from gdd_ray.config import RunConfig
 from gdd_ray.errors import UserError
@@ -100,7 +100,7 @@ def run(cfg: RunConfig, run_dir: RunDir, classes: list[ClassInfo]) -> dict[str, 
         meta = in_meta[name]
         if isinstance(meta, Exception):
             raise UserError(f"{run_dir.generated.uri}/{name} is unreadable ({meta}); rerun the generate stage")
-        if footer_kv(meta).get(shards.META_FINGERPRINT) != gen_fp:
+        if storage.footer_metadata(meta).get(shards.META_FINGERPRINT) != gen_fp:
             raise UserError(
                 f"{run_dir.generated.uri}/{name} was made by another generation config; "
                 "rerun the generate stage (with --overwrite if it refuses)"

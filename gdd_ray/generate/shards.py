@@ -102,7 +102,7 @@ def shard_problem(meta: pq.FileMetaData | Exception, unit: WorkUnit, fingerprint
     """Why a shard must be redone (None = it is complete and current), judged from its footer."""
     if isinstance(meta, Exception):
         return f"unreadable ({type(meta).__name__})"
-    kv = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
+    kv = storage.footer_metadata(meta)
     if meta.num_rows != unit.size:
         return f"short ({meta.num_rows} of {unit.size} rows)"
     if kv.get(META_UNIT) != f"{unit.label}:{unit.start}:{unit.stop}":

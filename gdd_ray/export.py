@@ -26,12 +26,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from gdd_ray import storage
+from gdd_ray import shards, storage
 from gdd_ray.classes import MEAN_STD
 from gdd_ray.errors import UserError
-from gdd_ray.generate import shards
 from gdd_ray.run import RUN_FILE, STAGE_DIRS
 
 FORMATS = ("pt", "imagefolder")
@@ -48,24 +46,26 @@ def run_record(run: str) -> dict[str, Any]:
 
 
 def _source(run: str, source: str) -> tuple[storage.Location, list[str]]:
+    """The source stage's folder and the shards its manifest lists: only a complete, current stage exports."""
     if source not in SOURCES:
         raise UserError(f"--source must be one of {', '.join(SOURCES)}, got '{source}'")
     stage = "augment" if source == "augmented" else "generate"
     loc = storage.Location(run).child(STAGE_DIRS[stage])
-    names = loc.list(".parquet")
-    if not names:
-        raise UserError(f"{loc.uri} has no shards: run the {stage} stage first, or pick another --source")
-    return loc, names
-
-
-def _read(loc: storage.Location, name: str, columns: list[str]) -> pa.Table:
-    """Some columns of a shard; ranged reads, so listing a run never downloads its pixels."""
-    with loc.fs.open_input_file(loc.file(name)) as fh:
-        schema = pq.read_schema(fh)
-        t = pq.read_table(fh, columns=[c for c in columns if c in schema.names]).replace_schema_metadata(None)
-    if "variant" in columns and "variant" not in t.column_names:  # generated shards: all originals
-        t = t.append_column("variant", pa.array(np.zeros(t.num_rows, np.int32)))
-    return t
+    fp = run_record(run).get("fingerprints", {}).get(stage)
+    manifest = shards.read_manifest(loc, fp) if fp else None
+    if manifest is None:
+        raise UserError(
+            f"{loc.uri} holds no complete {stage} stage (no current {shards.MANIFEST_FILE}): "
+            f"run the {stage} stage to finish it, or pick another --source"
+        )
+    present = set(loc.list(shards.SHARD_SUFFIX))
+    missing = [n for n in manifest.names if n not in present]
+    if missing:
+        raise UserError(
+            f"{loc.uri} lacks {len(missing)} of the {len(manifest.names)} shards its manifest lists "
+            f"(first: {missing[0]}); run the {stage} stage again to redo them"
+        )
+    return loc, manifest.names
 
 
 def list_images(run: str, source: str = "augmented") -> pa.Table:
@@ -74,7 +74,7 @@ def list_images(run: str, source: str = "augmented") -> pa.Table:
     loc, names = _source(run, source)
     tables = []
     for i, n in enumerate(names):
-        t = _read(loc, n, META_COLUMNS)
+        t = shards.read_shard(loc, n, META_COLUMNS)
         t = t.append_column("shard", pa.array(np.full(t.num_rows, i, np.int32)))
         tables.append(t.append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
     table = pa.concat_tables(tables).select([*META_COLUMNS, "shard", "row"])
@@ -88,7 +88,7 @@ def iter_shards(run: str, source: str, selected: pa.Table):
     row_col = selected.column("row").to_numpy()
     for i in np.unique(shard_col):
         positions = np.flatnonzero(shard_col == i)
-        data = _read(loc, names[i], ["image"]).column("image").combine_chunks().field("bytes")
+        data = shards.read_shard(loc, names[i], ["image"]).column("image").combine_chunks().field("bytes")
         yield [(int(pos), data[int(row_col[pos])].as_py()) for pos in positions]
 
 
@@ -103,7 +103,7 @@ def load_images(run: str, source: str = "augmented") -> pa.Table:
     data: list[bytes | None] = [None] * table.num_rows
     for pos, png in iter_images(run, source, table):
         data[pos] = png
-    return table.append_column("image", pa.array([{"bytes": b, "path": ""} for b in data], shards.IMAGE_TYPE))
+    return table.append_column("image", shards.image_column(data, [""] * len(data)))
 
 
 def select_per_class(table: pa.Table, per_class: int | None, num_classes: int | None) -> tuple[pa.Table, int]:

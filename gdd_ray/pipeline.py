@@ -1,42 +1,46 @@
 """The main job: check the whole request, then run the asked stages in order (generate -> augment -> train).
 
-Every stage module has the same two functions, so this file stays the only place that knows the order:
-    fingerprint(cfg, classes, upstream) -> str   what decides the stage's output (upstream = earlier stages' fps)
-    run(cfg, run_dir, classes) -> dict           do the stage (resumably), return its summary
+Every stage module declares the same few things, so this file stays the only place that knows the order:
+    VERSION, OUTPUT_FIELDS      its code version and the config fields that decide its output
+    resolved_inputs(cfg)        values it resolves from the config that decide its output too
+    source(cfg, run_dir)        the stage whose output it reads (None for generate)
+    preflight(ctx)              checks that read only, before anything is written
+    run(ctx) -> dict            do the stage (resumably), return its summary
+The fingerprints are computed here, once, and handed to the stages in the RunContext.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
 from typing import Any
 
 from gdd_ray import storage
+from gdd_ray.augment import stage as augment
 from gdd_ray.classes import ClassInfo, load_classes
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
-from gdd_ray.run import RunDir
+from gdd_ray.fingerprints import output_inputs, stage_fingerprint
+from gdd_ray.generate import stage as generate
+from gdd_ray.plan import plan_run
+from gdd_ray.run import RunContext, RunDir
+from gdd_ray.train import stage as train
 
-log = logging.getLogger("gdd_ray")
-
-STAGE_MODULES = {
-    "generate": "gdd_ray.generate.stage",
-    "augment": "gdd_ray.augment.stage",
-    "train": "gdd_ray.train.stage",
-}
+STAGE_MODULES = {"generate": generate, "augment": augment, "train": train}
 
 
-def stage_module(stage: str):
-    return importlib.import_module(STAGE_MODULES[stage])
-
-
-def stage_fingerprints(cfg: RunConfig, classes: list[ClassInfo]) -> dict[str, str]:
-    """Fingerprints of every stage up to the last one asked for (a stage's input is its upstream's output)."""
+def stage_inputs(cfg: RunConfig, classes: list[ClassInfo], run_dir: RunDir) -> tuple[dict, dict, dict]:
+    """(fingerprints, inputs, sources) of every stage up to the last one asked for: a stage's input is
+    its source stage's output, so that stage's fingerprint is part of it."""
     last = max(STAGES.index(s) for s in cfg.stages)
     fps: dict[str, str] = {}
-    for stage in STAGES[: last + 1]:
-        fps[stage] = stage_module(stage).fingerprint(cfg, classes, dict(fps))
-    return fps
+    inputs: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str | None] = {}
+    for name in STAGES[: last + 1]:
+        mod = STAGE_MODULES[name]
+        src = mod.source(cfg, run_dir)
+        inputs[name] = {**output_inputs(cfg, classes, mod.OUTPUT_FIELDS), **mod.resolved_inputs(cfg)}
+        fps[name] = stage_fingerprint(name, mod.VERSION, inputs[name], fps.get(src) if src else None, src)
+        sources[name] = src
+    return fps, inputs, sources
 
 
 def refuse_scattered_out(cfg: RunConfig) -> None:
@@ -63,29 +67,32 @@ def refuse_scattered_out(cfg: RunConfig) -> None:
         )
 
 
-def check(cfg: RunConfig) -> tuple[RunDir, list[ClassInfo], dict[str, str]]:
-    """Every check before anything is written: classes, fingerprints, that --out is reachable from every
-    node (joins the cluster only if there is one to join), the output folder; run.json is written last."""
+def context(cfg: RunConfig) -> tuple[RunContext, dict[str, dict[str, Any]]]:
+    """The run's context (classes, plan, fingerprints) and what decides each stage; reads, writes nothing."""
     classes = load_classes(cfg.dataset, cfg.classes)
-    fps = stage_fingerprints(cfg, classes)
-    # Stages before the first one asked for are inputs: their recorded fingerprint must match too.
     run_dir = RunDir(cfg.out)
+    fps, inputs, sources = stage_inputs(cfg, classes, run_dir)
+    return RunContext(cfg, run_dir, classes, plan_run(cfg, len(classes)), fps, sources), inputs
+
+
+def check(cfg: RunConfig) -> RunContext:
+    """Every check before anything is written: classes, fingerprints, each stage's preflight, that --out
+    is reachable from every node (joins the cluster only if there is one to join), the output folder;
+    run.json is written last."""
+    ctx, inputs = context(cfg)
+    classes, run_dir, fps = ctx.classes, ctx.run_dir, ctx.fingerprints
     for stage in cfg.stages:
-        stage_module(stage).preflight(cfg, run_dir, classes)
+        STAGE_MODULES[stage].preflight(ctx)
     refuse_scattered_out(cfg)
-    run_dir.prepare(cfg, [vars(c) for c in classes], fps)
-    return run_dir, classes, fps
+    run_dir.prepare(cfg, [vars(c) for c in classes], fps, inputs)
+    return ctx
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     from gdd_ray.ray_utils import shutdown_if_started_here
 
-    run_dir, classes, _ = check(cfg)
+    ctx = check(cfg)
     try:
-        summaries = {}
-        for stage in STAGES:
-            if stage in cfg.stages:
-                summaries[stage] = stage_module(stage).run(cfg, run_dir, classes)
-        return summaries
+        return {stage: STAGE_MODULES[stage].run(ctx) for stage in STAGES if stage in cfg.stages}
     finally:
         shutdown_if_started_here()

@@ -18,7 +18,10 @@ def init_ray() -> None:
     # Inside `ray job submit` RAY_ADDRESS is set and ray.init() joins that cluster, as it does on a node
     # where `ray start` ran; otherwise plain `python jobs/distill.py` starts a local one, ours to shut down.
     _started_here = cluster_address() is None
-    kwargs = {"include_dashboard": False} if _started_here else {}
+    # A local Ray gets its dashboard, on loopback only: it serves the State API, which Ray Train's
+    # placement-group cleaner polls every second (without it, each poll logs a warning for the whole
+    # train stage), and it lets `ray status`/`ray list actors` look at a running job.
+    kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if _started_here else {}
     ray.init(log_to_driver=True, configure_logging=False, **kwargs)
 
 

@@ -1,9 +1,10 @@
-"""A run folder: its layout, its `run.json` record, and the rule for reusing or refusing what is there.
+"""A run folder: its layout, its `run.json` record, the summary every stage writes, and the rule for
+reusing or refusing what is there.
 
-    OUT/run.json            resolved config, classes, per-stage fingerprints, package versions, times
-    OUT/generated/*.parquet generation shards (+ _summary.json, written last)
-    OUT/augmented/*.parquet PDA output (+ _summary.json)
-    OUT/eval/               evaluation metrics, checkpoints, results.json
+    OUT/run.json                 resolved config, classes, per-stage fingerprints and inputs, versions, times
+    OUT/generated/*.parquet      generation shards (+ _summary.json, then _manifest.json, written last)
+    OUT/augmented/*.parquet      PDA output (+ _summary.json, _manifest.json)
+    OUT/eval/                    evaluation runs, metrics, checkpoints, results.json (+ _summary.json)
 
 Each stage has a fingerprint of everything that decides its output (downstream stages include the
 upstream fingerprint). An existing output with another fingerprint is never silently mixed with new
@@ -15,12 +16,15 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from gdd_ray import storage
+from gdd_ray.classes import ClassInfo
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
+from gdd_ray.plan import Plan
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "_summary.json"
@@ -29,6 +33,11 @@ STAGE_DIRS = {"generate": "generated", "augment": "augmented", "train": "eval"}
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def eval_run_name(run: int) -> str:
+    """The stem of evaluation run `run`'s files: eval/runs/<stem>.json, metrics/<stem>.jsonl, checkpoints/<stem>.pt."""
+    return f"run{run:02d}"
 
 
 def package_versions() -> dict[str, str]:
@@ -41,6 +50,40 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
+
+
+def stage_summary(
+    stage: str,
+    fingerprint: str,
+    started: str,
+    wall_s: float,
+    *,
+    units: int,
+    units_run: int,
+    images: int,
+    images_made: int,
+    work_s: float | None = None,
+    **details: Any,
+) -> dict[str, Any]:
+    """The one summary shape: what the stage's output holds, what this invocation did, and how fast.
+    `work_s` is the time spent doing units (rate = images_made / work_s); the wall time otherwise."""
+    busy = work_s if work_s is not None else wall_s
+    return {
+        "stage": stage,
+        "fingerprint": fingerprint,
+        "started": started,
+        "finished": now_iso(),
+        "totals": {
+            "units": units,
+            "units_run": units_run,
+            "images": images,
+            "images_made": images_made,
+            "wall_s": round(wall_s, 3),
+            "work_s": round(busy, 3),
+            "images_per_s": round(images_made / busy, 3) if images_made and busy > 0 else None,
+        },
+        **details,
+    }
 
 
 class RunDir:
@@ -60,9 +103,12 @@ class RunDir:
         try:
             if not self.root.exists(RUN_FILE):
                 return None
-            return json.loads(self.root.read_bytes(RUN_FILE))
+            record = json.loads(self.root.read_bytes(RUN_FILE))
         except (OSError, ValueError) as e:
             raise UserError(f"{storage.join(self.uri, RUN_FILE)} is unreadable ({e}); fix it or use --overwrite") from e
+        if not isinstance(record, dict):
+            raise UserError(f"{storage.join(self.uri, RUN_FILE)} is not a run record; fix it or use --overwrite")
+        return record
 
     def write_record(self, record: dict[str, Any]) -> None:
         record["updated"] = now_iso()
@@ -89,11 +135,18 @@ class RunDir:
         loc = self.stage_dir(stage)
         return bool(loc.exists() and loc.list(include_hidden=True))
 
-    def prepare(self, cfg: RunConfig, classes: list[dict[str, Any]], fingerprints: dict[str, str]) -> None:
+    def prepare(
+        self,
+        cfg: RunConfig,
+        classes: list[dict[str, Any]],
+        fingerprints: dict[str, str],
+        inputs: dict[str, dict[str, Any]],
+    ) -> None:
         """Check the folder against this config, then (only then) write run.json.
 
-        `fingerprints` maps each stage to run to the fingerprint of its output. Nothing is written
-        or deleted before every check passed.
+        `fingerprints` maps each stage to run (and its inputs) to the fingerprint of its output, `inputs`
+        to the values that decide it (kept in run.json, so a refusal can name what changed). Nothing is
+        written or deleted before every check passed.
         """
         try:
             record = self.read_record()
@@ -112,7 +165,7 @@ class RunDir:
             first = stale[0]
             raise UserError(
                 f"{self.uri} holds a run whose {first} config differs from this one "
-                f"({_describe_change(record, cfg)}); use the same config to resume it, "
+                f"({_describe_change(record, inputs, first)}); use the same config to resume it, "
                 "another --out for a new run, or --overwrite to delete it and start again"
             )
         try:
@@ -120,59 +173,55 @@ class RunDir:
         except OSError as e:
             raise UserError(f"--out {self.uri} is not writable ({getattr(e, 'strerror', None) or e})") from e
 
+        merged_fps = dict((record or {}).get("fingerprints", {}))
+        merged_inputs = dict((record or {}).get("inputs", {}))
         if stale:  # --overwrite: the first stale stage and everything downstream of it go
             first = min(STAGES.index(s) for s in stale)
             for stage in STAGES[first:]:
                 self.stage_dir(stage).delete_tree()
-        created = (record or {}).get("created", now_iso())
-        merged_fps = dict((record or {}).get("fingerprints", {}))
-        if stale:
-            first = min(STAGES.index(s) for s in stale)
-            for stage in STAGES[first:]:
                 merged_fps.pop(stage, None)
+                merged_inputs.pop(stage, None)
         merged_fps.update(fingerprints)
-        stages = {} if stale else dict((record or {}).get("stages", {}))
+        merged_inputs.update(inputs)
         self.write_record(
             {
                 "config": cfg.to_dict(),
                 "classes": classes,
                 "fingerprints": merged_fps,
+                "inputs": merged_inputs,
                 "versions": package_versions(),
-                "created": created,
+                "created": (record or {}).get("created", now_iso()),
                 "updated": now_iso(),
-                "stages": stages,
+                "stages": {} if stale else dict((record or {}).get("stages", {})),
             }
         )
 
 
-# Sections (described field by field) and options that do not change what a run produces.
-_NOT_DESCRIBED = (
-    "generate",
-    "augment",
-    "train",
-    "overwrite",
-    "stages",
-    "out",
-    "workers",
-    "batch_size",
-    "shared_local_out",
-)
-
-
-def _describe_change(record: dict[str, Any] | None, cfg: RunConfig) -> str:
-    """'steps 1 -> 2, seed 0 -> 1': the first few options that differ from the stored run."""
-    old = (record or {}).get("config", {})
-    new = cfg.to_dict()
+def _describe_change(record: dict[str, Any] | None, inputs: dict[str, dict[str, Any]], stage: str) -> str:
+    """'steps 1 -> 2, seed 0 -> 1': the first few values deciding `stage` that differ from the stored run."""
+    old = (record or {}).get("inputs", {}).get(stage, {})
+    new = inputs.get(stage, {})
     diffs = []
-    for sec in ("", "generate", "augment", "train"):
-        o = old.get(sec, {}) if sec else old
-        n = new.get(sec, {}) if sec else new
-        for k in n:
-            if k in _NOT_DESCRIBED:
-                continue
-            if k in o and o[k] != n[k]:
-                diffs.append(f"{k.replace('_', '-')} {o[k]!r} -> {n[k]!r}")
-    return ", ".join(diffs[:4]) or "class list or model changed"
+    for key, value in new.items():
+        if key in old and old[key] != value:
+            name = key.rsplit(".", 1)[-1].replace("_", "-")
+            diffs.append("class list changed" if key == "classes" else f"{name} {old[key]!r} -> {value!r}")
+    return ", ".join(diffs[:4]) or "its input or the code version changed"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage gets: the config, the run folder, the classes, the plan and every fingerprint."""
+
+    cfg: RunConfig
+    run_dir: RunDir
+    classes: list[ClassInfo]
+    plan: Plan
+    fingerprints: dict[str, str]
+    sources: dict[str, str | None]  # stage -> the stage whose output it reads
+
+    def fingerprint(self, stage: str) -> str:
+        return self.fingerprints[stage]
 
 
 class Stopwatch:

@@ -6,7 +6,7 @@
 Per stage: units done/total, images, throughput, failures (shards that exist but must be redone), and
 whether it is complete. Exit code 0 when every stage of the run is complete, 1 when not, 2 when OUT holds
 no run. The rules are the stages' own resume rules (footers judged by the same functions), so "done"
-here means exactly what a rerun would skip.
+here means exactly what a rerun would skip; a stage is complete when its manifest (written last) is current.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from gdd_ray import storage
-from gdd_ray.config import STAGES
+from gdd_ray import shards, storage
+from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
-from gdd_ray.run import RUN_FILE, RunDir
+from gdd_ray.plan import plan_run
+from gdd_ray.run import RUN_FILE, RunDir, eval_run_name
 
 # A stage is `complete` when every unit is done and its summary (written last) is current; `incomplete`
 # when it has work on disk or a start time but is not complete (running now, or stopped: files cannot tell).
@@ -56,45 +57,31 @@ def _rate(images_by_name: dict[str, int], mtimes: dict[str, datetime], started: 
     return round(sum(images_by_name[n] for n in recent) / span, 3) if span > 0 else None
 
 
-def _shard_stage(
-    run_dir: RunDir,
-    stage: str,
-    record: dict[str, Any],
-    expected: dict[str, int],
-    judge,
-) -> dict[str, Any]:
-    """Status of a stage made of one shard per unit: `expected` maps shard name -> rows it must hold."""
+def _shard_stage(run_dir: RunDir, stage: str, record: dict[str, Any], specs: list[shards.ShardSpec]) -> dict[str, Any]:
+    """Status of a stage made of one shard per unit, judged against the specs its own run would use."""
     loc = run_dir.stage_dir(stage)
-    present = set(loc.list(".parquet")) & set(expected)
-    metas = storage.footers(loc, sorted(present))
-    done: dict[str, int] = {}
-    failures = []
-    for name, meta in sorted(metas.items()):
-        why = judge(meta, name)
-        if why:
-            failures.append(f"{name}: {why}")
-        else:
-            done[name] = meta.num_rows
+    check = shards.check_folder(loc, specs)
+    done = {s.name: s.rows for s in check.done}
     info = record.get("stages", {}).get(stage, {})
-    summary = run_dir.read_summary(stage)
+    summary = run_dir.read_summary(stage) or {}
     fp = record.get("fingerprints", {}).get(stage)
-    complete = len(done) == len(expected) and bool(summary) and summary.get("fingerprint") == fp
+    complete = not check.todo and shards.read_manifest(loc, fp) is not None
     if complete:
-        rate = (summary.get("totals") or summary).get("images_per_s")
+        rate = summary.get("totals", {}).get("images_per_s")
     else:
         rate = _rate(done, _mtimes(loc, set(done)), _when(info.get("started")))
     return {
         "stage": stage,
         "unit": "shards",
         "done": len(done),
-        "total": len(expected),
+        "total": len(specs),
         "images": sum(done.values()),
-        "images_total": sum(expected.values()),
+        "images_total": sum(s.rows for s in specs),
         "images_per_s": rate,
-        "failures": failures,
+        "failures": [f"{n}: {why}" for n, why in sorted(check.problems.items())],
         "started": info.get("started"),
         "finished": info.get("finished") if complete else None,
-        "state": _state(complete, len(done) + len(failures), info),
+        "state": _state(complete, len(done) + len(check.problems), info),
     }
 
 
@@ -104,50 +91,31 @@ def _state(complete: bool, on_disk: int, info: dict[str, Any]) -> str:
     return "incomplete" if on_disk or info.get("started") else "not started"
 
 
-def generate_status(run_dir: RunDir, record: dict[str, Any]) -> dict[str, Any]:
-    from gdd_ray.generate.plan import plan_units
-    from gdd_ray.generate.shards import shard_problem
-
-    cfg = record["config"]
-    plan = plan_units(len(record["classes"]), cfg["ipc"], cfg["generate"]["unit_size"])
-    by_name = {u.shard_name: u for u in plan}
+def generate_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     fp = record["fingerprints"]["generate"]
-    return _shard_stage(
-        run_dir,
-        "generate",
-        record,
-        {n: u.size for n, u in by_name.items()},
-        lambda meta, name: shard_problem(meta, by_name[name], fp),
-    )
+    plan = plan_run(cfg, len(record["classes"]))
+    return _shard_stage(run_dir, "generate", record, [shards.generated_spec(u, fp) for u in plan.units])
 
 
-def augment_status(run_dir: RunDir, record: dict[str, Any]) -> dict[str, Any]:
-    from gdd_ray.augment.shard import output_problem  # imports torch: only for runs with this stage
-    from gdd_ray.generate.plan import plan_units
-
-    cfg = record["config"]
-    k = cfg["augment"]["pda_variants"]
-    plan = plan_units(len(record["classes"]), cfg["ipc"], cfg["generate"]["unit_size"])
-    rows_in = {u.shard_name: u.size for u in plan}
-    fp = record["fingerprints"]["augment"]
-    return _shard_stage(
-        run_dir,
-        "augment",
-        record,
-        {n: r * (k + 1) for n, r in rows_in.items()},
-        lambda meta, name: output_problem(meta, name, rows_in[name], k, fp),
-    )
+def augment_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+    """Inputs: the generated manifest when generation is complete, else the plan (the same shards, to be)."""
+    fps = record["fingerprints"]
+    manifest = shards.read_manifest(run_dir.generated, fps.get("generate"))
+    rows_in = manifest.rows if manifest else {u.shard_name: u.size for u in plan_run(cfg, len(record["classes"])).units}
+    k = cfg.augment.pda_variants
+    specs = [shards.augmented_spec(n, r, k, fps["augment"]) for n, r in rows_in.items()]
+    return _shard_stage(run_dir, "augment", record, specs)
 
 
-def train_status(run_dir: RunDir, record: dict[str, Any]) -> dict[str, Any]:
+def train_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     """Units are evaluation runs (independent seeds): finished ones have eval/runs/runNN.json."""
     fp = record["fingerprints"]["train"]
-    wanted = record["config"]["train"]["eval_runs"]
+    wanted = cfg.train.eval_runs
     runs_loc = run_dir.eval.child("runs")
     present = set(runs_loc.list(".json"))
     done, failures = [], []
     for r in range(wanted):
-        name = f"run{r:02d}.json"
+        name = f"{eval_run_name(r)}.json"
         if name not in present:
             continue
         try:
@@ -168,7 +136,7 @@ def train_status(run_dir: RunDir, record: dict[str, Any]) -> dict[str, Any]:
         "unit": "runs",
         "done": len(done),
         "total": wanted,
-        "images": (summary or {}).get("train_set", {}).get("images") if complete else None,
+        "images": (summary or {}).get("totals", {}).get("images") if complete else None,
         "images_total": None,
         "images_per_s": None,
         "failures": failures,
@@ -197,15 +165,18 @@ def run_status(out: str) -> dict[str, Any]:
     if record is None:
         raise UserError(f"{storage.join(out, RUN_FILE)} does not exist: no run was started at {out}")
     stages = [s for s in STAGES if s in record.get("fingerprints", {})]
-    cfg = record.get("config", {})
+    try:
+        cfg = RunConfig.from_dict(record.get("config") or {})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{storage.join(out, RUN_FILE)} holds no readable config ({e})") from e
     result = {
         "run": out,
-        "dataset": cfg.get("dataset") or cfg.get("classes"),
+        "dataset": cfg.dataset or cfg.classes,
         "classes": len(record.get("classes", [])),
-        "ipc": cfg.get("ipc"),
+        "ipc": cfg.ipc,
         "created": record.get("created"),
         "updated": record.get("updated"),
-        "stages": [STATUS_OF[s](run_dir, record) for s in stages],
+        "stages": [STATUS_OF[s](run_dir, record, cfg) for s in stages],
     }
     result["complete"] = bool(result["stages"]) and all(s["state"] == "complete" for s in result["stages"])
     return result

@@ -7,7 +7,6 @@ multipart upload, completed only on close) makes the object appear whole or not 
 
 from __future__ import annotations
 
-import io
 import os
 import uuid
 from collections.abc import Iterable
@@ -17,7 +16,18 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-TMP_PREFIX = ".tmp-"
+# A temporary is `.<final name>.tmp-<uuid>`: hidden, and it ends in no shard suffix, so no glob for
+# `*.parquet` (ours, fsspec's, a user's) can mistake a half-written file for a shard.
+TMP_MARK = ".tmp-"
+
+
+def temporary_name(final: str) -> str:
+    return f".{final}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+
+
+def is_temporary(name: str) -> bool:
+    # the second form is what versions before 0.2 wrote (`.tmp-<uuid>-<name>`)
+    return (name.startswith(".") and TMP_MARK in name) or name.startswith(TMP_MARK)
 
 
 def is_uri(path: str) -> bool:
@@ -74,13 +84,15 @@ class Location:
         info = self.fs.get_file_info(self.file(name) if name else self.path)
         return info.type != pafs.FileType.NotFound
 
-    def list(self, suffix: str = "", include_hidden: bool = False) -> list[str]:
-        """Names of the files directly in this folder (empty when it does not exist)."""
+    def sizes(self, suffix: str = "", include_hidden: bool = False) -> dict[str, int]:
+        """{name: bytes} of the files directly in this folder (empty when it does not exist).
+
+        Hidden (`.x`, temporaries among them) and bookkeeping (`_x`) files are left out unless asked for."""
         info = self.fs.get_file_info(self.path)
         if info.type == pafs.FileType.NotFound:
-            return []
+            return {}
         entries = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        names = []
+        out = {}
         for e in entries:
             if e.type != pafs.FileType.File:
                 continue
@@ -88,8 +100,12 @@ class Location:
             if not include_hidden and name.startswith((".", "_")):
                 continue
             if name.endswith(suffix):
-                names.append(name)
-        return sorted(names)
+                out[name] = e.size
+        return dict(sorted(out.items()))
+
+    def list(self, suffix: str = "", include_hidden: bool = False) -> list[str]:
+        """Names of the files directly in this folder, sorted (see `sizes` for what is left out)."""
+        return list(self.sizes(suffix, include_hidden))
 
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open_input_stream(self.file(name)) as fh:
@@ -97,13 +113,13 @@ class Location:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Atomic commit of a whole file: a reader sees the old file, or none, or all of the new one."""
-        self.makedirs()
         final = self.file(name)
-        if not self.local:
+        if not self.local:  # object stores have no folders to make: a makedirs would be one more request
             with self.fs.open_output_stream(final) as fh:  # one PUT / multipart completed on close
                 fh.write(data)
             return
-        tmp = self.file(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}")
+        self.makedirs()
+        tmp = self.file(temporary_name(name))
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
@@ -127,7 +143,7 @@ class Location:
 
     def remove_stale_temporaries(self) -> int:
         """Temporary files left by a crashed writer (local disks only; object stores have none)."""
-        names = [n for n in self.list(include_hidden=True) if n.startswith(TMP_PREFIX)]
+        names = [n for n in self.list(include_hidden=True) if is_temporary(n)]
         for n in names:
             self.delete(n)
         return len(names)
@@ -162,11 +178,6 @@ def footer_metadata(meta: pq.FileMetaData) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
 
 
-def read_parquet(loc: Location, name: str, columns: list[str] | None = None) -> pa.Table:
-    data = loc.read_bytes(name)
-    return pq.read_table(io.BytesIO(data), columns=columns)
-
-
 def footers(loc: Location, names: Iterable[str], threads: int = 32) -> dict[str, pq.FileMetaData | Exception]:
     """Footers of many shards at once: object stores answer in ~20 ms a request, so read them in parallel."""
     names = list(names)
@@ -186,6 +197,6 @@ def footers(loc: Location, names: Iterable[str], threads: int = 32) -> dict[str,
 def check_writable(loc: Location) -> None:
     """Create the folder and write+delete a probe file; raises OSError with the reason if that fails."""
     loc.makedirs()
-    probe = f"{TMP_PREFIX}probe-{uuid.uuid4().hex[:8]}"
+    probe = temporary_name("probe")
     loc.write_bytes(probe, b"ok")
     loc.delete(probe)

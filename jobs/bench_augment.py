@@ -6,7 +6,7 @@
 
 Run it on an otherwise idle machine: the contenders share the CPUs with whatever else runs.
 
-The inputs are stand-in generated shards (patterned images, gdd_ray.augment.synthetic) written in the
+The inputs are stand-in generated shards (patterned images, gdd_ray.synthetic) written in the
 generate stage's format; every contender reads the same shards, decodes, augments with the same recipe
 and seeds, encodes PNG and writes one Parquet shard per input. Three contenders:
     per_image_loop   one process on one core, the ops called per image and per variant (the paper's way)
@@ -106,12 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from gdd_ray import pipeline, storage
-    from gdd_ray.augment import ops, stage, synthetic
+    from gdd_ray import pipeline, storage, synthetic
+    from gdd_ray.augment import ops, stage
     from gdd_ray.augment.shard import augment_shard
     from gdd_ray.classes import load_classes
-    from gdd_ray.config import build_config
-    from gdd_ray.run import RunDir
+    from gdd_ray.config_loader import build_config
 
     shutil.rmtree(args.out, ignore_errors=True)
     cfg = build_config(
@@ -125,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     classes = load_classes(cfg.dataset, None)
-    fps = pipeline.stage_fingerprints(cfg, classes)
-    names = synthetic.write_generated(cfg, RunDir(cfg.out), classes, fps["generate"])
-    run_dir, classes, fps = pipeline.check(cfg)
+    names = synthetic.write_generated(cfg, classes)
+    ctx = pipeline.check(cfg)
+    run_dir, fps = ctx.run_dir, ctx.fingerprints
     recipe = ops.resolve_ops(cfg.augment.pda_ops)
     images_in = len(classes) * cfg.ipc
     images_out = images_in * (args.variants + 1)
@@ -142,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     # Warm-up on a copy: starts the Ray workers and imports torch in them, which a long run pays once.
     warm_cfg = cfg.replace(out=os.path.join(args.out, "warmup"))
-    synthetic.write_generated(warm_cfg, RunDir(warm_cfg.out), classes, fps["generate"])
-    warm_dir, _, _ = pipeline.check(warm_cfg)
-    stage.run(warm_cfg, warm_dir, classes)
+    synthetic.write_generated(warm_cfg, classes)
+    stage.run(pipeline.check(warm_cfg))
 
     loop_dst = storage.Location(os.path.join(args.out, "per_image_loop"))
     serial_dst = storage.Location(os.path.join(args.out, "serial_batched"))
@@ -160,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_ray() -> None:
         run_dir.augmented.delete_tree()  # a cold stage every time, not a skip
-        ray_map_s.append(stage.run(cfg, run_dir, classes)["augment_seconds"])
+        ray_map_s.append(stage.run(ctx)["totals"]["work_s"])
 
     # Rounds interleave the contenders so that they share whatever else the machine is doing; the best
     # round of each is reported (the least disturbed), with every round kept in the JSON.
@@ -211,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "identical_outputs": same,
         # the driver's peak over all three contenders: one shard at a time, never the dataset
         "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "stage_summary_images_out": summary["images_out"],
+        "stage_summary_images_out": summary["totals"]["images"],
         "repeats": args.repeats,
         "smoke_test": args.smoke_test,
     }

@@ -48,7 +48,7 @@ def parse_args(argv=None):
 
 
 def build_config(a, out: str, **extra):
-    from gdd_ray.config import build_config as build
+    from gdd_ray.config_loader import build_config as build
 
     values = dict(
         classes=str(class_file(a.classes)), ipc=a.ipc, out=out, model=a.model, gen_resolution=a.gen_resolution,
@@ -80,7 +80,7 @@ def paper_loop(a, workdir: Path) -> dict:
 
     from gdd_ray.classes import load_classes
     from gdd_ray.generate.model import load_pipeline, resolve_model
-    from gdd_ray.generate.plan import image_seed
+    from gdd_ray.plan import image_seed
 
     t0 = time.perf_counter()
     pipe = load_pipeline(resolve_model(a.model))
@@ -104,9 +104,8 @@ def our_loop(a, out: str) -> dict:
 
     cfg = build_config(a, out)
     t0 = time.perf_counter()
-    run_dir, classes, _ = pipeline.check(cfg)
-    summary = stage.run(cfg, run_dir, classes, serial=True)
-    return timing(summary["totals"]["images_generated"], time.perf_counter() - t0)
+    summary = stage.run(pipeline.check(cfg), serial=True)
+    return timing(summary["totals"]["images_made"], time.perf_counter() - t0)
 
 
 def ray_stage(a, out: str, workers: int) -> dict:
@@ -116,10 +115,9 @@ def ray_stage(a, out: str, workers: int) -> dict:
 
     cfg = build_config(a, out, workers=workers)
     t0 = time.perf_counter()
-    run_dir, classes, _ = pipeline.check(cfg)
-    summary = stage.run(cfg, run_dir, classes)
+    summary = stage.run(pipeline.check(cfg))
     seconds = time.perf_counter() - t0
-    result = timing(summary["totals"]["images_generated"], seconds)
+    result = timing(summary["totals"]["images_made"], seconds)
     # Starting an actor = a new process importing torch/diffusers and loading the pipeline: paid once
     # per worker per run, like cluster start; reported, and excluded from the orchestration ratio.
     start = summary["driver"]["worker_start_s"] or 0.0
@@ -138,17 +136,17 @@ def noop_rerun(a, workdir: Path) -> dict:
     """Make a finished run of >= N shards (1 image each, tiny model), then time the same command again."""
     from gdd_ray import pipeline
     from gdd_ray.generate import stage
+    from gdd_ray.run import RunDir
 
     classes = a.noop_shards // 2
     out = str(workdir / "noop")
     values = dict(classes=str(class_file(classes)), ipc=2, out=out, model="tiny", gen_resolution=16, image_size=8,
                   batch_size=1, unit_size=1, stages="generate")  # fmt: skip
-    from gdd_ray.config import build_config as build
+    from gdd_ray.config_loader import build_config as build
 
     cfg = build(values)
-    run_dir, cls, _ = pipeline.check(cfg)
-    stage.run(cfg, run_dir, cls, serial=True)
-    shards = len(list(Path(out, "generated").glob("*.parquet")))
+    stage.run(pipeline.check(cfg), serial=True)
+    shards = len(RunDir(out).generated.list(".parquet"))
     cmd = [sys.executable, str(REPO / "jobs" / "distill.py")] + [
         f"--{k.replace('_', '-')}={v}" for k, v in values.items()
     ]
@@ -162,7 +160,7 @@ def noop_rerun(a, workdir: Path) -> dict:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from gdd_ray.cli import quiet_libraries
+    from gdd_ray.logs import quiet_libraries
 
     quiet_libraries()
     import ray
@@ -224,12 +222,15 @@ def main(argv=None) -> int:
 def _compare_a_b(work: Path) -> dict:
     """Mean absolute pixel difference between (a)'s PNGs and (b)'s shards (resize filters differ a little)."""
     import numpy as np
-    import pyarrow.parquet as pq
     from PIL import Image
 
+    from gdd_ray import shards
+    from gdd_ray.run import RunDir
+
+    loc = RunDir(str(work / "b")).generated
     diffs = []
-    for f in sorted((work / "b" / "generated").glob("*.parquet")):
-        t = pq.read_table(f)
+    for name in loc.list(".parquet"):
+        t = shards.read_shard(loc, name)
         for img, label, index in zip(t["image"].to_pylist(), t["label"].to_pylist(), t["index"].to_pylist()):
             ours = np.asarray(Image.open(io.BytesIO(img["bytes"])).convert("RGB"), dtype=np.float32)
             theirs = np.asarray(Image.open(work / "a" / f"{label}_{index}.png").convert("RGB"), dtype=np.float32)

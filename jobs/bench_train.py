@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gdd_ray.train import synthetic  # noqa: E402
-from gdd_ray.train.convnet import ConvNet, NetSpec, num_parameters  # noqa: E402
+from gdd_ray import synthetic  # noqa: E402
+from gdd_ray.train.convnet import ConvNet, num_parameters  # noqa: E402
 from gdd_ray.train.data import mean_std  # noqa: E402
 from gdd_ray.train.dsa import DSA, FUNCTIONS, OPS, DSAParams  # noqa: E402
 from gdd_ray.train.loop import to_device_images  # noqa: E402
@@ -182,16 +182,16 @@ def main(argv=None) -> dict:
     device = torch.device(a.device)
     mean, std = mean_std("cifar100")
     images, labels = synthetic.sample(synthetic.patterns(a.classes, a.image_size), a.ipc, seed=0)
-    spec = NetSpec(num_classes=a.classes, image_size=a.image_size, width=a.width)
-
     torch.manual_seed(0)
-    init = ConvNet(spec).state_dict()
+    init = ConvNet(a.classes, a.image_size, width=a.width).state_dict()
     models, opts = {}, {}
     for name in ("ours", "baseline"):
-        models[name] = ConvNet(spec).to(device)
+        models[name] = ConvNet(a.classes, a.image_size, width=a.width).to(device)
         models[name].load_state_dict(init)
         opts[name] = torch.optim.SGD(models[name].parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
+    # What "same model" means below: both loops start from these exact weights.
+    init_checksum = {k: float(sum(p.detach().double().sum() for p in m.parameters())) for k, m in models.items()}
     x_dev = to_device_images(images, mean, std, device)
     y_dev = torch.as_tensor(labels, device=device)
     dsa = DSA("color_crop_cutout_flip_scale_rotate", device, seed=0)  # its generator and params
@@ -253,7 +253,8 @@ def main(argv=None) -> dict:
             "seconds_per_epoch": {"ours": round(d_ours, 5), "baseline": round(d_base, 5)},
             "ratio_ours_over_baseline": round(d_ours / d_base, 3),
         },
-        "final_loss": {k: round(v, 4) for k, v in losses.items() if math.isfinite(v)},
+        "init_checksum": init_checksum,
+        "final_loss": {k: round(v, 4) for k, v in losses.items()},
         "smoke_test": a.smoke_test,
     }
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)

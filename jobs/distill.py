@@ -8,11 +8,11 @@ Tiny offline run on a CPU (random-weight model, images are noise; what `make dem
     python jobs/distill.py --dataset cifar10 --ipc 4 --model tiny --gen-resolution 64 --out runs/demo
 
 Run the same command again to resume: finished shards are kept, missing or broken ones redone.
+Same as `python -m gdd_ray distill ...` and `gdd-ray distill ...`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -20,11 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gdd_ray.cli import run_main
+    from gdd_ray.cli import main as gdd_main
 
-    return run_main(argv, doc=__doc__)
+    return gdd_main(["distill", *(sys.argv[1:] if argv is None else argv)], prog="jobs/distill.py")
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     sys.exit(main())

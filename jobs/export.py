@@ -17,9 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gdd_ray.__main__ import main as gdd_main
+    from gdd_ray.cli import main as gdd_main
 
-    return gdd_main(["export", *(sys.argv[1:] if argv is None else argv)])
+    return gdd_main(["export", *(sys.argv[1:] if argv is None else argv)], prog="jobs/export.py")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from pathlib import Path
 
 import psutil
-import pyarrow.parquet as pq
 
-from gdd_ray.config import build_config
+from gdd_ray import shards, storage
+from gdd_ray.config_loader import build_config
 
 
 def tiny_config(out, **overrides):
@@ -22,11 +21,14 @@ def tiny_config(out, **overrides):
     return build_config(values)
 
 
-def read_images(folder: Path) -> dict[tuple[int, int], bytes]:
-    """(label, index) -> PNG bytes over every shard; asserts no (label, index) appears twice."""
+def read_images(folder: Path | str) -> dict[tuple[int, int], bytes]:
+    """(label, index) -> PNG bytes over every shard; asserts no (label, index) appears twice.
+
+    Lists through the storage layer, as every reader does (temporaries are never mistaken for shards)."""
+    loc = storage.Location(str(folder))
     out: dict[tuple[int, int], bytes] = {}
-    for f in sorted(Path(folder).glob("*.parquet")):
-        t = pq.read_table(io.BytesIO(f.read_bytes()))
+    for name in loc.list(".parquet"):
+        t = shards.read_shard(loc, name)
         for img, label, index in zip(t["image"].to_pylist(), t["label"].to_pylist(), t["index"].to_pylist()):
             assert (label, index) not in out, f"duplicate {(label, index)}"
             out[(label, index)] = img["bytes"]

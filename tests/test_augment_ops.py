@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from gdd_ray.augment import ops
-from gdd_ray.augment.synthetic import pattern_image
-from gdd_ray.config import build_config
+from gdd_ray.config_loader import build_config
 from gdd_ray.errors import UserError
+from gdd_ray.plan import variant_seed
+from gdd_ray.synthetic import pattern_image
 
 
 def batch(n: int = 6, size: int = 16) -> torch.Tensor:
@@ -52,34 +53,34 @@ def test_config_takes_ops_from_yaml_and_rejects_negative_k(tmp_path):
     y.write_text("out: /tmp/x\ndataset: cifar10\nipc: 2\npda-variants: 2\npda-ops:\n  vflip: {p: 1.0}\n  gamma: {}\n")
     cfg = build_config({}, str(y))
     assert [n for n, _ in ops.resolve_ops(cfg.augment.pda_ops)] == ["vflip", "gamma"]
-    from gdd_ray.config import config_from_args
+    from gdd_ray.config_loader import config_from_args
 
     flags = ["--out", "/tmp/x", "--dataset", "cifar10", "--ipc", "2"]
     cli = config_from_args([*flags, "--pda-ops", '{"rotate": {"degrees": 30}, "hflip": {}}'])
     assert ops.resolve_ops(cli.augment.pda_ops)[0] == ("rotate", {"p": 0.8, "degrees": 30, "border": "reflect"})
-    with pytest.raises(UserError, match="'pda-ops' must be a dict"):
+    with pytest.raises(UserError, match="'pda-ops' must be a mapping"):
         config_from_args([*flags, "--pda-ops", "{rotate"])
-    with pytest.raises(UserError, match="--pda-variants must be >= 0"):
+    with pytest.raises(UserError, match="--pda-variants must be at least 0"):
         build_config({"out": "/tmp/x", "dataset": "cifar10", "ipc": 2, "pda_variants": -1})
 
 
 def test_variant_seeds():
-    assert ops.variant_seed(123, 0) == 123
-    seeds = {ops.variant_seed(s, v) for s in range(50) for v in range(1, 5)}
+    assert variant_seed(123, 0) == 123
+    seeds = {variant_seed(s, v) for s in range(50) for v in range(1, 5)}
     assert len(seeds) == 200  # no collisions between images or variants
-    assert ops.variant_seed(7, 1) == ops.variant_seed(7, 1)
+    assert variant_seed(7, 1) == variant_seed(7, 1)
 
 
 def test_same_seed_same_pixels_whatever_the_batch():
     x, recipe = batch(8), ops.resolve_ops(None)
-    seeds = [ops.variant_seed(1000 + i, 1) for i in range(8)]
+    seeds = [variant_seed(1000 + i, 1) for i in range(8)]
     whole = ops.augment(x, seeds, recipe)
     assert torch.equal(whole, ops.augment(x, seeds, recipe))
     one_by_one = torch.cat([ops.augment(x[i : i + 1], seeds[i : i + 1], recipe) for i in range(8)])
     assert torch.equal(whole, one_by_one)
     shuffled = [3, 1, 7, 0, 5, 2, 6, 4]
     assert torch.equal(ops.augment(x[shuffled], [seeds[i] for i in shuffled], recipe), whole[shuffled])
-    other = ops.augment(x, [ops.variant_seed(1000 + i, 2) for i in range(8)], recipe)
+    other = ops.augment(x, [variant_seed(1000 + i, 2) for i in range(8)], recipe)
     assert not torch.equal(whole, other)
     assert whole.dtype == torch.uint8 and whole.shape == x.shape
 
@@ -99,7 +100,7 @@ def test_probabilities_zero_and_one():
 
 def test_flip_rate_follows_p():
     x = batch(1).repeat(400, 1, 1, 1)
-    out = ops.augment(x, [ops.variant_seed(s, 1) for s in range(400)], ops.resolve_ops({"hflip": {"p": 0.8}}))
+    out = ops.augment(x, [variant_seed(s, 1) for s in range(400)], ops.resolve_ops({"hflip": {"p": 0.8}}))
     flipped = (out == x.flip(-1)).flatten(1).all(1).float().mean().item()
     assert 0.72 < flipped < 0.88
 
@@ -133,25 +134,24 @@ def test_rejects_wrong_input():
 
 
 def test_fingerprint_follows_what_decides_the_pixels():
-    from gdd_ray.augment import stage
+    from gdd_ray.classes import load_classes
+    from gdd_ray.pipeline import stage_inputs
+    from gdd_ray.run import RunDir
 
-    def fp(**kw):
-        cfg = build_config({"out": "/tmp/x", "dataset": "cifar10", "ipc": 2, **kw})
-        return stage.fingerprint(cfg, [], {"generate": "g1"})
+    def fp(cfg=None, **kw):
+        cfg = cfg or build_config({"out": "/tmp/x", "dataset": "cifar10", "ipc": 2, "stages": "augment", **kw})
+        return stage_inputs(cfg, load_classes("cifar10", None), RunDir(cfg.out))[0]["augment"]
 
-    cfg = build_config({"out": "/tmp/x", "dataset": "cifar10", "ipc": 2})
+    cfg = build_config({"out": "/tmp/x", "dataset": "cifar10", "ipc": 2, "stages": "augment"})
     base = fp()
     assert base == fp(ipc=5)  # more images, same recipe: resumable
     assert base != fp(pda_variants=3)
-    assert base != stage.fingerprint(cfg, [], {"generate": "g2"})
-    assert base != stage.fingerprint(
-        cfg.replace(**{"augment.pda_ops": {"hflip": {}, "vflip": {}}}), [], {"generate": "g1"}
-    )
+    assert base != fp(seed=3)  # other generated images
+    assert base == fp(cfg.replace(**{"augment.pda_ops": dict(ops.DEFAULT_OPS)}))  # the defaults, written out
+    assert base != fp(cfg.replace(**{"augment.pda_ops": {"hflip": {}, "vflip": {}}}))
     swapped = {"vflip": {}, "hflip": {}}  # same ops, other order: other pixels
-    assert stage.fingerprint(cfg.replace(**{"augment.pda_ops": swapped}), [], {"generate": "g1"}) != stage.fingerprint(
-        cfg.replace(**{"augment.pda_ops": {"hflip": {}, "vflip": {}}}), [], {"generate": "g1"}
+    assert fp(cfg.replace(**{"augment.pda_ops": swapped})) != fp(
+        cfg.replace(**{"augment.pda_ops": {"hflip": {}, "vflip": {}}})
     )
     k0 = cfg.replace(**{"augment.pda_variants": 0})
-    assert stage.fingerprint(k0, [], {"generate": "g1"}) == stage.fingerprint(
-        k0.replace(**{"augment.pda_ops": {"gamma": {}}}), [], {"generate": "g1"}
-    )  # pass-through: the recipe decides nothing
+    assert fp(k0) == fp(k0.replace(**{"augment.pda_ops": {"gamma": {}}}))  # pass-through: the recipe decides nothing

@@ -13,14 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from gdd_ray import pipeline, storage
+from gdd_ray import pipeline, shards, storage, synthetic
 from gdd_ray.augment import shard as aug_shard
-from gdd_ray.augment import stage, synthetic
+from gdd_ray.augment import stage
 from gdd_ray.classes import load_classes
-from gdd_ray.config import build_config
+from gdd_ray.config_loader import build_config
 from gdd_ray.errors import UserError
-from gdd_ray.generate import shards
-from gdd_ray.run import RunDir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,36 +37,36 @@ def make_cfg(out, **kw):
 
 
 def make_run(out, **kw):
-    """Synthetic generated shards + an opened run folder, as distill.py --stages augment would see it."""
+    """Synthetic generated shards + an opened run, as distill.py --stages augment would see it."""
     cfg = make_cfg(out, **kw)
-    classes = load_classes(cfg.dataset, None)
-    fps = pipeline.stage_fingerprints(cfg, classes)
-    synthetic.write_generated(cfg, RunDir(cfg.out), classes, fps["generate"])
-    run_dir, classes, _ = pipeline.check(cfg)
-    return cfg, run_dir, classes
+    synthetic.write_generated(cfg, load_classes(cfg.dataset, None))
+    ctx = pipeline.check(cfg)
+    return cfg, ctx, ctx.run_dir
 
 
 def read_dir(loc: storage.Location):
     return {n: pq.read_table(loc.file(n)) for n in loc.list(".parquet")}
 
 
+@pytest.mark.slow  # ~15 s with the first Ray Data run on 2 cores
 def test_counts_layout_and_skip(tmp_path, local_ray):
-    cfg, run_dir, classes = make_run(tmp_path / "run")
-    summary = stage.run(cfg, run_dir, classes)
-    assert summary["images_out"] == 10 * 4 * 3 and summary["images_per_class"] == 12 and not summary["skipped"]
+    cfg, ctx, run_dir = make_run(tmp_path / "run")
+    summary = stage.run(ctx)
+    assert summary["totals"]["images"] == 10 * 4 * 3 and summary["images_per_class"] == 12
+    assert summary["totals"]["units_run"] == 20
 
     gen, aug = read_dir(run_dir.generated), read_dir(run_dir.augmented)
     assert set(aug) == set(gen)  # one output per input, same name
     for name, t in aug.items():
         g = gen[name]
-        assert t.schema.names == shards.SCHEMA.names + ["variant", "variant_seed"]
+        assert t.schema.names == shards.GENERATED_SCHEMA.names + ["variant", "variant_seed"]
         assert t.column("variant").to_pylist() == [0, 1, 2] * g.num_rows
         # variant 0 is the generated PNG, bit for bit; the others are new images of the same size
         orig = [b for b, v in zip(t.column("image").to_pylist(), t.column("variant").to_pylist()) if v == 0]
         assert [o["bytes"] for o in orig] == [x["bytes"] for x in g.column("image").to_pylist()]
         assert t.column("seed").to_pylist() == [s for s in g.column("seed").to_pylist() for _ in range(3)]
         meta = storage.footer_metadata(pq.read_metadata(run_dir.augmented.file(name)))
-        assert meta[aug_shard.META_SOURCE] == name and "variant" in meta["huggingface"]
+        assert meta[shards.SOURCE] == name and "variant" in meta["huggingface"]
 
     rows = [
         (lab, idx, v)
@@ -97,15 +95,18 @@ def test_counts_layout_and_skip(tmp_path, local_ray):
     assert np.array_equal(cell, first.repeat(2, 0).repeat(2, 1))
     assert run_dir.read_record()["stages"]["augment"]["status"] == "done"
 
-    again = stage.run(cfg, run_dir, classes)
-    assert again["skipped"] and again["fingerprint"] == summary["fingerprint"]
+    manifest = shards.read_manifest(run_dir.augmented, summary["fingerprint"])
+    assert sorted(manifest.names) == sorted(gen) and manifest.images == 120
+    assert all(s["bytes"] == os.path.getsize(run_dir.augmented.file(s["name"])) for s in manifest.shards)
+    again = stage.run(ctx)
+    assert again == summary  # nothing redone: the stored summary comes back
 
 
 def test_deterministic_across_runs_and_matches_the_serial_worker(tmp_path, local_ray):
-    cfg_a, dir_a, classes = make_run(tmp_path / "a", ipc=2, unit_size=1, dataset="cifar10", pda_variants=3)
-    cfg_b, dir_b, _ = make_run(tmp_path / "b", ipc=2, unit_size=2, dataset="cifar10", pda_variants=3)
-    stage.run(cfg_a, dir_a, classes)
-    stage.run(cfg_b, dir_b, classes)
+    _, ctx_a, dir_a = make_run(tmp_path / "a", ipc=2, unit_size=1, dataset="cifar10", pda_variants=3)
+    _, ctx_b, dir_b = make_run(tmp_path / "b", ipc=2, unit_size=2, dataset="cifar10", pda_variants=3)
+    stage.run(ctx_a)
+    stage.run(ctx_b)
 
     def pixels(loc):
         out = {}
@@ -133,9 +134,9 @@ def test_deterministic_across_runs_and_matches_the_serial_worker(tmp_path, local
 
 
 def test_pass_through(tmp_path, local_ray):
-    cfg, run_dir, classes = make_run(tmp_path / "run", ipc=2, pda_variants=0)
-    summary = stage.run(cfg, run_dir, classes)
-    assert summary["images_out"] == summary["images_in"] == 20
+    cfg, ctx, run_dir = make_run(tmp_path / "run", ipc=2, pda_variants=0)
+    summary = stage.run(ctx)
+    assert summary["totals"]["images"] == summary["images_in"] == 20
     gen, aug = read_dir(run_dir.generated), read_dir(run_dir.augmented)
     for name, t in aug.items():
         assert t.column("image").to_pylist() != [] and t.column("variant").to_pylist() == [0] * t.num_rows
@@ -145,8 +146,8 @@ def test_pass_through(tmp_path, local_ray):
 
 
 def test_resume_redoes_only_missing_or_broken_shards(tmp_path, local_ray):
-    cfg, run_dir, classes = make_run(tmp_path / "run")
-    stage.run(cfg, run_dir, classes)
+    cfg, ctx, run_dir = make_run(tmp_path / "run")
+    stage.run(ctx)
     before = {n: run_dir.augmented.read_bytes(n) for n in run_dir.augmented.list(".parquet")}
     names = sorted(before)
     # an interrupted run: two outputs never written, one cut short, a temp file left behind
@@ -154,31 +155,31 @@ def test_resume_redoes_only_missing_or_broken_shards(tmp_path, local_ray):
     run_dir.augmented.delete(names[5])
     with open(run_dir.augmented.file(names[7]), "wb") as fh:
         fh.write(before[names[7]][:100])
-    with open(run_dir.augmented.file(".tmp-deadbeef-" + names[9]), "wb") as fh:
+    with open(run_dir.augmented.file(f".{names[9]}.tmp-deadbeef"), "wb") as fh:
         fh.write(b"partial")
     mtimes = {
         n: os.stat(run_dir.augmented.file(n)).st_mtime_ns for n in names if n not in (names[0], names[5], names[7])
     }
 
-    summary = stage.run(cfg, run_dir, classes)
-    assert summary["shards_done_now"] == 3 and summary["shards_done_before"] == len(names) - 3
+    summary = stage.run(ctx)
+    assert summary["totals"]["units_run"] == 3 and summary["totals"]["units"] == len(names)
     after = {n: run_dir.augmented.read_bytes(n) for n in run_dir.augmented.list(".parquet")}
     assert after == before  # same names, same bytes: nothing duplicated, nothing changed
-    assert run_dir.augmented.list(include_hidden=True) == sorted(["_summary.json", *names])
+    assert run_dir.augmented.list(include_hidden=True) == sorted(["_manifest.json", "_summary.json", *names])
     assert all(os.stat(run_dir.augmented.file(n)).st_mtime_ns == m for n, m in mtimes.items())
 
 
 def test_changed_recipe_needs_overwrite(tmp_path, local_ray):
-    cfg, run_dir, classes = make_run(tmp_path / "run", ipc=2)
-    stage.run(cfg, run_dir, classes)
+    cfg, ctx, run_dir = make_run(tmp_path / "run", ipc=2)
+    stage.run(ctx)
     changed = make_cfg(tmp_path / "run", ipc=2, pda_variants=3)
-    with pytest.raises(UserError, match="augment config differs"):
+    with pytest.raises(UserError, match=r"augment config differs from this one \(pda-variants 2 -> 3"):
         pipeline.check(changed)
-    run_dir2, classes, _ = pipeline.check(changed.replace(overwrite=True))
-    assert not run_dir2.augmented.list(".parquet")  # the old outputs went; the generated ones stayed
-    assert run_dir2.generated.list(".parquet")
-    summary = stage.run(changed, run_dir2, classes)
-    assert summary["images_out"] == 10 * 2 * 4
+    ctx2 = pipeline.check(changed.replace(overwrite=True))
+    assert not ctx2.run_dir.augmented.list(".parquet")  # the old outputs went; the generated ones stayed
+    assert ctx2.run_dir.generated.list(".parquet")
+    summary = stage.run(ctx2)
+    assert summary["totals"]["images"] == 10 * 2 * 4
 
 
 def test_bad_input_is_one_clear_line(tmp_path):
@@ -187,10 +188,10 @@ def test_bad_input_is_one_clear_line(tmp_path):
         pipeline.check(cfg)
     assert not (tmp_path / "empty").exists()  # preflight wrote nothing
 
-    cfg, run_dir, classes = make_run(tmp_path / "run", ipc=4)
+    cfg, ctx, run_dir = make_run(tmp_path / "run", ipc=4)
     run_dir.generated.delete(run_dir.generated.list(".parquet")[3])
     with pytest.raises(UserError, match="lacks 1 of the 20 shards"):
-        stage.preflight(cfg, run_dir, classes)
+        stage.preflight(ctx)
 
     bad_ops = build_config({"out": str(tmp_path / "x"), "dataset": "cifar10", "ipc": 2, "stages": "augment"})
     bad_ops = bad_ops.replace(**{"augment.pda_ops": {"sharpen": {}}})
@@ -199,52 +200,65 @@ def test_bad_input_is_one_clear_line(tmp_path):
 
 
 def test_inputs_of_another_generation_config_are_refused(tmp_path, local_ray):
-    cfg, run_dir, classes = make_run(tmp_path / "run", ipc=2)
-    other = cfg.replace(seed=99)
-    synthetic.write_generated(other, run_dir, classes, "0123456789abcdef")  # same names, foreign footer
-    with pytest.raises(UserError, match="made by another generation config"):
-        stage.run(cfg, run_dir, classes)
+    cfg, ctx, run_dir = make_run(tmp_path / "run", ipc=2)
+    classes = load_classes(cfg.dataset, None)
+    synthetic.write_generated(cfg, classes, fingerprint="0123456789abcdef")  # same names, foreign generation
+    with pytest.raises(UserError, match="holds no complete generation for this config"):
+        stage.run(ctx)
 
 
 @pytest.mark.slow
 def test_resume_after_a_kill(tmp_path, local_ray):
-    """Kill the stage's process mid-run (SIGKILL: no cleanup), run again, get exactly the full output."""
-    cfg, run_dir, classes = make_run(tmp_path / "run", ipc=24, unit_size=1, pda_variants=4)
+    """Kill the stage's process mid-run (SIGKILL: no cleanup), run again, get exactly the full output.
+
+    The killed run's tasks hold still once 10 outputs exist (a gate in its UDF), so the kill always lands
+    mid-run: no race between the kill and the end of the stage."""
+    cfg, ctx, run_dir = make_run(tmp_path / "run", ipc=24, unit_size=1, pda_variants=4)
     n = len(run_dir.generated.list(".parquet"))
     script = textwrap.dedent(
         f"""
+        import time
         import ray
         from gdd_ray import pipeline
         from gdd_ray.augment import stage
-        from gdd_ray.config import build_config
+        from gdd_ray.config_loader import build_config
+
+        def gated(batch, **kw):  # defined in __main__, so Ray ships it by value to the workers
+            out = stage_udf(batch, **kw)
+            from gdd_ray import storage
+            while len(storage.Location(kw["dst"]).list(".parquet")) >= 10:
+                time.sleep(1)  # hold until the test kills this driver
+            return out
+
+        stage_udf = stage._augment_batch
+        stage._augment_batch = gated
         cfg = build_config({{"out": {str(run_dir.uri)!r}, "dataset": "cifar10", "ipc": 24, "unit_size": 1,
                              "pda_variants": 4, "stages": "augment"}})
-        run_dir, classes, _ = pipeline.check(cfg)
+        ctx = pipeline.check(cfg)
         ray.init(num_cpus=2, include_dashboard=False)
         stage.SHARDS_PER_TASK = 1
-        stage.run(cfg, run_dir, classes)
+        stage.run(ctx)
         """
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and len(run_dir.augmented.list(".parquet")) < 10:
+        deadline = time.time() + 180  # a safety net only: the gate makes the wait end on an event
+        while time.time() < deadline and len(run_dir.augmented.list(".parquet")) < 10 and proc.poll() is None:
             time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         proc.kill()
         proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
     partial = len(run_dir.augmented.list(".parquet"))
-    assert 10 <= partial < n, "the kill came too late to test anything"
+    assert 10 <= partial < n
 
-    summary = stage.run(cfg, run_dir, classes)
-    # outputs are committed whole, so every file seen before the kill counts as done (workers of the
-    # killed driver may finish a few more before Ray reaps them: same names, same bytes)
-    assert summary["shards_done_before"] >= partial
+    summary = stage.run(ctx)
+    # outputs are committed whole, so every file seen before the kill counts as done
+    assert summary["totals"]["units"] - summary["totals"]["units_run"] >= partial
     assert sorted(run_dir.augmented.list(".parquet")) == sorted(run_dir.generated.list(".parquet"))
+    assert not [f for f in os.listdir(run_dir.augmented.path) if ".tmp-" in f]  # no temporary survives
     keys = [
         k
         for t in read_dir(run_dir.augmented).values()

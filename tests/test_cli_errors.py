@@ -1,4 +1,7 @@
-"""Bad input: one clear line on stderr, exit code 2, no traceback, existing output untouched."""
+"""Bad input: one clear line on stderr, exit code 2, no traceback, existing output untouched.
+
+The cases run `cli.main` in process (what every entry point calls); the last two tests run the real
+script in a subprocess, as a user does."""
 
 import subprocess
 import sys
@@ -6,6 +9,7 @@ import sys
 import pytest
 from gen_helpers import tree_digest
 
+from gdd_ray.cli import main
 from tests.conftest import REPO
 
 DISTILL = [sys.executable, str(REPO / "jobs" / "distill.py")]
@@ -40,20 +44,19 @@ def existing_run(tmp_path):
         (["--config", "/nonexistent.yaml"], "cannot read it"),
     ],
 )
-def test_bad_input(args, message, existing_run, tmp_path):
+def test_bad_input(args, message, existing_run, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     args = [str(empty) if a == "EMPTY" else a for a in args]
     before = tree_digest(existing_run)
-    r = distill(*args, "--out", str(existing_run))
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error: ") and message in lines[-1], r.stderr
-    assert "Traceback" not in r.stderr
+    assert main(["distill", *args, "--out", str(existing_run)]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == [lines[-1]] and lines[-1].startswith("error: ") and message in lines[-1], err
     assert tree_digest(existing_run) == before
 
 
-def test_unwritable_out(tmp_path):
+def test_unwritable_out_through_the_script(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     r = distill("--dataset", "cifar10", "--ipc", "1", "--model", "tiny", "--out", str(blocker / "run"))
@@ -68,3 +71,15 @@ def test_help_lists_every_flag():
                  "--image-size", "--prompt-template", "--seed", "--batch-size", "--workers", "--out",
                  "--overwrite", "--stages", "--config"]:  # fmt: skip
         assert flag in r.stdout, flag
+
+
+def test_every_entry_point_reaches_every_command():
+    scripts = [
+        [sys.executable, "-m", "gdd_ray"],
+        [str(REPO / ".venv" / "bin" / "gdd-ray")] if (REPO / ".venv" / "bin" / "gdd-ray").exists() else None,
+    ]
+    for cmd in filter(None, scripts):
+        r = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert r.returncode == 0 and all(c in r.stdout for c in ("distill", "status", "export")), r.stderr
+    r = subprocess.run([sys.executable, "-m", "gdd_ray", "distill", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and "--prompt-template" in r.stdout

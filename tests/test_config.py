@@ -1,7 +1,9 @@
 import pytest
 
-from gdd_ray.config import build_config, config_from_args, generation_fingerprint
+from gdd_ray.classes import ClassInfo
+from gdd_ray.config_loader import build_config, config_from_args
 from gdd_ray.errors import UserError
+from gdd_ray.synthetic import generation_fingerprint
 
 
 def test_defaults_and_flags():
@@ -29,7 +31,7 @@ def test_yaml_keys_match_flags_and_flags_win(tmp_path):
     [
         ({"dataset": "mnist", "ipc": 1, "out": "x"}, "unknown dataset 'mnist'"),
         ({"dataset": "cifar10", "ipc": 0, "out": "x"}, "--ipc must be at least 1"),
-        ({"dataset": "cifar10", "ipc": "two", "out": "x"}, "'ipc' must be a int"),
+        ({"dataset": "cifar10", "ipc": "two", "out": "x"}, "'ipc' must be an integer"),
         ({"dataset": "cifar10", "ipc": 1}, "--out is required"),
         ({"ipc": 1, "out": "x"}, "give --dataset"),
         ({"dataset": "cifar10", "ipc": 1, "out": "x", "stages": "generate,fly"}, "unknown stage(s) fly"),
@@ -37,6 +39,9 @@ def test_yaml_keys_match_flags_and_flags_win(tmp_path):
         ({"dataset": "cifar10", "ipc": 1, "out": "x", "gen_resolution": 100}, "multiple of 8"),
         ({"dataset": "cifar10", "ipc": 1, "out": "x", "image_size": 1024}, "--image-size must be between"),
         ({"dataset": "cifar10", "ipc": 1, "out": "x", "bogus": 1}, "unknown option(s) bogus"),
+        ({"dataset": "cifar10", "ipc": True, "out": "x"}, "'ipc' must be an integer"),
+        ({"dataset": "cifar10", "ipc": 1, "out": "x", "lr": "nan"}, "'lr' must be a finite number"),
+        ({"dataset": "cifar10", "ipc": 1, "out": "x", "net_norm": "layer"}, "unknown net-norm 'layer'"),
     ],
 )
 def test_bad_values_are_one_clear_error(values, message):
@@ -48,7 +53,7 @@ def test_bad_values_are_one_clear_error(values, message):
 
 def test_fingerprint_covers_pixels_not_layout():
     base = build_config({"dataset": "cifar10", "ipc": 5, "out": "x"})
-    names = ["a", "b"]
+    names = [ClassInfo(0, "a", "a"), ClassInfo(1, "b", "b")]
     fp = generation_fingerprint(base, names)
     assert generation_fingerprint(base.replace(ipc=50, **{"generate.batch_size": 2}), names) == fp
     assert generation_fingerprint(base.replace(**{"generate.workers": 8}), names) == fp
@@ -59,7 +64,7 @@ def test_fingerprint_covers_pixels_not_layout():
         {"generate.model": "m"},
     ]:
         assert generation_fingerprint(base.replace(**change), names) != fp, change
-    assert generation_fingerprint(base, ["b", "a"]) != fp
+    assert generation_fingerprint(base, names[::-1]) != fp
 
 
 def test_local_paths_become_absolute_uris_stay(tmp_path, monkeypatch):

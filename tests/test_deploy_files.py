@@ -20,7 +20,7 @@ import pytest
 import ray
 import yaml
 
-from gdd_ray.config import config_from_args
+from gdd_ray.config_loader import config_from_args
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = ["cluster/aws.yaml", "cluster/gcp.yaml"]

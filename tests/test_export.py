@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from gdd_ray import export, pipeline
-from gdd_ray.__main__ import main as cli_main
-from gdd_ray.augment import ops, stage, synthetic
+from gdd_ray import export, pipeline, shards, synthetic
+from gdd_ray.augment import ops, stage
 from gdd_ray.augment.shard import augment_shard
-from gdd_ray.config import build_config
-from gdd_ray.generate import shards
+from gdd_ray.cli import main as cli_main
+from gdd_ray.config_loader import build_config
 from gdd_ray.run import RunDir
 
 K = 2
@@ -19,19 +18,23 @@ IPC = 4
 
 
 def make_run(out, dataset="cifar100", ipc=IPC, num_classes=None):
-    """Generated + augmented shards written by the real per-shard worker (serially, no Ray needed)."""
+    """Generated + augmented shards written by the real per-shard worker (serially, no Ray needed), with the
+    manifests the stages write last."""
     cfg = build_config(
         {"out": str(out), "dataset": dataset, "ipc": ipc, "unit_size": 2, "pda_variants": K, "stages": "augment"}
     )
     from gdd_ray.classes import load_classes
 
     classes = load_classes(dataset, None)[:num_classes]
-    fps = pipeline.stage_fingerprints(cfg, classes)
+    names = synthetic.write_generated(cfg, classes)
     run_dir = RunDir(cfg.out)
-    names = synthetic.write_generated(cfg, run_dir, classes, fps["generate"])
-    run_dir.prepare(cfg, [vars(c) for c in classes], fps)
+    fps, inputs, _ = pipeline.stage_inputs(cfg, classes, run_dir)  # a subset of the dataset's classes
+    run_dir.prepare(cfg, [vars(c) for c in classes], fps, inputs)
     for n in names:
         augment_shard(run_dir.generated, run_dir.augmented, n, K, ops.resolve_ops(None), fps["augment"])
+    rows = shards.read_manifest(run_dir.generated).rows
+    specs = [shards.augmented_spec(n, rows[n], K, fps["augment"]) for n in names]
+    shards.write_manifest(run_dir.augmented, "augment", fps["augment"], specs)
     return run_dir, classes
 
 
@@ -131,21 +134,24 @@ def test_cli_export_and_errors(run5, tmp_path, capsys):
         "--format", "imagefolder", "--dest", str(tmp_path / "f"), "--mean", "0,0,0", "--std", "1,1,1"
     )
     err = cli_main(["export", "--run", str(tmp_path / "nothing"), "--format", "pt", "--dest", str(tmp_path / "y.pt")])
-    assert err == 2 and "has no shards: run the augment stage first" in capsys.readouterr().err
+    assert err == 2 and "holds no complete augment stage" in capsys.readouterr().err
 
 
 def test_unequal_or_missing_classes_are_refused(tmp_path):
     run_dir, _ = make_run(tmp_path / "run", dataset="cifar10", num_classes=3)
-    names = run_dir.augmented.list(".parquet")
-    run_dir.augmented.delete([n for n in names if n.startswith("c00001-i000002")][0])  # class 1 loses 2 images
+    table = export.list_images(run_dir.uri)
+    labels, index = table.column("label").to_numpy(), table.column("index").to_numpy()
+    short = table.filter(~((labels == 1) & (index >= 2)))  # class 1 lost 2 images (6 rows)
     with pytest.raises(export.UserError, match="between 6 and 12 images; pass --per-class"):
-        export.export_pt(run_dir.uri, str(tmp_path / "a.pt"))
-    info = export.export_pt(run_dir.uri, str(tmp_path / "a.pt"), per_class=6)
-    assert info["shape"][0] == 18
-    for n in [n for n in names if n.startswith("c00002")]:
-        run_dir.augmented.delete(n)  # class 2 gone: positions would shift the labels
+        export.select_per_class(short, None, 3)
+    assert export.select_per_class(short, 6, 3)[0].num_rows == 18
     with pytest.raises(export.UserError, match="class\\(es\\) 2 have no images"):
-        export.export_pt(run_dir.uri, str(tmp_path / "b.pt"), per_class=6)
+        export.select_per_class(table.filter(labels != 2), 6, 3)  # positions would shift the labels
+    # a shard listed by the manifest but gone from the folder: the run is refused, nothing is written
+    run_dir.augmented.delete(run_dir.augmented.list(".parquet")[4])
+    with pytest.raises(export.UserError, match="lacks 1 of the 6 shards"):
+        export.export_pt(run_dir.uri, str(tmp_path / "a.pt"))
+    assert not (tmp_path / "a.pt").exists()
 
 
 def test_generated_source_and_tiny_imagenet_stats(tmp_path):

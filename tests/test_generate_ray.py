@@ -9,10 +9,11 @@ import pytest
 import ray
 from gen_helpers import generator_actor_pids, read_images, tiny_config
 
+from gdd_ray import storage
 from gdd_ray.classes import dataset_classes
 from gdd_ray.generate.driver import UnitFailed, actor_options, run_on_ray
-from gdd_ray.generate.plan import plan_units
-from gdd_ray.generate.stage import make_spec
+from gdd_ray.generate.stage import make_job
+from gdd_ray.plan import plan_units
 
 pytestmark = pytest.mark.slow
 
@@ -36,20 +37,22 @@ def test_killed_actor_is_replaced_and_each_image_made_once(tmp_path, fake_gpu_cl
     # 128 px: slow enough on a CPU that the kill lands mid-run
     cfg = tiny_config(tmp_path / "run", ipc=4, unit_size=1, gen_resolution=128, image_size=16)
     out = tmp_path / "run" / "generated"
-    spec = make_spec(cfg, dataset_classes("cifar10"), "fp", str(out))
+    job = make_job(cfg, dataset_classes("cifar10"), "fp", str(out))
     units = plan_units(10, 4, 1)
     results, errors = [], []
 
     def drive():
         try:
-            results.extend(run_on_ray(units, spec, workers=2, max_retries=3, cluster_gpus=2))
+            results.extend(run_on_ray(units, job, workers=2, max_retries=3, cluster_gpus=2))
         except Exception as e:  # surfaced below
             errors.append(e)
 
     t = threading.Thread(target=drive)
     t.start()
     deadline = time.time() + 120
-    while time.time() < deadline and (len(list(out.glob("*.parquet"))) < 3 or len(generator_actor_pids(True)) < 2):
+    while time.time() < deadline and (
+        len(storage.Location(str(out)).list(".parquet")) < 3 or len(generator_actor_pids(True)) < 2
+    ):
         time.sleep(0.1)
     victims = generator_actor_pids(busy=True)
     assert len(victims) == 2, "both actors should be rendering"
@@ -65,8 +68,8 @@ def test_killed_actor_is_replaced_and_each_image_made_once(tmp_path, fake_gpu_cl
 
 def test_unit_that_keeps_failing_stops_the_run_naming_it(tmp_path, fake_gpu_cluster):
     cfg = tiny_config(tmp_path / "run", prompt_template="{name} {oops}")  # KeyError on every unit
-    spec = make_spec(cfg, dataset_classes("cifar10"), "fp", str(tmp_path / "run" / "generated"))
+    job = make_job(cfg, dataset_classes("cifar10"), "fp", str(tmp_path / "run" / "generated"))
     with pytest.raises(UnitFailed) as e:
-        run_on_ray(plan_units(10, 2, 2), spec, workers=2, max_retries=2, cluster_gpus=2)
+        run_on_ray(plan_units(10, 2, 2), job, workers=2, max_retries=2, cluster_gpus=2)
     msg = str(e.value)
     assert "work unit class" in msg and "failed 2 times" in msg and "oops" in msg

@@ -1,17 +1,18 @@
 """Resume, skip, redo and refuse: the generate stage's rules, run in process with the serial runner."""
 
+import json
+
 import pytest
 from gen_helpers import read_images, tiny_config, tree_digest
 
 from gdd_ray import pipeline
 from gdd_ray.errors import UserError
 from gdd_ray.generate import stage as gen_stage
-from gdd_ray.generate.plan import plan_units
+from gdd_ray.plan import plan_units
 
 
 def run_serial(cfg):
-    run_dir, classes, _ = pipeline.check(cfg)
-    return gen_stage.run(cfg, run_dir, classes, serial=True)
+    return gen_stage.run(pipeline.check(cfg), serial=True)
 
 
 def test_fresh_run_then_noop_rerun(tmp_path, tiny_model):
@@ -20,8 +21,11 @@ def test_fresh_run_then_noop_rerun(tmp_path, tiny_model):
     gen = tmp_path / "run" / "generated"
     images = read_images(gen)
     assert len(images) == 10 * 3
-    assert summary["totals"]["images_generated"] == 30 and summary["totals"]["shards"] == 20
+    assert summary["totals"]["images_made"] == 30 and summary["totals"]["units"] == 20
     assert (tmp_path / "run" / "run.json").exists() and (gen / "_summary.json").exists()
+    manifest = json.loads((gen / "_manifest.json").read_text())
+    assert manifest["fingerprint"] == summary["fingerprint"] and len(manifest["shards"]) == 20
+    assert sum(s["rows"] for s in manifest["shards"]) == 30
     before = tree_digest(gen)
     again = run_serial(cfg)
     assert again["totals"]["units_run"] == 0 or again == summary
@@ -38,13 +42,13 @@ def test_broken_short_and_missing_shards_are_redone_only(tmp_path, tiny_model, c
     (gen / names[1]).write_bytes((gen / names[1]).read_bytes()[:100])  # truncated: unreadable
     (gen / names[2]).write_bytes((gen / names[3]).read_bytes())  # 1 row where 2 belong
     (gen / names[4]).write_bytes((gen / names[6]).read_bytes())  # another unit's rows
-    (gen / ".tmp-dead-c00000-i000000-000002.parquet").write_bytes(b"half")  # a crashed writer's leftover
+    (gen / ".c00000-i000000-000002.parquet.tmp-dead").write_bytes(b"half")  # a crashed writer's leftover
     untouched = {n: (gen / n).stat().st_mtime_ns for n in names[5:]}
     summary = run_serial(cfg)
     assert summary["totals"]["units_run"] == 4
     assert {n: (gen / n).stat().st_mtime_ns for n in names[5:]} == untouched
     assert read_images(gen) == reference
-    assert not list(gen.glob(".tmp-*"))
+    assert not [p for p in gen.iterdir() if ".tmp-" in p.name]
     out = capsys.readouterr().out
     assert "unreadable" in out and "short (1 of 2 rows)" in out and "written for another unit" in out
 
@@ -84,3 +88,8 @@ def test_raising_ipc_extends_and_lowering_trims(tmp_path, tiny_model):
     trimmed = read_images(gen)
     assert sorted(trimmed) == sorted((c, i) for c in range(10) for i in range(3))
     assert {p.name for p in gen.glob("*.parquet")} == {u.shard_name for u in plan_units(10, 3, 2)}
+    assert sorted(json.loads((gen / "_manifest.json").read_text())["shards"], key=lambda s: s["name"])[-1] == {
+        "name": "c00009-i000002-000003.parquet",
+        "rows": 1,
+        "bytes": (gen / "c00009-i000002-000003.parquet").stat().st_size,
+    }

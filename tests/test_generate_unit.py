@@ -8,19 +8,19 @@ import pytest
 from gen_helpers import tiny_config
 from PIL import Image
 
+from gdd_ray import shards
 from gdd_ray.classes import dataset_classes
-from gdd_ray.generate import shards
 from gdd_ray.generate.generator import UnitGenerator
 from gdd_ray.generate.model import load_pipeline
-from gdd_ray.generate.plan import WorkUnit, image_seed
-from gdd_ray.generate.stage import make_spec
+from gdd_ray.generate.stage import make_job
+from gdd_ray.plan import WorkUnit, image_seed
 
 
 def make_generator(tmp_path, pipeline=None, **overrides):
     cfg = tiny_config(tmp_path / "run", **overrides)
     classes = dataset_classes("cifar10")
-    spec = make_spec(cfg, classes, "fp-test", str(tmp_path / "run" / "generated"))
-    return UnitGenerator(spec, pipeline=pipeline), spec
+    job = make_job(cfg, classes, "fp-test", str(tmp_path / "run" / "generated"))
+    return UnitGenerator(job, pipeline=pipeline), job
 
 
 def test_tiny_model_saved_with_fp16_variant_and_loaded_by_the_real_path(tiny_model):
@@ -50,10 +50,10 @@ def test_unit_shard_content(tmp_path, tiny_model):
     assert img.format == "PNG" and img.size == (16, 16) and img.mode == "RGB"
     meta = pq.read_metadata(path).metadata
     assert meta[b"gdd_ray.fingerprint"] == b"fp-test"
-    assert shards.shard_problem(pq.read_metadata(path), unit, "fp-test") is None
-    assert "short" in shards.shard_problem(pq.read_metadata(path), WorkUnit(1, 2, 6), "fp-test")
-    assert shards.shard_problem(pq.read_metadata(path), unit, "other") == "another fingerprint"
-    assert not [p for p in (tmp_path / "run" / "generated").iterdir() if p.name.startswith(".tmp")]
+    assert shards.shard_problem(pq.read_metadata(path), shards.generated_spec(unit, "fp-test")) is None
+    assert "short" in shards.shard_problem(pq.read_metadata(path), shards.generated_spec(WorkUnit(1, 2, 6), "fp-test"))
+    assert shards.shard_problem(pq.read_metadata(path), shards.generated_spec(unit, "other")) == "another fingerprint"
+    assert [p.name for p in (tmp_path / "run" / "generated").iterdir()] == [unit.shard_name]  # no temporary
 
 
 def test_same_unit_same_pixels_regardless_of_batching(tmp_path, tiny_model):

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from gen_helpers import generator_actor_pids, read_images, tiny_config
 from PIL import Image
 from ray_head import RayHead
 
-from gdd_ray import pipeline
+from gdd_ray import pipeline, storage
 from gdd_ray.generate import stage as gen_stage
 from tests.conftest import REPO
 
@@ -58,7 +59,7 @@ def test_ray_job_submit_generates_every_image_once(head, tmp_path):
     assert sorted(images) == sorted((c, i) for c in range(10) for i in range(3))
     assert {Image.open(io.BytesIO(b)).size for b in images.values()} == {(16, 16)}
     summary = json.loads((out / "generated" / "_summary.json").read_text())
-    assert summary["totals"]["images"] == 30 and summary["totals"]["images_generated"] == 30
+    assert summary["totals"]["images"] == 30 and summary["totals"]["images_made"] == 30
     record = json.loads((out / "run.json").read_text())
     assert record["config"]["ipc"] == 3 and record["fingerprints"]["generate"] == summary["fingerprint"]
     assert "ray" in record["versions"]
@@ -74,34 +75,43 @@ def test_killed_driver_then_rerun_redoes_only_missing_units(head, tmp_path):
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     gen = out / "generated"
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(gen.glob("*.parquet"))) < 5 and driver.poll() is None:
+    shards_done = storage.Location(str(gen)).list  # through the storage layer: temporaries never count
+    deadline = time.time() + 300  # a safety net: the loop ends on an event (5 shards, or the driver's end)
+    while time.time() < deadline and len(shards_done(".parquet")) < 5 and driver.poll() is None:
         time.sleep(0.1)
+    assert driver.poll() is None, "the driver ended before it could be killed half way"
+    # Freeze the actors (no more commits), then kill the driver: the run stops half way, never by a race.
+    for pid in generator_actor_pids():
+        os.kill(pid, signal.SIGSTOP)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    # Ray kills a dead driver's actors a moment later; one may still commit a shard until then.
-    wait_for_no_generator_actors()
-    done_before = {p.name for p in gen.glob("*.parquet")}
-    assert 5 <= len(done_before) < 40, "the driver should have been killed half way"
-    assert not (gen / "_summary.json").exists()
+    wait_for_no_generator_actors()  # Ray kills a dead driver's actors, stopped ones included
+    done_before = set(shards_done(".parquet"))
+    assert 5 <= len(done_before) < 40
+    assert not (gen / "_manifest.json").exists()
     mtimes = {n: (gen / n).stat().st_mtime_ns for n in done_before}
+    leftovers = [p.name for p in gen.iterdir() if ".tmp-" in p.name]  # what a frozen actor was writing, if any
 
     r = submit(head, job_args(out, ipc=4, unit_size=1, gen_resolution=160))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((gen / "_summary.json").read_text())
     assert summary["totals"]["units_run"] == 40 - len(done_before)  # only the missing units
     assert {n: (gen / n).stat().st_mtime_ns for n in done_before} == mtimes  # finished shards kept as they were
+    assert not [p.name for p in gen.iterdir() if ".tmp-" in p.name], leftovers  # swept at start and end
+    assert sorted(json.loads((gen / "_manifest.json").read_text())["shards"], key=lambda s: s["name"]) == sorted(
+        ({"name": p.name, "rows": 1, "bytes": p.stat().st_size} for p in gen.glob("*.parquet")),
+        key=lambda s: s["name"],
+    )
     resumed = read_images(gen)
 
     # The same run without interruption, in process: image for image the same PNGs.
     ref_cfg = tiny_config(tmp_path / "ref", ipc=4, unit_size=1, gen_resolution=160)
-    run_dir, classes, _ = pipeline.check(ref_cfg)
-    gen_stage.run(ref_cfg, run_dir, classes, serial=True)
+    gen_stage.run(pipeline.check(ref_cfg), serial=True)
     assert resumed == read_images(tmp_path / "ref" / "generated")
 
-    # A third run has nothing to do and ends at once.
-    t0 = time.time()
+    # A third run has nothing to do: it ends without starting or joining Ray at all.
     r = subprocess.run([sys.executable, str(REPO / "jobs" / "distill.py"), *args], env=head.env, cwd=REPO,
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0 and "nothing to do" in r.stdout, r.stderr[-2000:]
-    assert time.time() - t0 < 30
+    log = r.stdout + r.stderr
+    assert "Started a local Ray instance" not in log and "Connected to Ray cluster" not in log, log[-2000:]

@@ -8,6 +8,7 @@ cluster is refused unless --shared-local-out.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,10 +21,11 @@ import pytest
 import ray
 from gen_helpers import read_images, tiny_config
 
-from gdd_ray import pipeline
-from gdd_ray.cli import run_main
+from gdd_ray import pipeline, storage
+from gdd_ray.cli import main
 from gdd_ray.errors import UserError
 from gdd_ray.generate import stage as gen_stage
+from gdd_ray.plan import plan_units
 
 pytestmark = pytest.mark.slow
 
@@ -107,12 +109,12 @@ class ActorWatcher:
 
 
 def start_generation(cfg):
-    run_dir, classes, _ = pipeline.check(cfg)
+    ctx = pipeline.check(cfg)
     box: dict = {}
 
     def go():
         try:
-            box["summary"] = gen_stage.run(cfg, run_dir, classes)
+            box["summary"] = gen_stage.run(ctx)
         except BaseException as e:  # surfaced by the test
             box["error"] = e
 
@@ -134,12 +136,20 @@ def wait_until(cond, timeout: float, what: str, watcher: ActorWatcher | None = N
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def pending_gpu_demand(gcs_address: str) -> bool:
+    """Whether an actor asking for a GPU waits to be placed (the autoscaler's view of demand, from the GCS)."""
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    demands = get_cluster_status(gcs_address).resource_demands.ray_task_actor_demand
+    return any(r.bundle.get("GPU") for d in demands for r in d.bundles_by_count)
+
+
 def test_local_out_on_several_nodes_is_refused(cluster, tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(UserError, match=r"is a local folder but the Ray cluster has 4 nodes"):
         pipeline.check(tiny_config(out))
     assert not out.exists()  # refused before anything was written
-    assert run_main(["--dataset", "cifar10", "--ipc", "1", "--model", "tiny", "--out", str(out)]) == 2
+    assert main(["distill", "--dataset", "cifar10", "--ipc", "1", "--model", "tiny", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --out ") and "--shared-local-out" in err and err.count("\n") == 1
     assert not out.exists()
@@ -155,7 +165,7 @@ def test_units_spread_over_nodes_and_a_lost_node_costs_only_time(cluster, tmp_pa
     gen = tmp_path / "run" / "generated"
     t, box = start_generation(cfg)  # default workers: one per GPU = 3
     wait_until(
-        lambda: len(list(gen.glob("*.parquet"))) >= 12 and sum(b for *_, b in watcher.poll()) == 3,
+        lambda: len(storage.Location(str(gen)).list(".parquet")) >= 12 and sum(b for *_, b in watcher.poll()) == 3,
         240,
         "three busy actors and 12 shards",
         watcher,
@@ -174,7 +184,12 @@ def test_units_spread_over_nodes_and_a_lost_node_costs_only_time(cluster, tmp_pa
     summary = box["summary"]
     images = read_images(gen)  # asserts each (label, index) once
     assert sorted(images) == [(c_, i) for c_ in range(10) for i in range(12)]
-    assert summary["totals"]["images"] == 120 and summary["totals"]["workers"] == 3
+    assert summary["totals"]["images"] == 120 and summary["workers"] == 3
+    # the lost node's half-written shard (if any) is swept: every reader sees exactly the planned shards
+    assert not [p.name for p in gen.iterdir() if ".tmp-" in p.name]
+    planned = sorted(u.shard_name for u in plan_units(10, 12, 1))
+    assert sorted(p.name for p in gen.glob("*.parquet")) == planned
+    assert sorted(s["name"] for s in json.loads((gen / "_manifest.json").read_text())["shards"]) == planned
     units_by_node = watcher.nodes_of_workers(summary["per_worker"])
     # Spread: before the loss an actor was rendering on each of the three GPU nodes at once (the wait
     # above), and both surviving nodes did units. The victim may have been killed in its first unit.
@@ -196,7 +211,7 @@ def test_draining_node_gets_no_new_work(cluster, tmp_path, capsys):
     gen = tmp_path / "run" / "generated"
     t, box = start_generation(cfg)  # 3 workers on the 3 GPU nodes: no spare GPU anywhere
     wait_until(
-        lambda: len(list(gen.glob("*.parquet"))) >= 8 and sum(b for *_, b in watcher.poll()) == 3,
+        lambda: len(storage.Location(str(gen)).list(".parquet")) >= 8 and sum(b for *_, b in watcher.poll()) == 3,
         240,
         "three busy actors and 8 shards",
         watcher,
@@ -218,10 +233,9 @@ def test_draining_node_gets_no_new_work(cluster, tmp_path, capsys):
         )
         assert accepted, why
         psutil.Process(pid).kill()  # the preempted worker goes first; the node itself lingers, draining
-        settle = time.time() + 3  # time enough for the replacement to be placed, if any node would take it
-        while time.time() < settle:
-            watcher.poll()
-            time.sleep(0.05)
+        # The event: the scheduler reports the replacement as a GPU demand it cannot place (the draining
+        # node's GPU is free, but a draining node takes no new work).
+        wait_until(lambda: pending_gpu_demand(c.gcs_address), 60, "the replacement waiting for a GPU", watcher)
         placed = {watcher.node_of[p] for p in set(watcher.node_of) - before}
         assert draining not in placed, "the replacement went to the draining node"
         fresh = c.add_node(num_cpus=2, num_gpus=1)  # the autoscaler's answer to the preemption

@@ -1,6 +1,6 @@
 from collections import Counter
 
-from gdd_ray.generate.plan import WorkUnit, image_seed, parse_shard_name, plan_units
+from gdd_ray.plan import WorkUnit, image_seed, parse_shard_name, plan_units
 
 
 def test_units_cover_every_image_exactly_once():

@@ -79,8 +79,8 @@ def images_of(objects: dict[str, bytes]) -> dict[tuple[int, int], bytes]:
 
 
 def generate_serial(cfg):
-    run_dir, classes, _ = pipeline.check(cfg)
-    return run_dir, gen_stage.run(cfg, run_dir, classes, serial=True)
+    ctx = pipeline.check(cfg)
+    return ctx.run_dir, gen_stage.run(ctx, serial=True)
 
 
 def test_location_round_trip_on_s3(s3_server):
@@ -108,6 +108,7 @@ def test_generate_on_s3_resumes_only_what_is_broken(s3_server, tiny_model, capsy
     shard_keys = sorted(k for k in objects if k.endswith(".parquet"))
     assert len(shard_keys) == 20 and all(k.startswith("serial-run/generated/c") for k in shard_keys)
     assert "serial-run/run.json" in objects and "serial-run/generated/_summary.json" in objects
+    assert "serial-run/generated/_manifest.json" in objects
     first = images_of(objects)
     assert sorted(first) == [(c, i) for c in range(10) for i in range(3)]
     record = RunDir(uri).read_record()
@@ -173,7 +174,7 @@ def test_generate_and_augment_through_ray_on_s3(s3_server, ray_s3, tiny_model):
     cfg = tiny_config(uri, stages="generate,augment", pda_variants=1)
     summaries = pipeline.run(cfg)
     assert summaries["generate"]["totals"]["units_run"] == 20
-    assert summaries["augment"]["images_out"] == 60
+    assert summaries["augment"]["totals"]["images"] == 60
 
     objects = keys(client, "ray-run/")
     serial = keys(client, "ray-run-serial/")
@@ -192,10 +193,10 @@ def test_generate_and_augment_through_ray_on_s3(s3_server, ray_s3, tiny_model):
 def test_train_stage_checkpoints_and_resumes_in_the_bucket(s3_server, ray_s3, tmp_path):
     """Ray Train workers write checkpoints, run records and results to s3://; a lost run resumes from its
     checkpoint in the bucket. The test set is a local folder read by the driver only."""
+    from gdd_ray import synthetic
     from gdd_ray.classes import dataset_classes
-    from gdd_ray.config import build_config
+    from gdd_ray.config_loader import build_config
     from gdd_ray.train import stage as train_stage
-    from gdd_ray.train import synthetic
 
     client, _ = s3_server
     classes = dataset_classes("cifar10")
@@ -219,10 +220,9 @@ def test_train_stage_checkpoints_and_resumes_in_the_bucket(s3_server, ray_s3, tm
             checkpoint_every=1,
         )  # fmt: skip
     )
-    run_dir = RunDir(uri)
-    synthetic.write_shards(run_dir.generated, classes, *synthetic.sample(pats, 4, seed=1), unit_size=2)
-    train_stage.preflight(cfg, run_dir, classes)
-    res = train_stage.run(cfg, run_dir, classes)
+    synthetic.write_generated(cfg, classes, *synthetic.sample(pats, 4, seed=1))
+    ctx = pipeline.check(cfg)
+    res = train_stage.run(ctx)
     assert res["evaluated"] and len(res["runs"]) == 2
 
     objects = keys(client, "train-run/eval/")
@@ -233,7 +233,7 @@ def test_train_stage_checkpoints_and_resumes_in_the_bucket(s3_server, ray_s3, tm
 
     client.delete_object(Bucket=BUCKET, Key="train-run/eval/runs/run01.json")
     client.delete_object(Bucket=BUCKET, Key="train-run/eval/results.json")
-    again = train_stage.run(cfg, run_dir, classes)
+    again = train_stage.run(ctx)
     assert again["runs"][1]["resumed_from_epoch"] == 2  # from the checkpoint in the bucket
     assert again["accuracies"] == res["accuracies"] and again["runs"][0] == res["runs"][0]
 

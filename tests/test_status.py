@@ -9,7 +9,7 @@ import pytest
 from gen_helpers import tiny_config
 
 from gdd_ray import pipeline
-from gdd_ray.__main__ import main
+from gdd_ray.cli import main
 from gdd_ray.errors import UserError
 from gdd_ray.generate import stage as gen_stage
 from gdd_ray.run import RunDir
@@ -20,9 +20,7 @@ from gdd_ray.status import run_status
 def finished_run(tmp_path_factory, tiny_model):
     """A generated run (10 classes x IPC 3 in units of 2 = 20 shards), made once and copied by each test."""
     out = tmp_path_factory.mktemp("status") / "run"
-    cfg = tiny_config(out)
-    run_dir, classes, _ = pipeline.check(cfg)
-    gen_stage.run(cfg, run_dir, classes, serial=True)
+    gen_stage.run(pipeline.check(tiny_config(out)), serial=True)
     return out
 
 
@@ -56,7 +54,7 @@ def test_partial_run_names_what_a_rerun_would_redo(finished_run, tmp_path, capsy
     shards = sorted(gen.glob("c*.parquet"))
     shards[0].unlink()  # missing: not done, not a failure
     shards[5].write_bytes(shards[5].read_bytes()[:100])  # torn: a failure to redo
-    (gen / "_summary.json").unlink()  # an interrupted run has no current summary
+    (gen / "_manifest.json").unlink()  # an interrupted run has no manifest
     st = run_status(str(out))
     g = by_stage(st)["generate"]
     assert not st["complete"] and g["state"] == "incomplete"
@@ -67,9 +65,7 @@ def test_partial_run_names_what_a_rerun_would_redo(finished_run, tmp_path, capsy
     assert "18/20 shards" in text and f"redo {shards[5].name}" in text and "not complete" in text
 
     # What status calls done is exactly what the stage's resume skips.
-    cfg = tiny_config(out)
-    run_dir, classes, _ = pipeline.check(cfg)
-    summary = gen_stage.run(cfg, run_dir, classes, serial=True)
+    summary = gen_stage.run(pipeline.check(tiny_config(out)), serial=True)
     assert summary["totals"]["units_run"] == 2
     assert run_status(str(out))["complete"]
 
@@ -80,7 +76,8 @@ def test_augment_stage_in_progress(finished_run, tmp_path):
 
     out = copy_of(finished_run, tmp_path)
     cfg = tiny_config(out, stages="generate,augment", pda_variants=1)
-    run_dir, _, fps = pipeline.check(cfg)  # records the augment fingerprint, as a real start does
+    ctx = pipeline.check(cfg)  # records the augment fingerprint, as a real start does
+    run_dir, fps = ctx.run_dir, ctx.fingerprints
     names = sorted(p.name for p in (out / "generated").glob("c*.parquet"))
     for n in names[:7]:  # what 7 finished Ray Data tasks leave behind
         augment_shard(run_dir.generated, run_dir.augmented, n, 1, ops.resolve_ops(None), fps["augment"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -24,4 +25,6 @@ def test_bench_train_smoke(tmp_path):
     assert res["ratio_ours_over_baseline"] == pytest.approx(sec["ours"] / sec["baseline"], rel=0.02)
     assert len(res["all_epoch_seconds"]["ours"]) == res["timed_epochs"] == 1
     # Same init, same data: both loops trained the same model to a finite loss.
+    assert res["init_checksum"]["ours"] == res["init_checksum"]["baseline"]
     assert set(res["final_loss"]) == {"ours", "baseline"}
+    assert all(math.isfinite(v) and v > 0 for v in res["final_loss"].values())

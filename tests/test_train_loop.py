@@ -5,14 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gdd_ray import storage
-from gdd_ray.train import synthetic, testsets
-from gdd_ray.train.convnet import NetSpec
+from gdd_ray import storage, synthetic
+from gdd_ray.config import TrainConfig
+from gdd_ray.train import testsets
 from gdd_ray.train.data import mean_std
-from gdd_ray.train.loop import LocationCheckpointer, Protocol, to_device_images, train_run
+from gdd_ray.train.loop import LocationCheckpointer, to_device_images, train_run
 
 SIZE, CLASSES = 16, 10
-SPEC = NetSpec(num_classes=CLASSES, image_size=SIZE, width=32)
+
+
+def protocol(**kw) -> TrainConfig:
+    return TrainConfig(net_width=32, **kw)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,8 +49,8 @@ def data(tmp_path_factory):
 
 
 def test_short_run_learns_well_above_chance(data):
-    proto = Protocol(epochs=25, batch_size=32, eval_every=5)
-    res = train_run(**data, spec=SPEC, protocol=proto, seed=0)
+    proto = protocol(epochs=25, train_batch_size=32, eval_every=5)
+    res = train_run(**data, config=proto, num_classes=CLASSES, seed=0)
     h = res["history"]
     assert len(h) == 25 and [r["epoch"] for r in h] == list(range(1, 26))
     assert res["test_acc"] == h[-1]["test_acc"]  # the last epoch's accuracy, not the best one
@@ -58,10 +61,10 @@ def test_short_run_learns_well_above_chance(data):
 
 
 def test_seeds_differ_and_repeat(data):
-    proto = Protocol(epochs=2, batch_size=64)
-    a = train_run(**data, spec=SPEC, protocol=proto, seed=3)
-    b = train_run(**data, spec=SPEC, protocol=proto, seed=3)
-    c = train_run(**data, spec=SPEC, protocol=proto, seed=4)
+    proto = protocol(epochs=2, train_batch_size=64)
+    a = train_run(**data, config=proto, num_classes=CLASSES, seed=3)
+    b = train_run(**data, config=proto, num_classes=CLASSES, seed=3)
+    c = train_run(**data, config=proto, num_classes=CLASSES, seed=4)
     assert a["train_loss"] == b["train_loss"] and a["test_acc"] == b["test_acc"]
     assert a["train_loss"] != c["train_loss"]
 
@@ -75,8 +78,8 @@ def _numbers(history):
 
 
 def test_resume_after_a_crash_gives_the_same_run(data, tmp_path):
-    proto = Protocol(epochs=6, batch_size=64, eval_every=2, checkpoint_every=2)  # lr drops at epoch 3: crosses it
-    whole = train_run(**data, spec=SPEC, protocol=proto, seed=7)
+    proto = protocol(epochs=6, train_batch_size=64, eval_every=2, checkpoint_every=2)  # lr drops at epoch 3: crosses it
+    whole = train_run(**data, config=proto, num_classes=CLASSES, seed=7)
 
     ckpt = LocationCheckpointer(storage.Location(str(tmp_path)), "run.pt")
 
@@ -85,12 +88,12 @@ def test_resume_after_a_crash_gives_the_same_run(data, tmp_path):
             raise Crash
 
     with pytest.raises(Crash):
-        train_run(**data, spec=SPEC, protocol=proto, seed=7, checkpointer=ckpt, on_epoch=crash_at_5)
+        train_run(**data, config=proto, num_classes=CLASSES, seed=7, checkpointer=ckpt, on_epoch=crash_at_5)
     assert ckpt.load()["epoch"] == 4  # the last checkpoint before the crash
-    resumed = train_run(**data, spec=SPEC, protocol=proto, seed=7, checkpointer=ckpt)
+    resumed = train_run(**data, config=proto, num_classes=CLASSES, seed=7, checkpointer=ckpt)
     assert resumed["resumed_from_epoch"] == 4
     assert _numbers(resumed["history"]) == _numbers(whole["history"])
     assert resumed["test_acc"] == whole["test_acc"]
     # A finished run's checkpoint holds the last epoch: running again trains nothing and reports the same.
-    again = train_run(**data, spec=SPEC, protocol=proto, seed=7, checkpointer=ckpt)
+    again = train_run(**data, config=proto, num_classes=CLASSES, seed=7, checkpointer=ckpt)
     assert again["resumed_from_epoch"] == 6 and again["test_acc"] == whole["test_acc"]

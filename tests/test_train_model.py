@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gdd_ray.train import dsa
-from gdd_ray.train.convnet import ConvNet, NetSpec, num_parameters
+from gdd_ray.train.convnet import ConvNet, num_parameters
 
 
 @pytest.mark.parametrize(
@@ -14,7 +14,7 @@ from gdd_ray.train.convnet import ConvNet, NetSpec, num_parameters
     [(100, 32, 504_420), (200, 64, 1_938_120), (10, 32, 320_010)],
 )
 def test_convnetd3_parameter_counts(classes, size, expected):
-    model = ConvNet(NetSpec(num_classes=classes, image_size=size))
+    model = ConvNet(classes, size)
     assert num_parameters(model) == expected
     # Instance norm is GroupNorm with one group per channel, affine (as in the DC codebase).
     norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
@@ -25,7 +25,7 @@ def test_convnetd3_parameter_counts(classes, size, expected):
 @pytest.mark.parametrize("norm", ["instance", "batch", "group", "none"])
 @pytest.mark.parametrize("act,pool", [("relu", "avg"), ("leakyrelu", "max"), ("sigmoid", "none")])
 def test_convnet_options(norm, act, pool):
-    model = ConvNet(NetSpec(num_classes=7, image_size=16, depth=2, width=8, norm=norm, act=act, pool=pool))
+    model = ConvNet(7, 16, depth=2, width=8, norm=norm, act=act, pool=pool)
     out = model(torch.randn(4, 3, 16, 16))
     assert out.shape == (4, 7)
     feat = 8 * (4 * 4 if pool != "none" else 16 * 16)
@@ -34,7 +34,7 @@ def test_convnet_options(norm, act, pool):
 
 def test_convnet_rejects_too_deep():
     with pytest.raises(ValueError, match="pools"):
-        ConvNet(NetSpec(image_size=4, depth=3))
+        ConvNet(10, 4, depth=3)
 
 
 def _g(seed=0):

@@ -8,12 +8,13 @@ import os
 import numpy as np
 import pytest
 
-from gdd_ray import storage
+from gdd_ray import pipeline, storage, synthetic
 from gdd_ray.classes import dataset_classes
-from gdd_ray.config import build_config
+from gdd_ray.config_loader import build_config
 from gdd_ray.errors import UserError
+from gdd_ray.plan import eval_run_seed
 from gdd_ray.run import RunDir
-from gdd_ray.train import stage, synthetic
+from gdd_ray.train import stage
 
 SIZE = 16
 CLASSES = dataset_classes("cifar10")
@@ -41,20 +42,19 @@ def make_run(tmp_path, **kw):
     )  # fmt: skip
     values.update(kw)
     cfg = build_config(values)
-    run_dir = RunDir(cfg.out)
-    synthetic.write_shards(run_dir.generated, CLASSES, x, y, unit_size=3)
-    return cfg, run_dir
+    synthetic.write_generated(cfg, CLASSES, x, y)
+    return cfg, RunDir(cfg.out)
 
 
 @pytest.mark.slow
 def test_train_stage_runs_in_parallel_writes_outputs_skips_and_resumes(ray_cluster, tmp_path):
     cfg, run_dir = make_run(tmp_path)
-    stage.preflight(cfg, run_dir, CLASSES)
-    res = stage.run(cfg, run_dir, CLASSES)
+    ctx = pipeline.check(cfg)
+    res = stage.run(ctx)
     ev = tmp_path / "run" / "eval"
 
     assert res["evaluated"] and res["workers"] == 2 and len(res["runs"]) == 3
-    assert [r["seed"] for r in res["runs"]] == [0, 1, 2]
+    assert [r["seed"] for r in res["runs"]] == [eval_run_seed(0, r) for r in range(3)]
     assert len({r["rank"] for r in res["runs"]}) == 2  # the runs were spread over both workers
     accs = [r["test_acc"] for r in res["runs"]]
     assert res["accuracies"] == accs and res["accuracy_mean"] == pytest.approx(np.mean(accs))
@@ -71,15 +71,15 @@ def test_train_stage_runs_in_parallel_writes_outputs_skips_and_resumes(ray_clust
     assert sorted(os.listdir(ev / "checkpoints")) == ["run00.pt", "run01.pt", "run02.pt"]
 
     # Same fingerprint: nothing is redone (no Ray Train job at all).
-    again = stage.run(cfg, run_dir, CLASSES)
+    again = stage.run(ctx)
     assert again == res
 
     # A lost result and one more run asked for: run 1 resumes from its checkpoint (its last epoch) and reports
     # the same accuracy, run 3 is new, runs 0 and 2 are not touched.
     (ev / "runs" / "run01.json").unlink()
     (ev / "results.json").unlink()
-    more = stage.run(cfg.replace(**{"train.eval_runs": 4}), run_dir, CLASSES)
-    assert more["accuracies"][:3] == accs and len(more["runs"]) == 4 and more["runs"][3]["seed"] == 3
+    more = stage.run(pipeline.check(cfg.replace(**{"train.eval_runs": 4})))
+    assert more["accuracies"][:3] == accs and len(more["runs"]) == 4 and more["runs"][3]["seed"] == eval_run_seed(0, 3)
     assert more["runs"][1]["resumed_from_epoch"] == 4 and more["runs"][3]["resumed_from_epoch"] == 0
     assert more["runs"][0]["finished"] == res["runs"][0]["finished"]
     assert more["runs"][2]["finished"] == res["runs"][2]["finished"]
@@ -89,7 +89,7 @@ def test_train_stage_runs_in_parallel_writes_outputs_skips_and_resumes(ray_clust
 @pytest.mark.slow
 def test_train_stage_without_test_set_says_nothing_was_evaluated(ray_cluster, tmp_path, capsys):
     cfg, run_dir = make_run(tmp_path, eval_data=None, eval_runs=1, epochs=2)
-    res = stage.run(cfg, run_dir, CLASSES)
+    res = stage.run(pipeline.check(cfg))
     assert res["evaluated"] is False and res["accuracy_mean"] is None and res["runs"][0]["test_acc"] is None
     assert "nothing was evaluated" in capsys.readouterr().out
 
@@ -100,7 +100,7 @@ def test_train_stage_refuses_misaligned_shards_before_training(tmp_path):
     run_dir.generated.delete_tree()
     shifted = [c.__class__(c.label, NAMES[(c.label + 1) % 10], c.name) for c in CLASSES]
     pats = synthetic.patterns(10, SIZE)
-    synthetic.write_shards(run_dir.generated, shifted, *synthetic.sample(pats, 2, seed=0))
+    synthetic.write_generated(cfg, CLASSES, *synthetic.sample(pats, 6, seed=0), shard_classes=shifted)
     with pytest.raises(UserError, match="label alignment: 10 of 10 labels.*label 0: shards 'automobile'"):
-        stage.run(cfg, run_dir, CLASSES)
+        stage.run(pipeline.check(cfg))
     assert not storage.Location(str(tmp_path / "run" / "eval")).exists()

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from gdd_ray import storage
+from gdd_ray import pipeline, storage, synthetic
 from gdd_ray.classes import dataset_classes
-from gdd_ray.config import build_config
+from gdd_ray.config_loader import build_config
 from gdd_ray.errors import UserError
 from gdd_ray.run import RunDir
-from gdd_ray.train import stage, synthetic, testsets
+from gdd_ray.train import stage, testsets
 from gdd_ray.train.data import check_alignment, load_shards, mean_std
 
 CIFAR10 = [c.class_id for c in dataset_classes("cifar10")]
@@ -126,6 +126,10 @@ def test_bad_test_sets_say_what_is_wrong(tmp_path):
         testsets.describe(str(tmp_path / "y.pt"))
 
 
+def context(cfg):
+    return pipeline.context(cfg)[0]
+
+
 def _cfg(tmp_path, eval_data, **kw):
     values = dict(dataset="cifar10", ipc=2, out=str(tmp_path / "run"), stages="generate,train", eval_data=eval_data)
     values.update(kw)
@@ -133,31 +137,30 @@ def _cfg(tmp_path, eval_data, **kw):
 
 
 def test_preflight_label_alignment_count_and_size(tmp_path):
-    classes = dataset_classes("cifar10")
     shifted = CIFAR10[1:] + CIFAR10[:1]  # the most common silent failure: a class list off by one
     synthetic.write_cifar(str(tmp_path / "shift"), _images(10, 32), np.arange(10), shifted, kind="cifar10")
     cfg = _cfg(tmp_path, str(tmp_path / "shift"))
     with pytest.raises(UserError) as e:
-        stage.preflight(cfg, RunDir(cfg.out), classes)
+        stage.preflight(context(cfg))
     msg = str(e.value)
     assert "10 of 10 labels" in msg and "label 0: shards 'airplane' vs test set 'automobile'" in msg
     assert "\n" not in msg
 
     synthetic.write_cifar(str(tmp_path / "c100"), _images(10, 32), np.arange(10), [f"n{i}" for i in range(100)])
     with pytest.raises(UserError, match="has 100 classes but the run has 10"):
-        stage.preflight(_cfg(tmp_path, str(tmp_path / "c100")), RunDir(cfg.out), classes)
+        stage.preflight(context(_cfg(tmp_path, str(tmp_path / "c100"))))
 
     synthetic.write_cifar(str(tmp_path / "ok"), _images(10, 32), np.arange(10), CIFAR10, kind="cifar10")
-    stage.preflight(_cfg(tmp_path, str(tmp_path / "ok")), RunDir(cfg.out), classes)  # passes
+    stage.preflight(context(_cfg(tmp_path, str(tmp_path / "ok"))))  # passes
     with pytest.raises(UserError, match="32px but the shards are 16px"):
-        stage.preflight(_cfg(tmp_path, str(tmp_path / "ok"), image_size=16), RunDir(cfg.out), classes)
+        stage.preflight(context(_cfg(tmp_path, str(tmp_path / "ok"), image_size=16)))
     assert not os.path.exists(cfg.out)  # preflight writes nothing
 
 
 def test_preflight_needs_shards_when_not_generating(tmp_path):
     cfg = _cfg(tmp_path, None, stages="train")
     with pytest.raises(UserError, match="holds no shards to train on"):
-        stage.preflight(cfg, RunDir(cfg.out), dataset_classes("cifar10"))
+        stage.preflight(context(cfg))
     assert not os.path.exists(cfg.out)
 
 
@@ -165,11 +168,12 @@ def test_shards_checked_against_the_run_class_list(tmp_path):
     classes = dataset_classes("cifar10")
     x, y = _images(20, 8), np.arange(20) % 10
     reordered = [c.__class__(c.label, CIFAR10[(c.label + 3) % 10], c.name) for c in classes]
-    loc = storage.Location(str(tmp_path / "gen"))
-    synthetic.write_shards(loc, reordered, x, y)
-    ds = load_shards(loc)
+    cfg = _cfg(tmp_path, None, image_size=8)
+    names = synthetic.write_generated(cfg, classes, x, y, shard_classes=reordered)
+    loc = RunDir(cfg.out).generated
+    ds = load_shards(loc, names)
     assert ds.images.shape == (20, 8, 8, 3) and sorted(ds.labels.tolist()) == sorted(y.tolist())
     with pytest.raises(UserError, match="run's class list.*label 0: shards 'cat' vs class list 'airplane'"):
         check_alignment(classes, CIFAR10, "cifar10", ds)
-    with pytest.raises(UserError, match="holds no .parquet shards"):
-        load_shards(storage.Location(str(tmp_path / "none")))
+    with pytest.raises(UserError, match="holds no shards to train on"):
+        load_shards(storage.Location(str(tmp_path / "none")), [])

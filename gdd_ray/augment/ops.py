@@ -11,7 +11,7 @@ The default recipe is the paper's code (albumentations there):
 order; a parameter left out keeps the default above, an op left out is not applied.
 
 Determinism: every random choice of one augmented image comes from its own generator, seeded by
-`variant_seed(image_seed, variant)`, and the same number of draws is made whatever was chosen. So an
+`gdd_ray.plan.variant_seed(image_seed, variant)`, and the same number of draws is made whatever was chosen. So an
 image's pixels depend on (its seed, the variant, the recipe) only, never on the batch it shares or the
 worker that ran it. The ops are batched: flips through torchvision.transforms.v2 on the selected
 sub-batch; colour ops as per-image gains on the whole batch; rotation as one `grid_sample` with a
@@ -20,7 +20,6 @@ per-image angle (v2's rotate takes one angle per call and fills borders instead 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any
 
@@ -87,14 +86,6 @@ def _check(name: str, params: dict[str, Any]) -> None:
         low, high = number("low", 0.01, 10.0), number("high", 0.01, 10.0)
         if low > high:
             raise UserError(f"pda-ops: gamma.low ({low}) must not exceed gamma.high ({high})")
-
-
-def variant_seed(image_seed: int, variant: int) -> int:
-    """Seed of one augmented variant; variant 0 is the original image and keeps the image's own seed."""
-    if variant == 0:
-        return int(image_seed)
-    digest = hashlib.blake2b(f"gdd-ray-pda:{int(image_seed)}:{variant}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def sample_params(recipe: Recipe, seeds: list[int]) -> list[dict[str, np.ndarray]]:

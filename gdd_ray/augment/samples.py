@@ -7,10 +7,9 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
-from gdd_ray import storage
+from gdd_ray import shards
 from gdd_ray.classes import ClassInfo
-from gdd_ray.generate import shards
-from gdd_ray.generate.plan import parse_shard_name
+from gdd_ray.plan import parse_shard_name
 from gdd_ray.run import RunDir
 
 MAX_CLASSES = 10
@@ -67,8 +66,7 @@ def write_sample_grid(
     for c in classes[:MAX_CLASSES]:
         groups: list[list[np.ndarray]] = []
         for name in by_label.get(c.label, []):
-            table = storage.read_parquet(run_dir.augmented, name, columns=["image"])
-            imgs = table.column("image").combine_chunks().field("bytes").to_pylist()
+            imgs = shards.png_bytes(shards.read_shard(run_dir.augmented, name, columns=["image"]))
             for i in range(0, len(imgs), variants + 1):
                 if len(groups) < IMAGES_PER_CLASS:
                     groups.append([shards.decode_png(b) for b in imgs[i : i + variants + 1]])

@@ -1,11 +1,11 @@
 """Stage 2: OUT/generated/*.parquet -> post data augmentation -> OUT/augmented/*.parquet (+ OUT/samples.png).
 
 For each generated image: the original plus --pda-variants augmented variants. One augmented shard
-per generated shard, same name. Ray Data streams the shard names through `map_batches`; each task
-reads its shards, augments them as one uint8 batch, encodes and commits each output whole, and hands
-back one small stats row per shard, so the driver never holds an image. (Ray Data's read_parquet
-blocks do not follow file boundaries, so a task that owns whole shards is what makes "one output per
-input, committed atomically" hold.)
+per generated shard, same name; the inputs are the shards the generate stage's manifest lists. Ray Data
+streams the shard names through `map_batches`; each task reads its shards, augments them as one uint8
+batch, encodes and commits each output whole, and hands back one small stats row per shard, so the
+driver never holds an image. (Ray Data's read_parquet blocks do not follow file boundaries, so a task
+that owns whole shards is what makes "one output per input, committed atomically" hold.)
 
 Resume = list the outputs whose footer says complete for this fingerprint, redo the rest.
 Faults: Ray Data retries a task whose worker died (lost node, OOM kill) and it rewrites the same names
@@ -14,125 +14,100 @@ with the same bytes; an exception in the work stops the stage with that error, a
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import numpy as np
 
-from gdd_ray import config, storage
+from gdd_ray import shards, storage
 from gdd_ray.augment import ops
-from gdd_ray.augment.shard import augment_shard, output_problem
-from gdd_ray.classes import ClassInfo
+from gdd_ray.augment.shard import augment_shard
 from gdd_ray.config import RunConfig
 from gdd_ray.errors import UserError
-from gdd_ray.generate import shards
-from gdd_ray.generate.plan import parse_shard_name, plan_units
-from gdd_ray.run import RunDir, Stopwatch, now_iso
+from gdd_ray.logs import Progress, say
+from gdd_ray.run import RunContext, RunDir, Stopwatch, now_iso, stage_summary
 
 SAMPLES_FILE = "samples.png"
 # Shards per Ray task: a 10-image CIFAR shard takes ~10 ms to augment, so a task per shard would be
 # mostly scheduling overhead; 8 keeps tasks around 100 ms while a crash still loses at most one shard.
 SHARDS_PER_TASK = 8
-RECIPE_VERSION = 1  # bump when ops.py changes pixels for the same recipe
+VERSION = 1  # bump when ops.py changes pixels for the same recipe
+# What decides the augmented pixels (with the generated images and the resolved recipe below): not
+# batch or worker counts.
+OUTPUT_FIELDS = ("augment.pda_variants",)
 
 
-def fingerprint(cfg: RunConfig, classes: list[ClassInfo], upstream: dict[str, str]) -> str:
-    """What decides the augmented pixels: the generated images and the recipe (not batch or worker counts)."""
-    return config.fingerprint(
-        {
-            "generate": upstream["generate"],
-            "variants": cfg.augment.pda_variants,
-            # a list, not a dict: the ops' order changes the pixels and fingerprint() sorts dict keys
-            # (with K=0 the recipe decides nothing, so changing it keeps the output)
-            "ops": [[name, params] for name, params in ops.resolve_ops(cfg.augment.pda_ops)]
-            if cfg.augment.pda_variants
-            else [],
-            "version": RECIPE_VERSION,
-        }
-    )
+def source(cfg: RunConfig, run_dir: RunDir) -> str:
+    return "generate"
 
 
-def expected_inputs(cfg: RunConfig, classes: list[ClassInfo]) -> list[str]:
-    """The generated shards this run is made of (the generate stage's plan), in plan order."""
-    return [u.shard_name for u in plan_units(len(classes), cfg.ipc, cfg.generate.unit_size)]
+def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
+    """The recipe as applied: defaults filled in, a list (the ops' order changes the pixels), [] at K = 0."""
+    return {"recipe": [[name, params] for name, params in recipe(cfg)]}
 
 
-def preflight(cfg: RunConfig, run_dir: RunDir, classes: list[ClassInfo]) -> None:
+def recipe(cfg: RunConfig) -> ops.Recipe:
+    """The ops applied (checked); with K = 0 there are none, whatever --pda-ops says."""
+    resolved = ops.resolve_ops(cfg.augment.pda_ops)
+    return resolved if cfg.augment.pda_variants else []
+
+
+def preflight(ctx: RunContext) -> None:
     """Checks that need no cluster and write nothing."""
-    ops.resolve_ops(cfg.augment.pda_ops)
-    if cfg.augment.pda_variants < 0:
-        raise UserError(f"--pda-variants must be >= 0, got {cfg.augment.pda_variants}")
-    if "generate" not in cfg.stages:
-        _check_inputs_present(cfg, run_dir, classes)
+    recipe(ctx.cfg)
+    if "generate" not in ctx.cfg.stages:
+        inputs(ctx)
 
 
-def _check_inputs_present(cfg: RunConfig, run_dir: RunDir, classes: list[ClassInfo]) -> list[str]:
-    expected = expected_inputs(cfg, classes)
-    present = set(run_dir.generated.list(".parquet"))
-    if not present:
+def inputs(ctx: RunContext) -> shards.Manifest:
+    """The generated shards to augment: the generate stage's manifest for this run's generation config."""
+    loc = ctx.run_dir.generated
+    manifest = shards.read_manifest(loc, ctx.fingerprint("generate"))
+    if manifest is None:
+        if not loc.list(shards.SHARD_SUFFIX):
+            raise UserError(
+                f"{loc.uri} has no generated shards: run the generate stage first (--stages generate,augment)"
+            )
         raise UserError(
-            f"{run_dir.generated.uri} has no generated shards: run the generate stage first (--stages generate,augment)"
+            f"{loc.uri} holds no complete generation for this config (no current {shards.MANIFEST_FILE}); "
+            "run the generate stage to finish it (with --overwrite if it was made by another config)"
         )
-    missing = [n for n in expected if n not in present]
+    present = set(loc.list(shards.SHARD_SUFFIX))
+    missing = [n for n in manifest.names if n not in present]
     if missing:
         raise UserError(
-            f"{run_dir.generated.uri} lacks {len(missing)} of the {len(expected)} shards of this run "
-            f"(first: {missing[0]}); run the generate stage to finish it"
+            f"{loc.uri} lacks {len(missing)} of the {len(manifest.names)} shards of this run (first: {missing[0]}); "
+            "run the generate stage to finish it"
         )
-    return expected
+    return manifest
 
 
-def run(cfg: RunConfig, run_dir: RunDir, classes: list[ClassInfo]) -> dict[str, Any]:
+def run(ctx: RunContext) -> dict[str, Any]:
     watch = Stopwatch()
-    record = run_dir.read_record() or {}
-    fps = record.get("fingerprints", {})
-    gen_fp = fps.get("generate")
-    if gen_fp is None:
-        raise UserError(f"{run_dir.uri}/run.json has no generate fingerprint; open the run with jobs/distill.py")
-    fp = fingerprint(cfg, classes, {"generate": gen_fp})
-    recipe = ops.resolve_ops(cfg.augment.pda_ops)
-    k = cfg.augment.pda_variants
-
-    names = _check_inputs_present(cfg, run_dir, classes)
-    in_meta = storage.footers(run_dir.generated, names)
-    source_rows: dict[str, int] = {}
-    for name in names:
-        meta = in_meta[name]
-        if isinstance(meta, Exception):
-            raise UserError(f"{run_dir.generated.uri}/{name} is unreadable ({meta}); rerun the generate stage")
-        if storage.footer_metadata(meta).get(shards.META_FINGERPRINT) != gen_fp:
-            raise UserError(
-                f"{run_dir.generated.uri}/{name} was made by another generation config; "
-                "rerun the generate stage (with --overwrite if it refuses)"
-            )
-        source_rows[name] = meta.num_rows
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    fp, k, ops_applied = ctx.fingerprint("augment"), cfg.augment.pda_variants, recipe(cfg)
+    manifest = inputs(ctx)
+    source_rows = manifest.rows
+    specs = [shards.augmented_spec(n, rows, k, fp) for n, rows in source_rows.items()]
 
     dst = run_dir.augmented
     dst.remove_stale_temporaries()
-    have = set(dst.list(".parquet"))
-    out_meta = storage.footers(dst, [n for n in names if n in have])
-    pending = [
-        n for n in names if n not in out_meta or output_problem(out_meta[n], n, source_rows[n], k, fp) is not None
-    ]
-    done_before = len(names) - len(pending)
-    print(
-        f"[augment] {len(names)} shards ({sum(source_rows.values())} images, K={k}): "
-        f"{done_before} done, {len(pending)} to do",
-        flush=True,
+    check = shards.check_folder(dst, specs)
+    pending = [s.name for s in check.todo]
+    say(
+        "augment",
+        f"{len(specs)} shards ({manifest.images} images, K={k}): {len(check.done)} done, {len(pending)} to do",
     )
-    stale = [n for n in have if parse_shard_name(n) is not None and n not in source_rows]
     previous = run_dir.read_summary("augment")
-    if (
-        not pending
-        and not stale
-        and previous
-        and previous.get("fingerprint") == fp
-        and run_dir.root.exists(SAMPLES_FILE)
-    ):
-        print("[augment] nothing to do: every shard is present and current", flush=True)
-        return {**previous, "skipped": True}
+    if not pending and not check.foreign and shards.read_manifest(dst, fp) and previous:
+        if run_dir.root.exists(SAMPLES_FILE):
+            say("augment", "nothing to do: every shard is present and current")
+            return previous
 
-    run_dir.update_stage("augment", status="running", started=now_iso(), finished=None)
+    shards.drop_manifest(dst)
+    started = now_iso()
+    run_dir.update_stage("augment", status="running", started=started, finished=None)
     new_stats: list[dict] = []
     augment_seconds = 0.0
     if pending:
@@ -140,44 +115,46 @@ def run(cfg: RunConfig, run_dir: RunDir, classes: list[ClassInfo]) -> dict[str, 
 
         init_ray()
         t_ray = Stopwatch()
-        new_stats = _run_ray(run_dir, pending, k, recipe, fp)
+        progress = Progress("augment", len(pending), sum(source_rows[n] * (k + 1) for n in pending))
+        new_stats = _run_ray(run_dir, pending, k, ops_applied, fp, progress)
         augment_seconds = t_ray.seconds
     # Outputs of shards outside this plan (a larger --ipc earlier) go only now that the plan's own are all there.
-    for n in stale:
-        print(f"[augment] removing {n}: its input is not part of this plan", flush=True)
+    for n in check.foreign:
+        say("augment", f"removing {n}: its input is not part of this plan")
         dst.delete(n)
+    dst.remove_stale_temporaries()
+    after = shards.check_folder(dst, specs)
+    if after.todo:
+        raise RuntimeError(f"augment: {len(after.todo)} shards missing after the run, e.g. {after.todo[0].name}")
 
     from gdd_ray.augment.samples import write_sample_grid
 
-    write_sample_grid(run_dir, classes, names, k)
-
-    images_in = sum(source_rows.values())
-    made = sum(s["rows_out"] for s in new_stats)
-    summary = {
-        "fingerprint": fp,
-        "generate_fingerprint": gen_fp,
-        "variants": k,
-        "ops": [[n, p] for n, p in recipe],
-        "shards": len(names),
-        "shards_done_now": len(new_stats),
-        "shards_done_before": done_before,
-        "images_in": images_in,
-        "images_out": images_in * (k + 1),
-        "images_per_class": cfg.ipc * (k + 1),
-        "images_written_now": made,
-        "seconds": round(watch.seconds, 3),
-        "augment_seconds": round(augment_seconds, 3),
-        "images_per_s": round(made / augment_seconds, 1) if made else None,
-        "samples": SAMPLES_FILE,
-        "skipped": False,
-        "finished": now_iso(),
-    }
+    write_sample_grid(run_dir, ctx.classes, manifest.names, k)
+    summary = stage_summary(
+        "augment",
+        fp,
+        started,
+        watch.seconds,
+        units=len(specs),
+        units_run=len(new_stats),
+        images=manifest.images * (k + 1),
+        images_made=sum(s["rows_out"] for s in new_stats),
+        work_s=augment_seconds,
+        generate_fingerprint=ctx.fingerprint("generate"),
+        variants=k,
+        ops=[[n, p] for n, p in ops_applied],
+        images_in=manifest.images,
+        images_per_class=cfg.ipc * (k + 1),
+        samples=SAMPLES_FILE,
+    )
     run_dir.write_summary("augment", summary)
-    run_dir.update_stage("augment", status="done", finished=summary["finished"], images=summary["images_out"])
-    rate = f" ({summary['images_per_s']} img/s)" if made else ""
-    print(
-        f"[augment] done: {made} images written in {augment_seconds:.1f} s{rate}; {summary['images_out']} under {dst.uri}",
-        flush=True,
+    shards.write_manifest(dst, "augment", fp, specs)  # last: its presence means "complete"
+    run_dir.update_stage("augment", status="done", finished=summary["finished"], images=summary["totals"]["images"])
+    t = summary["totals"]
+    rate = f" ({t['images_per_s']:.1f} img/s)" if t["images_per_s"] else ""
+    say(
+        "augment",
+        f"done: {t['images_made']} images written in {augment_seconds:.1f} s{rate}; {t['images']} under {dst.uri}",
     )
     return summary
 
@@ -189,18 +166,30 @@ def _augment_batch(batch: dict[str, np.ndarray], src: str, dst: str, variants: i
     return {key: np.array([s[key] for s in stats]) for key in stats[0]}
 
 
-def _run_ray(run_dir: RunDir, pending: list[str], variants: int, recipe: ops.Recipe, fp: str) -> list[dict]:
+def _run_ray(
+    run_dir: RunDir, pending: list[str], variants: int, recipe: ops.Recipe, fp: str, progress: Progress
+) -> list[dict]:
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     blocks = max(1, math.ceil(len(pending) / SHARDS_PER_TASK))
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.op_resource_reservation_enabled
+    saved = (ctx.op_resource_reservation_enabled, ctx.enable_progress_bars, ctx.print_on_execution_start)
     # The per-operator reservation keeps the operators of a longer pipeline from starving one another;
     # this one has a single map operator, and with it on, a 2-CPU node ran about one task at a time
     # (measured: 0.9 -> 1.5 tasks in flight on average without it). A dataset copies the context when
-    # it is created, so the switch comes first.
+    # it is created, so the switches come first. Ray Data's own progress bars would interleave with
+    # our progress line.
     ctx.op_resource_reservation_enabled = False
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    quiet = {  # the notes these print at INFO/WARNING say what we just chose; real warnings come from elsewhere
+        logging.getLogger("ray.data._internal.progress"): logging.ERROR,
+        logging.getLogger("ray.data._internal.execution.streaming_executor"): logging.WARNING,
+    }
+    levels = {logger: logger.level for logger in quiet}
+    for logger, level in quiet.items():
+        logger.setLevel(level)
     try:
         ds = ray.data.from_items([{"shard": n} for n in pending], override_num_blocks=blocks)
         ds = ds.map_batches(
@@ -217,13 +206,13 @@ def _run_ray(run_dir: RunDir, pending: list[str], variants: int, recipe: ops.Rec
             num_cpus=1,
         )
         stats: list[dict] = []
-        every = max(1, len(pending) // 10)
         for row in ds.iter_rows():
             stats.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
-            if len(stats) % every == 0 or len(stats) == len(pending):
-                print(f"[augment] {len(stats)}/{len(pending)} shards", flush=True)
+            progress.add(1, stats[-1]["rows_out"])
     finally:
-        ctx.op_resource_reservation_enabled = saved
+        ctx.op_resource_reservation_enabled, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+        for logger, level in levels.items():
+            logger.setLevel(level)
     done = {s["shard"] for s in stats}
     if done != set(pending):
         raise RuntimeError(f"augment: {len(set(pending) - done)} shards were not written; rerun to finish them")

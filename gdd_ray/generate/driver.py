@@ -3,7 +3,7 @@
 Knows nothing of diffusion: a worker is anything with `run(unit) -> UnitResult` (in process) or a Ray
 actor with `run_unit.remote(unit)`. Two runners with one signature:
     run_serial(units, make_worker, ...)   in-process, for tests and debugging
-    run_on_ray(units, spec, ...)          one GPU actor per worker, each kept busy from the queue
+    run_on_ray(units, job, ...)          one GPU actor per worker, each kept busy from the queue
 
 Scheduling is pull-based: every ready actor holds `PIPELINE_DEPTH` units at a time and gets the next one
 as soon as one finishes, so a faster GPU simply does more units. An actor that dies (OOM, lost node,
@@ -20,8 +20,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from gdd_ray.errors import UserError
-from gdd_ray.generate.generator import GenerationSpec, UnitGenerator, UnitResult
-from gdd_ray.generate.plan import WorkUnit
+from gdd_ray.generate.generator import GenerationJob, UnitGenerator, UnitResult
+from gdd_ray.logs import Progress, quiet_libraries, say
+from gdd_ray.plan import WorkUnit
 
 log = logging.getLogger("gdd_ray")
 
@@ -43,46 +44,6 @@ def last_line(err: BaseException | str) -> str:
     return type(err).__name__ if not isinstance(err, str) else text[:400]
 
 
-@dataclass
-class Progress:
-    """A live status line: units done/total, images/s and ETA (visible in `ray job logs`)."""
-
-    total_units: int
-    total_images: int
-    label: str = "generate"
-    interval_s: float = 5.0
-    stream: object = None  # None = the sys.stdout of the moment (pytest swaps it)
-    done_units: int = 0
-    done_images: int = 0
-    t0: float = field(default_factory=time.perf_counter)
-    _last: float = 0.0
-
-    def add(self, result: UnitResult) -> None:
-        self.done_units += 1
-        self.done_images += result.images
-        self.maybe_print()
-
-    def rate(self) -> float:
-        dt = time.perf_counter() - self.t0
-        return self.done_images / dt if dt > 0 else 0.0
-
-    def line(self, workers: int | None = None) -> str:
-        rate = self.rate()
-        left = self.total_images - self.done_images
-        eta = time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate > 0 else "--:--:--"
-        w = f", {workers} workers" if workers is not None else ""
-        return (
-            f"[{self.label}] {self.done_units}/{self.total_units} units, {self.done_images}/{self.total_images} "
-            f"images, {rate:.1f} img/s, ETA {eta}{w}"
-        )
-
-    def maybe_print(self, force: bool = False, workers: int | None = None) -> None:
-        now = time.perf_counter()
-        if force or now - self._last >= self.interval_s or self.done_units == self.total_units:
-            self._last = now
-            print(self.line(workers), file=self.stream, flush=True)
-
-
 def run_serial(
     units: Iterable[WorkUnit],
     make_worker: Callable[[], UnitGenerator],
@@ -101,7 +62,7 @@ def run_serial(
                 if attempt == max_retries:
                     raise UnitFailed(f"work unit {unit} failed {attempt} times: {last_line(e)}") from e
         if progress:
-            progress.add(results[-1])
+            progress.add(1, results[-1].images)
     return results
 
 
@@ -114,11 +75,9 @@ def _actor_class():
     class GeneratorActor:
         """One per GPU: holds one pipeline; renders under a lock so encoding overlaps the next render."""
 
-        def __init__(self, spec: GenerationSpec):
-            from gdd_ray.cli import quiet_libraries
-
+        def __init__(self, job: GenerationJob):
             quiet_libraries()
-            self.gen = UnitGenerator(spec)
+            self.gen = UnitGenerator(job)
             self.gen.load()
             self.gpu = threading.Lock()
 
@@ -162,7 +121,7 @@ def actor_options(cluster_gpus: int, worker_gpus: float | None = None) -> dict:
 
 def run_on_ray(
     units: Iterable[WorkUnit],
-    spec: GenerationSpec,
+    job: GenerationJob,
     workers: int,
     max_retries: int = 3,
     progress: Progress | None = None,
@@ -191,7 +150,7 @@ def run_on_ray(
     t0 = time.perf_counter()
 
     def start(slot: _Slot) -> None:
-        slot.actor = actor_cls.options(**opts).remote(spec)
+        slot.actor = actor_cls.options(**opts).remote(job)
         slot.epoch += 1
         slot.ready = False
         slot.ready_ref = slot.actor.ready.remote()
@@ -209,7 +168,7 @@ def run_on_ray(
         stats["replacements"] = replacements
         if replacements > max_replacements:
             raise UnitFailed(f"generator workers keep dying ({replacements} replaced); last cause: {cause}")
-        print(f"[generate] worker {slot.index} died ({cause}); starting a replacement", flush=True)
+        say("generate", f"worker {slot.index} died ({cause}); starting a replacement")
         try:
             ray.kill(slot.actor, no_restart=True)
         except Exception:
@@ -265,7 +224,7 @@ def run_on_ray(
                 continue
             results.append(result)
             if progress:
-                progress.add(result)
+                progress.add(1, result.images, workers=sum(s.ready for s in slots))
     finally:
         for s in slots:
             try:

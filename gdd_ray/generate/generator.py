@@ -15,29 +15,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gdd_ray import storage
+from gdd_ray import shards, storage
 from gdd_ray.classes import ClassInfo
-from gdd_ray.generate import shards
-from gdd_ray.generate.plan import WorkUnit, image_seed
+from gdd_ray.config import GenerateConfig
+from gdd_ray.plan import WorkUnit, image_seed
 
 
 @dataclass(frozen=True)
-class GenerationSpec:
+class GenerationJob:
     """What every worker needs to render any unit: small, picklable, identical on every node."""
 
-    model: str  # what from_pretrained gets: hub id or folder ('tiny' is built on first use)
-    vae: str | None
-    steps: int
-    guidance: float
-    gen_resolution: int
-    image_size: int
-    prompt_template: str
-    seed: int
-    batch_size: int
+    config: GenerateConfig  # the run's generate section itself
+    model: str  # what from_pretrained gets: the resolved hub id or folder
+    image_size: int  # resolved (--image-size, else the dataset's)
+    seed: int  # the run seed
+    classes: tuple[ClassInfo, ...]
     fingerprint: str
     out_uri: str  # the folder shards are committed to
-    classes: tuple[ClassInfo, ...]
-    compile: bool = False
 
 
 @dataclass
@@ -60,14 +54,14 @@ class RenderedUnit:
 
 @dataclass
 class UnitGenerator:
-    spec: GenerationSpec
+    job: GenerationJob
     device: str | None = None
     pipeline: object = None  # loaded on first use; tests may inject one
     _embeds: dict = field(default_factory=dict)
     _pool: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
-        self.out = storage.Location(self.spec.out_uri)
+        self.out = storage.Location(self.job.out_uri)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def load(self) -> None:
@@ -78,7 +72,8 @@ class UnitGenerator:
 
             if self.device is None:
                 self.device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.pipeline = load_pipeline(self.spec.model, self.spec.vae, self.device, compile=self.spec.compile)
+            g = self.job.config
+            self.pipeline = load_pipeline(self.job.model, g.vae, self.device, compile=g.compile)
         if self.device is None:
             self.device = str(self.pipeline.device)
 
@@ -89,7 +84,7 @@ class UnitGenerator:
         if label not in self._embeds:
             import torch
 
-            prompt = self.spec.classes[label].prompt(self.spec.prompt_template)
+            prompt = self.job.classes[label].prompt(self.job.config.prompt_template)
             with torch.inference_mode():
                 pe, npe, ppe, nppe = self.pipeline.encode_prompt(
                     prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=self.cfg_on
@@ -99,11 +94,11 @@ class UnitGenerator:
 
     @property
     def cfg_on(self) -> bool:
-        return self.spec.guidance > 1.0  # as in diffusers: guidance <= 1 means no unconditional pass
+        return self.job.config.guidance > 1.0  # as in diffusers: guidance <= 1 means no unconditional pass
 
     def batches(self, unit: WorkUnit) -> list[range]:
         """Split a unit into near-equal batches of at most batch_size (20 -> 10+10, not 16+4)."""
-        n = math.ceil(unit.size / self.spec.batch_size)
+        n = math.ceil(unit.size / self.job.config.batch_size)
         edges = [unit.start + round(i * unit.size / n) for i in range(n + 1)]
         return [range(a, b) for a, b in zip(edges, edges[1:])]
 
@@ -113,9 +108,9 @@ class UnitGenerator:
 
         self.load()
         t0 = time.perf_counter()
-        s = self.spec
+        g, size = self.job.config, self.job.image_size
         pe, npe, ppe, nppe = self.prompt_embeddings(unit.label)
-        seeds = [image_seed(s.seed, unit.label, i) for i in range(unit.start, unit.stop)]
+        seeds = [image_seed(self.job.seed, unit.label, i) for i in range(unit.start, unit.stop)]
         out = []
         for batch in self.batches(unit):
             n = len(batch)
@@ -130,17 +125,15 @@ class UnitGenerator:
             with torch.inference_mode():
                 images = self.pipeline(
                     **kwargs,
-                    num_inference_steps=s.steps,
-                    guidance_scale=s.guidance,
-                    height=s.gen_resolution,
-                    width=s.gen_resolution,
+                    num_inference_steps=g.steps,
+                    guidance_scale=g.guidance,
+                    height=g.gen_resolution,
+                    width=g.gen_resolution,
                     generator=gens,
                     output_type="pt",
                 ).images  # N x 3 x R x R in [0, 1], still on the device
-                if s.image_size != s.gen_resolution:
-                    images = F.interpolate(
-                        images.float(), size=(s.image_size, s.image_size), mode="bicubic", antialias=True
-                    )
+                if size != g.gen_resolution:
+                    images = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True)
                 pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
                 out.append(pixels.cpu().numpy())  # a sync point: small uint8 tensors only
         return RenderedUnit(unit, np.concatenate(out), seeds, time.perf_counter() - t0)
@@ -153,10 +146,11 @@ class UnitGenerator:
             self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="png")
         pngs = list(self._pool.map(shards.encode_png, rendered.pixels))  # PIL releases the GIL in zlib
         unit = rendered.unit
-        info = self.spec.classes[unit.label]
-        rows = shards.ShardRows(unit, info.class_id, info.name, info.prompt(self.spec.prompt_template), rendered.seeds)
-        table = shards.build_table(rows, pngs)
-        nbytes = shards.write_shard(self.out, unit, table, self.spec.fingerprint, self.spec.image_size)
+        info = self.job.classes[unit.label]
+        prompts = [info.prompt(self.job.config.prompt_template)] * unit.size
+        table = shards.generated_table(unit, info.class_id, info.name, prompts, rendered.seeds, pngs)
+        footer = shards.generated_footer(unit, self.job.fingerprint, self.job.image_size)
+        nbytes = shards.write_shard(self.out, unit.shard_name, table, footer)
         return UnitResult(unit, unit.size, nbytes, rendered.render_s, time.perf_counter() - t0, self.worker)
 
     def run(self, unit: WorkUnit) -> UnitResult:

@@ -7,26 +7,14 @@ Each block is conv 3x3 (padding 1) -> norm -> activation -> pool 2x2, then one l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import get_args
 
 import torch
 from torch import nn
 
-NORMS = ("instance", "batch", "group", "none")
-ACTS = ("relu", "leakyrelu", "sigmoid")
-POOLS = ("avg", "max", "none")
+from gdd_ray.config import Activation, Norm, Pooling, TrainConfig
 
-
-@dataclass(frozen=True)
-class NetSpec:
-    channels: int = 3
-    num_classes: int = 10
-    image_size: int = 32
-    depth: int = 3
-    width: int = 128
-    norm: str = "instance"
-    act: str = "relu"
-    pool: str = "avg"
+NORMS, ACTS, POOLS = get_args(Norm), get_args(Activation), get_args(Pooling)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -62,21 +50,34 @@ def _pool(kind: str) -> nn.Module:
 
 
 class ConvNet(nn.Module):
-    def __init__(self, spec: NetSpec):
+    def __init__(
+        self,
+        num_classes: int,
+        image_size: int,
+        depth: int = 3,
+        width: int = 128,
+        norm: Norm = "instance",
+        act: Activation = "relu",
+        pool: Pooling = "avg",
+        channels: int = 3,
+    ):
         super().__init__()
         layers: list[nn.Module] = []
-        c, size = spec.channels, spec.image_size
-        for _ in range(spec.depth):
-            layers += [nn.Conv2d(c, spec.width, 3, padding=1), _norm(spec.norm, spec.width), _act(spec.act)]
-            c = spec.width
-            if spec.pool != "none":
-                layers.append(_pool(spec.pool))
+        c, size = channels, image_size
+        for _ in range(depth):
+            layers += [nn.Conv2d(c, width, 3, padding=1), _norm(norm, width), _act(act)]
+            c = width
+            if pool != "none":
+                layers.append(_pool(pool))
                 size //= 2
         if size < 1:
-            raise ValueError(f"depth {spec.depth} pools a {spec.image_size}px image away; use a smaller depth")
+            raise ValueError(f"depth {depth} pools a {image_size}px image away; use a smaller depth")
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(c * size * size, spec.num_classes)
-        self.spec = spec
+        self.classifier = nn.Linear(c * size * size, num_classes)
+
+    @classmethod
+    def from_config(cls, t: TrainConfig, num_classes: int, image_size: int) -> ConvNet:
+        return cls(num_classes, image_size, t.net_depth, t.net_width, t.net_norm, t.net_act, t.net_pool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x).flatten(1))

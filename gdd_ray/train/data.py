@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gdd_ray import storage
+from gdd_ray import shards, storage
 from gdd_ray.classes import MEAN_STD, ClassInfo
 from gdd_ray.errors import UserError
-from gdd_ray.generate import shards
 
 
 def mean_std(dataset: str | None) -> tuple[list[float], list[float]]:
@@ -36,11 +35,11 @@ class DistilledSet:
         return int(self.images.shape[1])
 
 
-def load_shards(loc: storage.Location) -> DistilledSet:
-    names = loc.list(".parquet")
+def load_shards(loc: storage.Location, names: list[str]) -> DistilledSet:
+    """The images of shards `names` (a stage's manifest lists them), decoded, with their labels."""
     if not names:
-        raise UserError(f"{loc.uri} holds no .parquet shards: run the generate stage first (--stages generate,train)")
-    table = shards.read_generated(loc, columns=["image", "label", "class_id", "class_name"])
+        raise UserError(f"{loc.uri} holds no shards to train on: run the generate stage first")
+    table = shards.read_shards(loc, names, columns=["image", "label", "class_id", "class_name"])
     labels = np.asarray(table.column("label").to_numpy(), dtype=np.int64)
     ids, cnames = table.column("class_id").to_pylist(), table.column("class_name").to_pylist()
     class_ids: dict[int, str] = {}
@@ -49,7 +48,7 @@ def load_shards(loc: storage.Location) -> DistilledSet:
         if class_ids.setdefault(lab, cid) != cid:
             raise UserError(f"{loc.uri}: label {lab} is written for two classes ('{class_ids[lab]}', '{cid}')")
         class_names.setdefault(lab, cname)
-    pngs = [row["bytes"] for row in table.column("image").to_pylist()]
+    pngs = shards.png_bytes(table)
     # PNG decoding releases the GIL; a few threads make 50k small images a matter of seconds.
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
         arrays = list(pool.map(shards.decode_png, pngs))

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+from gdd_ray.config import DsaOp
+from gdd_ray.plan import derive_seed
+
+OPS = get_args(DsaOp)
 STANDARD_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 
@@ -135,7 +139,7 @@ class DSA:
         # The op is chosen on the host from its own generator: reading a GPU random number back with
         # .item() would be a CPU-GPU sync point on every batch.
         self.op_generator = torch.Generator()
-        self.op_generator.manual_seed(seed + 1)
+        self.op_generator.manual_seed(derive_seed(seed, "dsa-op"))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.ops:

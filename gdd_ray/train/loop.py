@@ -5,7 +5,8 @@
     reset); the accuracy reported is the test accuracy after the LAST epoch, never the best one seen.
 
 (The DC/MTT reference runs epochs + 1 epochs and drops after epoch index epochs // 2 + 1; we run exactly
-`epochs` and drop at epochs // 2, as the protocol is usually stated.)
+`epochs` and drop at epochs // 2, as the protocol is usually stated.) The protocol's values are the
+train section of the run config itself (TrainConfig).
 
 The whole training set lives on the device as one normalised tensor and batches are index slices of a
 device-side permutation: no DataLoader, no host-to-device copy per batch. Checkpoints hold everything
@@ -19,31 +20,17 @@ import io
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gdd_ray.train.convnet import ConvNet, NetSpec
+from gdd_ray.config import TrainConfig
+from gdd_ray.plan import derive_seed
+from gdd_ray.train.convnet import ConvNet
 from gdd_ray.train.dsa import DSA
-
-
-@dataclass(frozen=True)
-class Protocol:
-    epochs: int = 1000
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 256
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
-    eval_every: int = 100
-    checkpoint_every: int = 50
-
-    @property
-    def lr_drop_epoch(self) -> int:
-        return self.epochs // 2
 
 
 class Checkpointer:
@@ -89,7 +76,7 @@ def to_device_images(images: np.ndarray | torch.Tensor, mean: list[float], std: 
     return ((x - m) / s).contiguous()
 
 
-def _optimizer(model: torch.nn.Module, lr: float, p: Protocol) -> torch.optim.SGD:
+def _optimizer(model: torch.nn.Module, lr: float, p: TrainConfig) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
 
 
@@ -112,8 +99,8 @@ def train_run(
     train_y: torch.Tensor,
     test_x_u8: torch.Tensor | None,
     test_y: torch.Tensor | None,
-    spec: NetSpec,
-    protocol: Protocol,
+    config: TrainConfig,
+    num_classes: int,
     seed: int,
     mean: list[float],
     std: list[float],
@@ -127,12 +114,12 @@ def train_run(
     raise: the tests use it to simulate a crash between checkpoints).
     """
     device = train_x.device
-    p = protocol
-    torch.manual_seed(seed)
-    model = ConvNet(spec).to(device)
+    p = config
+    torch.manual_seed(derive_seed(seed, "init"))
+    model = ConvNet.from_config(p, num_classes, int(train_x.shape[-1])).to(device)
     shuffle = torch.Generator(device=device)
-    shuffle.manual_seed(seed + 1_000_003)
-    dsa = DSA(p.dsa_strategy, device, seed + 2_000_003)
+    shuffle.manual_seed(derive_seed(seed, "shuffle"))
+    dsa = DSA(p.dsa_strategy, device, derive_seed(seed, "dsa"))
     lr = p.lr
     optimizer = _optimizer(model, lr, p)
     history: list[dict[str, Any]] = []
@@ -159,8 +146,8 @@ def train_run(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         perm = torch.randperm(n, device=device, generator=shuffle)
-        for i in range(0, n, p.batch_size):
-            idx = perm[i : i + p.batch_size]
+        for i in range(0, n, p.train_batch_size):
+            idx = perm[i : i + p.train_batch_size]
             x, y = dsa(train_x[idx]), train_y[idx]
             out = model(x)
             loss = F.cross_entropy(out, y)
@@ -180,7 +167,7 @@ def train_run(
         )
         last = epoch + 1 == p.epochs
         if test_x_u8 is not None and (last or (epoch + 1) % p.eval_every == 0):
-            row["test_acc"] = evaluate(model, test_x_u8, test_y, mean, std, max(p.batch_size, 1024))
+            row["test_acc"] = evaluate(model, test_x_u8, test_y, mean, std, max(p.train_batch_size, 1024))
         history.append(row)
         if on_epoch:
             on_epoch(row)
@@ -195,7 +182,7 @@ def train_run(
                     "dsa": dsa.state(),
                     "history": history,
                     "seconds": seconds_before + time.perf_counter() - t0,
-                    "protocol": asdict(p),
+                    "config": asdict(p),
                     "seed": seed,
                 }
             )

@@ -1,0 +1,32 @@
+"""Fingerprints: a short stable hash of what decides a stage's output.
+
+Each stage declares, beside its own code, the config values that decide its output (`OUTPUT_FIELDS`,
+dotted paths into RunConfig, plus "classes" for the class list); its fingerprint hashes those values,
+the stage's code version and its input's fingerprint. The pipeline computes them once per run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from gdd_ray.classes import ClassInfo
+from gdd_ray.config import RunConfig
+
+
+def digest(obj: Any) -> str:
+    """Short stable hash of a JSON-able object (sorted keys)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def output_inputs(cfg: RunConfig, classes: list[ClassInfo], fields: tuple[str, ...]) -> dict[str, Any]:
+    """The values of `fields` for this run: what a fingerprint hashes and a refusal message compares."""
+    return {f: ([[c.class_id, c.name] for c in classes] if f == "classes" else cfg.value(f)) for f in fields}
+
+
+def stage_fingerprint(
+    stage: str, version: int, inputs: dict[str, Any], upstream: str | None, source: str | None = None
+) -> str:
+    return digest({"stage": stage, "version": version, "inputs": inputs, "upstream": upstream, "source": source})

@@ -1,0 +1,111 @@
+"""The plan of a run: which images exist, which work unit (= shard) holds each, and every derived seed.
+
+A unit is (class, index range); its shard name is derived from it alone, so the same run planned on
+any machine, today or after a crash, names the same files. The unit grid depends on --unit-size but
+not on --ipc: raising IPC later adds units and keeps every shard already made.
+
+`plan_run` is the one place that turns --ipc into shards: the pipeline calls it once per run, and
+`status` calls it on the config saved in run.json. Every later stage reads its input's manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gdd_ray.config import RunConfig
+
+SHARD_SUFFIX = ".parquet"
+
+
+@dataclass(frozen=True, order=True)
+class WorkUnit:
+    label: int
+    start: int  # first image index within the class (inclusive)
+    stop: int  # last image index + 1
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def shard_name(self) -> str:
+        return f"c{self.label:05d}-i{self.start:06d}-{self.stop:06d}{SHARD_SUFFIX}"
+
+    @property
+    def key(self) -> str:
+        """How a shard's footer names the unit it holds."""
+        return f"{self.label}:{self.start}:{self.stop}"
+
+    def __str__(self) -> str:
+        return f"class {self.label} images {self.start}..{self.stop - 1}"
+
+
+def parse_shard_name(name: str) -> WorkUnit | None:
+    """The unit a shard name stands for, or None if the name is not one of ours."""
+    if not (name.startswith("c") and name.endswith(SHARD_SUFFIX)):
+        return None
+    try:
+        label, rng = name[1 : -len(SHARD_SUFFIX)].split("-i", 1)
+        start, stop = rng.split("-")
+        unit = WorkUnit(int(label), int(start), int(stop))
+    except ValueError:
+        return None
+    return unit if unit.shard_name == name else None
+
+
+def plan_units(num_classes: int, ipc: int, unit_size: int) -> list[WorkUnit]:
+    """Units in the order to hand them out: index range major, so early shards cover every class."""
+    units = []
+    for start in range(0, ipc, unit_size):
+        for label in range(num_classes):
+            units.append(WorkUnit(label, start, min(start + unit_size, ipc)))
+    return units
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every unit of a run, in dispatch order."""
+
+    units: tuple[WorkUnit, ...]
+
+    @property
+    def images(self) -> int:
+        return sum(u.size for u in self.units)
+
+    @property
+    def names(self) -> list[str]:
+        return [u.shard_name for u in self.units]
+
+    def by_name(self) -> dict[str, WorkUnit]:
+        return {u.shard_name: u for u in self.units}
+
+
+def plan_run(cfg: RunConfig, num_classes: int) -> Plan:
+    return Plan(tuple(plan_units(num_classes, cfg.ipc, cfg.generate.unit_size)))
+
+
+# ---- seeds ----------------------------------------------------------------------------------------
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from named parts: the same parts give the same seed on every machine and Python."""
+    digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def image_seed(run_seed: int, label: int, index: int) -> int:
+    """Seed of one image, from (run seed, class, index) only: any worker, any batch, same image."""
+    return derive_seed("gdd-ray", run_seed, label, index)
+
+
+def variant_seed(image_seed: int, variant: int) -> int:
+    """Seed of one augmented variant; variant 0 is the original image and keeps the image's own seed."""
+    return int(image_seed) if variant == 0 else derive_seed("gdd-ray-pda", int(image_seed), variant)
+
+
+def eval_run_seed(eval_seed: int, run: int) -> int:
+    """Seed of evaluation run `run` (model init, shuffling, DSA draws all derive from it)."""
+    return derive_seed("gdd-ray-eval", eval_seed, run)

@@ -1,0 +1,262 @@
+"""The shard contract every stage, the exports and `status` share.
+
+Two Parquet shard kinds, one folder each:
+    generated   `image` {bytes: PNG, path}, label, class_id, class_name, prompt, seed, index
+    augmented   the generated columns + `variant` (0 = the original, bytes untouched) and `variant_seed`;
+                rows image-major (image 0 variants 0..K, image 1 ...), named after their input shard
+Hugging Face `datasets` reads either folder, with `image` typed as an Image feature.
+
+A shard's footer (Parquet key-value metadata) says what it was made for, so "complete and current?" is
+judged from the footer alone: `ShardSpec` is what a stage expects of one output shard, `shard_problem`
+says why a shard falls short of it. A stage whose every shard passes writes `_manifest.json` last;
+downstream stages, exports and `status` read that manifest instead of re-planning the run.
+
+Shards are committed whole (storage.Location.write_bytes): after any crash a shard is complete or absent.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from gdd_ray import storage
+from gdd_ray.plan import SHARD_SUFFIX, WorkUnit, parse_shard_name
+
+MANIFEST_FILE = "_manifest.json"
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+GENERATED_SCHEMA = pa.schema(
+    [
+        ("image", IMAGE_TYPE),
+        ("label", pa.int32()),
+        ("class_id", pa.string()),
+        ("class_name", pa.string()),
+        ("prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("index", pa.int32()),
+    ]
+)
+AUGMENTED_SCHEMA = GENERATED_SCHEMA.append(pa.field("variant", pa.int32())).append(pa.field("variant_seed", pa.int64()))
+
+# Footer keys.
+FINGERPRINT = "gdd_ray.fingerprint"  # the fingerprint of the stage that wrote the shard
+UNIT = "gdd_ray.unit"  # generated: "label:start:stop"
+IMAGE_SIZE = "gdd_ray.image_size"
+SOURCE = "gdd_ray.source"  # augmented: the input shard's name
+SOURCE_ROWS = "gdd_ray.source_rows"
+SOURCE_FINGERPRINT = "gdd_ray.source_fingerprint"
+VARIANTS = "gdd_ray.variants"
+# What a mismatch of each checked footer key means, in the words a user reads.
+_MISMATCH = {UNIT: "written for another unit", SOURCE: "made from another input", FINGERPRINT: "another fingerprint"}
+
+
+def _hf_features(schema: pa.Schema) -> str:
+    """The `huggingface` footer entry: `datasets` reads it to type `image` as an Image feature."""
+    names = {pa.int32(): "int32", pa.int64(): "int64", pa.string(): "string"}
+    feats: dict[str, Any] = {}
+    for f in schema:
+        feats[f.name] = {"_type": "Image"} if f.type == IMAGE_TYPE else {"dtype": names[f.type], "_type": "Value"}
+    return json.dumps({"info": {"features": feats}})
+
+
+HF_FEATURES = {"generated": _hf_features(GENERATED_SCHEMA), "augmented": _hf_features(AUGMENTED_SCHEMA)}
+
+
+# ---- pixels -----------------------------------------------------------------------------------------
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """HxWx3 uint8 -> PNG bytes. compress_level 1: PNG of small images is CPU-bound, ratio barely changes."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def image_column(pngs: list[bytes], paths: list[str]) -> pa.Array:
+    return pa.array([{"bytes": b, "path": p} for b, p in zip(pngs, paths)], type=IMAGE_TYPE)
+
+
+def png_bytes(table: pa.Table) -> list[bytes]:
+    return table.column("image").combine_chunks().field("bytes").to_pylist()
+
+
+# ---- writing ----------------------------------------------------------------------------------------
+
+
+def generated_table(
+    unit: WorkUnit, class_id: str, class_name: str, prompts: list[str], seeds: list[int], pngs: list[bytes]
+) -> pa.Table:
+    """The rows of one generated shard; `prompts` holds one prompt per image (templates may differ)."""
+    n = unit.size
+    assert len(pngs) == n == len(seeds) == len(prompts)
+    paths = [f"{unit.label:05d}_{i:06d}.png" for i in range(unit.start, unit.stop)]
+    return pa.Table.from_arrays(
+        [
+            image_column(pngs, paths),
+            pa.array([unit.label] * n, pa.int32()),
+            pa.array([class_id] * n, pa.string()),
+            pa.array([class_name] * n, pa.string()),
+            pa.array(prompts, pa.string()),
+            pa.array(seeds, pa.int64()),
+            pa.array(list(range(unit.start, unit.stop)), pa.int32()),
+        ],
+        schema=GENERATED_SCHEMA,
+    )
+
+
+def generated_footer(unit: WorkUnit, fingerprint: str, image_size: int) -> dict[str, str]:
+    return {FINGERPRINT: fingerprint, UNIT: unit.key, IMAGE_SIZE: str(image_size)}
+
+
+def write_shard(loc: storage.Location, name: str, table: pa.Table, footer: dict[str, str]) -> int:
+    """Commit one shard (footer + the Hugging Face features of its kind); returns its size in bytes."""
+    kind = "augmented" if "variant" in table.column_names else "generated"
+    data = storage.parquet_bytes(table, {**footer, "huggingface": HF_FEATURES[kind]})
+    loc.write_bytes(name, data)
+    return len(data)
+
+
+# ---- "complete and current?" --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What one output shard of a stage must be: its name, its rows, and footer values that must match."""
+
+    name: str
+    rows: int
+    footer: tuple[tuple[str, str], ...]
+
+
+def generated_spec(unit: WorkUnit, fingerprint: str) -> ShardSpec:
+    return ShardSpec(unit.shard_name, unit.size, ((UNIT, unit.key), (FINGERPRINT, fingerprint)))
+
+
+def augmented_spec(source: str, source_rows: int, variants: int, fingerprint: str) -> ShardSpec:
+    return ShardSpec(source, source_rows * (variants + 1), ((SOURCE, source), (FINGERPRINT, fingerprint)))
+
+
+def shard_problem(meta: pq.FileMetaData | Exception, spec: ShardSpec) -> str | None:
+    """Why a shard must be redone (None = it is complete and current), judged from its footer."""
+    if isinstance(meta, Exception):
+        return f"unreadable ({type(meta).__name__})"
+    if meta.num_rows != spec.rows:
+        return f"{'short' if meta.num_rows < spec.rows else 'long'} ({meta.num_rows} of {spec.rows} rows)"
+    kv = storage.footer_metadata(meta)
+    for key, want in spec.footer:
+        if kv.get(key) != want:
+            return _MISMATCH.get(key, f"another {key}")
+    return None
+
+
+@dataclass
+class Check:
+    """A folder judged against the specs of a stage's output."""
+
+    done: list[ShardSpec]
+    todo: list[ShardSpec]  # missing or to redo, in spec order
+    problems: dict[str, str]  # name -> why it must be redone (present but not complete and current)
+    foreign: list[str]  # our shard names that no spec asks for (a larger --ipc earlier, ...)
+
+
+def check_folder(loc: storage.Location, specs: list[ShardSpec]) -> Check:
+    """List the folder once, read the footers of the expected shards in parallel, judge each."""
+    present = set(loc.list(SHARD_SUFFIX))
+    wanted = {s.name: s for s in specs}
+    metas = storage.footers(loc, sorted(present & set(wanted)))
+    problems = {n: why for n, m in metas.items() if (why := shard_problem(m, wanted[n])) is not None}
+    done = [s for s in specs if s.name in metas and s.name not in problems]
+    todo = [s for s in specs if s.name not in metas or s.name in problems]
+    foreign = sorted(n for n in present - set(wanted) if parse_shard_name(n) is not None)
+    return Check(done, todo, problems, foreign)
+
+
+# ---- the manifest -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Manifest:
+    """A finished stage's output: written last, so its presence (with the stage's fingerprint) means done."""
+
+    stage: str
+    fingerprint: str
+    shards: list[dict[str, Any]]  # {name, rows, bytes} in plan order
+    written: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def names(self) -> list[str]:
+        return [s["name"] for s in self.shards]
+
+    @property
+    def rows(self) -> dict[str, int]:
+        return {s["name"]: int(s["rows"]) for s in self.shards}
+
+    @property
+    def images(self) -> int:
+        return sum(int(s["rows"]) for s in self.shards)
+
+
+def write_manifest(loc: storage.Location, stage: str, fingerprint: str, specs: list[ShardSpec]) -> Manifest:
+    """Record `specs` (all verified complete and current by the caller) with their sizes on storage."""
+    sizes = loc.sizes(SHARD_SUFFIX)
+    shards = [{"name": s.name, "rows": s.rows, "bytes": sizes.get(s.name)} for s in specs]
+    manifest = Manifest(stage, fingerprint, shards)
+    loc.write_bytes(MANIFEST_FILE, json.dumps(asdict(manifest), indent=1).encode())
+    return manifest
+
+
+def read_manifest(loc: storage.Location, fingerprint: str | None = None) -> Manifest | None:
+    """The folder's manifest; None when it is missing, unreadable, partial or (if given) of another fingerprint."""
+    try:
+        if not loc.exists(MANIFEST_FILE):
+            return None
+        d = json.loads(loc.read_bytes(MANIFEST_FILE))
+        manifest = Manifest(d["stage"], d["fingerprint"], list(d["shards"]), d.get("written", ""))
+        if not all({"name", "rows"} <= set(s) for s in manifest.shards):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if fingerprint is not None and manifest.fingerprint != fingerprint:
+        return None
+    return manifest
+
+
+def drop_manifest(loc: storage.Location) -> None:
+    """A stage about to change its folder first says it is no longer complete."""
+    loc.delete(MANIFEST_FILE)
+
+
+# ---- reading --------------------------------------------------------------------------------------------
+
+
+def read_shard(loc: storage.Location, name: str, columns: list[str] | None = None) -> pa.Table:
+    """Some columns of one shard (ranged reads: listing a run never downloads its pixels). A generated
+    shard asked for `variant` gets variant 0 on every row, so both kinds read alike."""
+    with loc.fs.open_input_file(loc.file(name)) as fh:
+        schema = pq.read_schema(fh)
+        cols = None if columns is None else [c for c in columns if c in schema.names]
+        table = pq.read_table(fh, columns=cols).replace_schema_metadata(None)
+    if columns is not None and "variant" in columns and "variant" not in table.column_names:
+        table = table.append_column("variant", pa.array(np.zeros(table.num_rows, np.int32)))
+    return table
+
+
+def read_shards(loc: storage.Location, names: list[str], columns: list[str] | None = None) -> pa.Table:
+    """Several shards as one table (small runs, training sets, tests); big runs stream with Ray Data."""
+    tables = [read_shard(loc, n, columns) for n in names]
+    if not tables:
+        empty = GENERATED_SCHEMA.empty_table()
+        return empty if columns is None else empty.select([c for c in columns if c in empty.column_names])
+    return pa.concat_tables(tables)

@@ -13,16 +13,21 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from gdd_ray.classes import template_fields
 from gdd_ray.errors import UserError
 
-Stage = Literal["generate", "augment", "train"]
+Stage = Literal["generate", "select", "augment", "train"]
 Dataset = Literal["cifar10", "cifar100", "tiny-imagenet", "imagenet-1k"]
 Norm = Literal["instance", "batch", "group", "none"]
 Activation = Literal["relu", "leakyrelu", "sigmoid"]
 Pooling = Literal["avg", "max", "none"]
 DsaOp = Literal["color", "crop", "cutout", "flip", "scale", "rotate"]
+SelectBy = Literal["none", "clip"]
 
 STAGES: tuple[str, ...] = typing.get_args(Stage)
+# What runs when --stages is not given: every stage, the select stage only when there is something to
+# select by (with --select-by none the pipeline is generate -> augment -> train, as before it existed).
+DEFAULT_STAGES: tuple[str, ...] = tuple(s for s in STAGES if s != "select")
 DATASETS: tuple[str, ...] = typing.get_args(Dataset)
 # The size stored when --image-size is not given: the resolution of the real dataset it stands in for.
 DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "tiny-imagenet": 64, "imagenet-1k": 224}
@@ -59,7 +64,11 @@ class GenerateConfig:
     image_size: int | None = opt(
         None, "Size stored in the shards (anti-aliased resize); default 32 for CIFAR, 64 for Tiny-ImageNet.", low=1
     )
-    prompt_template: str = opt("{name}", "Prompt per class; {name} is the class name (the paper uses the bare name).")
+    prompt_template: str = opt(
+        "{name}",
+        "Prompt per class; {name} is the class name (the paper uses the bare name), {desc} its description "
+        "(the class file's third column, e.g. 'a kite, a bird of prey with a forked tail'; the name if none).",
+    )
     batch_size: int = opt(
         16,
         "Images per pipeline call. 16 fills an H100 at 512 px in fp16 without running out of memory; "
@@ -86,6 +95,39 @@ class GenerateConfig:
     )
     max_retries: int = opt(3, "Attempts per work unit before the run stops with that unit's error.", low=1, high=100)
     compile: bool = opt(False, "torch.compile the UNet and VAE decoder (slower start, faster steady state on GPU).")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Stage 1b (on with --select-by clip): score every generated image with CLIP, keep the IPC best per class
+    into OUT/selected/."""
+
+    select_by: SelectBy = opt(
+        "none",
+        "clip = score each generated image against its class prompt and every other class's (zero-shot top-1) "
+        "and keep the IPC best per class; none = keep every generated image (no select stage).",
+    )
+    clip_model: str = opt(
+        "openai/clip-vit-base-patch32",
+        "CLIP model for --select-by clip: hub id or local folder (transformers CLIPModel); 'tiny' = built-in "
+        "random-weight CLIP for offline tests (its scores are noise).",
+    )
+    overgenerate: float = opt(
+        1.0,
+        "Generate ceil(F x IPC) images per class for the select stage to choose IPC from (needs --select-by clip).",
+        low=1.0,
+        high=100.0,
+    )
+    clip_batch_size: int = opt(
+        64,
+        "Images per CLIP forward pass (padded to it, so a score never depends on what else is in the batch); "
+        "64 keeps a CPU actor responsive, 256 fills a GPU with ViT-B/32.",
+        low=1,
+        high=65536,
+    )
+    select_workers: int | None = opt(
+        None, "CLIP scoring actors; default one per GPU, or one per CPU on a CPU-only cluster.", low=1, high=10_000
+    )
 
 
 @dataclass(frozen=True)
@@ -163,7 +205,7 @@ class TrainConfig:
         return () if self.dsa_strategy.lower() == "none" else tuple(self.dsa_strategy.split("_"))
 
 
-SECTIONS = {"generate": GenerateConfig, "augment": AugmentConfig, "train": TrainConfig}
+SECTIONS = {"generate": GenerateConfig, "select": SelectConfig, "augment": AugmentConfig, "train": TrainConfig}
 
 
 @dataclass(frozen=True)
@@ -172,10 +214,17 @@ class RunConfig:
 
     out: str = opt(None, "Output folder: a local path or a URI pyarrow understands (s3://bucket/run, gs://...).")
     dataset: Dataset | None = opt(None, f"Dataset whose classes to distil: {', '.join(DATASETS)}.")
-    classes: str | None = opt(None, "Class file instead of --dataset: one name per line, or id<TAB>name.")
+    classes: str | None = opt(
+        None, "Class file instead of --dataset: one name per line, id<TAB>name, or id<TAB>name<TAB>description."
+    )
+    allow_duplicate_prompts: bool = opt(
+        False, "Run even when two classes get the same prompt (by default such a class list is refused)."
+    )
     ipc: int = opt(None, "Images per class to generate.", low=1, high=1_000_000)
     seed: int = opt(0, "Run seed; every image's seed derives from (seed, class, index).", low=0, high=2**63 - 1)
-    stages: tuple[Stage, ...] = opt(STAGES, "Stages to run, comma separated (default: all).")
+    stages: tuple[Stage, ...] = opt(
+        DEFAULT_STAGES, "Stages to run, comma separated (default: all; select only with --select-by clip)."
+    )
     overwrite: bool = opt(False, "Delete an existing run at --out whose config differs, instead of stopping.")
     shared_local_out: bool = opt(
         False,
@@ -183,6 +232,7 @@ class RunConfig:
         "--out on a cluster of several nodes is refused, since each node would write to its own disk.",
     )
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -263,8 +313,13 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(
             f"--image-size must be between 1 and --gen-resolution ({g.gen_resolution}), got {cfg.image_size}"
         )
-    if "{name}" not in g.prompt_template:
-        raise UserError(f"--prompt-template must contain {{name}}, got '{g.prompt_template}'")
+    template_fields(g.prompt_template)
+    if "select" in cfg.stages and cfg.select.select_by == "none":
+        raise UserError("--stages select needs something to select by: add --select-by clip")
+    if cfg.select.overgenerate != 1.0 and cfg.select.select_by == "none":
+        raise UserError(
+            "--overgenerate makes more images than --ipc for the select stage to choose from: add --select-by clip"
+        )
     if not 0 < t.lr <= 10:
         raise UserError(f"--lr must be > 0 and at most 10, got {t.lr}")
     choices = typing.get_args(DsaOp)

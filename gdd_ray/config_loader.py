@@ -18,7 +18,7 @@ import types
 import typing
 from typing import Any
 
-from gdd_ray.config import SECTIONS, RunConfig, validate
+from gdd_ray.config import SECTIONS, STAGES, RunConfig, validate
 from gdd_ray.errors import UserError
 
 
@@ -164,6 +164,8 @@ def build_config(values: dict[str, Any], yaml_path: str | None = None) -> RunCon
     for k, v in merged.items():
         opt = known[k]
         (sections[opt.section] if opt.section else top)[k] = coerce(opt, v)
+    if "stages" not in top and sections["select"].get("select_by") == "clip":
+        top["stages"] = STAGES  # --select-by clip is what turns the select stage on
     # Local paths become absolute here, once: Ray workers (Train workers above all) run in other folders.
     for section, name in ((top, "out"), (top, "classes"), (sections["train"], "eval_data")):
         if section.get(name) and "://" not in section[name]:

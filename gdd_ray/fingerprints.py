@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any
 
-from gdd_ray.classes import ClassInfo
+from gdd_ray.classes import ClassInfo, template_fields
 from gdd_ray.config import RunConfig
 
 
@@ -21,9 +21,16 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def class_list(cfg: RunConfig, classes: list[ClassInfo]) -> list[list[str]]:
+    """The class list as it decides an output: id and name, and the description when the prompt uses it
+    (so a run whose template ignores descriptions keeps its fingerprint when they change)."""
+    with_desc = "desc" in template_fields(cfg.generate.prompt_template)
+    return [[c.class_id, c.name, c.desc] if with_desc else [c.class_id, c.name] for c in classes]
+
+
 def output_inputs(cfg: RunConfig, classes: list[ClassInfo], fields: tuple[str, ...]) -> dict[str, Any]:
     """The values of `fields` for this run: what a fingerprint hashes and a refusal message compares."""
-    return {f: ([[c.class_id, c.name] for c in classes] if f == "classes" else cfg.value(f)) for f in fields}
+    return {f: (class_list(cfg, classes) if f == "classes" else cfg.value(f)) for f in fields}
 
 
 def stage_fingerprint(

@@ -6,11 +6,15 @@ not on --ipc: raising IPC later adds units and keeps every shard already made.
 
 `plan_run` is the one place that turns --ipc into shards: the pipeline calls it once per run, and
 `status` calls it on the config saved in run.json. Every later stage reads its input's manifest.
+With --select-by clip the plan generates ceil(--overgenerate x IPC) images per class and the select
+stage keeps IPC of them: its output units are `kept`, the same grid over positions 0..IPC-1 among the
+kept images of a class (in index order), so downstream stages see the shards an IPC run would have.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -69,7 +73,8 @@ def plan_units(num_classes: int, ipc: int, unit_size: int) -> list[WorkUnit]:
 class Plan:
     """Every unit of a run, in dispatch order."""
 
-    units: tuple[WorkUnit, ...]
+    units: tuple[WorkUnit, ...]  # what the generate stage makes
+    kept: tuple[WorkUnit, ...] = ()  # what the select stage writes (positions among kept images), when it runs
 
     @property
     def images(self) -> int:
@@ -83,8 +88,17 @@ class Plan:
         return {u.shard_name: u for u in self.units}
 
 
+def generated_per_class(cfg: RunConfig) -> int:
+    """Images generated per class: IPC, or ceil(F x IPC) for the select stage to choose IPC from."""
+    if cfg.select.select_by == "none":
+        return cfg.ipc
+    return math.ceil(round(cfg.ipc * cfg.select.overgenerate, 6))  # 1.1 x 10 is 11, not 11.000000000000002
+
+
 def plan_run(cfg: RunConfig, num_classes: int) -> Plan:
-    return Plan(tuple(plan_units(num_classes, cfg.ipc, cfg.generate.unit_size)))
+    units = plan_units(num_classes, generated_per_class(cfg), cfg.generate.unit_size)
+    kept = plan_units(num_classes, cfg.ipc, cfg.generate.unit_size) if cfg.select.select_by != "none" else []
+    return Plan(tuple(units), tuple(kept))
 
 
 # ---- seeds ----------------------------------------------------------------------------------------

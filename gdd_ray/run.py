@@ -3,6 +3,8 @@ reusing or refusing what is there.
 
     OUT/run.json                 resolved config, classes, per-stage fingerprints and inputs, versions, times
     OUT/generated/*.parquet      generation shards (+ _summary.json, then _manifest.json, written last)
+    OUT/selected/*.parquet       with --select-by clip: the IPC best-scored images per class (+ scores/,
+                                 clip_stats.json, _summary.json, _manifest.json)
     OUT/augmented/*.parquet      PDA output (+ _summary.json, _manifest.json)
     OUT/eval/                    evaluation runs, metrics, checkpoints, results.json (+ _summary.json)
 
@@ -28,7 +30,7 @@ from gdd_ray.plan import Plan
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "_summary.json"
-STAGE_DIRS = {"generate": "generated", "augment": "augmented", "train": "eval"}
+STAGE_DIRS = {"generate": "generated", "select": "selected", "augment": "augmented", "train": "eval"}
 
 
 def now_iso() -> str:
@@ -91,6 +93,7 @@ class RunDir:
         self.uri = uri
         self.root = storage.Location(uri)
         self.generated = self.root.child(STAGE_DIRS["generate"])
+        self.selected = self.root.child(STAGE_DIRS["select"])
         self.augmented = self.root.child(STAGE_DIRS["augment"])
         self.eval = self.root.child(STAGE_DIRS["train"])
 

@@ -1,7 +1,9 @@
 """The shard contract every stage, the exports and `status` share.
 
-Two Parquet shard kinds, one folder each:
+Three Parquet shard kinds, one folder each:
     generated   `image` {bytes: PNG, path}, label, class_id, class_name, prompt, seed, index
+    selected    the generated columns of the images the select stage kept (their own index and seed) +
+                `clip_score` and `clip_top1`; named by the plan's kept units (positions among the kept)
     augmented   the generated columns + `variant` (0 = the original, bytes untouched) and `variant_seed`;
                 rows image-major (image 0 variants 0..K, image 1 ...), named after their input shard
 Hugging Face `datasets` reads either folder, with `image` typed as an Image feature.
@@ -44,6 +46,9 @@ GENERATED_SCHEMA = pa.schema(
         ("index", pa.int32()),
     ]
 )
+SELECTED_SCHEMA = GENERATED_SCHEMA.append(pa.field("clip_score", pa.float32())).append(
+    pa.field("clip_top1", pa.bool_())
+)
 AUGMENTED_SCHEMA = GENERATED_SCHEMA.append(pa.field("variant", pa.int32())).append(pa.field("variant_seed", pa.int64()))
 
 # Footer keys.
@@ -60,14 +65,18 @@ _MISMATCH = {UNIT: "written for another unit", SOURCE: "made from another input"
 
 def _hf_features(schema: pa.Schema) -> str:
     """The `huggingface` footer entry: `datasets` reads it to type `image` as an Image feature."""
-    names = {pa.int32(): "int32", pa.int64(): "int64", pa.string(): "string"}
+    names = {pa.int32(): "int32", pa.int64(): "int64", pa.string(): "string", pa.float32(): "float32", pa.bool_(): "bool"}
     feats: dict[str, Any] = {}
     for f in schema:
         feats[f.name] = {"_type": "Image"} if f.type == IMAGE_TYPE else {"dtype": names[f.type], "_type": "Value"}
     return json.dumps({"info": {"features": feats}})
 
 
-HF_FEATURES = {"generated": _hf_features(GENERATED_SCHEMA), "augmented": _hf_features(AUGMENTED_SCHEMA)}
+HF_FEATURES = {
+    "generated": _hf_features(GENERATED_SCHEMA),
+    "selected": _hf_features(SELECTED_SCHEMA),
+    "augmented": _hf_features(AUGMENTED_SCHEMA),
+}
 
 
 # ---- pixels -----------------------------------------------------------------------------------------
@@ -122,7 +131,7 @@ def generated_footer(unit: WorkUnit, fingerprint: str, image_size: int) -> dict[
 
 def write_shard(loc: storage.Location, name: str, table: pa.Table, footer: dict[str, str]) -> int:
     """Commit one shard (footer + the Hugging Face features of its kind); returns its size in bytes."""
-    kind = "augmented" if "variant" in table.column_names else "generated"
+    kind = "augmented" if "variant" in table.column_names else "selected" if "clip_score" in table.column_names else "generated"
     data = storage.parquet_bytes(table, {**footer, "huggingface": HF_FEATURES[kind]})
     loc.write_bytes(name, data)
     return len(data)
@@ -142,6 +151,11 @@ class ShardSpec:
 
 def generated_spec(unit: WorkUnit, fingerprint: str) -> ShardSpec:
     return ShardSpec(unit.shard_name, unit.size, ((UNIT, unit.key), (FINGERPRINT, fingerprint)))
+
+
+def selected_spec(unit: WorkUnit, fingerprint: str) -> ShardSpec:
+    """A kept unit of the select stage: positions unit.start..stop-1 among its class's kept images."""
+    return generated_spec(unit, fingerprint)
 
 
 def augmented_spec(source: str, source_rows: int, variants: int, fingerprint: str) -> ShardSpec:

@@ -1,7 +1,8 @@
 """Stage 2: OUT/generated/*.parquet -> post data augmentation -> OUT/augmented/*.parquet (+ OUT/samples.png).
 
 For each generated image: the original plus --pda-variants augmented variants. One augmented shard
-per generated shard, same name; the inputs are the shards the generate stage's manifest lists. Ray Data
+per input shard, same name; the inputs are the shards the source stage's manifest lists (the select
+stage's, OUT/selected/, with --select-by clip; else the generate stage's). Ray Data
 streams the shard names through `map_batches`; each task reads its shards, augments them as one uint8
 batch, encodes and commits each output whole, and hands back one small stats row per shard, so the
 driver never holds an image. (Ray Data's read_parquet blocks do not follow file boundaries, so a task
@@ -14,7 +15,6 @@ with the same bytes; an exception in the work stops the stage with that error, a
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
@@ -39,7 +39,8 @@ OUTPUT_FIELDS = ("augment.pda_variants",)
 
 
 def source(cfg: RunConfig, run_dir: RunDir) -> str:
-    return "generate"
+    """With --select-by clip the kept images, never every candidate; else every generated image."""
+    return "select" if cfg.select.select_by == "clip" else "generate"
 
 
 def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
@@ -56,29 +57,29 @@ def recipe(cfg: RunConfig) -> ops.Recipe:
 def preflight(ctx: RunContext) -> None:
     """Checks that need no cluster and write nothing."""
     recipe(ctx.cfg)
-    if "generate" not in ctx.cfg.stages:
+    if ctx.sources["augment"] not in ctx.cfg.stages:
         inputs(ctx)
 
 
 def inputs(ctx: RunContext) -> shards.Manifest:
-    """The generated shards to augment: the generate stage's manifest for this run's generation config."""
-    loc = ctx.run_dir.generated
-    manifest = shards.read_manifest(loc, ctx.fingerprint("generate"))
+    """The shards to augment: the source stage's manifest for this run's config."""
+    src = ctx.sources["augment"]
+    loc = ctx.run_dir.stage_dir(src)
+    manifest = shards.read_manifest(loc, ctx.fingerprint(src))
+    made, work = {"generate": ("generated", "generation"), "select": ("selected", "selection")}[src]
     if manifest is None:
         if not loc.list(shards.SHARD_SUFFIX):
-            raise UserError(
-                f"{loc.uri} has no generated shards: run the generate stage first (--stages generate,augment)"
-            )
+            raise UserError(f"{loc.uri} has no {made} shards: run the {src} stage first (--stages {src},augment)")
         raise UserError(
-            f"{loc.uri} holds no complete generation for this config (no current {shards.MANIFEST_FILE}); "
-            "run the generate stage to finish it (with --overwrite if it was made by another config)"
+            f"{loc.uri} holds no complete {work} for this config (no current {shards.MANIFEST_FILE}); "
+            f"run the {src} stage to finish it (with --overwrite if it was made by another config)"
         )
     present = set(loc.list(shards.SHARD_SUFFIX))
     missing = [n for n in manifest.names if n not in present]
     if missing:
         raise UserError(
             f"{loc.uri} lacks {len(missing)} of the {len(manifest.names)} shards of this run (first: {missing[0]}); "
-            "run the generate stage to finish it"
+            f"run the {src} stage to finish it"
         )
     return manifest
 
@@ -116,7 +117,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
         init_ray()
         t_ray = Stopwatch()
         progress = Progress("augment", len(pending), sum(source_rows[n] * (k + 1) for n in pending))
-        new_stats = _run_ray(run_dir, pending, k, ops_applied, fp, progress)
+        src = run_dir.stage_dir(ctx.sources["augment"])
+        new_stats = _run_ray(src, run_dir, pending, k, ops_applied, fp, progress)
         augment_seconds = t_ray.seconds
     # Outputs of shards outside this plan (a larger --ipc earlier) go only now that the plan's own are all there.
     for n in check.foreign:
@@ -141,6 +143,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         images_made=sum(s["rows_out"] for s in new_stats),
         work_s=augment_seconds,
         generate_fingerprint=ctx.fingerprint("generate"),
+        source=ctx.sources["augment"],
         variants=k,
         ops=[[n, p] for n, p in ops_applied],
         images_in=manifest.images,
@@ -167,36 +170,27 @@ def _augment_batch(batch: dict[str, np.ndarray], src: str, dst: str, variants: i
 
 
 def _run_ray(
-    run_dir: RunDir, pending: list[str], variants: int, recipe: ops.Recipe, fp: str, progress: Progress
+    src: storage.Location,
+    run_dir: RunDir,
+    pending: list[str],
+    variants: int,
+    recipe: ops.Recipe,
+    fp: str,
+    progress: Progress,
 ) -> list[dict]:
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     blocks = max(1, math.ceil(len(pending) / SHARDS_PER_TASK))
-    ctx = ray.data.DataContext.get_current()
-    saved = (ctx.op_resource_reservation_enabled, ctx.enable_progress_bars, ctx.print_on_execution_start)
-    # The per-operator reservation keeps the operators of a longer pipeline from starving one another;
-    # this one has a single map operator, and with it on, a 2-CPU node ran about one task at a time
-    # (measured: 0.9 -> 1.5 tasks in flight on average without it). A dataset copies the context when
-    # it is created, so the switches come first. Ray Data's own progress bars would interleave with
-    # our progress line.
-    ctx.op_resource_reservation_enabled = False
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    quiet = {  # the notes these print at INFO/WARNING say what we just chose; real warnings come from elsewhere
-        logging.getLogger("ray.data._internal.progress"): logging.ERROR,
-        logging.getLogger("ray.data._internal.execution.streaming_executor"): logging.WARNING,
-    }
-    levels = {logger: logger.level for logger in quiet}
-    for logger, level in quiet.items():
-        logger.setLevel(level)
-    try:
+    from gdd_ray.ray_utils import quiet_data
+
+    with quiet_data():
         ds = ray.data.from_items([{"shard": n} for n in pending], override_num_blocks=blocks)
         ds = ds.map_batches(
             _augment_batch,
             batch_size=None,  # one block of shard names = one call
             fn_kwargs={
-                "src": run_dir.generated.uri,
+                "src": src.uri,
                 "dst": run_dir.augmented.uri,
                 "variants": variants,
                 "recipe": recipe,
@@ -209,10 +203,6 @@ def _run_ray(
         for row in ds.iter_rows():
             stats.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
             progress.add(1, stats[-1]["rows_out"])
-    finally:
-        ctx.op_resource_reservation_enabled, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
-        for logger, level in levels.items():
-            logger.setLevel(level)
     done = {s["shard"] for s in stats}
     if done != set(pending):
         raise RuntimeError(f"augment: {len(set(pending) - done)} shards were not written; rerun to finish them")

@@ -1,0 +1,137 @@
+"""The scoring work: generated shards in, one small score file per shard out. Knows nothing of Ray.
+
+A score file (OUT/selected/scores/<generated shard name>) holds, per image and in the shard's row order,
+its label, index and seed, `clip_score` (cosine similarity of the image and its class prompt),
+`clip_top1` (its class prompt is the most similar of all the classes' prompts: a zero-shot check) and
+its CLIP image embedding (for the diversity figure). No pixels: the choice per class reads only these.
+
+Images are embedded in batches of exactly `batch_size` (the last one padded with black images): a
+batched matmul's rounding depends on the batch's shape, so a fixed shape makes every score independent
+of which shards were scored together, i.e. of scheduling and of what a resumed run had left to do.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gdd_ray import shards, storage
+from gdd_ray.plan import WorkUnit
+
+MODEL = "gdd_ray.clip_model"  # footer key: the CLIP model the scores come from
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """What every scoring actor needs: small, picklable, identical on every node."""
+
+    clip_source: str  # what from_pretrained gets: the resolved hub id or folder
+    texts: tuple[str, ...]  # the prompt of every class, by label
+    src_uri: str  # the generated shards
+    scores_uri: str  # where score files are committed
+    fingerprint: str  # the select stage's
+    batch_size: int
+
+
+def score_spec(unit: WorkUnit, fingerprint: str) -> shards.ShardSpec:
+    """A score file: named after its generated shard, one row per image, this fingerprint."""
+    return shards.ShardSpec(
+        unit.shard_name, unit.size, ((shards.SOURCE, unit.shard_name), (shards.FINGERPRINT, fingerprint))
+    )
+
+
+def score_table(labels, indices, seeds, scores, top1, embeddings: np.ndarray) -> pa.Table:
+    dim = embeddings.shape[1]
+    flat = pa.array(embeddings.astype(np.float32).reshape(-1))
+    return pa.table(
+        {
+            "label": pa.array(labels, pa.int32()),
+            "index": pa.array(indices, pa.int32()),
+            "seed": pa.array(seeds, pa.int64()),
+            "clip_score": pa.array(scores, pa.float32()),
+            "clip_top1": pa.array(top1, pa.bool_()),
+            "clip_embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+        }
+    )
+
+
+def read_scores(loc: storage.Location, name: str) -> pa.Table:
+    with loc.fs.open_input_file(loc.file(name)) as fh:
+        return pq.read_table(fh).replace_schema_metadata(None)
+
+
+def embeddings_of(table: pa.Table) -> np.ndarray:
+    col = table.column("clip_embedding").combine_chunks()
+    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(col), col.type.list_size)
+
+
+class ShardScorer:
+    """Scores whole generated shards; the CLIP model and the class prompts' embeddings load once."""
+
+    def __init__(self, job: ScoreJob, device: str | None = None, clip: Any = None):
+        self.job = job
+        self.device = device
+        self.clip = clip  # loaded on first use; tests may inject one
+        self.text = None
+        self.src = storage.Location(job.src_uri)
+        self.dst = storage.Location(job.scores_uri)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def load(self) -> None:
+        if self.clip is None:
+            from gdd_ray.select.clip import load_clip
+
+            self.clip = load_clip(self.job.clip_source, self.device)
+        if self.text is None:
+            self.text = self.clip.embed_texts(list(self.job.texts))
+
+    def embed(self, pixels: np.ndarray):
+        """Image embeddings in fixed-shape batches (see the module doc); N x D on the device."""
+        import torch
+
+        b = self.job.batch_size
+        out = []
+        for i in range(0, len(pixels), b):
+            chunk = pixels[i : i + b]
+            padded = np.zeros((b, *pixels.shape[1:]), np.uint8)
+            padded[: len(chunk)] = chunk
+            out.append(self.clip.embed_images(torch.from_numpy(padded).to(self.clip.device))[: len(chunk)])
+        return torch.cat(out)
+
+    def score(self, names: list[str]) -> list[dict[str, Any]]:
+        """Score shards `names` together (one batch stream) and commit one score file each."""
+        import torch
+
+        self.load()
+        t0 = time.perf_counter()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="png")
+        tables = [shards.read_shard(self.src, n, ["image", "label", "index", "seed"]) for n in names]
+        pngs = [b for t in tables for b in shards.png_bytes(t)]
+        pixels = np.stack(list(self._pool.map(shards.decode_png, pngs)))  # PIL releases the GIL in zlib
+        labels = np.concatenate([t.column("label").to_numpy() for t in tables]).astype(np.int64)
+        images = self.embed(pixels)
+        sims = images @ self.text.T  # N x C cosine similarities
+        own = torch.from_numpy(labels).to(sims.device)
+        scores = sims.gather(1, own[:, None])[:, 0].cpu().numpy()
+        top1 = (sims.argmax(1) == own).cpu().numpy()
+        images = images.cpu().numpy()
+        seconds = (time.perf_counter() - t0) / len(names)
+        stats, start = [], 0
+        for name, t in zip(names, tables):
+            end = start + t.num_rows
+            table = score_table(
+                labels[start:end], t.column("index").to_numpy(), t.column("seed").to_numpy(),
+                scores[start:end], top1[start:end], images[start:end],
+            )  # fmt: skip
+            footer = {shards.FINGERPRINT: self.job.fingerprint, shards.SOURCE: name, MODEL: self.job.clip_source}
+            self.dst.write_bytes(name, storage.parquet_bytes(table, footer))
+            stats.append({"shard": name, "rows": t.num_rows, "seconds": seconds})
+            start = end
+        return stats

@@ -85,7 +85,8 @@ def check_prompts(classes: list[ClassInfo], template: str, source: str) -> None:
     if not groups:
         return
     shown = "; ".join(
-        " and ".join(f"line {c.line or c.label + 1} (label {c.label})" for c in g[:3]) + f" give '{g[0].prompt(template)}'"
+        " and ".join(f"line {c.line or c.label + 1} (label {c.label})" for c in g[:3])
+        + f" give '{g[0].prompt(template)}'"
         for g in groups[:5]
     )
     more = f" (and {len(groups) - 5} more)" if len(groups) > 5 else ""

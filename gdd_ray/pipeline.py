@@ -1,4 +1,4 @@
-"""The main job: check the whole request, then run the asked stages in order (generate -> augment -> train).
+"""The main job: check the whole request, then run the asked stages in order (generate -> select -> augment -> train).
 
 Every stage module declares the same few things, so this file stays the only place that knows the order:
     VERSION, OUTPUT_FIELDS      its code version and the config fields that decide its output
@@ -15,16 +15,17 @@ from typing import Any
 
 from gdd_ray import storage
 from gdd_ray.augment import stage as augment
-from gdd_ray.classes import ClassInfo, load_classes
+from gdd_ray.classes import ClassInfo, check_prompts, class_list_source, load_classes
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
 from gdd_ray.fingerprints import output_inputs, stage_fingerprint
 from gdd_ray.generate import stage as generate
 from gdd_ray.plan import plan_run
 from gdd_ray.run import RunContext, RunDir
+from gdd_ray.select import stage as select
 from gdd_ray.train import stage as train
 
-STAGE_MODULES = {"generate": generate, "augment": augment, "train": train}
+STAGE_MODULES = {"generate": generate, "select": select, "augment": augment, "train": train}
 
 
 def stage_inputs(cfg: RunConfig, classes: list[ClassInfo], run_dir: RunDir) -> tuple[dict, dict, dict]:
@@ -35,6 +36,8 @@ def stage_inputs(cfg: RunConfig, classes: list[ClassInfo], run_dir: RunDir) -> t
     inputs: dict[str, dict[str, Any]] = {}
     sources: dict[str, str | None] = {}
     for name in STAGES[: last + 1]:
+        if name == "select" and cfg.select.select_by == "none":
+            continue  # no select stage in this run: nothing reads its output, so it has no fingerprint
         mod = STAGE_MODULES[name]
         src = mod.source(cfg, run_dir)
         inputs[name] = {**output_inputs(cfg, classes, mod.OUTPUT_FIELDS), **mod.resolved_inputs(cfg)}
@@ -70,6 +73,8 @@ def refuse_scattered_out(cfg: RunConfig) -> None:
 def context(cfg: RunConfig) -> tuple[RunContext, dict[str, dict[str, Any]]]:
     """The run's context (classes, plan, fingerprints) and what decides each stage; reads, writes nothing."""
     classes = load_classes(cfg.dataset, cfg.classes)
+    if not cfg.allow_duplicate_prompts:  # two labels for one set of images would train on noise
+        check_prompts(classes, cfg.generate.prompt_template, class_list_source(cfg.dataset, cfg.classes))
     run_dir = RunDir(cfg.out)
     fps, inputs, sources = stage_inputs(cfg, classes, run_dir)
     return RunContext(cfg, run_dir, classes, plan_run(cfg, len(classes)), fps, sources), inputs

@@ -65,7 +65,13 @@ _MISMATCH = {UNIT: "written for another unit", SOURCE: "made from another input"
 
 def _hf_features(schema: pa.Schema) -> str:
     """The `huggingface` footer entry: `datasets` reads it to type `image` as an Image feature."""
-    names = {pa.int32(): "int32", pa.int64(): "int64", pa.string(): "string", pa.float32(): "float32", pa.bool_(): "bool"}
+    names = {
+        pa.int32(): "int32",
+        pa.int64(): "int64",
+        pa.string(): "string",
+        pa.float32(): "float32",
+        pa.bool_(): "bool",
+    }
     feats: dict[str, Any] = {}
     for f in schema:
         feats[f.name] = {"_type": "Image"} if f.type == IMAGE_TYPE else {"dtype": names[f.type], "_type": "Value"}
@@ -131,7 +137,8 @@ def generated_footer(unit: WorkUnit, fingerprint: str, image_size: int) -> dict[
 
 def write_shard(loc: storage.Location, name: str, table: pa.Table, footer: dict[str, str]) -> int:
     """Commit one shard (footer + the Hugging Face features of its kind); returns its size in bytes."""
-    kind = "augmented" if "variant" in table.column_names else "selected" if "clip_score" in table.column_names else "generated"
+    cols = table.column_names
+    kind = "augmented" if "variant" in cols else "selected" if "clip_score" in cols else "generated"
     data = storage.parquet_bytes(table, {**footer, "huggingface": HF_FEATURES[kind]})
     loc.write_bytes(name, data)
     return len(data)

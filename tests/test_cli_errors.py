@@ -37,6 +37,7 @@ def existing_run(tmp_path):
         (["--dataset", "cifar10", "--ipc", "-3"], "--ipc must be at least 1"),
         (["--classes", "/nonexistent/classes.txt", "--ipc", "2"], "cannot read it"),
         (["--classes", "EMPTY", "--ipc", "2"], "lists no classes"),
+        (["--classes", "DUP", "--ipc", "2"], "line 2 (label 1) and line 3 (label 2) give 'kite'"),
         (["--dataset", "cifar10", "--ipc", "2", "--model", "/nonexistent/model"], "not a diffusers pipeline folder"),
         (["--dataset", "cifar10", "--ipc", "2", "--model", "someone/not-cached"], "cannot load it"),
         (["--dataset", "cifar10", "--ipc", "2", "--model", "tiny", "--seed", "1"], "differs from this one"),
@@ -47,7 +48,9 @@ def existing_run(tmp_path):
 def test_bad_input(args, message, existing_run, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    args = [str(empty) if a == "EMPTY" else a for a in args]
+    dup = tmp_path / "dup.tsv"
+    dup.write_text("cat\nkite\nKite\n")
+    args = [{"EMPTY": str(empty), "DUP": str(dup)}.get(a, a) for a in args]
     before = tree_digest(existing_run)
     assert main(["distill", *args, "--out", str(existing_run)]) == 2
     err = capsys.readouterr().err

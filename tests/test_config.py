@@ -72,3 +72,27 @@ def test_local_paths_become_absolute_uris_stay(tmp_path, monkeypatch):
     cfg = build_config({"dataset": "cifar10", "ipc": 1, "out": "runs/x", "eval_data": "data/c10"})
     assert cfg.out == str(tmp_path / "runs" / "x") and cfg.train.eval_data == str(tmp_path / "data" / "c10")
     assert build_config({"dataset": "cifar10", "ipc": 1, "out": "s3://b/run"}).out == "s3://b/run"
+
+
+def test_descriptions_decide_the_fingerprint_only_when_the_template_uses_them():
+    base = build_config({"dataset": "cifar10", "ipc": 5, "out": "x"})
+    plain = [ClassInfo(0, "a", "a"), ClassInfo(1, "b", "b")]
+    described = [ClassInfo(0, "a", "a", "an a, the letter"), ClassInfo(1, "b", "b", "a b, the letter")]
+    assert generation_fingerprint(base, described) == generation_fingerprint(base, plain)
+    with_desc = base.replace(**{"generate.prompt_template": "a photo of {desc}"})
+    assert generation_fingerprint(with_desc, described) != generation_fingerprint(with_desc, plain)
+
+
+def test_colliding_class_list_is_refused_unless_allowed(tmp_path):
+    from gdd_ray import pipeline
+
+    f = tmp_path / "classes.tsv"
+    f.write_text("n1\tcrane\ta crane, a wading bird\nn2\tcrane\ta crane, a lifting machine\n")
+    values = {"classes": str(f), "ipc": 1, "out": str(tmp_path / "out")}
+    with pytest.raises(UserError, match=r"line 1 \(label 0\) and line 2 \(label 1\) give 'crane'"):
+        pipeline.context(build_config(values))
+    ctx, _ = pipeline.context(build_config({**values, "allow_duplicate_prompts": True}))
+    assert len(ctx.classes) == 2
+    ctx, _ = pipeline.context(build_config({**values, "prompt_template": "a photo of {desc}"}))
+    assert ctx.classes[1].prompt(ctx.cfg.generate.prompt_template) == "a photo of a crane, a lifting machine"
+    assert not (tmp_path / "out").exists()  # the check writes nothing

@@ -46,7 +46,9 @@ def build_tiny_clip(seed: int = 0):
         vision_config=dict(image_size=TINY_IMAGE_SIZE, patch_size=8, **width),
         projection_dim=32,
     )  # fmt: skip
-    tokenizer = CLIPTokenizer.from_pretrained(str(resources.files("gdd_ray").joinpath("data", "sdxl_tokenizer", "tokenizer")))
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(resources.files("gdd_ray").joinpath("data", "sdxl_tokenizer", "tokenizer"))
+    )
     images = CLIPImageProcessor(
         size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
     )
@@ -162,4 +164,6 @@ def load_clip(source: str, device: str | None = None) -> Clip:
     images = AutoImageProcessor.from_pretrained(source)
     crop = images.crop_size
     size = crop["height"] if isinstance(crop, dict) else crop.height  # a dict, or a SizeDict in transformers 5
-    return Clip(model, AutoTokenizer.from_pretrained(source), size, list(images.image_mean), list(images.image_std), device)
+    return Clip(
+        model, AutoTokenizer.from_pretrained(source), size, list(images.image_mean), list(images.image_std), device
+    )

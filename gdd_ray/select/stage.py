@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from gdd_ray import shards, storage
+from gdd_ray import shards
 from gdd_ray.config import RunConfig
 from gdd_ray.errors import UserError
 from gdd_ray.logs import Progress, say
@@ -277,7 +277,3 @@ def _choose_on_ray(job: ChooseJob, num_classes: int, write: set[int]) -> dict[in
     if len(out) != num_classes:
         raise RuntimeError(f"select: {num_classes - len(out)} classes were not chosen; rerun to finish them")
     return out
-
-
-def _unused(_: storage.Location) -> None:  # pragma: no cover
-    pass

@@ -49,10 +49,11 @@ OUTPUT_FIELDS = (
 
 
 def source(cfg: RunConfig, run_dir: RunDir) -> str:
-    """The data trained on: the augment stage's output when it runs or has run, else the generated shards."""
+    """The data trained on: the augment stage's output when it runs or has run, else the selected images
+    (with --select-by clip), else the generated shards."""
     if "augment" in cfg.stages or run_dir.augmented.list(shards.SHARD_SUFFIX):
         return "augment"
-    return "generate"
+    return "select" if cfg.select.select_by == "clip" else "generate"
 
 
 def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:

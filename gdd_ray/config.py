@@ -120,8 +120,9 @@ class SelectConfig:
     )
     clip_batch_size: int = opt(
         64,
-        "Images per CLIP forward pass (padded to it, so a score never depends on what else is in the batch); "
-        "64 keeps a CPU actor responsive, 256 fills a GPU with ViT-B/32.",
+        "Images per CLIP forward pass; an image always takes the same row of a batch of this shape, so its score "
+        "never depends on what else is scored with it (the shape itself moves scores by rounding, so it is part "
+        "of the fingerprint). 64 keeps a CPU actor responsive, 256 fills a GPU with ViT-B/32.",
         low=1,
         high=65536,
     )

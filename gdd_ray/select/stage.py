@@ -34,8 +34,9 @@ from gdd_ray.select.scorer import ScoreJob, ShardScorer, score_spec
 
 VERSION = 1  # bump when scoring or the choice changes for the same config
 # What decides which images are kept, with the generated images (the upstream fingerprint: model,
-# prompts, seeds...) and the counts below; not batch size or actor count (see scorer.py).
-OUTPUT_FIELDS = ("select.select_by", "select.clip_model")
+# prompts, seeds...) and the counts below; the batch shape moves scores by rounding (scorer.py), the
+# actor count does not.
+OUTPUT_FIELDS = ("select.select_by", "select.clip_model", "select.clip_batch_size")
 SCORES_DIR = "scores"
 STATS_FILE = "clip_stats.json"
 CLASSES_PER_TASK = 8  # a class's choice reads its score files only (no pixels) unless it writes

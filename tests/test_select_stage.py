@@ -1,0 +1,202 @@
+"""The select stage: CLIP scores every candidate, keeps the IPC best per class (ties by index), resumably.
+
+Runs on synthetic generated shards (written through the shard contract) and the tiny random CLIP, whose
+scores are noise: the tests check the machinery (what is kept given the scores, resume, determinism),
+not that CLIP likes the images."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from gdd_ray import pipeline, shards, storage, synthetic
+from gdd_ray.classes import load_classes
+from gdd_ray.config_loader import build_config
+from gdd_ray.errors import UserError
+from gdd_ray.select import stage
+from gdd_ray.select.choose import diversity, rank
+from gdd_ray.select.scorer import ScoreJob, ShardScorer, embeddings_of, read_scores
+
+CLASSES = "cat\ndog\nship\ntruck\n"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def make_cfg(tmp_path, **kw):
+    classes = tmp_path / "classes.txt"
+    classes.write_text(CLASSES)
+    values = dict(
+        classes=str(classes), out=str(tmp_path / "run"), ipc=3, unit_size=2, image_size=16, select_by="clip",
+        clip_model="tiny", overgenerate=2, stages="select", clip_batch_size=8,
+    )  # fmt: skip
+    values.update(kw)
+    return build_config(values)
+
+
+def make_run(tmp_path, **kw):
+    cfg = make_cfg(tmp_path, **kw)
+    synthetic.write_generated(cfg, load_classes(None, cfg.classes))
+    ctx = pipeline.check(cfg)
+    return cfg, ctx, ctx.run_dir
+
+
+def kept_rows(run_dir):
+    """label -> [(index, seed, clip_score, clip_top1, png bytes)] over the kept shards, in shard-name order."""
+    out = {}
+    for name in run_dir.selected.list(".parquet"):
+        t = shards.read_shard(run_dir.selected, name)
+        for img, lab, idx, seed, s, top in zip(
+            t["image"].to_pylist(), t["label"].to_pylist(), t["index"].to_pylist(), t["seed"].to_pylist(),
+            t["clip_score"].to_pylist(), t["clip_top1"].to_pylist(),
+        ):  # fmt: skip
+            out.setdefault(lab, []).append((idx, seed, s, top, img["bytes"]))
+    return out
+
+
+def test_rank_keeps_the_best_ties_by_index_in_index_order():
+    scores = np.array([0.5, 0.7, 0.5, 0.7, 0.1], np.float32)
+    indices = np.array([3, 2, 1, 0, 4])
+    kept = rank(scores, indices, 3)
+    assert indices[kept].tolist() == [0, 1, 2]  # 0.7 (index 0), 0.7 (index 2), then the 0.5 with the lower index
+    assert rank(scores, indices, 5).tolist() == [3, 2, 1, 0, 4]
+    e = np.eye(3, dtype=np.float32)
+    assert diversity(e) == pytest.approx(1.0) and diversity(np.ones((4, 3)) / np.sqrt(3)) == pytest.approx(0.0)
+    assert diversity(e[:1]) is None
+
+
+@pytest.mark.slow  # ~40 s on 2 busy cores: Ray, a CLIP actor, the choice tasks
+def test_keeps_exactly_ipc_per_class_the_best_scored(tmp_path, local_ray):
+    cfg, ctx, run_dir = make_run(tmp_path)
+    assert len(ctx.plan.units) == 4 * 3 and len(ctx.plan.kept) == 4 * 2  # 6 candidates, 3 kept, unit 2
+    summary = stage.run(ctx)
+    gen = {}
+    for name in run_dir.generated.list(".parquet"):
+        t = shards.read_shard(run_dir.generated, name)
+        for img, lab, idx in zip(t["image"].to_pylist(), t["label"].to_pylist(), t["index"].to_pylist()):
+            gen[(lab, idx)] = img["bytes"]
+    scores_loc = run_dir.selected.child(stage.SCORES_DIR)
+    scored = {}
+    for name in scores_loc.list(".parquet"):
+        t = read_scores(scores_loc, name)
+        assert embeddings_of(t).shape == (t.num_rows, 32)
+        for lab, idx, s, top in zip(*(t[c].to_pylist() for c in ("label", "index", "clip_score", "clip_top1"))):
+            scored[(lab, idx)] = (s, top)
+    assert sorted(scored) == [(c, i) for c in range(4) for i in range(6)]
+
+    kept = kept_rows(run_dir)
+    assert sorted(kept) == [0, 1, 2, 3]
+    for label, rows in kept.items():
+        best = sorted(range(6), key=lambda i: (-scored[(label, i)][0], i))[:3]
+        assert [r[0] for r in rows] == sorted(best)  # exactly IPC, the best by score, stored in index order
+        for idx, _, s, top, png in rows:
+            assert (s, top) == scored[(label, idx)] and png == gen[(label, idx)]  # the generated image, untouched
+    first = run_dir.selected.file("c00000-i000000-000002.parquet")
+    assert pq.read_table(first).schema.names == shards.SELECTED_SCHEMA.names
+    assert "clip_score" in storage.footer_metadata(pq.read_metadata(first))["huggingface"]
+
+    manifest = shards.read_manifest(run_dir.selected, summary["fingerprint"])
+    assert manifest.images == 4 * 3 and sorted(manifest.names) == sorted(u.shard_name for u in ctx.plan.kept)
+    assert summary["totals"]["images"] == 12 and summary["candidates_per_class"] == 6
+    assert [c["kept"] for c in summary["per_class"]] == [3] * 4
+    for c in summary["per_class"]:
+        assert c["score_mean"] == pytest.approx(np.mean([r[2] for r in kept[c["label"]]]), abs=1e-6)
+        assert c["top1"] == pytest.approx(np.mean([r[3] for r in kept[c["label"]]]))
+        assert c["diversity"] is not None and c["prompt"] == c["name"]
+    stats = json.loads(run_dir.selected.read_bytes(stage.STATS_FILE))
+    assert stats["classes"] == summary["per_class"] and set(stats["overall"]) >= {"score_mean", "top1", "diversity"}
+    assert run_dir.read_record()["stages"]["select"]["status"] == "done"
+    assert stage.run(ctx) == summary  # nothing to do: the stored summary comes back
+
+
+@pytest.mark.slow  # ~45 s on 2 busy cores
+def test_resume_redoes_only_what_is_missing_with_the_same_bytes(tmp_path, local_ray):
+    cfg, ctx, run_dir = make_run(tmp_path)
+    stage.run(ctx)
+    scores_loc = run_dir.selected.child(stage.SCORES_DIR)
+    kept_before = {n: run_dir.selected.read_bytes(n) for n in run_dir.selected.list(".parquet")}
+    scores_before = {n: scores_loc.read_bytes(n) for n in scores_loc.list(".parquet")}
+    # a killed run: one score file never written, one kept shard cut short, a temporary left behind
+    scores_loc.delete("c00002-i000002-000004.parquet")
+    with open(run_dir.selected.file("c00001-i000002-000003.parquet"), "wb") as fh:
+        fh.write(kept_before["c00001-i000002-000003.parquet"][:50])
+    with open(run_dir.selected.file(".c00003-i000000-000002.tmp-deadbeef"), "wb") as fh:
+        fh.write(b"partial")
+    shards.drop_manifest(run_dir.selected)
+    untouched = {
+        n: os.stat(scores_loc.file(n)).st_mtime_ns for n in scores_before if n != "c00002-i000002-000004.parquet"
+    }
+
+    summary = stage.run(ctx)
+    assert summary["totals"]["units_run"] == 1  # one score file redone
+    assert summary["classes_written"] == 1  # class 1's kept shards only (class 2's scores came back the same)
+    assert {n: run_dir.selected.read_bytes(n) for n in run_dir.selected.list(".parquet")} == kept_before
+    assert {n: scores_loc.read_bytes(n) for n in scores_loc.list(".parquet")} == scores_before
+    assert all(os.stat(scores_loc.file(n)).st_mtime_ns == m for n, m in untouched.items())
+    assert not [n for n in run_dir.selected.list(include_hidden=True) if ".tmp-" in n]
+    assert shards.read_manifest(run_dir.selected, summary["fingerprint"]) is not None
+
+
+def test_scores_do_not_depend_on_what_is_scored_together(tmp_path, gdd_cache):
+    cfg = make_cfg(tmp_path, ipc=2, overgenerate=1.5)
+    classes = load_classes(None, cfg.classes)
+    names = synthetic.write_generated(cfg, classes)
+    from gdd_ray.select.clip import resolve_clip_model
+
+    texts = tuple(c.prompt("{name}") for c in classes)
+    loc = lambda sub: str(tmp_path / sub)  # noqa: E731
+    job = ScoreJob(resolve_clip_model("tiny"), texts, str(tmp_path / "run" / "generated"), loc("a"), "fp", 4)
+    together = ShardScorer(job)
+    together.score(names)
+    apart = ShardScorer(ScoreJob(*[getattr(job, f) for f in ("clip_source", "texts", "src_uri")], loc("b"), "fp", 4))
+    for n in reversed(names):
+        apart.score([n])
+    a, b = storage.Location(loc("a")), storage.Location(loc("b"))
+    for n in names:
+        assert read_scores(a, n).equals(read_scores(b, n)), n
+
+
+def test_fingerprints_and_config(tmp_path):
+    cfg = make_cfg(tmp_path, stages="generate,select,augment")
+    classes = load_classes(None, cfg.classes)
+
+    def fps(c):
+        return pipeline.stage_inputs(c, classes, pipeline.RunDir(c.out))[0]
+
+    base = fps(cfg)
+    assert set(base) == {"generate", "select", "augment"}
+    assert fps(cfg.replace(**{"select.select_workers": 2, "generate.batch_size": 3})) == base
+    assert fps(cfg.replace(**{"select.clip_batch_size": 3}))["select"] != base["select"]
+    more = fps(cfg.replace(**{"select.overgenerate": 3.0}))
+    assert more["generate"] == base["generate"] and more["select"] != base["select"]
+    assert fps(cfg.replace(**{"select.clip_model": "/some/clip"}))["select"] != base["select"]
+    plain = fps(build_config({"classes": cfg.classes, "out": cfg.out, "ipc": 3, "unit_size": 2, "image_size": 16}))
+    assert "select" not in plain and plain["augment"] != base["augment"]  # augment reads the kept images
+
+    full = build_config({"dataset": "cifar10", "ipc": 1, "out": "x", "select_by": "clip"})
+    assert full.stages == ("generate", "select", "augment", "train")
+    assert build_config({"dataset": "cifar10", "ipc": 1, "out": "x"}).stages == ("generate", "augment", "train")
+    for values, msg in [
+        ({"overgenerate": 2}, "--overgenerate makes more images"),
+        ({"stages": "generate,select"}, "--stages select needs something to select by"),
+        ({"select_by": "clip", "overgenerate": 0.5}, "overgenerate"),
+    ]:
+        with pytest.raises(UserError, match=msg):
+            build_config({"dataset": "cifar10", "ipc": 1, "out": "x", **values})
+
+
+def test_missing_candidates_and_bad_clip_model_are_one_clear_line(tmp_path, gdd_cache):
+    cfg = make_cfg(tmp_path)
+    synthetic.write_generated(cfg.replace(**{"select.overgenerate": 1.0}), load_classes(None, cfg.classes))
+    with pytest.raises(UserError, match="select stage chooses from"):
+        pipeline.check(cfg)  # generated with --overgenerate 1: too few candidates
+    with pytest.raises(UserError, match="not a transformers model folder"):
+        pipeline.check(cfg.replace(**{"select.clip_model": str(tmp_path)}))
+    assert not (tmp_path / "run" / "selected").exists()

@@ -97,11 +97,21 @@ def generate_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig) -> 
     return _shard_stage(run_dir, "generate", record, [shards.generated_spec(u, fp) for u in plan.units])
 
 
+def select_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+    """Units are the kept shards (IPC per class); the score files are the stage's own bookkeeping."""
+    fp = record["fingerprints"]["select"]
+    plan = plan_run(cfg, len(record["classes"]))
+    return _shard_stage(run_dir, "select", record, [shards.selected_spec(u, fp) for u in plan.kept])
+
+
 def augment_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
-    """Inputs: the generated manifest when generation is complete, else the plan (the same shards, to be)."""
+    """Inputs: the source stage's manifest (the select stage's with --select-by clip, else the generate
+    stage's) when it is complete, else the plan (the same shards, to be)."""
     fps = record["fingerprints"]
-    manifest = shards.read_manifest(run_dir.generated, fps.get("generate"))
-    rows_in = manifest.rows if manifest else {u.shard_name: u.size for u in plan_run(cfg, len(record["classes"])).units}
+    src = "select" if cfg.select.select_by == "clip" else "generate"
+    manifest = shards.read_manifest(run_dir.stage_dir(src), fps.get(src))
+    plan = plan_run(cfg, len(record["classes"]))
+    rows_in = manifest.rows if manifest else {u.shard_name: u.size for u in (plan.kept or plan.units)}
     k = cfg.augment.pda_variants
     specs = [shards.augmented_spec(n, r, k, fps["augment"]) for n, r in rows_in.items()]
     return _shard_stage(run_dir, "augment", record, specs)
@@ -152,7 +162,7 @@ def train_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig) -> dic
     return out
 
 
-STATUS_OF = {"generate": generate_status, "augment": augment_status, "train": train_status}
+STATUS_OF = {"generate": generate_status, "select": select_status, "augment": augment_status, "train": train_status}
 
 
 def run_status(out: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from gdd_ray.errors import UserError
 from gdd_ray.run import RUN_FILE, STAGE_DIRS
 
 FORMATS = ("pt", "imagefolder")
-SOURCES = ("augmented", "generated")
+SOURCES = {"augmented": "augment", "selected": "select", "generated": "generate"}  # folder -> its stage
 META_COLUMNS = ["label", "class_id", "class_name", "index", "variant"]
 
 
@@ -49,7 +49,7 @@ def _source(run: str, source: str) -> tuple[storage.Location, list[str]]:
     """The source stage's folder and the shards its manifest lists: only a complete, current stage exports."""
     if source not in SOURCES:
         raise UserError(f"--source must be one of {', '.join(SOURCES)}, got '{source}'")
-    stage = "augment" if source == "augmented" else "generate"
+    stage = SOURCES[source]
     loc = storage.Location(run).child(STAGE_DIRS[stage])
     fp = run_record(run).get("fingerprints", {}).get(stage)
     manifest = shards.read_manifest(loc, fp) if fp else None
@@ -58,13 +58,7 @@ def _source(run: str, source: str) -> tuple[storage.Location, list[str]]:
             f"{loc.uri} holds no complete {stage} stage (no current {shards.MANIFEST_FILE}): "
             f"run the {stage} stage to finish it, or pick another --source"
         )
-    present = set(loc.list(shards.SHARD_SUFFIX))
-    missing = [n for n in manifest.names if n not in present]
-    if missing:
-        raise UserError(
-            f"{loc.uri} lacks {len(missing)} of the {len(manifest.names)} shards its manifest lists "
-            f"(first: {missing[0]}); run the {stage} stage again to redo them"
-        )
+    shards.require_listed_shards(loc, manifest, stage)
     return loc, manifest.names
 
 
@@ -285,9 +279,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--source",
-        choices=SOURCES,
+        choices=list(SOURCES),
         default="augmented",
-        help="Export the augmented set (default) or the generated images alone.",
+        help="Export the augmented set (default), the images the select stage kept, or every generated image.",
     )
     p.add_argument("--dataset", default=None, help="pt: whose mean/std to normalise with; default the run's dataset.")
     p.add_argument("--mean", type=_floats, default=None, help="pt: per-channel mean r,g,b instead of the dataset's.")

@@ -254,6 +254,19 @@ def read_manifest(loc: storage.Location, fingerprint: str | None = None) -> Mani
     return manifest
 
 
+def require_listed_shards(loc: storage.Location, manifest: Manifest, stage: str) -> None:
+    """Refuse, in one line, a folder that lacks shards its manifest lists (deleted by hand, a partial copy)."""
+    from gdd_ray.errors import UserError
+
+    present = set(loc.list(SHARD_SUFFIX))
+    missing = [n for n in manifest.names if n not in present]
+    if missing:
+        raise UserError(
+            f"{loc.uri} lacks {len(missing)} of the {len(manifest.names)} shards its manifest lists "
+            f"(first: {missing[0]}); run the {stage} stage again to redo them"
+        )
+
+
 def drop_manifest(loc: storage.Location) -> None:
     """A stage about to change its folder first says it is no longer complete."""
     loc.delete(MANIFEST_FILE)

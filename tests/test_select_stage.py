@@ -200,3 +200,33 @@ def test_missing_candidates_and_bad_clip_model_are_one_clear_line(tmp_path, gdd_
     with pytest.raises(UserError, match="not a transformers model folder"):
         pipeline.check(cfg.replace(**{"select.clip_model": str(tmp_path)}))
     assert not (tmp_path / "run" / "selected").exists()
+
+
+@pytest.mark.slow  # the tiny SDXL draws 16 images, then Ray scores, chooses and augments
+def test_tiny_sdxl_overgenerate_select_augment(tmp_path, tiny_model, local_ray):
+    from gdd_ray.augment import stage as augment
+    from gdd_ray.generate import stage as generate
+
+    cfg = make_cfg(
+        tmp_path, ipc=2, overgenerate=2, model="tiny", gen_resolution=64, batch_size=2, pda_variants=1,
+        stages="generate,select,augment", prompt_template="a photo of {desc}",
+    )  # fmt: skip
+    ctx = pipeline.check(cfg)
+    generate.run(ctx, serial=True)
+    summary = stage.run(ctx)
+    augmented = augment.run(ctx)
+    run_dir = ctx.run_dir
+    assert len(run_dir.generated.list(".parquet")) == 4 * 2  # 4 candidates per class, unit 2
+    kept = kept_rows(run_dir)
+    assert {label: len(rows) for label, rows in kept.items()} == {0: 2, 1: 2, 2: 2, 3: 2}
+    assert summary["overall"]["diversity"] is not None and summary["candidates_per_class"] == 4
+    assert augmented["source"] == "select" and augmented["totals"]["images"] == 4 * 2 * 2
+    aug = {n: shards.read_shard(run_dir.augmented, n) for n in run_dir.augmented.list(".parquet")}
+    assert sorted(aug) == sorted(u.shard_name for u in ctx.plan.kept)
+    seen = {}
+    for t in aug.values():  # the kept images, by their own index and seed, each with its variant
+        for label, idx, seed in zip(t["label"].to_pylist(), t["index"].to_pylist(), t["seed"].to_pylist()):
+            seen.setdefault(label, []).append((idx, seed))
+    assert {label: sorted(rows) for label, rows in seen.items()} == {
+        label: sorted((r[0], r[1]) for r in rows for _ in range(2)) for label, rows in kept.items()
+    }

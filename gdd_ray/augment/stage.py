@@ -74,13 +74,7 @@ def inputs(ctx: RunContext) -> shards.Manifest:
             f"{loc.uri} holds no complete {work} for this config (no current {shards.MANIFEST_FILE}); "
             f"run the {src} stage to finish it (with --overwrite if it was made by another config)"
         )
-    present = set(loc.list(shards.SHARD_SUFFIX))
-    missing = [n for n in manifest.names if n not in present]
-    if missing:
-        raise UserError(
-            f"{loc.uri} lacks {len(missing)} of the {len(manifest.names)} shards of this run (first: {missing[0]}); "
-            f"run the {src} stage to finish it"
-        )
+    shards.require_listed_shards(loc, manifest, src)
     return manifest
 
 

@@ -177,6 +177,10 @@ def test_fingerprints_and_config(tmp_path):
     more = fps(cfg.replace(**{"select.overgenerate": 3.0}))
     assert more["generate"] == base["generate"] and more["select"] != base["select"]
     assert fps(cfg.replace(**{"select.clip_model": "/some/clip"}))["select"] != base["select"]
+    sources = pipeline.stage_inputs(
+        cfg.replace(stages=("generate", "select", "train")), classes, pipeline.RunDir(cfg.out)
+    )[2]
+    assert sources == {"generate": None, "select": "generate", "augment": "select", "train": "select"}
     plain = fps(build_config({"classes": cfg.classes, "out": cfg.out, "ipc": 3, "unit_size": 2, "image_size": 16}))
     assert "select" not in plain and plain["augment"] != base["augment"]  # augment reads the kept images
 

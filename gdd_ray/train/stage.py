@@ -117,7 +117,7 @@ def load_data(ctx: RunContext) -> tuple[storage.Location, DistilledSet, testsets
     """The distilled set (decoded once), the real test set and the normalisation, checked against each other."""
     cfg, t = ctx.cfg, ctx.cfg.train
     src_loc, manifest = training_shards(ctx)
-    distilled = load_shards(src_loc, manifest.names, selection.for_training(cfg))
+    distilled = load_shards(src_loc, manifest.names, selection.for_training(cfg), len(ctx.classes))
     ms = mean_std(cfg.dataset)
     test = None
     if t.eval_data is not None:

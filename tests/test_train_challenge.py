@@ -9,10 +9,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from gen_helpers import augmented_run
 
-from gdd_ray import challenge, export, pipeline, selection, shards, synthetic
-from gdd_ray.augment import ops
-from gdd_ray.augment.shard import augment_shard
+from gdd_ray import challenge, export, pipeline, selection, synthetic
 from gdd_ray.classes import load_classes
 from gdd_ray.cli import main as cli_main
 from gdd_ray.config import TrainConfig
@@ -79,20 +78,10 @@ def test_challenge_schedule_is_the_evaluators():
 
 
 def make_run(out, dataset="cifar100", num_classes=None, **train):
-    """Generated + augmented shards (IPC 4, K 2: 12 rows per class) by the real per-shard worker, serially."""
+    """Generated + augmented shards (IPC 4, K 2: 12 rows per class); the config to train them with."""
+    augmented_run(out, dataset, IPC, K, num_classes, **train)
     values = {"out": str(out), "dataset": dataset, "ipc": IPC, "unit_size": 2, "pda_variants": K, **train}
-    cfg = build_config({**values, "stages": "augment"})
-    classes = load_classes(dataset, None)[:num_classes]
-    names = synthetic.write_generated(cfg, classes)
-    run_dir = RunDir(cfg.out)
-    fps, inputs, _ = pipeline.stage_inputs(cfg, classes, run_dir)
-    run_dir.prepare(cfg, [vars(c) for c in classes], fps, inputs)
-    for n in names:
-        augment_shard(run_dir.generated, run_dir.augmented, n, K, ops.resolve_ops(None), fps["augment"])
-    rows_of = shards.read_manifest(run_dir.generated).rows
-    specs = [shards.augmented_spec(n, rows_of[n], K, fps["augment"]) for n in names]
-    shards.write_manifest(run_dir.augmented, "augment", fps["augment"], specs)
-    return build_config({**values, "stages": "train"}), classes
+    return build_config({**values, "stages": "train"}), None
 
 
 def test_challenge_export_refusals_write_nothing(tmp_path, capsys):
@@ -174,3 +163,41 @@ def test_challenge_protocol_trains_on_the_exported_submission(ray_cluster, tmp_p
     # The run's page came with it.
     page = (tmp_path / "run" / "report.html").read_text()
     assert "challenge" in page and "Worst classes" in page and "data:image/png;base64," in page
+
+
+def test_combined_score_needs_both_datasets_under_the_challenge_protocol(tmp_path, capsys):
+    def fake_run(name, dataset, protocol, acc):
+        run = tmp_path / name
+        (run / "eval").mkdir(parents=True)
+        (run / "run.json").write_text(json.dumps({"config": {"dataset": dataset}}))
+        (run / "eval" / "results.json").write_text(json.dumps({"protocol": {"name": protocol}, "accuracy_mean": acc}))
+        return str(run)
+
+    c100, tiny = fake_run("c", "cifar100", "challenge", 0.5), fake_run("t", "tiny-imagenet", "challenge", 0.25)
+    assert cli_main(["score", c100, tiny]) == 0
+    assert json.loads(capsys.readouterr().out) == {"score": 0.375, "cifar100": 0.5, "tiny-imagenet": 0.25}
+    paper = fake_run("p", "tiny-imagenet", "paper", 0.9)
+    assert cli_main(["score", c100, paper]) == 2
+    assert "not trained under --protocol challenge" in capsys.readouterr().err
+    assert cli_main(["score", c100, c100]) == 2  # two CIFAR-100 runs: no score
+    assert challenge.combined_score({"cifar100": {"protocol": {"name": "challenge"}, "accuracy_mean": 0.5}}) is None
+
+
+def test_report_page_of_a_partial_run_shows_what_exists(tmp_path):
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    from gdd_ray import report_page
+
+    make_run(tmp_path / "run", num_classes=5)  # generated and augmented, never trained
+    path = report_page.write_run_page(RunDir.open(str(tmp_path / "run")))
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert path.endswith("report.html") and page.startswith("<!DOCTYPE html>")
+    assert "Per-class gallery" in page and "Worst classes" not in page and "Config and fingerprints" in page
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    assert len(images) == 5 * 6  # 6 images of each of the 5 classes
+    for b64 in images:
+        Image.open(io.BytesIO(base64.b64decode(b64))).load()  # every image decodes

@@ -17,6 +17,7 @@ import pyarrow as pa
 from gdd_ray import selection, shards, storage
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
+from gdd_ray.logs import say
 from gdd_ray.plan import parse_shard_name
 from gdd_ray.report_page import html as h
 from gdd_ray.run import RunDir
@@ -269,13 +270,14 @@ def run_page(run_dir: RunDir) -> str:
 
 
 def write_run_page(run_dir: RunDir, quiet: bool = False) -> str | None:
-    """Write OUT/report.html; returns its path. `quiet`: on a failed run, a page that cannot be made is skipped
-    (the stage's own error is the one to see)."""
+    """Write OUT/report.html; returns its path, or None when it could not be made: the page is a view of the
+    run, never a reason to fail one, so the error is one line (none with `quiet`: a failed stage's own error
+    is the one to see)."""
     try:
         text = run_page(run_dir)
         run_dir.root.write_bytes(PAGE, text.encode())
-    except Exception:
-        if quiet:
-            return None
-        raise
+    except Exception as e:  # noqa: BLE001 - any bug in the page must not stop a run that finished its stage
+        if not quiet:
+            say("report", f"{storage.join(run_dir.uri, PAGE)} not written ({type(e).__name__}: {e})")
+        return None
     return storage.join(run_dir.uri, PAGE)

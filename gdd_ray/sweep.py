@@ -18,6 +18,8 @@ evaluation (fingerprints), and the Tune experiment of the same grid is restored.
     ROOT/tune-<grid hash>/       Ray Tune's experiment (one trial per point)
     ROOT/leaderboard.csv, .md    one row per point: its values, accuracy mean +- std, images per class trained,
                                  generation GPU-seconds and images/s of its group
+    ROOT/report.html             the leaderboard (sortable, linking each point's report.html) and the plots
+    ROOT/accuracy_vs_ipc.png     one line per --pda-variants;  ROOT/accuracy_vs_cost.png: the compute frontier
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from gdd_ray.config_loader import build_config, load_yaml, options
 from gdd_ray.errors import UserError
 from gdd_ray.logs import say
 from gdd_ray.report_page.run_page import generation_cost
+from gdd_ray.report_page.sweep_page import write_sweep_page
 from gdd_ray.run import RunDir
 
 # Options that do not change a group's pixels: a smaller value is a prefix of the group's run, or it only
@@ -212,6 +215,7 @@ def sweep(path: str, root: str, concurrent: int = 1) -> list[dict[str, Any]]:
         run_evaluations(planned, root, concurrent)
         rows = leaderboard_rows(planned)
         write_leaderboard(root, rows)
+        write_sweep_page(root, rows, f"gdd-ray sweep: {len(rows)} points over {', '.join(grid)}")
     finally:
         shutdown_if_started_here()
     say("sweep", f"done: {storage.join(root, LEADERBOARD + '.md')}")

@@ -41,6 +41,24 @@ def test_sweep_file_refusals(tmp_path):
         sweep.load_sweep(str(bad))
 
 
+def test_sweep_page_links_every_point_and_draws_the_plots(tmp_path):
+    import re
+
+    from gdd_ray.report_page.sweep_page import write_sweep_page
+
+    rows = [
+        {"point": f"ipc{i}-k{k}", "ipc": i, "pda_variants": k, "accuracy_mean": 0.1 * i + 0.01 * k,
+         "accuracy_std": 0.01, "images_per_class": i * (k + 1), "generation_gpu_s": 2.0 * i}
+        for i in (2, 4) for k in (0, 2)
+    ]  # fmt: skip
+    write_sweep_page(str(tmp_path), rows)
+    page = (tmp_path / "report.html").read_text()
+    assert re.findall(r"href='points/([^/]+)/report.html'", page) == [r["point"] for r in rows]
+    assert "42.00 ± 1.00 %" in page and page.count("<tr>") == 1 + 4 and "class='sortable'" in page
+    for name in ("accuracy_vs_ipc.png", "accuracy_vs_cost.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.slow
 def test_tiny_sweep_one_generation_one_pda_leaderboard_and_resume(tmp_path, tiny_model):
     names = [c.class_id for c in dataset_classes("cifar10")]
@@ -65,6 +83,7 @@ def test_tiny_sweep_one_generation_one_pda_leaderboard_and_resume(tmp_path, tiny
     with open(root / "leaderboard.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 4
     assert (root / "leaderboard.md").read_text().count("\n") == 2 + 4
+    assert (root / "report.html").read_text().count("href='points/") == 4
     point = root / "points" / rows[0]["point"]
     assert "Worst classes" in (point / "report.html").read_text()
 

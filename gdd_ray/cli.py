@@ -47,7 +47,7 @@ class DistillCommand:
 
 
 def _commands() -> dict[str, tuple[object, str]]:
-    from gdd_ray import export, status
+    from gdd_ray import challenge, export, status, sweep
 
     return {
         "distill": (
@@ -56,6 +56,8 @@ def _commands() -> dict[str, tuple[object, str]]:
         ),
         "status": (status, "per stage: units done/total, images, throughput, failures, complete or not"),
         "export": (export, "write a run's images as a challenge .pt tensor or an ImageFolder tree"),
+        "sweep": (sweep, "a grid of runs sharing generation and PDA, evaluated by Ray Tune, with a leaderboard"),
+        "score": (challenge, "the ECCV 2024 challenge's combined score of a CIFAR-100 and a Tiny-ImageNet run"),
     }
 
 

@@ -23,6 +23,8 @@ Activation = Literal["relu", "leakyrelu", "sigmoid"]
 Pooling = Literal["avg", "max", "none"]
 DsaOp = Literal["color", "crop", "cutout", "flip", "scale", "rotate"]
 SelectBy = Literal["none", "clip"]
+Protocol = Literal["paper", "challenge"]
+Selection = Literal["originals", "first", "spread"]
 
 STAGES: tuple[str, ...] = typing.get_args(Stage)
 # What runs when --stages is not given: every stage, the select stage only when there is something to
@@ -195,11 +197,43 @@ class TrainConfig:
         low=1,
         high=10_000,
     )
+    protocol: Protocol = opt(
+        "paper",
+        "paper: train on every image of the set, --epochs epochs, lr drop at epochs // 2 (the paper's evaluation). "
+        "challenge: the ECCV 2024 DD challenge evaluator exactly: 10 images per class (chosen by --select), "
+        "epochs + 1 epochs, lr drop after epoch index epochs // 2 + 1.",
+    )
+    select: Selection = opt(
+        "originals",
+        "Which 10 images per class the challenge protocol (and `export --format challenge`) takes: originals = "
+        "10 distinct generated images, un-augmented (spread over variants when IPC < 10); first = the first 10 in "
+        "(index, variant) order; spread = 10 evenly spaced over the class's (index, variant) rows.",
+    )
+    train_ipc: int | None = opt(
+        None,
+        "Train on the first N generated images of each class only (index < N; default all): a smaller IPC served "
+        "by a run generated at a larger one (image seeds depend on class and index only). Sweeps set it.",
+        low=1,
+        high=1_000_000,
+    )
+    train_variants: int | None = opt(
+        None,
+        "Train on each image's original and first K augmented variants only (variant <= K; default all): a "
+        "smaller --pda-variants served by a larger one (variant seeds depend on image and variant only).",
+        low=0,
+        high=1000,
+    )
+
+    @property
+    def epochs_run(self) -> int:
+        """Epochs actually trained: the challenge evaluator loops `range(epochs + 1)`."""
+        return self.epochs + 1 if self.protocol == "challenge" else self.epochs
 
     @property
     def lr_drop_epoch(self) -> int:
-        """The lr is multiplied by 0.1 from this (0-based) epoch on."""
-        return self.epochs // 2
+        """The lr is multiplied by 0.1 from this (0-based) epoch on. The challenge evaluator drops it after
+        finishing epoch index epochs // 2 + 1 (1000 epochs: 502 at 0.01, then 499 at 0.001)."""
+        return self.epochs // 2 + 2 if self.protocol == "challenge" else self.epochs // 2
 
     @property
     def dsa_ops(self) -> tuple[str, ...]:
@@ -320,6 +354,12 @@ def validate(cfg: RunConfig) -> None:
     if cfg.select.overgenerate != 1.0 and cfg.select.select_by == "none":
         raise UserError(
             "--overgenerate makes more images than --ipc for the select stage to choose from: add --select-by clip"
+        )
+    if t.train_ipc is not None and t.train_ipc > cfg.ipc:
+        raise UserError(f"--train-ipc {t.train_ipc} is more than the run's --ipc {cfg.ipc}")
+    if t.train_variants is not None and t.train_variants > cfg.augment.pda_variants:
+        raise UserError(
+            f"--train-variants {t.train_variants} is more than the run's --pda-variants {cfg.augment.pda_variants}"
         )
     if not 0 < t.lr <= 10:
         raise UserError(f"--lr must be > 0 and at most 10, got {t.lr}")

@@ -1,6 +1,11 @@
 """Exports of a run's images in the forms evaluators and training code take.
 
-    pt           the DD challenge format: one float tensor N x 3 x H x W normalised with the dataset's
+    challenge    the ECCV 2024 DD challenge submission: DEST is a folder and exactly DEST/cifar100.pt or
+                 DEST/tinyimagenet.pt is written in it (nothing else): a bare float tensor 10*C x 3 x H x W,
+                 normalised, class-major (the evaluator labels by position), its shape checked before
+                 writing. The 10 per class are the rows the train stage takes under --protocol challenge
+                 (gdd_ray.selection, the run's --select unless given), so the trained set is the submitted set.
+    pt           a tensor like the challenge's: one float tensor N x 3 x H x W normalised with the dataset's
                  mean/std, class by class with the same count per class (label = position // count),
                  plus DEST_labels.pt (int64, N) and DEST_classes.txt (label, class id, name)
     imagefolder  DEST/<class id>/<label>_<index>_v<variant>.png, the PNG bytes as stored (lossless);
@@ -11,6 +16,7 @@ Images are taken in the order (label, index, variant): with --per-class n the fi
 i.e. the first n/(K+1) generated images of a class with all their variants. Shards are read one at a
 time (the listing reads no pixels); the .pt tensor itself is built in memory (4*3*H*W bytes an image).
 
+    python -m gdd_ray export --run OUT --format challenge --dest submission/
     python -m gdd_ray export --run OUT --format pt --dest distilled.pt --per-class 10
     python -m gdd_ray export --run OUT --format imagefolder --dest OUT/imagefolder
 """
@@ -27,12 +33,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gdd_ray import shards, storage
+from gdd_ray import challenge, selection, shards, storage
 from gdd_ray.classes import MEAN_STD
+from gdd_ray.config import RunConfig
 from gdd_ray.errors import UserError
-from gdd_ray.run import RUN_FILE, STAGE_DIRS
+from gdd_ray.run import RUN_FILE, RunDir
 
-FORMATS = ("pt", "imagefolder")
+FORMATS = ("challenge", "pt", "imagefolder")
 SOURCES = {"augmented": "augment", "selected": "select", "generated": "generate"}  # folder -> its stage
 META_COLUMNS = ["label", "class_id", "class_name", "index", "variant"]
 
@@ -50,7 +57,7 @@ def _source(run: str, source: str) -> tuple[storage.Location, list[str]]:
     if source not in SOURCES:
         raise UserError(f"--source must be one of {', '.join(SOURCES)}, got '{source}'")
     stage = SOURCES[source]
-    loc = storage.Location(run).child(STAGE_DIRS[stage])
+    loc = RunDir.open(run).stage_dir(stage)  # a sweep point's stage folders may be shared, outside OUT
     fp = run_record(run).get("fingerprints", {}).get(stage)
     manifest = shards.read_manifest(loc, fp) if fp else None
     if manifest is None:
@@ -145,6 +152,72 @@ def _mean_std(
     return list(m), list(s)
 
 
+def normalised_tensor(run: str, source: str, table: pa.Table, mean: list[float], std: list[float]):
+    """The images of `table`'s rows, in its order, as one float tensor N x 3 x H x W: (pixel / 255 - mean) / std,
+    the arithmetic of the train stage's own upload (train.loop.to_device_images)."""
+    import torch
+
+    x = None
+    mean_t, std_t = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    for pos, png in iter_images(run, source, table):
+        px = torch.from_numpy(np.array(shards.decode_png(png))).permute(2, 0, 1).float().div_(255)
+        if x is None:
+            x = torch.empty((table.num_rows, *px.shape), dtype=torch.float32)
+        elif px.shape != x.shape[1:]:
+            raise UserError(
+                f"images of different sizes ({tuple(px.shape)} and {tuple(x.shape[1:])}) cannot form one tensor"
+            )
+        x[pos] = (px - mean_t) / std_t
+    return x
+
+
+def train_source(record: dict[str, Any]) -> str:
+    """What the run's train stage reads: the augmented set when the run has an augment stage, else the images
+    the select stage kept when it has one, else the originals."""
+    fps = record.get("fingerprints", {})
+    return "augmented" if "augment" in fps else "selected" if "select" in fps else "generated"
+
+
+def export_challenge(run: str, dest: str, select: str | None = None, source: str | None = None) -> dict[str, Any]:
+    """Write exactly DEST/cifar100.pt or DEST/tinyimagenet.pt: the 10 images per class the train stage takes
+    under --protocol challenge, as the evaluator loads them. Everything is checked before the one write."""
+    if dest.rstrip("/").endswith(".pt"):
+        raise UserError(
+            f"--dest for --format challenge is the submission folder (the file name is the evaluator's), got '{dest}'"
+        )
+    if select is not None and select not in selection.CHOICES:
+        raise UserError(f"--select must be one of {', '.join(selection.CHOICES)}, got '{select}'")
+    record = run_record(run)
+    if not record.get("config"):
+        raise UserError(f"{storage.join(run, RUN_FILE)} does not exist or holds no config: no run at {run}")
+    cfg = RunConfig.from_dict(record["config"])
+    name = challenge.submission_file(cfg.dataset)
+    choice = selection.for_training(cfg.replace(**{"train.protocol": "challenge"}), select)  # type: ignore[arg-type]
+    source = source or train_source(record)
+    listed = list_images(run, source)
+    cols = [listed.column(c).to_numpy() for c in ("label", "index", "variant")]
+    table = listed.take(pa.array(selection.choose(*cols, choice, len(record.get("classes") or []) or None)))
+    want = challenge.expected_shape(cfg.dataset)
+    labels = table.column("label").to_numpy()
+    if table.num_rows != want[0] or not np.array_equal(labels, challenge.position_labels(want[0] // 10).numpy()):
+        raise UserError(f"the run offers {table.num_rows} images in class-major order; the evaluator needs {want[0]}")
+    m, s = _mean_std(cfg.dataset, None, None)
+    x = normalised_tensor(run, source, table, m, s)
+    if tuple(x.shape) != want:
+        raise UserError(
+            f"the selected images form a {tuple(x.shape)} tensor; the evaluator asserts {want} "
+            f"(rerun with --image-size {want[-1]})"
+        )
+    storage.Location(dest).write_bytes(name, _torch_bytes(x))
+    return {
+        "file": storage.join(dest, name),
+        "shape": list(x.shape),
+        "per_class": selection.CHALLENGE_IPC,
+        "source": source,
+        "selection": choice.describe(),
+    }
+
+
 def export_pt(
     run: str,
     dest: str,
@@ -163,17 +236,7 @@ def export_pt(
     num_classes = len(record["classes"]) if record.get("classes") else None
     table, n = select_per_class(list_images(run, source), per_class, num_classes)
     m, s = _mean_std(dataset or record.get("config", {}).get("dataset"), mean, std)
-    x = None
-    mean_t, std_t = torch.tensor(m).view(3, 1, 1), torch.tensor(s).view(3, 1, 1)
-    for pos, png in iter_images(run, source, table):
-        px = torch.from_numpy(np.array(shards.decode_png(png))).permute(2, 0, 1).float().div_(255.0)
-        if x is None:
-            x = torch.empty((table.num_rows, *px.shape), dtype=torch.float32)
-        elif px.shape != x.shape[1:]:
-            raise UserError(
-                f"images of different sizes ({tuple(px.shape)} and {tuple(x.shape[1:])}) cannot form one tensor"
-            )
-        x[pos] = (px - mean_t) / std_t
+    x = normalised_tensor(run, source, table, m, s)
     labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
 
     parent, name = _split(dest)
@@ -269,8 +332,16 @@ def _floats(text: str) -> list[float]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="The run folder (--out of distill.py): local path or s3://... URI.")
-    p.add_argument("--format", required=True, choices=FORMATS, help="pt: challenge tensor; imagefolder: PNG tree.")
-    p.add_argument("--dest", required=True, help="pt: the .pt file to write; imagefolder: the root folder.")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="challenge: DEST/cifar100.pt or DEST/tinyimagenet.pt only; pt: tensor + labels + classes; "
+        "imagefolder: PNG tree.",
+    )
+    p.add_argument(
+        "--dest", required=True, help="challenge: the submission folder; pt: the .pt file; imagefolder: the root."
+    )
     p.add_argument(
         "--per-class",
         type=int,
@@ -279,9 +350,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--source",
+        dest="source_given",
         choices=list(SOURCES),
-        default="augmented",
-        help="Export the augmented set (default), the images the select stage kept, or every generated image.",
+        default=None,
+        help="Export the augmented set, the images the select stage kept, or every generated image (default: augmented; challenge: what the "
+        "run's train stage reads).",
+    )
+    p.add_argument(
+        "--select",
+        choices=selection.CHOICES,
+        default=None,
+        help="challenge: which 10 images per class (originals, first, spread); default the run's --select, so "
+        "the submitted set is the one its train stage trained on under --protocol challenge.",
     )
     p.add_argument("--dataset", default=None, help="pt: whose mean/std to normalise with; default the run's dataset.")
     p.add_argument("--mean", type=_floats, default=None, help="pt: per-channel mean r,g,b instead of the dataset's.")
@@ -289,6 +369,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if args.format == "challenge":
+        if args.per_class is not None or args.mean is not None or args.std is not None or args.dataset is not None:
+            raise UserError(
+                "--format challenge takes 10 per class and the dataset's mean/std: drop --per-class/"
+                "--dataset/--mean/--std"
+            )
+        out = export_challenge(args.run, args.dest, args.select, args.source_given)
+        print(f"[export] {tuple(out['shape'])} challenge tensor ({out['selection']['how']}) -> {out['file']}")
+        return 0
+    if args.select is not None:
+        raise UserError("--select applies to --format challenge only")
+    args.source = args.source_given or "augmented"
     if args.format == "pt":
         out = export_pt(args.run, args.dest, args.per_class, args.dataset, args.mean, args.std, args.source)
         print(

@@ -6,14 +6,16 @@ Every stage module declares the same few things, so this file stays the only pla
     source(cfg, run_dir)        the stage whose output it reads (None for generate)
     preflight(ctx)              checks that read only, before anything is written
     run(ctx) -> dict            do the stage (resumably), return its summary
-The fingerprints are computed here, once, and handed to the stages in the RunContext.
+The fingerprints are computed here, once, and handed to the stages in the RunContext. After each stage
+(and after a failed one) the run's page OUT/report.html is rewritten from the files (gdd_ray.report_page),
+so a partial run shows what exists; the stages know nothing of it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from gdd_ray import storage
+from gdd_ray import report_page, storage
 from gdd_ray.augment import stage as augment
 from gdd_ray.classes import ClassInfo, check_prompts, class_list_source, load_classes
 from gdd_ray.config import STAGES, RunConfig
@@ -70,21 +72,22 @@ def refuse_scattered_out(cfg: RunConfig) -> None:
         )
 
 
-def context(cfg: RunConfig) -> tuple[RunContext, dict[str, dict[str, Any]]]:
-    """The run's context (classes, plan, fingerprints) and what decides each stage; reads, writes nothing."""
+def context(cfg: RunConfig, run_dir: RunDir | None = None) -> tuple[RunContext, dict[str, dict[str, Any]]]:
+    """The run's context (classes, plan, fingerprints) and what decides each stage; reads, writes nothing.
+    `run_dir`: OUT with stage folders shared with other runs (a sweep's); default plain OUT."""
     classes = load_classes(cfg.dataset, cfg.classes)
     if not cfg.allow_duplicate_prompts:  # two labels for one set of images would train on noise
         check_prompts(classes, cfg.generate.prompt_template, class_list_source(cfg.dataset, cfg.classes))
-    run_dir = RunDir(cfg.out)
+    run_dir = run_dir or RunDir(cfg.out)
     fps, inputs, sources = stage_inputs(cfg, classes, run_dir)
     return RunContext(cfg, run_dir, classes, plan_run(cfg, len(classes)), fps, sources), inputs
 
 
-def check(cfg: RunConfig) -> RunContext:
+def check(cfg: RunConfig, run_dir: RunDir | None = None) -> RunContext:
     """Every check before anything is written: classes, fingerprints, each stage's preflight, that --out
     is reachable from every node (joins the cluster only if there is one to join), the output folder;
     run.json is written last."""
-    ctx, inputs = context(cfg)
+    ctx, inputs = context(cfg, run_dir)
     classes, run_dir, fps = ctx.classes, ctx.run_dir, ctx.fingerprints
     for stage in cfg.stages:
         STAGE_MODULES[stage].preflight(ctx)
@@ -93,11 +96,25 @@ def check(cfg: RunConfig) -> RunContext:
     return ctx
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
+def execute(ctx: RunContext) -> dict[str, Any]:
+    """Run the asked stages in order on a checked context; the run's page follows each one."""
+    out: dict[str, Any] = {}
+    try:
+        for stage in STAGES:
+            if stage in ctx.cfg.stages:
+                out[stage] = STAGE_MODULES[stage].run(ctx)
+                report_page.write_run_page(ctx.run_dir)
+    except BaseException:
+        report_page.write_run_page(ctx.run_dir, quiet=True)  # what exists so far; the stage's error wins
+        raise
+    return out
+
+
+def run(cfg: RunConfig, run_dir: RunDir | None = None) -> dict[str, Any]:
     from gdd_ray.ray_utils import shutdown_if_started_here
 
-    ctx = check(cfg)
+    ctx = check(cfg, run_dir)
     try:
-        return {stage: STAGE_MODULES[stage].run(ctx) for stage in STAGES if stage in cfg.stages}
+        return execute(ctx)
     finally:
         shutdown_if_started_here()

@@ -8,6 +8,9 @@ reusing or refusing what is there.
     OUT/augmented/*.parquet      PDA output (+ _summary.json, _manifest.json)
     OUT/eval/                    evaluation runs, metrics, checkpoints, results.json (+ _summary.json)
 
+A run may read a stage's output from a folder outside OUT (`stage_dirs`, kept in run.json): a sweep's
+points share one generation and one PDA, each folder keyed by its fingerprint and written by one run only.
+
 Each stage has a fingerprint of everything that decides its output (downstream stages include the
 upstream fingerprint). An existing output with another fingerprint is never silently mixed with new
 work: the run stops with a clear error, or with --overwrite that stage and everything after it are
@@ -89,16 +92,32 @@ def stage_summary(
 
 
 class RunDir:
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, stage_dirs: dict[str, str] | None = None):
+        """`stage_dirs`: stage -> the folder holding its output when that is not under OUT (shared)."""
         self.uri = uri
         self.root = storage.Location(uri)
-        self.generated = self.root.child(STAGE_DIRS["generate"])
-        self.selected = self.root.child(STAGE_DIRS["select"])
-        self.augmented = self.root.child(STAGE_DIRS["augment"])
-        self.eval = self.root.child(STAGE_DIRS["train"])
+        self.shared = dict(stage_dirs or {})
+        self.generated = self.stage_dir("generate")
+        self.selected = self.stage_dir("select")
+        self.augmented = self.stage_dir("augment")
+        self.eval = self.stage_dir("train")
+
+    @classmethod
+    def open(cls, uri: str) -> RunDir:
+        """The run at `uri` with the shared stage folders its run.json names (readers: status, export, report)."""
+        record = cls(uri).read_record() or {}
+        return cls(uri, record.get("stage_dirs"))
 
     def stage_dir(self, stage: str) -> storage.Location:
+        if stage in self.shared:
+            return storage.Location(self.shared[stage])
         return self.root.child(STAGE_DIRS[stage])
+
+    def samples_location(self) -> tuple[storage.Location, str]:
+        """Where the augment stage's sample grid is: beside the augmented folder that made it (OUT/samples.png)."""
+        aug = self.augmented.uri.rstrip("/")
+        parent = aug.rsplit("/", 1)[0] if "/" in aug else "."
+        return storage.Location(parent), "samples.png"
 
     # ---- run.json -----------------------------------------------------------------------------
 
@@ -161,6 +180,8 @@ class RunDir:
         if record is not None:
             old = record.get("fingerprints", {})
             for stage in STAGES:
+                if stage in self.shared:  # keyed by its fingerprint by whoever shares it: never a mix
+                    continue
                 if stage in fingerprints and stage in old and old[stage] != fingerprints[stage]:
                     if self._has_output(stage):
                         stale.append(stage)
@@ -181,23 +202,25 @@ class RunDir:
         if stale:  # --overwrite: the first stale stage and everything downstream of it go
             first = min(STAGES.index(s) for s in stale)
             for stage in STAGES[first:]:
-                self.stage_dir(stage).delete_tree()
+                if stage not in self.shared:
+                    self.stage_dir(stage).delete_tree()
                 merged_fps.pop(stage, None)
                 merged_inputs.pop(stage, None)
         merged_fps.update(fingerprints)
         merged_inputs.update(inputs)
-        self.write_record(
-            {
-                "config": cfg.to_dict(),
-                "classes": classes,
-                "fingerprints": merged_fps,
-                "inputs": merged_inputs,
-                "versions": package_versions(),
-                "created": (record or {}).get("created", now_iso()),
-                "updated": now_iso(),
-                "stages": {} if stale else dict((record or {}).get("stages", {})),
-            }
-        )
+        new_record = {
+            "config": cfg.to_dict(),
+            "classes": classes,
+            "fingerprints": merged_fps,
+            "inputs": merged_inputs,
+            "versions": package_versions(),
+            "created": (record or {}).get("created", now_iso()),
+            "updated": now_iso(),
+            "stages": {} if stale else dict((record or {}).get("stages", {})),
+        }
+        if self.shared:
+            new_record["stage_dirs"] = self.shared
+        self.write_record(new_record)
 
 
 def _describe_change(record: dict[str, Any] | None, inputs: dict[str, dict[str, Any]], stage: str) -> str:

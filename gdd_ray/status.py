@@ -174,6 +174,7 @@ def run_status(out: str) -> dict[str, Any]:
         raise UserError(f"cannot read {out} ({e})") from e
     if record is None:
         raise UserError(f"{storage.join(out, RUN_FILE)} does not exist: no run was started at {out}")
+    run_dir = RunDir(out, record.get("stage_dirs"))  # a sweep point reads shared generate/augment folders
     stages = [s for s in STAGES if s in record.get("fingerprints", {})]
     try:
         cfg = RunConfig.from_dict(record.get("config") or {})

@@ -5,37 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gen_helpers import augmented_run
 
-from gdd_ray import export, pipeline, shards, synthetic
-from gdd_ray.augment import ops, stage
-from gdd_ray.augment.shard import augment_shard
+from gdd_ray import export, shards
+from gdd_ray.augment import stage
 from gdd_ray.cli import main as cli_main
-from gdd_ray.config_loader import build_config
-from gdd_ray.run import RunDir
 
 K = 2
 IPC = 4
 
 
 def make_run(out, dataset="cifar100", ipc=IPC, num_classes=None):
-    """Generated + augmented shards written by the real per-shard worker (serially, no Ray needed), with the
-    manifests the stages write last."""
-    cfg = build_config(
-        {"out": str(out), "dataset": dataset, "ipc": ipc, "unit_size": 2, "pda_variants": K, "stages": "augment"}
-    )
-    from gdd_ray.classes import load_classes
-
-    classes = load_classes(dataset, None)[:num_classes]
-    names = synthetic.write_generated(cfg, classes)
-    run_dir = RunDir(cfg.out)
-    fps, inputs, _ = pipeline.stage_inputs(cfg, classes, run_dir)  # a subset of the dataset's classes
-    run_dir.prepare(cfg, [vars(c) for c in classes], fps, inputs)
-    for n in names:
-        augment_shard(run_dir.generated, run_dir.augmented, n, K, ops.resolve_ops(None), fps["augment"])
-    rows = shards.read_manifest(run_dir.generated).rows
-    specs = [shards.augmented_spec(n, rows[n], K, fps["augment"]) for n in names]
-    shards.write_manifest(run_dir.augmented, "augment", fps["augment"], specs)
-    return run_dir, classes
+    return augmented_run(out, dataset, ipc, K, num_classes)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ memory; this module reads the shards once on the driver, which puts the arrays i
 
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ import numpy as np
 from gdd_ray import shards, storage
 from gdd_ray.classes import MEAN_STD, ClassInfo
 from gdd_ray.errors import UserError
+from gdd_ray.plan import parse_shard_name
+from gdd_ray.selection import RowChoice, choose
 
 
 def mean_std(dataset: str | None) -> tuple[list[float], list[float]]:
@@ -24,30 +27,59 @@ def mean_std(dataset: str | None) -> tuple[list[float], list[float]]:
 
 @dataclass
 class DistilledSet:
-    images: np.ndarray  # uint8, N x H x W x 3
+    images: np.ndarray  # uint8, N x H x W x 3, class-major, (index, variant) order within a class
     labels: np.ndarray  # int64, N
     class_ids: dict[int, str]  # label -> class_id written in the shards
     class_names: dict[int, str]
     shards: int
+    index: np.ndarray | None = None  # int64, N: each image's index within its class
+    variant: np.ndarray | None = None  # int64, N: 0 = the generated image, 1..K its augmented copies
+    prompts: dict[int, str] | None = None  # label -> the prompt its images were drawn from
 
     @property
     def image_size(self) -> int:
         return int(self.images.shape[1])
 
+    @property
+    def per_class(self) -> list[int]:
+        """Images of each class, in label order."""
+        return np.bincount(self.labels, minlength=len(self.class_ids)).tolist()
 
-def load_shards(loc: storage.Location, names: list[str]) -> DistilledSet:
-    """The images of shards `names` (a stage's manifest lists them), decoded, with their labels."""
+    def digest(self) -> str:
+        """Hash of exactly what is trained on (pixels, labels, order): the same set gives the same digest."""
+        h = hashlib.sha256(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(self.images).tobytes())
+        return h.hexdigest()[:16]
+
+
+def load_shards(
+    loc: storage.Location, names: list[str], choice: RowChoice | None = None, num_classes: int | None = None
+) -> DistilledSet:
+    """The images of shards `names` (a stage's manifest lists them) that `choice` keeps, decoded, with their
+    labels, class-major. Shards wholly past the choice's IPC are not read."""
     if not names:
         raise UserError(f"{loc.uri} holds no shards to train on: run the generate stage first")
-    table = shards.read_shards(loc, names, columns=["image", "label", "class_id", "class_name"])
+    choice = choice or RowChoice()
+    if choice.ipc is not None:
+        names = [n for n in names if (u := parse_shard_name(n)) is None or u.start < choice.ipc]
+    columns = ["label", "class_id", "class_name", "prompt", "index", "variant"]
+    table = shards.read_shards(loc, names, columns=[*columns, "image"])
     labels = np.asarray(table.column("label").to_numpy(), dtype=np.int64)
+    index = np.asarray(table.column("index").to_numpy(), dtype=np.int64)
+    variant = np.asarray(table.column("variant").to_numpy(), dtype=np.int64)
+    keep = choose(labels, index, variant, choice, num_classes)
+    table = table.take(keep)
+    labels, index, variant = labels[keep], index[keep], variant[keep]
     ids, cnames = table.column("class_id").to_pylist(), table.column("class_name").to_pylist()
+    prompts_col = table.column("prompt").to_pylist()
     class_ids: dict[int, str] = {}
     class_names: dict[int, str] = {}
-    for lab, cid, cname in zip(labels.tolist(), ids, cnames):
+    prompts: dict[int, str] = {}
+    for lab, cid, cname, prompt in zip(labels.tolist(), ids, cnames, prompts_col):
         if class_ids.setdefault(lab, cid) != cid:
             raise UserError(f"{loc.uri}: label {lab} is written for two classes ('{class_ids[lab]}', '{cid}')")
         class_names.setdefault(lab, cname)
+        prompts.setdefault(lab, prompt)
     pngs = shards.png_bytes(table)
     # PNG decoding releases the GIL; a few threads make 50k small images a matter of seconds.
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
@@ -55,7 +87,7 @@ def load_shards(loc: storage.Location, names: list[str]) -> DistilledSet:
     sizes = sorted({a.shape for a in arrays})
     if len(sizes) != 1 or sizes[0][0] != sizes[0][1]:
         raise UserError(f"{loc.uri}: shard images have mixed or non-square sizes {sizes[:3]}; regenerate them")
-    return DistilledSet(np.stack(arrays), labels, class_ids, class_names, len(names))
+    return DistilledSet(np.stack(arrays), labels, class_ids, class_names, len(names), index, variant, prompts)
 
 
 def _norm(s: str) -> str:

@@ -1,6 +1,7 @@
 """What the train stage leaves to read: the results document, the merged metrics and the curves.
 
-OUT/eval/results.json     accuracy of each run, mean, std, every hyperparameter, wall time (written last)
+OUT/eval/results.json     accuracy of each run, mean, std, the protocol, the rows trained on, per-class
+                          accuracy and the confusion matrix, every hyperparameter, wall time (written last)
 OUT/eval/metrics.jsonl    one line per (run, epoch): lr, train loss/acc, test acc every --eval-every
 OUT/eval/curve.png        training curves of every run
 """
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from typing import Any
 
 import numpy as np
 
-from gdd_ray import storage
+from gdd_ray import selection, storage
+from gdd_ray.classes import ClassInfo
 from gdd_ray.config import RunConfig
 from gdd_ray.run import eval_run_name, now_iso
 from gdd_ray.train.convnet import ConvNet, num_parameters
@@ -31,16 +34,19 @@ def results_document(
     test: TestSet | None,
     runs: list[dict[str, Any]],
     mean_std: tuple[list[float], list[float]],
+    classes: list[ClassInfo],
     *,
     workers: int,
     use_gpu: bool,
     started: str,
     wall_s: float,
 ) -> dict[str, Any]:
-    """results.json: every run, the mean and std of their last-epoch accuracy, and what produced them."""
+    """results.json: every run, the mean and std of their last-epoch accuracy, per class, and what produced them."""
     t = cfg.train
     accs = [r["test_acc"] for r in runs] if test is not None else []
     net = ConvNet.from_config(t, len(distilled.class_ids), distilled.image_size)
+    per_class = distilled.per_class
+    counts = _summed_confusion(runs)
     return {
         "stage": "train",
         "fingerprint": fp,
@@ -48,14 +54,20 @@ def results_document(
         "accuracy_mean": float(np.mean(accs)) if accs else None,
         "accuracy_std": float(np.std(accs)) if accs else None,  # population std over runs, as DC/DSA/MTT report
         "accuracies": accs,
-        "runs": runs,
+        "runs": [{k: v for k, v in r.items() if k != "confusion"} for r in runs],  # each run's: runs/runNN.json
         "train_set": {
             "source": source_uri,
             "images": int(len(distilled.labels)),
             "classes": len(distilled.class_ids),
             "image_size": distilled.image_size,
             "shards": distilled.shards,
+            "images_per_class": per_class[0] if len(set(per_class)) == 1 else per_class,
+            "selection": selection.for_training(cfg).describe(),
+            "digest": distilled.digest(),
         },
+        "per_class": per_class_results(classes, distilled, counts, len(runs)),
+        # rows = true class, columns = predicted, summed over the runs (each run's: runs/runNN.json)
+        "confusion": counts.tolist() if counts is not None else None,
         "test_set": (
             {
                 "path": t.eval_data,
@@ -77,7 +89,9 @@ def results_document(
             "parameters": num_parameters(net),
         },  # fmt: skip
         "protocol": {
+            "name": t.protocol,
             "epochs": t.epochs,
+            "epochs_run": t.epochs_run,
             "lr": t.lr,
             "momentum": t.momentum,
             "weight_decay": t.weight_decay,
@@ -95,6 +109,41 @@ def results_document(
         "finished": now_iso(),
         "wall_s": round(wall_s, 3),
     }
+
+
+def _summed_confusion(runs: list[dict[str, Any]]) -> np.ndarray | None:
+    mats = [np.asarray(r["confusion"], dtype=np.int64) for r in runs if r.get("confusion") is not None]
+    return np.sum(mats, axis=0) if mats and len(mats) == len(runs) else None
+
+
+def per_class_results(
+    classes: list[ClassInfo], distilled: DistilledSet, counts: np.ndarray | None, n_runs: int
+) -> list[dict[str, Any]]:
+    """Per class: its ids, prompt, images trained on, and test accuracy (mean over runs; None untested)."""
+    trained = distilled.per_class
+    out = []
+    for c in classes:
+        row: dict[str, Any] = {"label": c.label, "class_id": c.class_id, "name": c.name}
+        row["prompt"] = (distilled.prompts or {}).get(c.label)
+        row["images"] = trained[c.label] if c.label < len(trained) else 0
+        if counts is not None and c.label < len(counts):
+            tested = int(counts[c.label].sum())
+            row["test_images"] = tested // max(1, n_runs)
+            row["accuracy"] = float(counts[c.label, c.label]) / tested if tested else None
+        out.append(row)
+    return out
+
+
+def worst_classes(results: dict[str, Any], n: int = 5) -> list[dict[str, Any]]:
+    """The n classes with the lowest test accuracy (ties: label order)."""
+    rows = [r for r in results.get("per_class") or [] if r.get("accuracy") is not None]
+    return sorted(rows, key=lambda r: (r["accuracy"], r["label"]))[:n]
+
+
+def json_text(obj: Any) -> str:
+    """Indented JSON with each list of numbers on one line (a 200 x 200 confusion matrix stays readable)."""
+    text = json.dumps(obj, indent=2)
+    return re.sub(r"\[\s+([-0-9.eE+,\s]*?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
 
 
 def finished_runs(eval_loc: storage.Location, fp: str, wanted: int) -> dict[int, dict[str, Any]]:
@@ -137,13 +186,13 @@ def write_outputs(eval_loc: storage.Location, results: dict[str, Any], history: 
     accs = results["accuracies"]
     title = (
         f"ConvNet depth {results['model']['depth']} width {results['model']['width']} on "
-        f"{results['train_set']['images']} images, {len(results['runs'])} runs"
+        f"{results['train_set']['images']} images, {len(results['runs'])} runs, {results['protocol']['name']} protocol"
     )
     if accs:
         title += f": test accuracy {100 * np.mean(accs):.2f} +- {100 * np.std(accs):.2f} % (last epoch)"
     lr_drop = results["protocol"]["lr_drop_epoch"]
     eval_loc.write_bytes("curve.png", plot_curves(history, len(results["runs"]), lr_drop, title))
-    eval_loc.write_bytes(RESULTS, json.dumps(results, indent=2).encode())
+    eval_loc.write_bytes(RESULTS, json_text(results).encode())
 
 
 def plot_curves(history: list[dict[str, Any]], n_runs: int, lr_drop: int | None = None, title: str = "") -> bytes:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from gdd_ray import shards, storage
+from gdd_ray import selection, shards, storage
 from gdd_ray.config import RunConfig
 from gdd_ray.errors import UserError
 from gdd_ray.logs import say
@@ -26,9 +26,10 @@ from gdd_ray.train import report, testsets
 from gdd_ray.train.convnet import ConvNet
 from gdd_ray.train.data import DistilledSet, check_alignment, load_shards, mean_std
 
-VERSION = 2  # 2: run seeds derive from (eval seed, run) through plan.derive_seed
+VERSION = 3  # 3: the set is class-major (selection.choose); per-class results; protocols
 # What decides the numbers a run computes. Not eval_runs, eval_workers, checkpoint_every or eval_every:
-# resume is exact, so changing those reuses finished work.
+# resume is exact, so changing those reuses finished work. --select is in resolved_inputs (the rows
+# trained on), since it decides nothing under the paper protocol.
 OUTPUT_FIELDS = (
     "dataset",
     "classes",
@@ -45,6 +46,9 @@ OUTPUT_FIELDS = (
     "train.net_act",
     "train.net_pool",
     "train.dsa_strategy",
+    "train.protocol",
+    "train.train_ipc",
+    "train.train_variants",
 )
 
 
@@ -57,7 +61,17 @@ def source(cfg: RunConfig, run_dir: RunDir) -> str:
 
 
 def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
-    return {}
+    """The rows trained on, resolved: the prefix (index < IPC, variant <= K) and, under the challenge
+    protocol, the 10-per-class selection. IPC is here because the source's fingerprint does not hold it."""
+    choice = selection.for_training(cfg)
+    rows = choice.describe()
+    if choice.per_class is None:
+        rows["how"] = None  # every row of the prefix: --select decides nothing
+    return {"rows": rows}
+
+
+def _variants_available(ctx: RunContext) -> int:
+    return ctx.cfg.augment.pda_variants if ctx.sources["train"] == "augment" else 0
 
 
 def _test_what(info: testsets.TestSetInfo) -> str:
@@ -82,6 +96,13 @@ def preflight(ctx: RunContext) -> None:
     cfg = ctx.cfg
     if ctx.sources["train"] not in cfg.stages:
         training_shards(ctx)
+    choice = selection.for_training(cfg)
+    offered = selection.rows_per_class(choice, cfg.ipc, _variants_available(ctx))
+    if choice.per_class is not None and offered < choice.per_class:
+        raise UserError(
+            f"--protocol challenge trains on {choice.per_class} images per class but this run offers {offered} "
+            "(IPC x (variants + 1)); raise --ipc or --pda-variants"
+        )
     try:
         ConvNet.from_config(cfg.train, len(ctx.classes), cfg.image_size)
     except ValueError as e:
@@ -97,7 +118,7 @@ def load_data(ctx: RunContext) -> tuple[storage.Location, DistilledSet, testsets
     """The distilled set (decoded once), the real test set and the normalisation, checked against each other."""
     cfg, t = ctx.cfg, ctx.cfg.train
     src_loc, manifest = training_shards(ctx)
-    distilled = load_shards(src_loc, manifest.names)
+    distilled = load_shards(src_loc, manifest.names, selection.for_training(cfg), len(ctx.classes))
     ms = mean_std(cfg.dataset)
     test = None
     if t.eval_data is not None:
@@ -133,8 +154,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     pending = [r for r in range(t.eval_runs) if r not in done]
     say(
         "train",
-        f"{len(distilled.labels)} images ({len(ctx.classes)} classes, {distilled.image_size}px) from {src_loc.uri}; "
-        f"{t.eval_runs} runs x {t.epochs} epochs: {len(done)} done, {len(pending)} to do",
+        f"{len(distilled.labels)} images ({len(ctx.classes)} classes, {distilled.image_size}px) from {src_loc.uri}, "
+        f"{t.protocol} protocol; {t.eval_runs} runs x {t.epochs_run} epochs: {len(done)} done, {len(pending)} to do",
     )
     workers, use_gpu = 0, False
     if pending:
@@ -147,7 +168,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     runs = [done[r] for r in range(t.eval_runs)]
     results = report.results_document(
-        cfg, fp, src_loc.uri, distilled, test, runs, ms,
+        cfg, fp, src_loc.uri, distilled, test, runs, ms, ctx.classes,
         workers=workers, use_gpu=use_gpu, started=started, wall_s=time.perf_counter() - t0,
     )  # fmt: skip
     accs = results["accuracies"]
@@ -155,7 +176,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "train", fp, started, time.perf_counter() - t0,
         units=t.eval_runs, units_run=len(pending), images=int(len(distilled.labels)), images_made=0,
         evaluated=results["evaluated"], accuracy_mean=results["accuracy_mean"],
-        accuracy_std=results["accuracy_std"], results=report.RESULTS,
+        accuracy_std=results["accuracy_std"], results=report.RESULTS, protocol=t.protocol,
+        images_per_class=results["train_set"]["images_per_class"],
     )  # fmt: skip
     ctx.run_dir.write_summary("train", summary)
     report.write_outputs(eval_loc, results, report.merge_metrics(eval_loc, t.eval_runs))
@@ -166,7 +188,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         say(
             "train",
             f"done: test accuracy {100 * results['accuracy_mean']:.2f} +- {100 * results['accuracy_std']:.2f} % "
-            f"over {len(accs)} runs (last epoch) -> {storage.join(eval_loc.uri, report.RESULTS)}",
+            f"over {len(accs)} runs (last epoch, {t.protocol} protocol) -> {storage.join(eval_loc.uri, report.RESULTS)}",
         )
     return results
 

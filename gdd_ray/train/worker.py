@@ -17,6 +17,7 @@ from gdd_ray.logs import Progress, say
 from gdd_ray.plan import eval_run_seed
 from gdd_ray.run import eval_run_name, now_iso
 from gdd_ray.train.loop import LocationCheckpointer
+from gdd_ray.train.report import json_text
 
 
 class RunCheckpointer(LocationCheckpointer):
@@ -82,7 +83,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             test_y = torch.as_tensor(test_labels, device=device)
         eval_loc = storage.Location(job.eval_uri)
         progress = Progress(
-            "train", len(mine) * t.epochs, len(mine) * t.epochs * job.images, unit_name=f"epochs (rank {rank})"
+            "train", len(mine) * t.epochs_run, len(mine) * t.epochs_run * job.images, unit_name=f"epochs (rank {rank})"
         )
         for run in mine:
             seed = eval_run_seed(t.eval_seed, run)
@@ -93,7 +94,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 if row.get("test_acc") is not None:
                     say(
                         "train",
-                        f"run {run} epoch {row['epoch']}/{t.epochs}: loss {row['train_loss']:.4f}, "
+                        f"run {run} epoch {row['epoch']}/{t.epochs_run}: loss {row['train_loss']:.4f}, "
                         f"train acc {row['train_acc']:.4f}, test acc {row['test_acc']:.4f} on {device}",
                     )
 
@@ -113,7 +114,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             )
             result.pop("history")
             result.update(run=run, rank=rank, fingerprint=job.fingerprint, device=str(device), finished=now_iso())
-            eval_loc.child("runs").write_bytes(f"{eval_run_name(run)}.json", json.dumps(result, indent=2).encode())
+            eval_loc.child("runs").write_bytes(f"{eval_run_name(run)}.json", json_text(result).encode())
     # Every worker reports exactly once: report() is a barrier across the worker group.
     ray.train.report({"runs_done": len(mine)})
 

@@ -1,0 +1,100 @@
+"""ROOT/report.html of a sweep, and its two plots: the leaderboard (sortable, each point linked to its own run
+page), accuracy vs IPC (one line per --pda-variants) and accuracy vs generation GPU-seconds (the frontier of
+accuracy per unit of compute). Built from the leaderboard rows alone (gdd_ray.sweep writes them)."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from typing import Any
+
+from gdd_ray import storage
+from gdd_ray.report_page import html as h
+from gdd_ray.report_page.run_page import PAGE
+
+PLOT_IPC = "accuracy_vs_ipc.png"
+PLOT_COST = "accuracy_vs_cost.png"
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(figsize=(6, 4))
+
+
+def _png(plt, fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _scored(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("accuracy_mean") is not None]
+
+
+def plot_accuracy_vs_ipc(rows: list[dict[str, Any]]) -> bytes:
+    """Accuracy (mean over the points' runs and other grid values) against IPC, one line per K."""
+    plt, fig, ax = _figure()
+    by_k: dict[Any, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in _scored(rows):
+        by_k[r.get("pda_variants", "-")][int(r.get("ipc", 0))].append(100 * r["accuracy_mean"])
+    for k, points in sorted(by_k.items(), key=lambda kv: str(kv[0])):
+        xs = sorted(points)
+        ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=f"K = {k}")
+    ax.set(xlabel="images per class generated (IPC)", ylabel="test accuracy (%)", title="Accuracy vs IPC")
+    if by_k:
+        ax.legend()
+    return _png(plt, fig)
+
+
+def plot_accuracy_vs_cost(rows: list[dict[str, Any]]) -> bytes:
+    """Every point at (generation GPU-seconds, accuracy), the best-so-far frontier drawn through them."""
+    plt, fig, ax = _figure()
+    pts = sorted((r["generation_gpu_s"], 100 * r["accuracy_mean"]) for r in _scored(rows) if r.get("generation_gpu_s"))
+    if pts:
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts])
+        frontier, best = [], float("-inf")
+        for cost, acc in pts:
+            if acc > best:
+                frontier.append((cost, acc))
+                best = acc
+        ax.step([p[0] for p in frontier], [p[1] for p in frontier], where="post", color="C1", label="frontier")
+        ax.legend()
+    ax.set(xlabel="generation GPU-seconds", ylabel="test accuracy (%)", title="Accuracy per unit of generation")
+    return _png(plt, fig)
+
+
+def write_sweep_page(root: str, rows: list[dict[str, Any]], title: str = "") -> str:
+    """Write ROOT/report.html and the two plots beside it; returns the page's path."""
+    loc = storage.Location(root)
+    plots = {PLOT_IPC: plot_accuracy_vs_ipc(rows), PLOT_COST: plot_accuracy_vs_cost(rows)}
+    for name, data in plots.items():
+        loc.write_bytes(name, data)
+    fields = [f for f in (rows[0] if rows else {}) if f not in ("point", "accuracy_std")]
+    numeric = [False] + [isinstance(rows[0][f], (int, float)) or f == "accuracy_mean" for f in fields]
+
+    def cells(r: dict[str, Any]) -> list[Any]:
+        link = f"<a href='points/{h.esc(r['point'])}/{PAGE}'>{h.esc(r['point'])}</a>"
+        out: list[Any] = [(link, r["point"])]
+        for f in fields:
+            if f == "accuracy_mean":
+                value = r[f] if r[f] is not None else -1
+                out.append((h.esc(h.percent(r[f], r.get("accuracy_std"))), value))
+            else:
+                out.append("" if r[f] is None else r[f])
+        return out
+
+    table = h.table(["point", *fields], (cells(r) for r in rows), sortable=True, ident="leaderboard", numeric=numeric)
+    figures = "".join(h.png(data, name, "plot") for name, data in plots.items())
+    text = h.page(
+        title or f"gdd-ray sweep: {len(rows)} points",
+        f"{root} · click a column to sort · each point links to its run page",
+        [h.section("Leaderboard", table, "leaderboard-section"), h.section("Plots", figures)],
+    )
+    loc.write_bytes(PAGE, text.encode())
+    return storage.join(root, PAGE)

@@ -55,7 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="bench_results/generate.json")
     p.add_argument("--engines", default="fast,diffusers", help="(e) engines to time, comma-separated")
     p.add_argument("--batch-sizes", default="", help="(e) batch sizes, comma-separated (default: --batch-size)")
-    p.add_argument("--vae-dtypes", default="", help="(e) VAE dtypes, comma-separated (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument(
+        "--vae-dtypes", default="", help="(e) VAE dtypes, comma-separated (default: fp32 on CPU, bf16 on GPU)"
+    )
     p.add_argument("--batches", type=int, default=20, help="(e) batches per timed run (after warm-up)")
     p.add_argument("--repeats", type=int, default=3, help="(e) timed runs per row; median and spread reported")
     p.add_argument("--compile-fast", action="store_true", help="(e) add rows for the fast engine compiled")

@@ -86,6 +86,17 @@ def test_bf16_decoder_is_close_to_fp32(tmp_path, pipe):
     assert 30 < psnr < 200  # bf16 keeps 8 mantissa bits: close, but not the same pixels (so it is fingerprinted)
 
 
+def test_tiny_decoder_renders_other_pixels(tmp_path, pipe):
+    unit = WorkUnit(2, 0, 2)
+    vae = generator(tmp_path / "v", pipe).render(unit).pixels
+    gen = generator(tmp_path / "t", pipe, decoder="taesdxl")
+    tiny = gen.render(unit).pixels
+    assert type(gen.decoder.module).__name__ == "AutoencoderTiny"
+    assert tiny.shape == vae.shape == (2, 16, 16, 3) and tiny.std() > 0
+    assert not np.array_equal(tiny, vae)  # it changes pixels: it is in OUTPUT_FIELDS
+    assert "generate.decoder" in gen_stage.OUTPUT_FIELDS
+
+
 def test_auto_engine_and_vae_dtype(tmp_path, tiny_model):
     def resolved(**kw):
         return runtime.resolve(tiny_config(tmp_path / "r", **kw))

@@ -98,3 +98,19 @@ def test_random_sdxl_has_the_real_architecture():
     pipe = build_random_sdxl("meta")  # no memory: parameters only
     counts = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("unet", "vae", "text_encoder_2")}
     assert counts == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder_2": 694_659_840}
+
+
+@pytest.mark.slow
+def test_random_sdxl_weights_are_the_same_on_every_build():
+    import torch
+
+    from gdd_ray.generate.model import random_sdxl_component
+
+    torch.manual_seed(123)  # whatever the global RNG did before: each component seeds itself
+    a = random_sdxl_component("vae")
+    torch.rand(1000)
+    b = random_sdxl_component("vae")
+    c = random_sdxl_component("vae", seed=1)
+    pa, pb, pc = (dict(m.named_parameters()) for m in (a, b, c))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)  # every worker of a run builds the same model
+    assert not torch.equal(pa["decoder.conv_in.weight"], pc["decoder.conv_in.weight"])

@@ -126,3 +126,10 @@ def test_invalid_combinations_are_one_clear_line(tmp_path, tiny_model, overrides
         pipeline.check(tiny_config(tmp_path / "run", **overrides))
     assert "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()  # nothing touched
+
+
+def test_engine_is_decided_offline_for_sdxl_turbo_and_unreadable_models(tmp_path):
+    # The default model's configs are packaged (no hub lookup to fingerprint a run); a model whose configs
+    # cannot be read is refused by preflight anyway, and its fingerprint still gets a stable choice.
+    assert runtime.resolve(tiny_config(tmp_path / "a", model="stabilityai/sdxl-turbo")).engine == "fast"
+    assert runtime.resolve(tiny_config(tmp_path / "b", model="nobody/nothing")).engine == "diffusers"

@@ -234,7 +234,8 @@ def resolve_model(model: str) -> str:
 def read_model_json(model: str, filename: str, flag: str = "--model") -> dict:
     """A config file of a model (`unet/config.json`, ...) without loading it: from the packaged configs
     (sdxl-random), a folder, the Hugging Face cache or the hub. `model` as resolve_model returns it."""
-    if model == SDXL_RANDOM:
+    if model in (SDXL_RANDOM, DEFAULT_MODEL):
+        # The packaged configs are SDXL-Turbo's own: deciding the engine needs no download or network.
         base = Path(str(resources.files("gdd_ray").joinpath("data", "sdxl_turbo_config")))
         return json.loads((base / filename).read_text())
     path = Path(model)

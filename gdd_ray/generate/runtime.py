@@ -58,7 +58,9 @@ def _stored_choices(cfg: RunConfig) -> dict[str, str]:
 
 def model_facts(cfg: RunConfig) -> tuple[str, dict, dict]:
     """(pipeline class, scheduler config, UNet config) of the run's model, read from its config files."""
-    source = models.resolve_model(cfg.generate.model)
+    model = cfg.generate.model
+    # SDXL-Turbo's configs are packaged: no hub lookup (which could not be made offline) just to read them.
+    source = model if model in (models.SDXL_RANDOM, models.DEFAULT_MODEL) else models.resolve_model(model)
     pipeline_class = models.read_model_json(source, "model_index.json").get("_class_name", "?")
     scheduler = models.read_model_json(source, "scheduler/scheduler_config.json")
     unet = models.read_model_json(source, "unet/config.json")
@@ -74,7 +76,12 @@ def auto_engine(cfg: RunConfig) -> str:
     g = cfg.generate
     if g.steps != 1 or g.guidance > 1.0:  # no need to read the model
         return "diffusers"
-    return "fast" if fast_problem(cfg) is None else "diffusers"
+    try:
+        return "fast" if fast_problem(cfg) is None else "diffusers"
+    except UserError:
+        # The model's configs cannot be read: the run cannot start either (preflight refuses the model with
+        # this same line), so the choice only has to be stable for the fingerprint.
+        return "diffusers"
 
 
 def auto_vae_dtype(cfg: RunConfig) -> str:

@@ -128,7 +128,9 @@ class UnitGenerator:
         if g.decoder == "taesdxl":
             module = models.load_tiny_decoder(job.model, g.vae, self.device, vae_dtype)
         else:
-            module = pipe.vae if pipe.vae.dtype == vae_dtype else copy.deepcopy(pipe.vae).to(vae_dtype)
+            module = (
+                pipe.vae if pipe.vae.dtype == vae_dtype else models.cast_quietly(copy.deepcopy(pipe.vae), vae_dtype)
+            )
         if job.engine == "fast":
             problem = pipeline_fast_path_problem(pipe, g.steps, g.guidance)
             if problem:

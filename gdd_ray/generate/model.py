@@ -159,13 +159,32 @@ def ensure_tiny_model() -> Path:
     """Build and save the tiny pipeline once (fp16 variant files, like SDXL-Turbo's); return its folder."""
 
     def save(tmp: Path) -> None:
+        import diffusers
         import torch
+        import transformers
 
+        # Built inside commands that may still refuse with one line (the engine is decided from its configs):
+        # no progress bars or warnings on stderr.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
         pipe = build_tiny_pipeline()
-        pipe.to(torch.float16)
+        cast_quietly(pipe, torch.float16)
         pipe.save_pretrained(tmp, variant="fp16", safe_serialization=True)
 
     return _save_once(tiny_model_path(), "model_index.json", save)
+
+
+def cast_quietly(module, dtype):
+    """`module.to(dtype)` without diffusers' warning about modules to keep in float32: it names an empty list
+    for these models, and a stray stderr line breaks the one-line errors of commands that build the tiny model."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return module.to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def build_tiny_taesd(seed: int = 0):
@@ -333,7 +352,7 @@ def load_pipeline(model: str, vae: str | None = None, device: str | None = None,
     if vae is not None:
         pipe.vae = AutoencoderKL.from_pretrained(vae, dtype=dtype)
     if vae_dtype is not None:
-        pipe.vae.to(vae_dtype)  # once here, never per call (the pipeline's own upcast casts on every call)
+        cast_quietly(pipe.vae, vae_dtype)  # once here, never per call (the pipeline's own upcast casts on every call)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if device.startswith("cuda"):

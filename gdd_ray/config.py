@@ -25,6 +25,9 @@ DsaOp = Literal["color", "crop", "cutout", "flip", "scale", "rotate"]
 SelectBy = Literal["none", "clip"]
 Protocol = Literal["paper", "challenge"]
 Selection = Literal["originals", "first", "spread"]
+Engine = Literal["auto", "fast", "diffusers"]
+VaeDtype = Literal["auto", "fp32", "bf16", "fp16"]
+Decoder = Literal["vae", "taesdxl"]
 
 STAGES: tuple[str, ...] = typing.get_args(Stage)
 # What runs when --stages is not given: every stage, the select stage only when there is something to
@@ -73,15 +76,17 @@ class GenerateConfig:
     )
     batch_size: int = opt(
         16,
-        "Images per pipeline call. 16 fills an H100 at 512 px in fp16 without running out of memory; "
-        "lower it for small GPUs. Does not change the pixels beyond float rounding.",
+        "Images per model call, always executed at this size (a unit's last partial batch is padded and the "
+        "padding discarded), so shapes are static. 16 fills an H100 at 512 px; lower it for small GPUs. "
+        "Changes pixels only by float rounding.",
         low=1,
         high=4096,
     )
     unit_size: int = opt(
-        10,
-        "Images per work unit (= per shard). Small units spread load evenly and lose little on a crash; "
-        "the unit grid is fixed per run, so raising --ipc later extends a run instead of redoing it.",
+        64,
+        "Images per work unit (= per shard; one class per unit). 64 = 4 batches of 16: a multiple of the batch "
+        "wastes nothing on padding. The unit grid is fixed per run, so raising --ipc later extends a run instead "
+        "of redoing it (and --batch-size can change between runs).",
         low=1,
         high=100_000,
     )
@@ -96,7 +101,28 @@ class GenerateConfig:
         high=64.0,
     )
     max_retries: int = opt(3, "Attempts per work unit before the run stops with that unit's error.", low=1, high=100)
-    compile: bool = opt(False, "torch.compile the UNet and VAE decoder (slower start, faster steady state on GPU).")
+    compile: bool = opt(
+        False,
+        "torch.compile the denoiser and decoder with static shapes, in each worker's start-up before it takes "
+        "work (minutes on a GPU, cached per node); faster steady state.",
+    )
+    engine: Engine = opt(
+        "auto",
+        "How images are drawn: 'fast' = the one-step SDXL path written out (SDXL architecture, --steps 1, "
+        "--guidance <= 1, Euler-type scheduler with trailing spacing); 'diffusers' = the general pipeline call; "
+        "'auto' = fast where it applies. Changes pixels by float rounding only, but is part of the fingerprint.",
+    )
+    vae_dtype: VaeDtype = opt(
+        "auto",
+        "Precision of the image decoder, set once at load: 'auto' = bf16 when the workers have GPUs, fp32 "
+        "otherwise (resolved when the run is created and kept in run.json); fp16 only with an fp16-safe VAE "
+        "(e.g. --vae madebyollin/sdxl-vae-fp16-fix). Changes pixels: part of the fingerprint.",
+    )
+    decoder: Decoder = opt(
+        "vae",
+        "Latents -> pixels: 'vae' = the model's own VAE; 'taesdxl' = the tiny AutoencoderTiny decoder "
+        "(madebyollin/taesdxl) for stored sizes <= 64 px, where it makes generation UNet-bound. Changes pixels.",
+    )
 
 
 @dataclass(frozen=True)
@@ -360,6 +386,11 @@ def validate(cfg: RunConfig) -> None:
     if t.train_variants is not None and t.train_variants > cfg.augment.pda_variants:
         raise UserError(
             f"--train-variants {t.train_variants} is more than the run's --pda-variants {cfg.augment.pda_variants}"
+        )
+    if g.engine == "fast" and (g.steps != 1 or g.guidance > 1.0):
+        raise UserError(
+            f"--engine fast is the one-step path without guidance: it needs --steps 1 and --guidance <= 1 "
+            f"(got --steps {g.steps} --guidance {g.guidance}); use --engine auto or diffusers"
         )
     if not 0 < t.lr <= 10:
         raise UserError(f"--lr must be > 0 and at most 10, got {t.lr}")

@@ -5,13 +5,20 @@ Same images (classes x IPC, same seeds), same model, same machine:
   (b) our loop     in-process UnitGenerator: batched calls, prompt embeddings cached, device resize
   (c) stage, 1 worker   `--stages generate` through the Ray driver and actors (Ray started beforehand)
   (d) stage, 2 workers
-plus the wall time of a no-op rerun (`python jobs/distill.py ...` over a finished run of >= 1000 shards).
+plus the wall time of a no-op rerun (`python jobs/distill.py ...` over a finished run of >= 1000 shards),
+and first (e) the engine matrix: device images/s of the render loop alone (no PNG, no Ray) for every
+engine x VAE dtype x batch size (x compile), warm-up and compile excluded and reported apart, median and
+spread of --repeats timed runs of --batches batches each, per-phase device time, peak memory, and each
+row's pixel difference to the diffusers engine with an fp32 VAE on the same seeds. It is printed as a
+markdown table and kept in the JSON under "engines".
 
 CPU (what CI machines have; each worker = 1 CPU thread standing in for one GPU):
     python jobs/bench_generate.py --out bench_results/generate.json
 On a GPU node (real architecture, random weights; or --model stabilityai/sdxl-turbo):
-    python jobs/bench_generate.py --model sdxl-random --gen-resolution 512 --image-size 32 --ipc 32 \
-        --classes 20 --batch-size 16 --threads 0 --skip-paper-loop --out bench_results/generate_h100.json
+    python jobs/bench_generate.py --model sdxl-random --gen-resolution 512 --image-size 32 --ipc 64 \
+        --classes 20 --batch-size 16 --unit-size 64 --threads 0 --skip-paper-loop --noop-shards 0 \
+        --batch-sizes 8,16,32 --vae-dtypes fp32,bf16 --compile-fast --out bench_results/generate_h100.json
+Only the engine matrix (no stage runs): add --engines-only.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,6 +53,15 @@ def parse_args(argv=None):
     p.add_argument("--noop-shards", type=int, default=1000, help="shards in the no-op rerun test (0 = skip)")
     p.add_argument("--skip-paper-loop", action="store_true", help="skip (a): slow at 512 px on a GPU")
     p.add_argument("--out", default="bench_results/generate.json")
+    p.add_argument("--engines", default="fast,diffusers", help="(e) engines to time, comma-separated")
+    p.add_argument("--batch-sizes", default="", help="(e) batch sizes, comma-separated (default: --batch-size)")
+    p.add_argument(
+        "--vae-dtypes", default="", help="(e) VAE dtypes, comma-separated (default: fp32 on CPU, bf16 on GPU)"
+    )
+    p.add_argument("--batches", type=int, default=20, help="(e) batches per timed run (after warm-up)")
+    p.add_argument("--repeats", type=int, default=3, help="(e) timed runs per row; median and spread reported")
+    p.add_argument("--compile-fast", action="store_true", help="(e) add rows for the fast engine compiled")
+    p.add_argument("--engines-only", action="store_true", help="run (e) only: no paper loop, stage or no-op rerun")
     return p.parse_args(argv)
 
 
@@ -128,6 +146,139 @@ def ray_stage(a, out: str, workers: int) -> dict:
     return result
 
 
+TFLOP_PER_IMAGE_512 = 4.1  # SDXL at 512 px, one step: UNet 1.59 + VAE decode 2.52 (text encoding cached per class)
+
+
+def _csv(text: str, cast=str) -> list:
+    return [cast(x) for x in text.split(",") if x.strip()]
+
+
+def engine_matrix(a, work: Path) -> dict:
+    """(e) The render loop alone (device work + readback, no PNG, no Ray) for every engine x VAE dtype x batch."""
+    import statistics
+
+    import torch
+
+    from gdd_ray.classes import load_classes
+    from gdd_ray.generate.generator import UnitGenerator
+    from gdd_ray.generate.model import load_pipeline, resolve_model
+    from gdd_ray.generate.stage import make_job
+    from gdd_ray.generate.timing import PhaseClock
+    from gdd_ray.plan import WorkUnit
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    t0 = time.perf_counter()
+    pipe = load_pipeline(resolve_model(a.model), device=device)  # shared by every row: loaded once
+    load_s = round(time.perf_counter() - t0, 3)
+    classes = load_classes(None, str(class_file(a.classes)))
+    batch_sizes = _csv(a.batch_sizes, int) or [a.batch_size]
+    vae_dtypes = _csv(a.vae_dtypes) or (["bf16"] if cuda else ["fp32"])
+    compare = WorkUnit(0, 0, min(batch_sizes))  # the same seeds in every row
+
+    def generator(engine: str, vae: str, batch: int, compiled: bool = False) -> UnitGenerator:
+        cfg = build_config(a, str(work / "e"), engine=engine, vae_dtype=vae, batch_size=batch, compile=compiled)
+        return UnitGenerator(make_job(cfg, classes, "bench", str(work / "e")), device=device, pipeline=pipe)
+
+    reference = generator("diffusers", "fp32", min(batch_sizes)).render(compare).pixels.astype(np.int16)
+    rows = []
+    for engine in _csv(a.engines):
+        for vae in vae_dtypes:
+            for batch in batch_sizes:
+                for compiled in [False, True] if (a.compile_fast and engine == "fast") else [False]:
+                    if cuda:
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                    gen = generator(engine, vae, batch, compiled)
+                    gen.load()  # prompt encoding, compile and (on a GPU) the first batches: reported apart
+                    t = time.perf_counter()
+                    gen.render(WorkUnit(0, 0, batch))  # warm-up batch, excluded (first-call allocations)
+                    warmup_s = time.perf_counter() - t
+                    n = a.batches * batch
+                    seconds = []
+                    for r in range(a.repeats):
+                        t = time.perf_counter()
+                        gen.render(WorkUnit(r % len(classes), 0, n))  # returns with every pixel on the host
+                        seconds.append(time.perf_counter() - t)
+                    gen.clock = PhaseClock(cuda)  # a separate run: events add a little host work
+                    gen.render(WorkUnit(0, 0, n))
+                    phases = gen.clock.totals()
+                    gen.clock = None
+                    pixels = gen.render(compare).pixels.astype(np.int16)
+                    rate = [n / s for s in seconds]
+                    diff = np.abs(pixels - reference)
+                    rows.append(
+                        {
+                            "engine": engine,
+                            "vae_dtype": vae,
+                            "batch_size": batch,
+                            "compile": gen.compile_mode,
+                            "executed_batch_sizes": sorted(gen.executed_batch_sizes),
+                            "images_per_timed_run": n,
+                            "images_per_s_median": round(statistics.median(rate), 3),
+                            "images_per_s_min": round(min(rate), 3),
+                            "images_per_s_max": round(max(rate), 3),
+                            "startup_s": dict(gen.startup, warmup_batch_s=round(warmup_s, 3)),
+                            "phase_s": {k: round(v, 4) for k, v in phases.items()},
+                            "device_idle_fraction": round(phases.get("idle", 0.0) / phases["span"], 4),
+                            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                            "tflop_per_s": round(statistics.median(rate) * TFLOP_PER_IMAGE_512 * (a.gen_resolution / 512) ** 2, 1)
+                            if a.model != "tiny" else None,
+                            "diff_to_diffusers_fp32": {"mean_0_255": round(float(diff.mean()), 3), "max_0_255": int(diff.max())},
+                            "not_blank": bool(pixels.std() > 0),
+                        }
+                    )  # fmt: skip
+                    print(_row_line(rows[-1]), flush=True)
+                    del gen
+    return {"load_s": load_s, "rows": rows, "fast_over_diffusers": _speedups(rows)}
+
+
+def _speedups(rows: list[dict]) -> list[dict]:
+    """fast / diffusers images/s for each VAE dtype and batch size that has both (eager)."""
+    by = {(r["engine"], r["vae_dtype"], r["batch_size"]): r for r in rows if not r["compile"]}
+    out = []
+    for (engine, vae, batch), r in by.items():
+        other = by.get(("diffusers", vae, batch))
+        if engine == "fast" and other:
+            ratio = r["images_per_s_median"] / other["images_per_s_median"]
+            out.append({"vae_dtype": vae, "batch_size": batch, "ratio": round(ratio, 3)})
+    return out
+
+
+TABLE_HEAD = (
+    "| engine | VAE | batch | compile | images/s (median) | min–max | compile + first batch s | device idle | "
+    "peak GiB | diff to diffusers fp32 (mean / max of 255) |\n|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _row_line(r: dict) -> str:
+    first = r["startup_s"].get("compile_s", 0.0) + r["startup_s"].get("first_batch_s", 0.0)
+    d = r["diff_to_diffusers_fp32"]
+    return (
+        f"| {r['engine']} | {r['vae_dtype']} | {r['batch_size']} | {r['compile'] or 'eager'} | "
+        f"{r['images_per_s_median']} | {r['images_per_s_min']}–{r['images_per_s_max']} | {first:.1f} | "
+        f"{r['device_idle_fraction']:.0%} | {r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '–'} | "
+        f"{d['mean_0_255']} / {d['max_0_255']} |"
+    )
+
+
+def markdown_table(engines: dict) -> str:
+    return "\n".join([TABLE_HEAD] + [_row_line(r) for r in engines["rows"]])
+
+
+def versions() -> dict:
+    import diffusers
+    import torch
+
+    out = {"torch": torch.__version__, "diffusers": diffusers.__version__, "cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        )
+        out["driver"] = smi.stdout.strip() or None
+    return out
+
+
 def timing(images: int, seconds: float) -> dict:
     return {"images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3)}
 
@@ -175,6 +326,11 @@ def main(argv=None) -> int:
         results["gpu"] = torch.cuda.get_device_name(0)
     else:
         results["cpu_cores"] = os.cpu_count()
+    results["versions"] = versions()
+    results["engines"] = engine_matrix(a, work)
+    print(markdown_table(results["engines"]), flush=True)
+    if a.engines_only:
+        return _write(a, results)
     if not a.skip_paper_loop:
         (work / "a").mkdir()
         results["a_paper_loop"] = paper_loop(a, work / "a")
@@ -213,9 +369,14 @@ def main(argv=None) -> int:
         print("noop", results["noop_rerun"], flush=True)
     # (a) and (b) make the same images; show that they are the same images, not just the same count
     results["same_images_a_b"] = _compare_a_b(work) if not a.skip_paper_loop else None
+    print(json.dumps(results["ratios"]))
+    return _write(a, results)
+
+
+def _write(a, results: dict) -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results["ratios"]), "->", a.out)
+    print(json.dumps(results["engines"]["fast_over_diffusers"]), "->", a.out)
     return 0
 
 

@@ -67,9 +67,12 @@ def test_killed_actor_is_replaced_and_each_image_made_once(tmp_path, fake_gpu_cl
 
 
 def test_unit_that_keeps_failing_stops_the_run_naming_it(tmp_path, fake_gpu_cluster):
-    cfg = tiny_config(tmp_path / "run", prompt_template="{name} {oops}")  # KeyError on every unit
-    job = make_job(cfg, dataset_classes("cifar10"), "fp", str(tmp_path / "run" / "generated"))
+    # Prompts are encoded at start-up, so the failure is put where a unit's own work meets it: its shard
+    # cannot be written (the output folder's parent is a file), on every unit.
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    cfg = tiny_config(tmp_path / "run")
+    job = make_job(cfg, dataset_classes("cifar10"), "fp", str(tmp_path / "blocker" / "generated"))
     with pytest.raises(UnitFailed) as e:
         run_on_ray(plan_units(10, 2, 2), job, workers=2, max_retries=2, cluster_gpus=2)
     msg = str(e.value)
-    assert "work unit class" in msg and "failed 2 times" in msg and "oops" in msg
+    assert "work unit class" in msg and "failed 2 times" in msg and "blocker" in msg

@@ -57,7 +57,12 @@ def test_changed_pixel_config_is_refused_and_nothing_touched(tmp_path, tiny_mode
     cfg = tiny_config(tmp_path / "run")
     run_serial(cfg)
     before = tree_digest(tmp_path / "run")
-    for change in [{"seed": 1}, {"generate.steps": 2}, {"generate.prompt_template": "a photo of a {name}"}]:
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["inputs"]["generate"]["generate.engine"] == "fast"  # resolved, never 'auto'
+    assert record["inputs"]["generate"]["generate.vae_dtype"] == "fp32"
+    changes = [{"seed": 1}, {"generate.steps": 2}, {"generate.prompt_template": "a photo of a {name}"}]
+    changes += [{"generate.engine": "diffusers"}, {"generate.vae_dtype": "bf16"}, {"generate.decoder": "taesdxl"}]
+    for change in changes:
         with pytest.raises(UserError, match="differs from this one"):
             pipeline.check(cfg.replace(**change))
     assert tree_digest(tmp_path / "run") == before

@@ -6,7 +6,8 @@ actor with `run_unit.remote(unit)`. Two runners with one signature:
     run_on_ray(units, job, ...)          one GPU actor per worker, each kept busy from the queue
 
 Scheduling is pull-based: every ready actor holds `PIPELINE_DEPTH` units at a time and gets the next one
-as soon as one finishes, so a faster GPU simply does more units. An actor that dies (OOM, lost node,
+as soon as one finishes, so a faster GPU simply does more units. An actor reports ready only after its
+start-up (model load, prompt encoding, compile and warm-up), whose times it reports apart. An actor that dies (OOM, lost node,
 killed process) is replaced and its units go back to the queue; a unit that fails `max_retries` times
 stops the run with that unit's error. Shards are committed by the workers, so what finished stays.
 """
@@ -26,8 +27,9 @@ from gdd_ray.plan import WorkUnit
 
 log = logging.getLogger("gdd_ray")
 
-# Two units in flight per actor: while one is PNG-encoded and written, the GPU renders the other.
-PIPELINE_DEPTH = 2
+# Three units in flight per actor: one rendering, one queued for the device behind it, and one (or two)
+# being PNG-encoded and uploaded; an upload that takes longer than a render no longer stalls the device.
+PIPELINE_DEPTH = 3
 
 
 class UnitFailed(UserError):
@@ -67,30 +69,30 @@ def run_serial(
 
 
 def _actor_class():
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     import ray
 
     @ray.remote
     class GeneratorActor:
-        """One per GPU: holds one pipeline; renders under a lock so encoding overlaps the next render."""
+        """One per GPU: every device call (load, compile, warm-up, renders) on one dedicated thread, since
+        CUDA graphs and compile caches are per thread; encoding and uploads on the calling threads."""
 
         def __init__(self, job: GenerationJob):
             quiet_libraries()
             self.gen = UnitGenerator(job)
-            self.gen.load()
-            self.gpu = threading.Lock()
+            self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+            self.device_thread.submit(self.gen.load).result()  # before ready(): start-up is not a unit's time
 
         def ready(self) -> dict:
             import os
             import socket
 
-            return {"pid": os.getpid(), "host": socket.gethostname(), "device": self.gen.device}
+            return {"pid": os.getpid(), "host": socket.gethostname(), "device": self.gen.device, **self.gen.startup}
 
         def run_unit(self, unit: WorkUnit) -> UnitResult:
-            with self.gpu:
-                rendered = self.gen.render(unit)
-            return self.gen.encode_and_write(rendered)  # outside the lock: the other thread renders
+            rendered = self.device_thread.submit(self.gen.render, unit).result()  # renders queue in order
+            return self.gen.encode_and_write(rendered)  # meanwhile the device thread renders the next unit
 
     return GeneratorActor
 
@@ -109,7 +111,8 @@ class _Slot:
 
 
 def actor_options(cluster_gpus: int, worker_gpus: float | None = None) -> dict:
-    """One GPU per actor where the cluster has GPUs (or as asked); a CPU otherwise. Two threads: render + encode."""
+    """One GPU per actor where the cluster has GPUs (or as asked); a CPU otherwise. PIPELINE_DEPTH threads
+    take units; the actor renders them one at a time on its device thread."""
     opts = {"max_concurrency": PIPELINE_DEPTH, "max_restarts": 0, "max_task_retries": 0}
     gpus = worker_gpus if worker_gpus is not None else (1 if cluster_gpus > 0 else 0)
     if gpus > 0:
@@ -131,7 +134,8 @@ def run_on_ray(
     worker_gpus: float | None = None,
 ) -> list[UnitResult]:
     """Run every unit on `workers` actors; `stats` (if given) receives what happened along the way:
-    workers_started, worker_start_s (until the first actor was ready), replacements, failed_attempts."""
+    workers_started, worker_start_s (until the first actor was ready), startup (each ready actor's load,
+    text-encode, compile and first-batch seconds), replacements, failed_attempts."""
     import ray
     from ray.exceptions import RayError, RayTaskError
 
@@ -146,7 +150,7 @@ def run_on_ray(
     if max_replacements is None:
         max_replacements = max(3, 2 * workers)
     stats = stats if stats is not None else {}
-    stats.update(workers_started=0, worker_start_s=None, replacements=0, failed_attempts=0, errors=[])
+    stats.update(workers_started=0, worker_start_s=None, startup=[], replacements=0, failed_attempts=0, errors=[])
     t0 = time.perf_counter()
 
     def start(slot: _Slot) -> None:
@@ -203,6 +207,7 @@ def run_on_ray(
                 try:
                     starting.info = ray.get(ref)
                     starting.ready = True
+                    stats["startup"] = (stats["startup"] + [starting.info])[-20:]
                     if stats["worker_start_s"] is None:
                         stats["worker_start_s"] = round(time.perf_counter() - t0, 3)
                 except RayError as e:

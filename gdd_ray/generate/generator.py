@@ -1,11 +1,18 @@
 """The per-unit work: one work unit in, one committed shard out. Knows nothing of queues, actors or retries.
 
-The GPU part (`render`) and the CPU part (`encode_and_write`) are separate calls so that a worker can
-run the PNG encoding and upload of one unit while the GPU renders the next (see driver.GeneratorActor).
+The device part (`render`) and the CPU part (`encode_and_write`) are separate calls so that a worker can
+PNG-encode and upload some units while the device renders the next (see driver.GeneratorActor, which makes
+every device call from one thread).
+
+Rendering a unit: batches of exactly `--batch-size` (the last one padded, the padding discarded), so every
+call has the same shapes and a compiled model never recompiles; the next batch's noise is drawn on a
+background thread while the device works; on a GPU the uint8 result is copied into pinned memory without
+blocking and read one batch later.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import socket
@@ -20,6 +27,10 @@ from gdd_ray.classes import ClassInfo
 from gdd_ray.config import GenerateConfig
 from gdd_ray.plan import WorkUnit, image_seed
 
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+PNG_MS_AT_224 = 7.5  # one 224 px PNG (compress level 1) on one core; scales with the pixel count
+TARGET_IMAGES_PER_S = 200  # an H100's compute bound at 512 px: PNG threads are sized to keep up with it
+
 
 @dataclass(frozen=True)
 class GenerationJob:
@@ -32,6 +43,9 @@ class GenerationJob:
     classes: tuple[ClassInfo, ...]
     fingerprint: str
     out_uri: str  # the folder shards are committed to
+    engine: str = "diffusers"  # resolved: fast | diffusers (runtime.resolve)
+    vae_dtype: str = "fp32"  # resolved: fp32 | bf16 | fp16
+    compile_mode: str | None = None  # torch.compile mode when --compile; None = the device's default
 
 
 @dataclass
@@ -39,9 +53,10 @@ class UnitResult:
     unit: WorkUnit
     images: int
     bytes: int
-    render_s: float  # time holding the GPU
+    render_s: float  # time holding the device
     encode_s: float  # PNG encoding + commit, overlapped with the next unit's render
     worker: str = ""
+    executed: int = 0  # images the device computed, padding included (batches x --batch-size)
 
 
 @dataclass
@@ -50,100 +65,192 @@ class RenderedUnit:
     pixels: np.ndarray  # N x H x W x 3 uint8, already at image_size
     seeds: list[int]
     render_s: float
+    executed: int = 0
+
+
+def png_threads(image_size: int, cpus: int | None = None) -> int:
+    """Threads to PNG-encode at the device's pace: ~7.5 ms per 224 px image, scaled by the pixel count."""
+    per_image_s = PNG_MS_AT_224 / 1000 * (image_size / 224) ** 2
+    wanted = math.ceil(TARGET_IMAGES_PER_S * per_image_s * 1.25)
+    return max(1, min(wanted, cpus or os.cpu_count() or 1, 16))
 
 
 @dataclass
 class UnitGenerator:
     job: GenerationJob
     device: str | None = None
-    pipeline: object = None  # loaded on first use; tests may inject one
-    _embeds: dict = field(default_factory=dict)
+    pipeline: object = None  # loaded on first use; tests may inject one (it is not modified)
+    clock: object = None  # a timing.PhaseClock, when a benchmark wants per-phase device times
+    engine: object = None
+    decoder: object = None
+    prompts: object = None
+    startup: dict = field(default_factory=dict)  # load / compile / first-batch seconds, apart
+    executed_batch_sizes: set = field(default_factory=set)  # every batch size the model was called with
     _pool: ThreadPoolExecutor | None = None
+    _noise_pool: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
         self.out = storage.Location(self.job.out_uri)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
-    def load(self) -> None:
-        if self.pipeline is None:
-            import torch
-
-            from gdd_ray.generate.model import load_pipeline
-
-            if self.device is None:
-                self.device = "cuda" if torch.cuda.is_available() else "cpu"
-            g = self.job.config
-            self.pipeline = load_pipeline(self.job.model, g.vae, self.device, compile=g.compile)
-        if self.device is None:
-            self.device = str(self.pipeline.device)
-
-    # ---- GPU side --------------------------------------------------------------------------------
-
-    def prompt_embeddings(self, label: int):
-        """Text-encoder outputs for a class, computed once per worker and reused for all its images."""
-        if label not in self._embeds:
-            import torch
-
-            prompt = self.job.classes[label].prompt(self.job.config.prompt_template)
-            with torch.inference_mode():
-                pe, npe, ppe, nppe = self.pipeline.encode_prompt(
-                    prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=self.cfg_on
-                )
-            self._embeds[label] = (pe, npe, ppe, nppe)
-        return self._embeds[label]
+    @property
+    def cuda(self) -> bool:
+        return str(self.device).startswith("cuda")
 
     @property
-    def cfg_on(self) -> bool:
-        return self.job.config.guidance > 1.0  # as in diffusers: guidance <= 1 means no unconditional pass
+    def compile_mode(self) -> str | None:
+        if not self.job.config.compile:
+            return None
+        # CUDA graphs on a GPU (the launches of an eager UNet cost as much CPU time as its GPU time)
+        return self.job.compile_mode or ("reduce-overhead" if self.cuda else "default")
+
+    def load(self) -> None:
+        """Load the model, encode every class's prompt and, when compiling or on a GPU, warm up on full
+        batches: all before the first unit, so start-up, compile and first-batch times are reported apart."""
+        if self.engine is not None:
+            return
+        import torch
+
+        from gdd_ray.generate import model as models
+        from gdd_ray.generate.decode import Decoder
+        from gdd_ray.generate.engine import FastEngine, PipelineEngine, PromptTable, pipeline_fast_path_problem
+
+        t0 = time.perf_counter()
+        g, job = self.job.config, self.job
+        if self.device is None:
+            self.device = str(self.pipeline.device) if self.pipeline is not None else None
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        vae_dtype = getattr(torch, TORCH_DTYPES[job.vae_dtype])
+        if self.pipeline is None:
+            self.pipeline = models.load_pipeline(job.model, g.vae, self.device, vae_dtype=vae_dtype)
+        pipe = self.pipeline
+        if g.decoder == "taesdxl":
+            module = models.load_tiny_decoder(job.model, g.vae, self.device, vae_dtype)
+        else:
+            module = (
+                pipe.vae if pipe.vae.dtype == vae_dtype else models.cast_quietly(copy.deepcopy(pipe.vae), vae_dtype)
+            )
+        if job.engine == "fast":
+            problem = pipeline_fast_path_problem(pipe, g.steps, g.guidance)
+            if problem:
+                raise RuntimeError(f"the run asked for the fast engine, which does not apply: {problem}")
+        prompts = [c.prompt(g.prompt_template) for c in job.classes]
+        self.prompts = PromptTable(pipe, prompts, self.device, with_negative=g.guidance > 1.0)
+        mode = self.compile_mode
+        if job.engine == "fast":
+            self.engine = FastEngine(pipe, self.prompts, g.batch_size, g.gen_resolution, self.device, mode)
+        else:
+            self.engine = PipelineEngine(pipe, self.prompts, g, g.gen_resolution, mode)
+        watermark = getattr(pipe, "watermark", None)
+        self.decoder = Decoder(module, g.gen_resolution, job.image_size, watermark, mode)
+        self.startup["load_s"] = round(time.perf_counter() - t0, 3)
+        t1 = time.perf_counter()
+        self.prompts.encode_all()
+        self._sync()
+        self.startup["text_encode_s"] = round(time.perf_counter() - t1, 3)
+        if mode or self.cuda:
+            for key in ("compile_s", "first_batch_s"):  # the first call compiles (and autotunes); the second runs
+                t = time.perf_counter()
+                self._run_batch(self._noise([], self.job.config.batch_size), 0)
+                self._sync()
+                self.startup[key] = round(time.perf_counter() - t, 3)
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    # ---- device side -----------------------------------------------------------------------------
 
     def batches(self, unit: WorkUnit) -> list[range]:
-        """Split a unit into near-equal batches of at most batch_size (20 -> 10+10, not 16+4)."""
-        n = math.ceil(unit.size / self.job.config.batch_size)
-        edges = [unit.start + round(i * unit.size / n) for i in range(n + 1)]
-        return [range(a, b) for a, b in zip(edges, edges[1:])]
+        """Consecutive batches of --batch-size (20 at 16 -> 16 + 4, the 4 padded to 16 when rendered)."""
+        b = self.job.config.batch_size
+        return [range(s, min(s + b, unit.stop)) for s in range(unit.start, unit.stop, b)]
+
+    def _noise(self, seeds: list[int], batch: int):
+        from gdd_ray.generate.engine import draw_noise, latent_shape
+
+        return draw_noise(
+            seeds, batch, latent_shape(self.pipeline, self.job.config.gen_resolution), self.pipeline.unet.dtype,
+            pin=self.cuda,
+        )  # fmt: skip
+
+    def _run_batch(self, noise_and_gens, label: int):
+        """Queue one full batch on the device; returns (uint8 host tensor, event to wait on or None)."""
+        import torch
+
+        noise, gens = noise_and_gens
+        clock = self.clock
+        if self.compile_mode and self.cuda:
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the previous batch's outputs are not read again
+        if clock:
+            clock.mark("start")
+        x = noise.to(self.device, non_blocking=True)
+        self.executed_batch_sizes.add(x.shape[0])
+        if clock:
+            clock.mark("upload")
+        latents = self.engine.latents(x, gens, label)
+        if clock:
+            clock.mark("denoise")
+        images = self.decoder.decode(latents)
+        if clock:
+            clock.mark("decode")
+        pixels = self.decoder.finish(images)
+        if not self.cuda:
+            if clock:
+                clock.mark("resize_copy")
+            return pixels, None
+        host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(pixels, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        if clock:
+            clock.mark("resize_copy")
+        return host, done
 
     def render(self, unit: WorkUnit) -> RenderedUnit:
-        import torch
-        import torch.nn.functional as F
-
         self.load()
         t0 = time.perf_counter()
-        g, size = self.job.config, self.job.image_size
-        pe, npe, ppe, nppe = self.prompt_embeddings(unit.label)
+        b = self.job.config.batch_size
         seeds = [image_seed(self.job.seed, unit.label, i) for i in range(unit.start, unit.stop)]
-        out = []
-        for batch in self.batches(unit):
-            n = len(batch)
-            # One CPU generator per image: the initial noise of an image depends on its seed alone,
-            # not on the batch it lands in or on the device (CPU-drawn noise is the same everywhere).
-            gens = [torch.Generator("cpu").manual_seed(seeds[i - unit.start]) for i in batch]
-            kwargs = dict(prompt_embeds=pe.expand(n, -1, -1), pooled_prompt_embeds=ppe.expand(n, -1))
-            if self.cfg_on:
-                kwargs.update(
-                    negative_prompt_embeds=npe.expand(n, -1, -1), negative_pooled_prompt_embeds=nppe.expand(n, -1)
-                )
-            with torch.inference_mode():
-                images = self.pipeline(
-                    **kwargs,
-                    num_inference_steps=g.steps,
-                    guidance_scale=g.guidance,
-                    height=g.gen_resolution,
-                    width=g.gen_resolution,
-                    generator=gens,
-                    output_type="pt",
-                ).images  # N x 3 x R x R in [0, 1], still on the device
-                if size != g.gen_resolution:
-                    images = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True)
-                pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-                out.append(pixels.cpu().numpy())  # a sync point: small uint8 tensors only
-        return RenderedUnit(unit, np.concatenate(out), seeds, time.perf_counter() - t0)
+        size = self.job.image_size
+        out = np.empty((unit.size, size, size, 3), dtype=np.uint8)
+        if self._noise_pool is None:
+            self._noise_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise")
+        batches = self.batches(unit)
+
+        def noise_for(k: int):
+            r = batches[k]
+            return self._noise_pool.submit(self._noise, seeds[r.start - unit.start : r.stop - unit.start], b)
+
+        upcoming = noise_for(0)
+        pending = None  # the previous batch: read its pixels once the next one is queued
+        for k, rng in enumerate(batches):
+            noise = upcoming.result()
+            if k + 1 < len(batches):
+                upcoming = noise_for(k + 1)  # drawn on the CPU while the device works on this batch
+            queued = (*self._run_batch(noise, unit.label), rng)
+            if pending:
+                self._collect(pending, out, unit)
+            pending = queued
+        self._collect(pending, out, unit)
+        return RenderedUnit(unit, out, seeds, time.perf_counter() - t0, executed=len(batches) * b)
+
+    @staticmethod
+    def _collect(pending, out: np.ndarray, unit: WorkUnit) -> None:
+        host, done, rng = pending
+        if done is not None:
+            done.synchronize()  # waits for this batch only; the next one is already queued behind it
+        out[rng.start - unit.start : rng.stop - unit.start] = host[: len(rng)].numpy()
 
     # ---- CPU side --------------------------------------------------------------------------------
 
     def encode_and_write(self, rendered: RenderedUnit) -> UnitResult:
         t0 = time.perf_counter()
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="png")
+            self._pool = ThreadPoolExecutor(max_workers=png_threads(self.job.image_size), thread_name_prefix="png")
         pngs = list(self._pool.map(shards.encode_png, rendered.pixels))  # PIL releases the GIL in zlib
         unit = rendered.unit
         info = self.job.classes[unit.label]
@@ -151,7 +258,9 @@ class UnitGenerator:
         table = shards.generated_table(unit, info.class_id, info.name, prompts, rendered.seeds, pngs)
         footer = shards.generated_footer(unit, self.job.fingerprint, self.job.image_size)
         nbytes = shards.write_shard(self.out, unit.shard_name, table, footer)
-        return UnitResult(unit, unit.size, nbytes, rendered.render_s, time.perf_counter() - t0, self.worker)
+        return UnitResult(
+            unit, unit.size, nbytes, rendered.render_s, time.perf_counter() - t0, self.worker, rendered.executed
+        )
 
     def run(self, unit: WorkUnit) -> UnitResult:
         return self.encode_and_write(self.render(unit))

@@ -6,6 +6,7 @@ CPU, so the tests exercise the very code that loads SDXL-Turbo on a GPU node.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -13,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from gdd_ray.errors import UserError
+from gdd_ray.plan import derive_seed
 
 TINY = "tiny"
 # The real SDXL-Turbo architecture (packaged configs + real tokenizers) with random weights: for GPU
@@ -20,6 +22,7 @@ TINY = "tiny"
 SDXL_RANDOM = "sdxl-random"
 TINY_VERSION = "v1"  # bump when the tiny architecture changes, so old caches are not reused
 DEFAULT_MODEL = "stabilityai/sdxl-turbo"
+TAESDXL = "madebyollin/taesdxl"  # the tiny decoder for SDXL latents (AutoencoderTiny)
 
 
 def cache_dir() -> Path:
@@ -94,31 +97,43 @@ def _config_dir(name: str) -> Path:
     return Path(str(resources.files("gdd_ray").joinpath("data", "sdxl_turbo_config", name)))
 
 
-def build_random_sdxl(device: str = "cpu", dtype=None):
+def build_random_sdxl(device: str = "cpu", dtype=None, seed: int = 0):
     """SDXL-Turbo's exact architecture from its public configs, random weights, built on `device`.
 
+    Seeded per component, so every worker of a run builds the same weights (on the same kind of device).
     `device="meta"` builds it without memory (to count parameters in tests); on a GPU it is built in
     place in fp16 (no 10 GB fp32 copy on the host).
     """
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    return _assemble_sdxl(*(random_sdxl_component(name, device, dtype, seed) for name in names))
+
+
+def random_sdxl_component(name: str, device: str = "cpu", dtype=None, seed: int = 0):
+    """One SDXL-Turbo component from its packaged config with seeded random weights."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    build = {
+        "unet": lambda: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(_config_dir("unet"))),
+        "vae": lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(_config_dir("vae"))),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(_config_dir("text_encoder"))),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(_config_dir("text_encoder_2"))
+        ),
+    }[name]
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(dtype or torch.float32)
     try:
+        # One seed per component: the same weights whatever else was built before it, on every worker.
+        torch.manual_seed(derive_seed("sdxl-random", seed, name))
         with torch.device(device):
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(_config_dir("unet")))
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(_config_dir("vae")))
-            te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(_config_dir("text_encoder")))
-            te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(_config_dir("text_encoder_2")))
+            return build()
     finally:
         torch.set_default_dtype(previous)
-    return _assemble_sdxl(unet, vae, te1, te2)
 
 
 def _assemble_sdxl(unet, vae, text_encoder, text_encoder_2):
@@ -141,26 +156,74 @@ def _assemble_sdxl(unet, vae, text_encoder, text_encoder_2):
 
 
 def ensure_tiny_model() -> Path:
-    """Build and save the tiny pipeline once (fp16 variant files, like SDXL-Turbo's); return its folder.
+    """Build and save the tiny pipeline once (fp16 variant files, like SDXL-Turbo's); return its folder."""
 
-    Saved under a temporary name and renamed, so a crash or a concurrent builder never leaves a half
-    model under the final name; the loser of a race simply discards its copy.
-    """
-    final = tiny_model_path()
-    if (final / "model_index.json").exists():
-        return final
+    def save(tmp: Path) -> None:
+        import diffusers
+        import torch
+        import transformers
+
+        # Built inside commands that may still refuse with one line (the engine is decided from its configs):
+        # no progress bars or warnings on stderr.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+        pipe = build_tiny_pipeline()
+        cast_quietly(pipe, torch.float16)
+        pipe.save_pretrained(tmp, variant="fp16", safe_serialization=True)
+
+    return _save_once(tiny_model_path(), "model_index.json", save)
+
+
+def cast_quietly(module, dtype):
+    """`module.to(dtype)` without diffusers' warning about modules to keep in float32: it names an empty list
+    for these models, and a stray stderr line breaks the one-line errors of commands that build the tiny model."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return module.to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def build_tiny_taesd(seed: int = 0):
+    """A random-weight AutoencoderTiny (taesdxl's class and interface) at small widths, for the tiny model."""
     import torch
+    from diffusers import AutoencoderTiny
 
+    torch.manual_seed(derive_seed("tiny-taesd", seed))
+    # Four blocks: latents are 1/8 of the image side, as with the tiny VAE and the real taesdxl.
+    return AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    )
+
+
+def ensure_tiny_taesd() -> Path:
+    """The tiny AutoencoderTiny saved once, so `--decoder taesdxl` loads through `from_pretrained` in tests too."""
+    return _save_once(
+        cache_dir() / f"tiny-taesdxl-{TINY_VERSION}",
+        "config.json",
+        lambda tmp: build_tiny_taesd().save_pretrained(tmp, safe_serialization=True),
+    )
+
+
+def _save_once(final: Path, marker: str, save) -> Path:
+    """`save(tmp)` once into a temporary folder renamed to `final`, so a crash or a concurrent builder never
+    leaves a half model under the final name; the loser of a race simply discards its copy."""
+    if (final / marker).exists():
+        return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}-{final.name}"
-    pipe = build_tiny_pipeline()
-    pipe.to(torch.float16)
-    pipe.save_pretrained(tmp, variant="fp16", safe_serialization=True)
+    save(tmp)
     try:
         os.rename(tmp, final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (final / "model_index.json").exists():
+        if not (final / marker).exists():
             raise
     return final
 
@@ -183,24 +246,44 @@ def resolve_model(model: str) -> str:
                 "give the folder that `huggingface-cli download stabilityai/sdxl-turbo --local-dir DIR` made"
             )
         return str(path.resolve())
-    try:
-        from huggingface_hub import hf_hub_download
+    _hub_file(model, "model_index.json", "--model")
+    return model
 
-        hf_hub_download(model, "model_index.json", local_files_only=True)
-        return model
+
+def read_model_json(model: str, filename: str, flag: str = "--model") -> dict:
+    """A config file of a model (`unet/config.json`, ...) without loading it: from the packaged configs
+    (sdxl-random), a folder, the Hugging Face cache or the hub. `model` as resolve_model returns it."""
+    if model in (SDXL_RANDOM, DEFAULT_MODEL):
+        # The packaged configs are SDXL-Turbo's own: deciding the engine needs no download or network.
+        base = Path(str(resources.files("gdd_ray").joinpath("data", "sdxl_turbo_config")))
+        return json.loads((base / filename).read_text())
+    path = Path(model)
+    if path.is_dir():
+        try:
+            return json.loads((path / filename).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{flag} {model}: cannot read {filename} ({e})") from e
+    return json.loads(Path(_hub_file(model, filename, flag)).read_text())
+
+
+def _hub_file(repo: str, filename: str, flag: str) -> str:
+    """A file of a hub repository: from the local cache, else from the hub; one clear line when neither has it."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo, filename, local_files_only=True)
     except Exception:
         pass
     reason = _hub_unreachable_reason()
     if reason is None:
         try:
-            hf_hub_download(model, "model_index.json", etag_timeout=10)
-            return model
+            return hf_hub_download(repo, filename, etag_timeout=10)
         except Exception as e:
             reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
     raise UserError(
-        f"--model {model}: cannot load it: not a local folder, not in the Hugging Face cache, and the hub "
-        f"did not serve it ({reason}). Download it where there is network (`huggingface-cli download {model}`) "
-        "and pass the folder as --model, or use --model tiny for an offline test run"
+        f"{flag} {repo}: cannot load it: not a local folder, not in the Hugging Face cache, and the hub "
+        f"did not serve {filename} ({reason}). Download it where there is network (`huggingface-cli download {repo}`) "
+        "and pass the folder, or use --model tiny for an offline test run"
     )
 
 
@@ -219,8 +302,32 @@ def _hub_unreachable_reason() -> str | None:
     return None
 
 
-def load_pipeline(model: str, vae: str | None = None, device: str | None = None, compile: bool = False):
-    """The pipeline for one worker: fp16 on CUDA, fp32 on CPU; progress bars off (they flood actor logs)."""
+def decoder_source(model: str, decoder: str, vae: str | None) -> str:
+    """What to load as the image decoder: the model itself ('vae', or --vae), or the tiny decoder that
+    matches it (a tiny random one for the tiny model, taesdxl's architecture with random weights for
+    sdxl-random, madebyollin/taesdxl otherwise). `model` as resolve_model returns it."""
+    if decoder == "vae":
+        return vae or model
+    if model == SDXL_RANDOM:
+        return SDXL_RANDOM
+    if Path(model) == tiny_model_path():
+        return str(ensure_tiny_taesd())
+    return TAESDXL
+
+
+def decoder_config(model: str, decoder: str, vae: str | None) -> dict:
+    """The decoder's config (for force_upcast: whether it is safe in fp16), read without loading it."""
+    source = decoder_source(model, decoder, vae)
+    if decoder == "taesdxl":
+        return {"force_upcast": False} if source == SDXL_RANDOM else read_model_json(source, "config.json", "--decoder")
+    if vae is not None:
+        return read_model_json(vae, "config.json", "--vae")
+    return read_model_json(model, "vae/config.json")
+
+
+def load_pipeline(model: str, vae: str | None = None, device: str | None = None, vae_dtype=None):
+    """The pipeline for one worker: fp16 on CUDA, fp32 on CPU, the VAE in `vae_dtype` (a torch dtype; None =
+    as loaded) once and for all; progress bars off (they flood actor logs)."""
     import diffusers
     import torch
     import transformers
@@ -244,16 +351,32 @@ def load_pipeline(model: str, vae: str | None = None, device: str | None = None,
             pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
     if vae is not None:
         pipe.vae = AutoencoderKL.from_pretrained(vae, dtype=dtype)
-        pipe.vae.config.force_upcast = False  # an fp16-safe VAE is the point of swapping it in
+    if vae_dtype is not None:
+        cast_quietly(pipe.vae, vae_dtype)  # once here, never per call (the pipeline's own upcast casts on every call)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if device.startswith("cuda"):
-        # TF32 for whatever still runs in fp32 (SDXL's VAE upcasts itself): same images to the eye, ~8x faster.
+        # TF32 for whatever still runs in fp32 (an fp32 VAE): same images to the eye, ~8x faster.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # static shapes: each conv's fastest algorithm is found once
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-        if compile:
-            pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
-            pipe.vae.decode = torch.compile(pipe.vae.decode, mode="max-autotune", fullgraph=True)
     return pipe
+
+
+def load_tiny_decoder(model: str, vae: str | None, device: str, dtype):
+    """The AutoencoderTiny for `--decoder taesdxl` (see decoder_source), on `device` in `dtype`."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    source = decoder_source(model, "taesdxl", vae)
+    if source == SDXL_RANDOM:
+        torch.manual_seed(derive_seed("sdxl-random", 0, "taesdxl"))
+        decoder = AutoencoderTiny()  # diffusers' defaults are taesd's architecture
+    else:
+        decoder = AutoencoderTiny.from_pretrained(source, dtype=dtype)
+    decoder.to(device=device, dtype=dtype)
+    if str(device).startswith("cuda"):
+        decoder.to(memory_format=torch.channels_last)
+    return decoder

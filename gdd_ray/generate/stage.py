@@ -9,17 +9,20 @@ from typing import Any
 from gdd_ray import shards
 from gdd_ray.classes import ClassInfo
 from gdd_ray.config import RunConfig
+from gdd_ray.generate import runtime
 from gdd_ray.generate.driver import run_on_ray, run_serial
 from gdd_ray.generate.generator import GenerationJob, UnitGenerator, UnitResult
 from gdd_ray.generate.model import resolve_model
 from gdd_ray.logs import Progress, say
 from gdd_ray.run import RunContext, RunDir, now_iso, stage_summary
 
-VERSION = 1
-# What decides the pixels of a generated image; not IPC, batch size or worker count.
+VERSION = 2  # 2: engines (fast one-step path), decoder precision set once, static batches
+# What decides the pixels of a generated image; not IPC, batch size, worker count or --compile (float
+# rounding only). The engine and the VAE precision count too, as resolved: see resolved_inputs.
 OUTPUT_FIELDS = (
     "generate.model",
     "generate.vae",
+    "generate.decoder",
     "generate.steps",
     "generate.guidance",
     "generate.gen_resolution",
@@ -35,14 +38,17 @@ def source(cfg: RunConfig, run_dir: RunDir) -> None:
 
 
 def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
-    return {}
+    """The engine and the VAE precision as the workers will run them ('auto' made concrete, see runtime)."""
+    return runtime.resolve(cfg).inputs()
 
 
 def preflight(ctx: RunContext) -> None:
     resolve_model(ctx.cfg.generate.model)  # one clear line now rather than N dead actors later
+    runtime.check(ctx.cfg, runtime.resolve(ctx.cfg))
 
 
 def make_job(cfg: RunConfig, classes: list[ClassInfo], fingerprint: str, out_uri: str) -> GenerationJob:
+    chosen = runtime.resolve(cfg)  # after run.json is written: the values the fingerprint holds
     return GenerationJob(
         config=cfg.generate,
         model=resolve_model(cfg.generate.model),
@@ -51,7 +57,23 @@ def make_job(cfg: RunConfig, classes: list[ClassInfo], fingerprint: str, out_uri
         classes=tuple(classes),
         fingerprint=fingerprint,
         out_uri=out_uri,
+        engine=chosen.engine,
+        vae_dtype=chosen.vae_dtype,
     )
+
+
+def padding_note(cfg: RunConfig, units: list) -> str | None:
+    """A line when padding costs more than a tenth of the device's work (every batch runs full)."""
+    b = cfg.generate.batch_size
+    useful = sum(u.size for u in units)
+    executed = sum(-(-u.size // b) * b for u in units)
+    if executed and (executed - useful) / executed > 0.1:
+        return (
+            f"{(executed - useful) / executed:.0%} of the device's work is padding: units of {units[0].size} "
+            f"images run in batches of {b}; a --batch-size that divides the unit size (or a unit size that is "
+            "a multiple of it) wastes nothing"
+        )
+    return None
 
 
 def default_workers(cfg: RunConfig) -> int:
@@ -91,6 +113,10 @@ def run(ctx: RunContext, *, serial: bool = False) -> dict[str, Any]:
     if todo:
         run_dir.update_stage("generate", started=started, finished=None)
         job = make_job(cfg, ctx.classes, fp, loc.uri)
+        say("generate", f"engine {job.engine}, decoder {cfg.generate.decoder} in {job.vae_dtype}")
+        note = padding_note(cfg, todo)
+        if note:
+            say("generate", note)
         progress = Progress("generate", len(todo), sum(u.size for u in todo))
         if serial:
             workers = 1
@@ -122,6 +148,8 @@ def run(ctx: RunContext, *, serial: bool = False) -> dict[str, Any]:
         units_run=len(results),
         images=ctx.plan.images,
         images_made=sum(r.images for r in results),
+        executed_batch_size=cfg.generate.batch_size,
+        images_executed=sum(r.executed for r in results),  # padding included
         workers=workers,
         per_worker=per_worker(results),
         driver=driver_stats,
@@ -140,11 +168,14 @@ def run(ctx: RunContext, *, serial: bool = False) -> dict[str, Any]:
 
 
 def per_worker(results: list[UnitResult]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = defaultdict(lambda: {"units": 0, "images": 0, "render_s": 0.0, "encode_s": 0.0})
+    out: dict[str, dict[str, float]] = defaultdict(
+        lambda: {"units": 0, "images": 0, "executed": 0, "render_s": 0.0, "encode_s": 0.0}
+    )
     for r in results:
         w = out[r.worker]
         w["units"] += 1
         w["images"] += r.images
+        w["executed"] += r.executed
         w["render_s"] += r.render_s
         w["encode_s"] += r.encode_s
     for w in out.values():

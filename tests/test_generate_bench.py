@@ -1,0 +1,36 @@
+"""The generation benchmark's engine matrix runs on the tiny model and writes its JSON and table (smoke sizes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "jobs" / "bench_generate.py"
+
+
+@pytest.mark.slow
+def test_bench_generate_engine_matrix_smoke(tmp_path, tiny_model, capsys):
+    spec = importlib.util.spec_from_file_location("bench_generate", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "generate.json"
+    args = ["--model", "tiny", "--classes", "2", "--gen-resolution", "32", "--image-size", "8", "--threads", "0",
+            "--batch-sizes", "1,2", "--batches", "2", "--repeats", "2", "--engines-only", "--out", str(out)]  # fmt: skip
+    assert bench.main(args) == 0
+    res = json.loads(out.read_text())
+    rows = res["engines"]["rows"]
+    assert [(r["engine"], r["vae_dtype"], r["batch_size"]) for r in rows] == [
+        ("fast", "fp32", 1), ("fast", "fp32", 2), ("diffusers", "fp32", 1), ("diffusers", "fp32", 2),
+    ]  # fmt: skip
+    for r in rows:
+        assert r["executed_batch_sizes"] == [r["batch_size"]] and r["images_per_timed_run"] == 2 * r["batch_size"]
+        assert 0 < r["images_per_s_min"] <= r["images_per_s_median"] <= r["images_per_s_max"]
+        assert r["diff_to_diffusers_fp32"]["max_0_255"] <= 1 and r["not_blank"]
+        assert {"upload", "denoise", "decode", "resize_copy", "span"} <= set(r["phase_s"])
+    assert [s["batch_size"] for s in res["engines"]["fast_over_diffusers"]] == [1, 2]
+    assert res["versions"]["torch"] and "a_paper_loop" not in res
+    printed = capsys.readouterr().out
+    assert "| engine | VAE | batch |" in printed and printed.count("| fast | fp32 |") >= 2

@@ -170,7 +170,9 @@ def folder_names(class_ids: list[str]) -> dict[str, str]:
     for cid in class_ids:
         why = id_problem(cid)
         if why or not cid.strip() or cid.rstrip(" .") != cid:
-            raise UserError(f"class id {cid[:60]!r} cannot be a folder name ({why or 'blank or ends in a dot or space'})")
+            raise UserError(
+                f"class id {cid[:60]!r} cannot be a folder name ({why or 'blank or ends in a dot or space'})"
+            )
         out[cid] = cid
         seen[cid.casefold()] += 1
     clashes = sorted(k for k, n in seen.items() if n > 1)
@@ -193,7 +195,9 @@ def load_classes(dataset: str | None, classes_file: str | None) -> list[ClassInf
         except OSError as e:
             raise UserError(f"--classes {classes_file}: cannot read it ({storage.reason(e)})") from e
         if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-            raise UserError(f"--classes {classes_file}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+            raise UserError(
+                f"--classes {classes_file}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8"
+            )
         try:
             text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark (Windows editors write one) is not a class id
         except UnicodeDecodeError as e:

@@ -50,7 +50,6 @@ class DistillCommand:
 
 def _commands() -> dict[str, tuple[object, str]]:
     from gdd_ray import export, status
-    from gdd_ray.generate import snapshots
 
     return {
         "distill": (
@@ -59,7 +58,6 @@ def _commands() -> dict[str, tuple[object, str]]:
         ),
         "status": (status, "per stage: units done/total, images, throughput, failures, complete or not"),
         "export": (export, "write a run's images as a challenge .pt tensor or an ImageFolder tree"),
-        "fetch-model": (snapshots, "pin a model to a revision and download it into this machine's model cache"),
     }
 
 

@@ -263,8 +263,9 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(
             f"--image-size must be between 1 and --gen-resolution ({g.gen_resolution}), got {cfg.image_size}"
         )
-    if "{name}" not in g.prompt_template:
-        raise UserError(f"--prompt-template must contain {{name}}, got '{g.prompt_template}'")
+    from gdd_ray.classes import check_prompt_template
+
+    check_prompt_template(g.prompt_template)
     if not 0 < t.lr <= 10:
         raise UserError(f"--lr must be > 0 and at most 10, got {t.lr}")
     choices = typing.get_args(DsaOp)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gdd_ray import storage
+from gdd_ray import lease, storage
 from gdd_ray.augment import stage as augment
 from gdd_ray.classes import ClassInfo, load_classes
 from gdd_ray.config import STAGES, RunConfig
@@ -75,24 +75,41 @@ def context(cfg: RunConfig) -> tuple[RunContext, dict[str, dict[str, Any]]]:
     return RunContext(cfg, run_dir, classes, plan_run(cfg, len(classes)), fps, sources), inputs
 
 
-def check(cfg: RunConfig) -> RunContext:
-    """Every check before anything is written: classes, fingerprints, each stage's preflight, that --out
-    is reachable from every node (joins the cluster only if there is one to join), the output folder;
-    run.json is written last."""
+def checked_context(cfg: RunConfig) -> tuple[RunContext, dict[str, dict[str, Any]]]:
+    """Every check that only reads: classes, fingerprints, each stage's preflight, that --out is reachable
+    from every node (joins the cluster only if there is one to join), and that the output folder's stages
+    match this config (or --overwrite)."""
     ctx, inputs = context(cfg)
-    classes, run_dir, fps = ctx.classes, ctx.run_dir, ctx.fingerprints
     for stage in cfg.stages:
         STAGE_MODULES[stage].preflight(ctx)
     refuse_scattered_out(cfg)
-    run_dir.prepare(cfg, [vars(c) for c in classes], fps, inputs)
+    ctx.run_dir.stale_stages(cfg, ctx.fingerprints, inputs)
+    return ctx, inputs
+
+
+def check(cfg: RunConfig) -> RunContext:
+    """Every check before anything is written, then run.json (written last). Takes no lease: `run` does."""
+    ctx, inputs = checked_context(cfg)
+    ctx.run_dir.prepare(cfg, [vars(c) for c in ctx.classes], ctx.fingerprints, inputs)
     return ctx
 
 
+def take_lease(run_dir: RunDir) -> lease.Lease:
+    try:
+        return lease.acquire(run_dir.root)
+    except OSError as e:
+        raise UserError(f"--out {run_dir.uri} is not writable ({storage.reason(e)})") from e
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
+    """The whole job under the run's lease: a second driver on the same --out is refused before it writes
+    anything (run.json, --overwrite's deletions and shards all happen while this driver holds it)."""
     from gdd_ray.ray_utils import shutdown_if_started_here
 
-    ctx = check(cfg)
+    ctx, inputs = checked_context(cfg)
     try:
-        return {stage: STAGE_MODULES[stage].run(ctx) for stage in STAGES if stage in cfg.stages}
+        with take_lease(ctx.run_dir):
+            ctx.run_dir.prepare(cfg, [vars(c) for c in ctx.classes], ctx.fingerprints, inputs)
+            return {stage: STAGE_MODULES[stage].run(ctx) for stage in STAGES if stage in cfg.stages}
     finally:
         shutdown_if_started_here()

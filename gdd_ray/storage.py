@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -102,7 +101,9 @@ def _gcs_filesystem(emulator: str | None) -> pafs.GcsFileSystem:
     retry = timedelta(seconds=GCS_RETRY_S)
     if emulator:
         url = urllib.parse.urlparse(emulator)
-        return pafs.GcsFileSystem(anonymous=True, scheme=url.scheme, endpoint_override=url.netloc, retry_time_limit=retry)
+        return pafs.GcsFileSystem(
+            anonymous=True, scheme=url.scheme, endpoint_override=url.netloc, retry_time_limit=retry
+        )
     why = _gcs_credentials_missing()
     if why:
         raise Unreachable(
@@ -333,7 +334,7 @@ def _gcs_create_exclusive(bucket: str, key: str, data: bytes) -> bool:
         if e.code == 412:
             return False
         raise OSError(f"gs://{bucket}/{key}: HTTP {e.code} {e.reason}") from e
-    except (urllib.error.URLError, socket.timeout) as e:
+    except (TimeoutError, urllib.error.URLError) as e:
         raise OSError(f"gs://{bucket}/{key}: {reason(e)}") from e
 
 

@@ -132,9 +132,9 @@ def parse_class_file(text: str, source: str) -> list[ClassInfo]:
     out: list[ClassInfo] = []
     first_line: dict[str, int] = {}
     for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
+        if not raw.strip() or raw.strip().startswith("#"):
             continue
+        line = raw.strip(" \r\n")  # a leading tab is an empty id column, not indentation
         where = f"--classes {source}: line {lineno}"
         if "\t" in line:
             cid, name = (p.strip() for p in line.split("\t", 1))

@@ -131,7 +131,8 @@ class RunDir:
             raise UserError(
                 f"{storage.join(self.uri, RUN_FILE)} is unreadable ({storage.reason(e)}); fix it or use --overwrite"
             ) from e
-        if not isinstance(record, dict):
+        shapes = {"fingerprints": dict, "inputs": dict, "stages": dict, "config": dict, "classes": list}
+        if not isinstance(record, dict) or any(not isinstance(record.get(k, t()), t) for k, t in shapes.items()):
             raise UserError(f"{storage.join(self.uri, RUN_FILE)} is not a run record; fix it or use --overwrite")
         return record
 

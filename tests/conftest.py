@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -18,7 +19,14 @@ def gdd_cache(tmp_path_factory) -> Path:
     path = Path(os.environ.get("GDD_RAY_TEST_CACHE") or tmp_path_factory.mktemp("gdd_cache"))
     os.environ["GDD_RAY_CACHE"] = str(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach for the network
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Every Ray the tests start runs with token authentication, as a user's cluster does (Ray's default for
+    # local clusters); the token lives in this session's folder, never in the user's ~/.ray/auth_token.
+    if "RAY_AUTH_TOKEN" not in os.environ and "RAY_AUTH_TOKEN_PATH" not in os.environ:
+        token = path / "ray_auth_token"
+        if not token.exists():
+            token.write_text(secrets.token_hex(32))
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     return path
 
 

@@ -11,6 +11,7 @@ from gen_helpers import generator_actor_pids, read_images, tiny_config
 
 from gdd_ray import storage
 from gdd_ray.classes import dataset_classes
+from gdd_ray.errors import UserError
 from gdd_ray.generate.driver import UnitFailed, actor_options, run_on_ray
 from gdd_ray.generate.stage import make_job
 from gdd_ray.plan import plan_units
@@ -67,9 +68,12 @@ def test_killed_actor_is_replaced_and_each_image_made_once(tmp_path, fake_gpu_cl
 
 
 def test_unit_that_keeps_failing_stops_the_run_naming_it(tmp_path, fake_gpu_cluster):
-    cfg = tiny_config(tmp_path / "run", prompt_template="{name} {oops}")  # KeyError on every unit
+    # A KeyError in every unit: a bug (the config check refuses such a template, so it is put in past it)
+    cfg = tiny_config(tmp_path / "run").replace(**{"generate.prompt_template": "{name} {oops}"})
     job = make_job(cfg, dataset_classes("cifar10"), "fp", str(tmp_path / "run" / "generated"))
     with pytest.raises(UnitFailed) as e:
         run_on_ray(plan_units(10, 2, 2), job, workers=2, max_retries=2, cluster_gpus=2)
     msg = str(e.value)
     assert "work unit class" in msg and "failed 2 times" in msg and "oops" in msg
+    assert not isinstance(e.value, UserError)  # a bug: exit 1 with the traceback, not a one-line user error
+    assert "KeyError" in e.value.details and "in prompt" in e.value.details  # the worker's own traceback

@@ -47,6 +47,12 @@ class GenerateConfig:
         "Hub id or local diffusers folder of a one-step text-to-image model; 'tiny' = built-in random-weight "
         "SDXL-architecture pipeline for offline demos and tests (its images are noise).",
     )
+    model_revision: str | None = opt(
+        None,
+        "Hub revision of --model (branch, tag or commit); resolved to a commit once on the driver, recorded in "
+        "run.json and the fingerprint, and loaded by every worker, so a model update mid-run cannot mix two "
+        "snapshots. Default: the commit 'main' points to (on the hub, else in the local cache).",
+    )
     vae: str | None = opt(
         None,
         "Optional replacement VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix to decode in fp16 "

@@ -25,6 +25,9 @@ from gdd_ray.run import RunContext, RunDir
 from gdd_ray.train import stage as train
 
 STAGE_MODULES = {"generate": generate, "augment": augment, "train": train}
+# Pipeline switches a library could turn on by what is installed or set in the environment, and how this
+# project sets them (recorded in run.json: pixels depend on the config alone).
+PIPELINE_SWITCHES = {"watermarker": "off (forced, even with invisible-watermark installed)", "safety_checker": "none"}
 
 
 def stage_inputs(cfg: RunConfig, classes: list[ClassInfo], run_dir: RunDir) -> tuple[dict, dict, dict]:
@@ -90,7 +93,7 @@ def checked_context(cfg: RunConfig) -> tuple[RunContext, dict[str, dict[str, Any
 def check(cfg: RunConfig) -> RunContext:
     """Every check before anything is written, then run.json (written last). Takes no lease: `run` does."""
     ctx, inputs = checked_context(cfg)
-    ctx.run_dir.prepare(cfg, [vars(c) for c in ctx.classes], ctx.fingerprints, inputs)
+    ctx.run_dir.prepare(cfg, [vars(c) for c in ctx.classes], ctx.fingerprints, inputs, PIPELINE_SWITCHES)
     return ctx
 
 
@@ -109,7 +112,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     ctx, inputs = checked_context(cfg)
     try:
         with take_lease(ctx.run_dir):
-            ctx.run_dir.prepare(cfg, [vars(c) for c in ctx.classes], ctx.fingerprints, inputs)
+            ctx.run_dir.prepare(cfg, [vars(c) for c in ctx.classes], ctx.fingerprints, inputs, PIPELINE_SWITCHES)
             return {stage: STAGE_MODULES[stage].run(ctx) for stage in STAGES if stage in cfg.stages}
     finally:
         shutdown_if_started_here()

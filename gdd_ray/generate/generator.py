@@ -32,6 +32,7 @@ class GenerationJob:
     classes: tuple[ClassInfo, ...]
     fingerprint: str
     out_uri: str  # the folder shards are committed to
+    model_revision: str | None = None  # the commit the driver pinned a hub model to (None: local/built-in)
 
 
 @dataclass
@@ -73,7 +74,9 @@ class UnitGenerator:
             if self.device is None:
                 self.device = "cuda" if torch.cuda.is_available() else "cpu"
             g = self.job.config
-            self.pipeline = load_pipeline(self.job.model, g.vae, self.device, compile=g.compile)
+            self.pipeline = load_pipeline(
+                self.job.model, g.vae, self.device, compile=g.compile, revision=self.job.model_revision
+            )
         if self.device is None:
             self.device = str(self.pipeline.device)
 

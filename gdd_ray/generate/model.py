@@ -6,7 +6,9 @@ CPU, so the tests exercise the very code that loads SDXL-Turbo on a GPU node.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
 import uuid
 from importlib import resources
@@ -204,6 +206,44 @@ def resolve_model(model: str) -> str:
     )
 
 
+def is_hub_id(model: str) -> bool:
+    """A hub id (`org/name`), not the built-in models nor a local folder."""
+    return model not in (TINY, SDXL_RANDOM) and not (
+        model.startswith((".", "/", "~")) or Path(os.path.expanduser(model)).exists()
+    )
+
+
+@functools.lru_cache(maxsize=8)  # once per driver: the check and the job see the same commit
+def resolve_revision(model: str, revision: str | None) -> str | None:
+    """The commit a hub model is loaded at (None for a local folder or a built-in model): asked of the hub
+    once, on the driver, or read from the local cache's refs when the hub is offline."""
+    if not is_hub_id(model):
+        if revision:
+            raise UserError(f"--model-revision applies to a hub id; --model {model} is a local or built-in model")
+        return None
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    wanted = revision or "main"
+    if _hub_unreachable_reason() is None:
+        try:
+            from huggingface_hub import HfApi
+
+            return HfApi().model_info(model, revision=wanted, timeout=10).sha
+        except Exception as e:
+            why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise UserError(f"--model {model} --model-revision {wanted}: the hub cannot resolve it ({why})") from e
+    from huggingface_hub import constants
+
+    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    ref = Path(cache) / f"models--{model.replace('/', '--')}" / "refs" / wanted
+    if ref.is_file() and re.fullmatch(r"[0-9a-f]{40}", ref.read_text().strip()):
+        return ref.read_text().strip()
+    raise UserError(
+        f"--model {model}: cannot pin revision '{wanted}' offline (not in the Hugging Face cache {cache}); "
+        "pass a 40-character commit as --model-revision, or download the model first"
+    )
+
+
 def _hub_unreachable_reason() -> str | None:
     """A quick look before asking the hub, whose client retries a dead network for half a minute."""
     import socket
@@ -219,8 +259,11 @@ def _hub_unreachable_reason() -> str | None:
     return None
 
 
-def load_pipeline(model: str, vae: str | None = None, device: str | None = None, compile: bool = False):
-    """The pipeline for one worker: fp16 on CUDA, fp32 on CPU; progress bars off (they flood actor logs)."""
+def load_pipeline(
+    model: str, vae: str | None = None, device: str | None = None, compile: bool = False, revision: str | None = None
+):
+    """The pipeline for one worker: fp16 on CUDA, fp32 on CPU; progress bars off (they flood actor logs);
+    at `revision` (the commit the driver pinned) for a hub model; the watermarker off whatever is installed."""
     import diffusers
     import torch
     import transformers
@@ -236,15 +279,16 @@ def load_pipeline(model: str, vae: str | None = None, device: str | None = None,
     else:
         source = str(ensure_tiny_model()) if model == TINY else model
         try:
-            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, variant="fp16")
+            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, variant="fp16", revision=revision)
         except (OSError, ValueError) as e:
             if "variant" not in str(e):
                 raise
             # A folder saved without fp16 variant files: the same weights under plain names.
-            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
+            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, revision=revision)
     if vae is not None:
         pipe.vae = AutoencoderKL.from_pretrained(vae, dtype=dtype)
         pipe.vae.config.force_upcast = False  # an fp16-safe VAE is the point of swapping it in
+    disable_watermark(pipe)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if device.startswith("cuda"):
@@ -257,3 +301,10 @@ def load_pipeline(model: str, vae: str | None = None, device: str | None = None,
             pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
             pipe.vae.decode = torch.compile(pipe.vae.decode, mode="max-autotune", fullgraph=True)
     return pipe
+
+
+def disable_watermark(pipe) -> None:
+    """SDXL pipelines add an invisible watermark when the `invisible-watermark` package happens to be
+    installed: a full-resolution CPU round trip that changes pixels. Pixels depend on the config only: off."""
+    if getattr(pipe, "watermark", None) is not None:
+        pipe.watermark = None

@@ -11,7 +11,7 @@ from gdd_ray.classes import ClassInfo
 from gdd_ray.config import RunConfig
 from gdd_ray.generate.driver import run_on_ray, run_serial
 from gdd_ray.generate.generator import GenerationJob, UnitGenerator, UnitResult
-from gdd_ray.generate.model import resolve_model
+from gdd_ray.generate.model import resolve_model, resolve_revision
 from gdd_ray.logs import Progress, say
 from gdd_ray.run import RunContext, RunDir, now_iso, stage_summary
 
@@ -35,7 +35,9 @@ def source(cfg: RunConfig, run_dir: RunDir) -> None:
 
 
 def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
-    return {}
+    # The commit a hub model is loaded at: in the fingerprint, so a changed snapshot is never mixed in.
+    revision = resolve_revision(cfg.generate.model, cfg.generate.model_revision)
+    return {"model_revision": revision} if revision else {}  # local models: fingerprints as before
 
 
 def preflight(ctx: RunContext) -> None:
@@ -51,6 +53,7 @@ def make_job(cfg: RunConfig, classes: list[ClassInfo], fingerprint: str, out_uri
         classes=tuple(classes),
         fingerprint=fingerprint,
         out_uri=out_uri,
+        model_revision=resolve_revision(cfg.generate.model, cfg.generate.model_revision),
     )
 
 

@@ -187,3 +187,45 @@ def test_export_refuses_a_non_empty_dest(existing_run, tmp_path, capsys):
     assert main([*argv, "--dest", str(dest)]) == 2  # the manifest there is not the run's: refused first
     assert "no complete generate stage" in one_error_line(capsys)
     assert (dest / "mine.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def small_export_run(tmp_path_factory):
+    from tests.test_export import make_run
+
+    return make_run(tmp_path_factory.mktemp("run"), num_classes=2)[0]
+
+
+def _rewrite_shard(loc, name: str, table, footer: dict[str, str]) -> None:
+    from gdd_ray import storage
+
+    loc.write_bytes(name, storage.parquet_bytes(table, footer))
+
+
+@pytest.mark.parametrize("damage", ["foreign fingerprint", "duplicate images"])
+def test_export_refuses_an_inconsistent_run(damage, small_export_run, tmp_path, capsys):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from gdd_ray import shards
+    from gdd_ray.run import RunDir
+
+    out = tmp_path / "run"
+    shutil.copytree(small_export_run.uri, out)
+    loc = RunDir(str(out)).augmented
+    first, second = shards.read_manifest(loc).names[:2]
+    meta = pq.read_metadata(loc.file(first))
+    footer = {k.decode(): v.decode() for k, v in meta.metadata.items()}
+    if damage == "foreign fingerprint":  # a shard rewritten by another config since the manifest
+        _rewrite_shard(loc, first, pq.read_table(loc.file(first)), {**footer, shards.FINGERPRINT: "f" * 16})
+        message = "another fingerprint"
+    else:  # the second shard holds the first one's images (same rows, same fingerprint)
+        _rewrite_shard(loc, second, pq.read_table(loc.file(first)), footer)
+        message = "twice"
+    before = tree_digest(out)
+    dest = tmp_path / "dest"
+    assert main(["export", "--run", str(out), "--format", "imagefolder", "--dest", str(dest)]) == 2
+    assert message in one_error_line(capsys)
+    assert tree_digest(out) == before and not dest.exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no staging folder left

@@ -238,6 +238,8 @@ def resolve_revision(model: str, revision: str | None) -> str | None:
     ref = Path(cache) / f"models--{model.replace('/', '--')}" / "refs" / wanted
     if ref.is_file() and re.fullmatch(r"[0-9a-f]{40}", ref.read_text().strip()):
         return ref.read_text().strip()
+    if revision is None:
+        return None  # nothing to pin offline: the model cannot load either, which resolve_model says in one line
     raise UserError(
         f"--model {model}: cannot pin revision '{wanted}' offline (not in the Hugging Face cache {cache}); "
         "pass a 40-character commit as --model-revision, or download the model first"

@@ -232,9 +232,10 @@ def resolve_revision(model: str, revision: str | None) -> str | None:
         except Exception as e:
             why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             raise UserError(f"--model {model} --model-revision {wanted}: the hub cannot resolve it ({why})") from e
-    from huggingface_hub import constants
-
-    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    # The cache's place as huggingface_hub computes it, without importing it here (an import this early
+    # would fix its progress-bar settings before the CLI quiets them).
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    cache = os.path.expanduser(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub"))
     ref = Path(cache) / f"models--{model.replace('/', '--')}" / "refs" / wanted
     if ref.is_file() and re.fullmatch(r"[0-9a-f]{40}", ref.read_text().strip()):
         return ref.read_text().strip()

@@ -44,7 +44,7 @@ def existing_run(tmp_path):
         (["--config", "/nonexistent.yaml"], "cannot read it"),
     ],
 )
-def test_bad_input(args, message, existing_run, tmp_path, capsys):
+def test_bad_input(args, message, existing_run, tmp_path, capsys, tiny_model):  # model built before, not mid-case
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     args = [str(empty) if a == "EMPTY" else a for a in args]

@@ -146,7 +146,7 @@ def test_out_locations(out, message, capsys):
 
 @pytest.mark.parametrize("record", ["[]", "null", '"text"', "{", '{"fingerprints": []}'])
 @pytest.mark.parametrize("command", ["status", "export", "distill"])
-def test_run_records_that_are_not_one(record, command, existing_run, tmp_path, capsys):
+def test_run_records_that_are_not_one(record, command, existing_run, tmp_path, capsys, tiny_model):
     (existing_run / "run.json").write_text(record)
     before = tree_digest(existing_run)
     argv = {

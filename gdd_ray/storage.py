@@ -239,6 +239,10 @@ class Location:
                     self.fs.delete_file(e.path)
                 except FileNotFoundError:
                     pass
+        try:
+            self.fs.delete_dir(self.path)  # folder markers a client may have left
+        except OSError:
+            pass
 
     def remove_if_empty(self) -> None:
         """A local folder with nothing left in it goes (object stores have no empty folders)."""

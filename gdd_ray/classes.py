@@ -23,12 +23,20 @@ from importlib import resources
 
 from gdd_ray.errors import UserError
 
+MAX_TEMPLATE_CHARS = 1000
+# Limits of a class file: what a cluster can hold in one run, and names that fit every filesystem.
+MAX_CLASSES = 100_000
+MAX_CLASS_FILE_BYTES = 16 * 2**20
+MAX_ID_CHARS = 200
+MAX_NAME_CHARS = 300
+
 _FILES = {
     "cifar10": "cifar10_classes.tsv",
     "cifar100": "cifar100_classes.tsv",
     "tiny-imagenet": "tiny_imagenet_wnids.txt",  # wnids only: names and descriptions come from ImageNet-1K's
     "imagenet-1k": "imagenet1k_classes.tsv",
 }
+# The fields a prompt template may name, each a plain `{field}` (ClassInfo.prompt fills them).
 TEMPLATE_FIELDS = ("name", "desc")
 
 
@@ -59,14 +67,35 @@ class ClassInfo:
 
 
 def template_fields(template: str) -> set[str]:
-    """The fields a prompt template uses. The one check of a template: it must be a format string that
-    names {name} or {desc} (a field it does not know fails when the prompts are filled in)."""
+    """The fields a prompt template uses, and the one check of a template: literal text and plain `{field}`s
+    from TEMPLATE_FIELDS (literal braces as `{{` `}}`), {name} or {desc} among them; no attribute or index
+    access, no format specs or conversions, no positional fields. Checked by string.Formatter's own parser,
+    the one `str.format` uses, so what passes here formats."""
+    flag = "--prompt-template"
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise UserError(f"{flag} is {len(template)} characters long; at most {MAX_TEMPLATE_CHARS}")
+    if any(ord(ch) < 32 and ch not in "\t" for ch in template):
+        raise UserError(f"{flag} must not contain control characters (newlines, NUL, ...)")
+    allowed = ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)
     try:
-        used = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        parsed = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise UserError(f"--prompt-template '{template}' is not a valid template ({e})") from e
-    if not used & set(TEMPLATE_FIELDS):
-        raise UserError(f"--prompt-template must contain {{name}} or {{desc}}, got '{template}'")
+        raise UserError(
+            f"{flag} {template!r} is not a valid template ({e}); write {{{{ and }}}} for literal braces"
+        ) from e
+    used: set[str] = set()
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in TEMPLATE_FIELDS or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise UserError(
+                f"{flag} {template!r}: {shown} is not allowed; use only {allowed} "
+                "(no attribute or index access, no format specs), and {{{{ }}}} for literal braces"
+            )
+        used.add(name)
+    if not used:
+        raise UserError(f"{flag} must contain {{name}} or {{desc}}, got {template!r}")
     return used
 
 
@@ -120,29 +149,75 @@ def dataset_classes(dataset: str) -> list[ClassInfo]:
     return [ClassInfo(i, w, by_wnid[w].name, by_wnid[w].description, i + 1) for i, w in enumerate(wnids)]
 
 
+def id_problem(class_id: str) -> str | None:
+    """Why a class id cannot be a folder name on every filesystem (exports name folders after ids), or None."""
+    if class_id in (".", ".."):
+        return "is a relative folder name"
+    if any(ch in class_id for ch in "/\\"):
+        return "contains a path separator"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in class_id):
+        return "contains a control character"
+    if len(class_id) > MAX_ID_CHARS:
+        return f"is longer than {MAX_ID_CHARS} characters"
+    return None
+
+
 def parse_class_file(text: str, source: str) -> list[ClassInfo]:
     """One class a line: `name`, `id<TAB>name` or `id<TAB>name<TAB>description`; blank lines and lines
-    starting with # are skipped. `source` names the list in messages (`--classes FILE`, `--dataset X`)."""
+    starting with # are skipped. `source` names the list in messages (`--classes FILE`, `--dataset X`).
+    Linear in the file's size; every mistake names its line."""
     out: list[ClassInfo] = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
+    first_line: dict[str, int] = {}
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip() or raw.strip().startswith("#"):
             continue
+        line = raw.strip(" \r\n")  # a leading tab is an empty id column, not indentation
+        where = f"{source}: line {lineno}"
         parts = [p.strip() for p in line.split("\t")]
         if len(parts) > 3:
-            raise UserError(
-                f"{source}: line {number} has {len(parts)} tab-separated columns; at most 3 (id, name, description)"
-            )
+            raise UserError(f"{where} has {len(parts)} tab-separated columns; at most 3 (id, name, description)")
         cid, name = (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
         desc = parts[2] if len(parts) == 3 else ""
+        if not cid:
+            raise UserError(f"{where} has a name but no id (id<TAB>name)")
         if not name:
-            raise UserError(f"{source}: line {number} ('{raw}') has an id but no name")
-        out.append(ClassInfo(len(out), cid, _readable(name), desc, number))
+            raise UserError(f"{where} ('{raw[:60]}') has an id but no name")
+        why = id_problem(cid)
+        if why:
+            raise UserError(f"{where}: the class id {cid[:60]!r} {why}")
+        for what, text_ in (("name", name), ("description", desc)):
+            if len(text_) > MAX_NAME_CHARS or any(ord(ch) < 32 for ch in text_):
+                raise UserError(f"{where}: the class {what} must be at most {MAX_NAME_CHARS} printable characters")
+        if cid in first_line:
+            raise UserError(f"{where}: duplicate class {cid!r} (first on line {first_line[cid]})")
+        first_line[cid] = lineno
+        if len(out) == MAX_CLASSES:
+            raise UserError(f"{source}: more than {MAX_CLASSES} classes")
+        out.append(ClassInfo(len(out), cid, _readable(name), desc, lineno))
     if not out:
         raise UserError(f"{source}: the file lists no classes (one name per line, or id<TAB>name)")
-    dup = sorted(i for i, n in Counter(c.class_id for c in out).items() if n > 1)
-    if dup:
-        raise UserError(f"{source}: duplicate class(es) {', '.join(dup[:5])}")
+    return out
+
+
+def folder_names(class_ids: list[str]) -> dict[str, str]:
+    """class id -> a folder name safe on every filesystem; refuses ids that would collide there (case-blind
+    filesystems included) or that cannot be folder names at all."""
+    out: dict[str, str] = {}
+    seen: Counter[str] = Counter()
+    for cid in class_ids:
+        why = id_problem(cid)
+        if why or not cid.strip() or cid.rstrip(" .") != cid:
+            raise UserError(
+                f"class id {cid[:60]!r} cannot be a folder name ({why or 'blank or ends in a dot or space'})"
+            )
+        out[cid] = cid
+        seen[cid.casefold()] += 1
+    clashes = sorted(k for k, n in seen.items() if n > 1)
+    if clashes:
+        raise UserError(
+            f"class ids that differ only in case ({clashes[0]!r}, ...) would share a folder on case-blind "
+            "filesystems; export with --format pt instead"
+        )
     return out
 
 
@@ -151,11 +226,21 @@ def load_classes(dataset: str | None, classes_file: str | None) -> list[ClassInf
         from gdd_ray import storage
 
         try:
-            text = storage.read_bytes(classes_file).decode("utf-8")
-        except (OSError, FileNotFoundError) as e:
-            raise UserError(f"--classes {classes_file}: cannot read it ({e})") from e
+            data = storage.read_bytes(classes_file, limit=MAX_CLASS_FILE_BYTES)
+        except storage.TooLarge as e:
+            raise UserError(f"--classes {classes_file}: larger than {MAX_CLASS_FILE_BYTES // 2**20} MiB") from e
+        except OSError as e:
+            raise UserError(f"--classes {classes_file}: cannot read it ({storage.reason(e)})") from e
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise UserError(
+                f"--classes {classes_file}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8"
+            )
+        try:
+            text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark (Windows editors write one) is not a class id
         except UnicodeDecodeError as e:
-            raise UserError(f"--classes {classes_file}: not a UTF-8 text file") from e
+            raise UserError(f"--classes {classes_file}: not a UTF-8 text file (byte {e.start})") from e
+        if "\x00" in text:
+            raise UserError(f"--classes {classes_file}: contains NUL bytes; not a text file")
         return parse_class_file(text, f"--classes {classes_file}")
     assert dataset is not None
     return dataset_classes(dataset)

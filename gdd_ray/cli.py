@@ -6,13 +6,15 @@ the thin `jobs/*.py` wrappers (for `ray job submit`) all land in `main`.
     python -m gdd_ray export --run runs/c100 --format pt --dest distilled.pt --per-class 10
 
 A command is a module with `add_arguments(parser)` and `run_from_args(args) -> int`. User errors end as one
-line `error: ...` on stderr with exit code 2; anything else is a bug and keeps its traceback.
+line `error: ...` on stderr with exit code 2; anything else is a bug: its traceback goes to stderr (the job
+log), then one summary line `internal error: ...` last, and the exit code is 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable
 
 from gdd_ray.errors import UserError
@@ -61,8 +63,16 @@ def _commands() -> dict[str, tuple[object, str]]:
     }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (`error: ...`, exit 2) like every other user error."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {one_line(message)} (see --help)", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
 def build_parser(prog: str = "gdd-ray") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = Parser(prog=prog, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (command, help_text) in _commands().items():
         p = sub.add_parser(
@@ -73,16 +83,32 @@ def build_parser(prog: str = "gdd-ray") -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(text: str, limit: int = 2000) -> str:
+    """A message as one line: a user error's text may quote what the user gave (newlines included)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
 def guarded(fn: Callable[[], int | None]) -> int:
-    """Run fn; a UserError becomes 'error: <message>' on stderr and exit code 2, with no traceback."""
+    """Run fn. A UserError becomes 'error: <message>' on stderr and exit code 2, with no traceback; any other
+    exception is a bug: its traceback (the job log keeps it), then 'internal error: ...' last, exit code 1."""
     try:
         return fn() or 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr, flush=True)
         return 130
+    except Exception as e:
+        traceback.print_exc(file=sys.stderr)
+        summary = one_line(f"{type(e).__name__}: {e}", 500)
+        print(
+            f"internal error: {summary} (a bug in gdd-ray, not in your input; the traceback is above)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
 
 
 def main(argv: list[str] | None = None, prog: str = "gdd-ray") -> int:

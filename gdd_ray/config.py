@@ -9,6 +9,7 @@ nowhere else: the loader checks them, the ConvNet and DSA code read their option
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -55,6 +56,12 @@ class GenerateConfig:
         "stabilityai/sdxl-turbo",
         "Hub id or local diffusers folder of a one-step text-to-image model; 'tiny' = built-in random-weight "
         "SDXL-architecture pipeline for offline demos and tests (its images are noise).",
+    )
+    model_revision: str | None = opt(
+        None,
+        "Hub revision of --model (branch, tag or commit); resolved to a commit once on the driver, recorded in "
+        "run.json and the fingerprint, and loaded by every worker, so a model update mid-run cannot mix two "
+        "snapshots. Default: the commit 'main' points to (on the hub, else in the local cache).",
     )
     vae: str | None = opt(
         None,
@@ -349,6 +356,10 @@ def validate(cfg: RunConfig) -> None:
     g, t = cfg.generate, cfg.train
     if not cfg.out:
         raise UserError("--out is required: a local folder or a URI such as s3://bucket/run")
+    if "://" not in cfg.out or cfg.out.startswith("file://"):
+        local = os.path.abspath(os.path.expanduser(cfg.out.removeprefix("file://")))
+        if os.path.dirname(local) == local:  # --overwrite there would sweep a whole disk's stage folders
+            raise UserError(f"--out {cfg.out} is the filesystem's root; give a folder for the run")
     if cfg.shared_local_out and "://" in cfg.out and not cfg.out.startswith("file://"):
         raise UserError(f"--shared-local-out is for a local --out on a shared mount; {cfg.out} is already shared")
     if cfg.dataset is None and cfg.classes is None:

@@ -131,14 +131,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(), help=helptext)
 
 
+MAX_YAML_BYTES = 1 * 2**20  # a config is a few dozen keys; anything near this is not one
+
+
 def load_yaml(path: str) -> dict[str, Any]:
+    """A YAML config, read safely: bounded in size, and without aliases (`&a` / `*a`), which a config never
+    needs and which let a few hundred bytes expand into unbounded memory (an alias bomb)."""
     import yaml
 
     try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_YAML_BYTES + 1)
     except OSError as e:
         raise UserError(f"--config {path}: cannot read it ({e.strerror})") from e
+    if len(raw) > MAX_YAML_BYTES:
+        raise UserError(f"--config {path}: larger than {MAX_YAML_BYTES // 2**20} MiB; not a config file")
+    try:
+        text = raw.decode("utf-8-sig")
+        # Events are a linear scan of the text: an alias is refused before anything is expanded.
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise UserError(
+                    f"--config {path}: YAML aliases (*name) are not allowed in a config; write the value out"
+                )
+        data = yaml.safe_load(text) or {}
+    except UnicodeDecodeError as e:
+        raise UserError(f"--config {path}: not a UTF-8 text file (byte {e.start})") from e
     except yaml.YAMLError as e:
         raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(data, dict):

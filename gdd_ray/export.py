@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gdd_ray import challenge, selection, shards, storage
-from gdd_ray.classes import MEAN_STD
+from gdd_ray.classes import MEAN_STD, folder_names
 from gdd_ray.config import RunConfig
 from gdd_ray.errors import UserError
 from gdd_ray.run import RUN_FILE, RunDir
@@ -47,9 +49,12 @@ META_COLUMNS = ["label", "class_id", "class_name", "index", "variant"]
 def run_record(run: str) -> dict[str, Any]:
     root = storage.Location(run)
     try:
-        return json.loads(root.read_bytes(RUN_FILE)) if root.exists(RUN_FILE) else {}
-    except (OSError, ValueError) as e:
-        raise UserError(f"{storage.join(run, RUN_FILE)} is unreadable ({e})") from e
+        record = json.loads(root.read_bytes(RUN_FILE)) if root.exists(RUN_FILE) else {}
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{storage.join(run, RUN_FILE)} is unreadable ({storage.reason(e)})") from e
+    if not isinstance(record, dict) or not isinstance(record.get("fingerprints", {}), dict):
+        raise UserError(f"{storage.join(run, RUN_FILE)} is not a run record")
+    return record
 
 
 def _source(run: str, source: str) -> tuple[storage.Location, list[str]]:
@@ -66,7 +71,36 @@ def _source(run: str, source: str) -> tuple[storage.Location, list[str]]:
             f"run the {stage} stage to finish it, or pick another --source"
         )
     shards.require_listed_shards(loc, manifest, stage)
+    _verify_shards(loc, manifest)
     return loc, manifest.names
+
+
+def _verify_shards(loc: storage.Location, manifest: shards.Manifest) -> None:
+    """Every listed shard is the one the manifest recorded: its rows and its fingerprint (a shard rewritten
+    since, by another config or an interrupted change, is not exported)."""
+    rows = manifest.rows
+    for name, meta in storage.footers(loc, manifest.names).items():
+        if isinstance(meta, Exception):
+            why = f"unreadable ({storage.reason(meta)})"
+        elif meta.num_rows != rows[name]:
+            why = f"{meta.num_rows} rows where the manifest says {rows[name]}"
+        elif storage.footer_metadata(meta).get(shards.FINGERPRINT) != manifest.fingerprint:
+            why = "another fingerprint than the run's"
+        else:
+            continue
+        raise UserError(f"{loc.uri}/{name}: {why}; run the stage again (`status` lists what it redoes)")
+
+
+def _refuse_duplicates(table: pa.Table) -> None:
+    """(label, index, variant) is an image's identity: one that appears twice means mixed shards."""
+    keys = np.stack([table.column(c).to_numpy().astype(np.int64) for c in ("label", "index", "variant")], axis=1)
+    if len(keys) and (np.diff(keys, axis=0) == 0).all(axis=1).any():
+        i = int(np.flatnonzero((np.diff(keys, axis=0) == 0).all(axis=1))[0])
+        label, index, variant = keys[i].tolist()
+        raise UserError(
+            f"the run holds image (label {label}, index {index}, variant {variant}) twice: its shards are "
+            "inconsistent; run the stage again with the same config, or with --overwrite"
+        )
 
 
 def list_images(run: str, source: str = "augmented") -> pa.Table:
@@ -79,7 +113,9 @@ def list_images(run: str, source: str = "augmented") -> pa.Table:
         t = t.append_column("shard", pa.array(np.full(t.num_rows, i, np.int32)))
         tables.append(t.append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
     table = pa.concat_tables(tables).select([*META_COLUMNS, "shard", "row"])
-    return table.sort_by([("label", "ascending"), ("index", "ascending"), ("variant", "ascending")])
+    table = table.sort_by([("label", "ascending"), ("index", "ascending"), ("variant", "ascending")])
+    _refuse_duplicates(table)
+    return table
 
 
 def iter_shards(run: str, source: str, selected: pa.Table):
@@ -262,11 +298,14 @@ def export_imagefolder(run: str, dest: str, per_class: int | None = None, source
     record = run_record(run)
     num_classes = len(record["classes"]) if record.get("classes") else None
     table, n = select_per_class(list_images(run, source), per_class, num_classes)
-    root = storage.Location(dest)
     ids = table.column("class_id").to_pylist()
-    folders = {cid: _folder_name(cid) for cid in set(ids)}
-    if len(set(folders.values())) != len(folders):
-        raise UserError("two class ids map to the same folder name; export with --format pt instead")
+    folders = folder_names(list(dict.fromkeys(ids)))  # refuses '..', '.', separators, case clashes
+    final = storage.Location(dest)
+    if final.exists() and final.list(include_hidden=True):
+        raise UserError(f"--dest {dest} exists and is not empty; give a new folder (an export never mixes into one)")
+    # Local disks: write into a hidden sibling folder, renamed to DEST once whole (no partial tree is left
+    # under DEST's name). Object stores have no folders to rename: each PNG is one atomic PUT there.
+    root = storage.Location(_staging(dest)) if final.local else final
     labels = table.column("label").to_pylist()
     index = table.column("index").to_pylist()
     variant = table.column("variant").to_pylist()
@@ -279,9 +318,15 @@ def export_imagefolder(run: str, dest: str, per_class: int | None = None, source
     # Each file is committed with an fsync (disk) or a PUT (object store): both wait, so write in parallel,
     # one shard's images at a time.
     written = 0
-    with ThreadPoolExecutor(max_workers=8 if root.local else 32) as pool:
-        for items in iter_shards(run, source, table):
-            written += sum(1 for _ in pool.map(write, items))
+    try:
+        with ThreadPoolExecutor(max_workers=8 if root.local else 32) as pool:
+            for items in iter_shards(run, source, table):
+                written += sum(1 for _ in pool.map(write, items))
+        if root is not final:
+            os.replace(root.path, final.path)  # an empty DEST folder is replaced; a non-empty one was refused
+    finally:
+        if root is not final:
+            root.delete_tree()  # what is left of the staging folder after a failure (nothing after success)
     order = [folders[cid] for cid in dict.fromkeys(ids)]  # label order (table sorted by label)
     return {
         "root": dest,
@@ -292,8 +337,9 @@ def export_imagefolder(run: str, dest: str, per_class: int | None = None, source
     }
 
 
-def _folder_name(class_id: str) -> str:
-    return class_id.replace("/", "_").replace("\\", "_").strip() or "_"
+def _staging(dest: str) -> str:
+    parent, name = os.path.split(os.path.abspath(os.path.expanduser(dest.removeprefix("file://"))))
+    return os.path.join(parent, f".{name}{storage.TMP_MARK}{uuid.uuid4().hex[:8]}")
 
 
 def _class_lines(table: pa.Table) -> list[str]:
@@ -369,6 +415,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except OSError as e:  # a read-only or full disk, DEST a file: the user's to fix, in one line
+        raise UserError(f"export to {args.dest} failed ({storage.reason(e)})") from e
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.format == "challenge":
         if args.per_class is not None or args.mean is not None or args.std is not None or args.dataset is not None:
             raise UserError(

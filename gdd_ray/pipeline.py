@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gdd_ray import report_page, storage
+from gdd_ray import lease, report_page, storage
 from gdd_ray.augment import stage as augment
 from gdd_ray.classes import ClassInfo, check_prompts, class_list_source, load_classes
 from gdd_ray.config import STAGES, RunConfig
@@ -28,6 +28,9 @@ from gdd_ray.select import stage as select
 from gdd_ray.train import stage as train
 
 STAGE_MODULES = {"generate": generate, "select": select, "augment": augment, "train": train}
+# Pipeline switches a library could turn on by what is installed or set in the environment, and how this
+# project sets them (recorded in run.json: pixels depend on the config alone).
+PIPELINE_SWITCHES = {"watermarker": "off (forced, even with invisible-watermark installed)", "safety_checker": "none"}
 
 
 def stage_inputs(cfg: RunConfig, classes: list[ClassInfo], run_dir: RunDir) -> tuple[dict, dict, dict]:
@@ -83,16 +86,22 @@ def context(cfg: RunConfig, run_dir: RunDir | None = None) -> tuple[RunContext, 
     return RunContext(cfg, run_dir, classes, plan_run(cfg, len(classes)), fps, sources), inputs
 
 
-def check(cfg: RunConfig, run_dir: RunDir | None = None) -> RunContext:
-    """Every check before anything is written: classes, fingerprints, each stage's preflight, that --out
-    is reachable from every node (joins the cluster only if there is one to join), the output folder;
-    run.json is written last."""
+def checked_context(cfg: RunConfig, run_dir: RunDir | None = None) -> tuple[RunContext, dict[str, dict[str, Any]]]:
+    """Every check that only reads: classes, fingerprints, each stage's preflight, that --out is reachable
+    from every node (joins the cluster only if there is one to join), and that the output folder's stages
+    match this config (or --overwrite). `run_dir`: OUT with shared stage folders (a sweep point's)."""
     ctx, inputs = context(cfg, run_dir)
-    classes, run_dir, fps = ctx.classes, ctx.run_dir, ctx.fingerprints
     for stage in cfg.stages:
         STAGE_MODULES[stage].preflight(ctx)
     refuse_scattered_out(cfg)
-    run_dir.prepare(cfg, [vars(c) for c in classes], fps, inputs)
+    ctx.run_dir.stale_stages(cfg, ctx.fingerprints, inputs)
+    return ctx, inputs
+
+
+def check(cfg: RunConfig, run_dir: RunDir | None = None) -> RunContext:
+    """Every check before anything is written, then run.json (written last). Takes no lease: `run` does."""
+    ctx, inputs = checked_context(cfg, run_dir)
+    ctx.run_dir.prepare(cfg, [vars(c) for c in ctx.classes], ctx.fingerprints, inputs, PIPELINE_SWITCHES)
     return ctx
 
 
@@ -110,11 +119,22 @@ def execute(ctx: RunContext) -> dict[str, Any]:
     return out
 
 
+def take_lease(run_dir: RunDir) -> lease.Lease:
+    try:
+        return lease.acquire(run_dir.root)
+    except OSError as e:
+        raise UserError(f"--out {run_dir.uri} is not writable ({storage.reason(e)})") from e
+
+
 def run(cfg: RunConfig, run_dir: RunDir | None = None) -> dict[str, Any]:
+    """The whole job under the run's lease: a second driver on the same --out is refused before it writes
+    anything (run.json, --overwrite's deletions and shards all happen while this driver holds it)."""
     from gdd_ray.ray_utils import shutdown_if_started_here
 
-    ctx = check(cfg, run_dir)
+    ctx, inputs = checked_context(cfg, run_dir)
     try:
-        return execute(ctx)
+        with take_lease(ctx.run_dir):
+            ctx.run_dir.prepare(cfg, [vars(c) for c in ctx.classes], ctx.fingerprints, inputs, PIPELINE_SWITCHES)
+            return execute(ctx)
     finally:
         shutdown_if_started_here()

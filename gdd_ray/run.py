@@ -19,13 +19,14 @@ deleted first.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from gdd_ray import storage
+from gdd_ray import logs, storage
 from gdd_ray.classes import ClassInfo
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
@@ -34,6 +35,26 @@ from gdd_ray.plan import Plan
 RUN_FILE = "run.json"
 SUMMARY_FILE = "_summary.json"
 STAGE_DIRS = {"generate": "generated", "select": "selected", "augment": "augmented", "train": "eval"}
+MAX_RUN_FILE_BYTES = 64 * 2**20
+# What each stage writes, by folder (relative to OUT) and name pattern: --overwrite deletes these and
+# nothing else (a user's notes in OUT/generated/ stay). A stage that writes a new kind of file adds it here.
+SHARD_GLOB = "c[0-9]*-i[0-9]*-[0-9]*.parquet"
+BOOKKEEPING = ["_summary.json", "_manifest.json", "_corrupt.json", ".*.tmp-*", ".tmp-*"]
+OWN_FILES: dict[str, dict[str, list[str]]] = {
+    "generate": {"generated": [SHARD_GLOB, *BOOKKEEPING]},
+    "select": {
+        "selected": [SHARD_GLOB, "clip_stats.json", *BOOKKEEPING],
+        "selected/scores": [SHARD_GLOB, *BOOKKEEPING],
+    },
+    "augment": {"augmented": [SHARD_GLOB, *BOOKKEEPING], "": ["samples.png", ".samples.png.tmp-*"]},
+    "train": {
+        "eval": ["results.json", "metrics.jsonl", "curve.png", *BOOKKEEPING],
+        "eval/runs": ["run[0-9]*.json", ".*.tmp-*"],
+        "eval/metrics": ["run[0-9]*.jsonl", ".*.tmp-*"],
+        "eval/checkpoints": ["run[0-9]*.pt", ".*.tmp-*"],
+    },
+}
+OWN_TREES = {"train": ["eval/_ray_train"]}  # folders that only Ray Train writes into, under a name of ours
 
 
 def now_iso() -> str:
@@ -125,10 +146,19 @@ class RunDir:
         try:
             if not self.root.exists(RUN_FILE):
                 return None
-            record = json.loads(self.root.read_bytes(RUN_FILE))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{storage.join(self.uri, RUN_FILE)} is unreadable ({e}); fix it or use --overwrite") from e
-        if not isinstance(record, dict):
+        except OSError as e:  # the store itself: endpoint, bucket, credentials
+            raise storage.Unreachable(f"cannot read {self.uri} ({storage.reason(e)})") from e
+        try:
+            data = self.root.read_bytes(RUN_FILE)
+            if len(data) > MAX_RUN_FILE_BYTES:
+                raise ValueError(f"{len(data)} bytes, more than any run record")
+            record = json.loads(data)
+        except (OSError, ValueError, RecursionError) as e:
+            raise UserError(
+                f"{storage.join(self.uri, RUN_FILE)} is unreadable ({storage.reason(e)}); fix it or use --overwrite"
+            ) from e
+        shapes = {"fingerprints": dict, "inputs": dict, "stages": dict, "config": dict, "classes": list}
+        if not isinstance(record, dict) or any(not isinstance(record.get(k, t()), t) for k, t in shapes.items()):
             raise UserError(f"{storage.join(self.uri, RUN_FILE)} is not a run record; fix it or use --overwrite")
         return record
 
@@ -157,28 +187,23 @@ class RunDir:
         loc = self.stage_dir(stage)
         return bool(loc.exists() and loc.list(include_hidden=True))
 
-    def prepare(
-        self,
-        cfg: RunConfig,
-        classes: list[dict[str, Any]],
-        fingerprints: dict[str, str],
-        inputs: dict[str, dict[str, Any]],
-    ) -> None:
-        """Check the folder against this config, then (only then) write run.json.
-
-        `fingerprints` maps each stage to run (and its inputs) to the fingerprint of its output, `inputs`
-        to the values that decide it (kept in run.json, so a refusal can name what changed). Nothing is
-        written or deleted before every check passed.
-        """
+    def stale_stages(
+        self, cfg: RunConfig, fingerprints: dict[str, str], inputs: dict[str, dict[str, Any]]
+    ) -> tuple[dict[str, Any] | None, list[str]]:
+        """(the run record, the stages whose output was made by another config); reads only. Without
+        --overwrite a stale stage is refused here, naming the change."""
         try:
             record = self.read_record()
+        except storage.Unreachable:
+            raise
         except UserError:
             if not cfg.overwrite:
                 raise
             record = None
         stale: list[str] = []
         if record is not None:
-            old = record.get("fingerprints", {})
+            old = record.get("fingerprints")
+            old = old if isinstance(old, dict) else {}
             for stage in STAGES:
                 if stage in self.shared:  # keyed by its fingerprint by whoever shares it: never a mix
                     continue
@@ -192,31 +217,73 @@ class RunDir:
                 f"({_describe_change(record, inputs, first)}); use the same config to resume it, "
                 "another --out for a new run, or --overwrite to delete it and start again"
             )
+        return record, stale
+
+    def delete_stage_output(self, stage: str) -> int:
+        """--overwrite: delete the files `stage` writes (OWN_FILES, OWN_TREES) and nothing else; returns how many."""
+        n = 0
+        for folder, patterns in OWN_FILES[stage].items():
+            loc = self.root.child(folder) if folder else self.root
+            names = loc.list(include_hidden=True)
+            for name in names:
+                if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                    loc.delete(name)
+                    n += 1
+        for tree in OWN_TREES.get(stage, []):
+            self.root.child(tree).delete_tree()
+        for folder in sorted(OWN_FILES[stage], key=len, reverse=True):  # deepest first
+            if folder:
+                self.root.child(folder).remove_if_empty()
+        return n
+
+    def prepare(
+        self,
+        cfg: RunConfig,
+        classes: list[dict[str, Any]],
+        fingerprints: dict[str, str],
+        inputs: dict[str, dict[str, Any]],
+        environment: dict[str, Any] | None = None,
+    ) -> None:
+        """Check the folder against this config, then (only then) write run.json.
+
+        `fingerprints` maps each stage to run (and its inputs) to the fingerprint of its output, `inputs`
+        to the values that decide it (kept in run.json, so a refusal can name what changed), `environment`
+        to what else could change pixels and is recorded only (pipeline switches). Nothing is written or
+        deleted before every check passed; --overwrite deletes only the files a stale stage of this run
+        wrote (never a stage this run never made, never a user's file).
+        """
+        record, stale = self.stale_stages(cfg, fingerprints, inputs)
         try:
             storage.check_writable(self.root)
         except OSError as e:
-            raise UserError(f"--out {self.uri} is not writable ({getattr(e, 'strerror', None) or e})") from e
+            raise UserError(f"--out {self.uri} is not writable ({storage.reason(e)})") from e
 
-        merged_fps = dict((record or {}).get("fingerprints", {}))
-        merged_inputs = dict((record or {}).get("inputs", {}))
-        if stale:  # --overwrite: the first stale stage and everything downstream of it go
+        old_fps = (record or {}).get("fingerprints")
+        merged_fps = dict(old_fps) if isinstance(old_fps, dict) else {}
+        old_inputs = (record or {}).get("inputs")
+        merged_inputs = dict(old_inputs) if isinstance(old_inputs, dict) else {}
+        if stale:  # --overwrite: the first stale stage and everything downstream of it that this run made
             first = min(STAGES.index(s) for s in stale)
             for stage in STAGES[first:]:
-                if stage not in self.shared:
-                    self.stage_dir(stage).delete_tree()
+                if stage in merged_fps and stage not in self.shared:  # a shared folder is not this run's
+                    n = self.delete_stage_output(stage)
+                    if n:
+                        logs.say("run", f"--overwrite: deleted {n} {stage} files of the previous config")
                 merged_fps.pop(stage, None)
                 merged_inputs.pop(stage, None)
         merged_fps.update(fingerprints)
         merged_inputs.update(inputs)
+        old_stages = (record or {}).get("stages")
         new_record = {
             "config": cfg.to_dict(),
             "classes": classes,
             "fingerprints": merged_fps,
             "inputs": merged_inputs,
+            "environment": environment or {},
             "versions": package_versions(),
             "created": (record or {}).get("created", now_iso()),
             "updated": now_iso(),
-            "stages": {} if stale else dict((record or {}).get("stages", {})),
+            "stages": {} if stale or not isinstance(old_stages, dict) else dict(old_stages),
         }
         if self.shared:
             new_record["stage_dirs"] = self.shared

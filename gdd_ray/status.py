@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from gdd_ray import shards, storage
+from gdd_ray import lease, shards, storage
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
 from gdd_ray.plan import plan_run
@@ -162,6 +162,17 @@ def train_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig) -> dic
     return out
 
 
+def _driver(run_dir: RunDir) -> str | None:
+    """Who holds the run's lease (one live driver per run), or None when nobody does."""
+    held = lease.current(run_dir.root)
+    if held is None:
+        return None
+    if held["state"] == "live":
+        return f"running: {lease.describe(held)}, heartbeat {held['heartbeat_age_s']:.0f} s ago"
+    why = "its process is gone" if held["state"] == "gone" else f"no heartbeat for {held['heartbeat_age_s']:.0f} s"
+    return f"stopped: {lease.describe(held)} ({why}); a rerun takes over"
+
+
 STATUS_OF = {"generate": generate_status, "select": select_status, "augment": augment_status, "train": train_status}
 
 
@@ -188,6 +199,7 @@ def run_status(out: str) -> dict[str, Any]:
         "created": record.get("created"),
         "updated": record.get("updated"),
         "stages": [STATUS_OF[s](run_dir, record, cfg) for s in stages],
+        "driver": _driver(run_dir),
     }
     result["complete"] = bool(result["stages"]) and all(s["state"] == "complete" for s in result["stages"])
     return result
@@ -198,6 +210,8 @@ def format_status(st: dict[str, Any]) -> str:
         f"{st['run']}: {st['dataset']}, {st['classes']} classes, IPC {st['ipc']} "
         f"(created {st['created']}, updated {st['updated']})"
     ]
+    if st.get("driver"):
+        lines.append(f"  driver: {st['driver']}")
     for s in st["stages"]:
         done = f"{s['done']}/{s['total']} {s['unit']}"
         if s["images_total"] is not None:

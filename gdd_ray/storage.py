@@ -3,18 +3,35 @@
 Commits are atomic everywhere. On a local or mounted disk a file is written under a hidden temporary
 name in the same folder and renamed; on an object store there is no rename, but a single PUT (or a
 multipart upload, completed only on close) makes the object appear whole or not at all.
+
+Reaching a store is bounded in time and fails in one line (`Unreachable`, a UserError): an unknown scheme
+at once, an unreachable endpoint or unknown host after the client's few retries (~6 s), gs:// without
+credentials after a look for them (~1 s) instead of the Google client's long wait for a metadata server.
+gs:// goes to the emulator named by STORAGE_EMULATOR_HOST when that is set (what Google's own clients read).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from gdd_ray.errors import UserError
+
+# Schemes an --out, --classes or export path may use; anything else is refused before it is tried.
+SCHEMES = ("s3", "gs", "gcs", "file")
+GCS_RETRY_S = 30  # per request: a dead endpoint fails after this instead of the client's 15 minutes
 
 # A temporary is `.<final name>.tmp-<uuid>`: hidden, and it ends in no shard suffix, so no glob for
 # `*.parquet` (ours, fsspec's, a user's) can mistake a half-written file for a shard.
@@ -34,14 +51,86 @@ def is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+class Unreachable(UserError):
+    """A store that cannot be used at all: unknown scheme, no credentials, endpoint or bucket unreachable."""
+
+
+class TooLarge(OSError):
+    """A file over the size a reader accepts (class files, YAML configs)."""
+
+
+def reason(e: BaseException) -> str:
+    """One line saying why a storage call failed (pyarrow's and the Google client's messages run long)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    line = lines[0] if lines else type(e).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def scheme_of(path: str) -> str:
+    return path.split("://", 1)[0].lower() if "://" in path else "file"
+
+
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI."""
+    """(filesystem, path inside it) for a local path or a URI; `Unreachable` in one line when it cannot be used."""
     if is_uri(path):
-        fs, inner = pafs.FileSystem.from_uri(path)
+        scheme = scheme_of(path)
+        if scheme not in SCHEMES:
+            raise Unreachable(f"{path}: unknown storage scheme '{scheme}://'; use a local path, s3:// or gs://")
+        if scheme in ("gs", "gcs"):
+            return _gcs_filesystem(_gcs_emulator()), path.split("://", 1)[1].rstrip("/")
+        try:
+            fs, inner = pafs.FileSystem.from_uri(path)
+        except (OSError, pa.ArrowException) as e:  # the bucket's region lookup: DNS, endpoint, credentials
+            raise Unreachable(f"{path}: cannot reach the object store ({reason(e)})") from e
         return fs, inner.rstrip("/")
     if path.startswith("file://"):
         path = path[len("file://") :]
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def _gcs_emulator() -> str | None:
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    if not host:
+        return None
+    return host if "://" in host else f"http://{host}"
+
+
+@functools.lru_cache(maxsize=4)
+def _gcs_filesystem(emulator: str | None) -> pafs.GcsFileSystem:
+    """One client per endpoint (credentials are looked for once; a failed look is not cached)."""
+    retry = timedelta(seconds=GCS_RETRY_S)
+    if emulator:
+        url = urllib.parse.urlparse(emulator)
+        return pafs.GcsFileSystem(
+            anonymous=True, scheme=url.scheme, endpoint_override=url.netloc, retry_time_limit=retry
+        )
+    why = _gcs_credentials_missing()
+    if why:
+        raise Unreachable(
+            f"gs://: no Google Cloud credentials ({why}); set GOOGLE_APPLICATION_CREDENTIALS to a service-account "
+            "key file, run `gcloud auth application-default login`, or run on a GCP VM / GKE pod with a service account"
+        )
+    return pafs.GcsFileSystem(retry_time_limit=retry)
+
+
+def _gcs_credentials_missing() -> str | None:
+    """Why no Google credentials can be found (None = some exist), looked for in a bounded time: the key file
+    variable, gcloud's application-default file, then a metadata server (GCE, GKE) within a second."""
+    key = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if key:
+        return None if os.path.isfile(key) else f"GOOGLE_APPLICATION_CREDENTIALS={key} is not a file"
+    gcloud = os.environ.get("CLOUDSDK_CONFIG") or os.path.join(os.path.expanduser("~"), ".config", "gcloud")
+    if os.path.isfile(os.path.join(gcloud, "application_default_credentials.json")):
+        return None
+    host = os.environ.get("GCE_METADATA_HOST", "169.254.169.254")
+    try:
+        req = urllib.request.Request(f"http://{host}/computeMetadata/v1/", headers={"Metadata-Flavor": "Google"})
+        with urllib.request.urlopen(req, timeout=1.0) as r:
+            if r.headers.get("Metadata-Flavor") == "Google":
+                return None
+    except (OSError, ValueError):
+        pass
+    return "no key file, no gcloud login, no metadata server"
 
 
 def is_local(fs: pafs.FileSystem) -> bool:
@@ -138,8 +227,58 @@ class Location:
             pass
 
     def delete_tree(self) -> None:
-        if self.exists():
+        """Everything under this folder (object stores have no folders: their objects, one by one)."""
+        if not self.exists():
+            return
+        if self.local:
             self.fs.delete_dir(self.path)
+            return
+        for e in self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True)):
+            if e.type == pafs.FileType.File:
+                try:
+                    self.fs.delete_file(e.path)
+                except FileNotFoundError:
+                    pass
+        try:
+            self.fs.delete_dir(self.path)  # folder markers a client may have left
+        except OSError:
+            pass
+
+    def remove_if_empty(self) -> None:
+        """A local folder with nothing left in it goes (object stores have no empty folders)."""
+        if self.local:
+            try:
+                os.rmdir(self.path)
+            except OSError:
+                pass
+
+    def mtime(self, name: str) -> float | None:
+        info = self.fs.get_file_info(self.file(name))
+        return info.mtime.timestamp() if info.mtime is not None else None
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Commit a whole file only if no file of that name exists; False if one does. Exactly one of
+        several concurrent callers wins: a hard link of a written temporary on disks (atomic on local
+        filesystems and on NFS), a conditional PUT on object stores (S3 `If-None-Match: *`, GCS
+        `ifGenerationMatch=0`)."""
+        if self.local:
+            self.makedirs()
+            tmp = self.file(temporary_name(name))
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, self.file(name))
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(tmp)
+        bucket, _, key = self.file(name).partition("/")
+        if isinstance(self.fs, pafs.S3FileSystem):
+            return _s3_create_exclusive(self.fs, bucket, key, data)
+        return _gcs_create_exclusive(bucket, key, data)
 
     def remove_stale_temporaries(self) -> int:
         """Temporary files left by a crashed writer (local disks only; object stores have none)."""
@@ -149,10 +288,58 @@ class Location:
         return len(names)
 
 
-def read_bytes(path: str) -> bytes:
+def read_bytes(path: str, limit: int | None = None) -> bytes:
+    """A whole file by path or URI; `TooLarge` when it holds more than `limit` bytes (read no further)."""
     fs, inner = resolve(path)
     with fs.open_input_stream(inner) as fh:
-        return fh.read()
+        data = fh.read() if limit is None else fh.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise TooLarge(f"{path} is larger than {limit} bytes")
+    return data
+
+
+def _s3_create_exclusive(fs: pafs.S3FileSystem, bucket: str, key: str, data: bytes) -> bool:
+    """PutObject with If-None-Match: * (S3 since 2024, MinIO, moto); pyarrow cannot send the header."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    cfg = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3})
+    client = boto3.client("s3", region_name=getattr(fs, "region", None) or None, config=cfg)
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        return True
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        raise OSError(f"s3://{bucket}/{key}: {reason(e)}") from e
+
+
+def _gcs_create_exclusive(bucket: str, key: str, data: bytes) -> bool:
+    """A JSON-API media upload with ifGenerationMatch=0: created only if no live object has that name."""
+    emulator = _gcs_emulator()
+    base = emulator or "https://storage.googleapis.com"
+    query = urllib.parse.urlencode({"uploadType": "media", "name": key, "ifGenerationMatch": "0"})
+    url = f"{base}/upload/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o?{query}"
+    headers = {"Content-Type": "application/octet-stream"}
+    if not emulator:
+        import google.auth
+        import google.auth.transport.requests
+
+        creds, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/devstorage.read_write"])
+        creds.refresh(google.auth.transport.requests.Request())
+        headers["Authorization"] = f"Bearer {creds.token}"
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            json.loads(r.read() or b"{}")
+        return True
+    except urllib.error.HTTPError as e:
+        if e.code == 412:
+            return False
+        raise OSError(f"gs://{bucket}/{key}: HTTP {e.code} {e.reason}") from e
+    except (TimeoutError, urllib.error.URLError) as e:
+        raise OSError(f"gs://{bucket}/{key}: {reason(e)}") from e
 
 
 def parquet_bytes(table: pa.Table, metadata: dict[str, str] | None = None) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -11,6 +12,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# Every Ray the tests start runs with token authentication, as a user's cluster does (Ray's default for local
+# clusters), with a token of this session (never the user's ~/.ray/auth_token). Set at import, before any test
+# module imports ray: Ray reads RAY_AUTH_MODE once, when it is imported.
+if "RAY_AUTH_TOKEN" not in os.environ and "RAY_AUTH_TOKEN_PATH" not in os.environ:
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def gdd_cache(tmp_path_factory) -> Path:
@@ -18,7 +26,6 @@ def gdd_cache(tmp_path_factory) -> Path:
     path = Path(os.environ.get("GDD_RAY_TEST_CACHE") or tmp_path_factory.mktemp("gdd_cache"))
     os.environ["GDD_RAY_CACHE"] = str(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach for the network
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     return path
 
 

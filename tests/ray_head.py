@@ -33,7 +33,7 @@ def test_env() -> dict[str, str]:
     """The venv's bin first on PATH: the job's `python` must be the one with gdd_ray and ray installed."""
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["RAY_AUTH_MODE"] = "disabled"
+    env["RAY_AUTH_MODE"] = "token"  # as on a user's cluster; conftest points RAY_AUTH_TOKEN_PATH at the token
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -57,7 +57,16 @@ class RayHead:
         ]  # fmt: skip
         self.log = open(Path(self.temp_dir) / "head.log", "w")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # never leave a half-started head behind
+            raise
+
+    def auth_headers(self) -> dict[str, str]:
+        """What a client sends under token authentication (the dashboard refuses a request without it)."""
+        token = self.env.get("RAY_AUTH_TOKEN") or Path(self.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+        return {"Authorization": f"Bearer {token}"}
 
     def _wait_ready(self, timeout: float = 120) -> None:
         deadline = time.time() + timeout
@@ -65,7 +74,8 @@ class RayHead:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited: {Path(self.log.name).read_text()[-2000:]}")
             try:
-                with urllib.request.urlopen(self.dashboard_url + "/api/version", timeout=2) as r:
+                req = urllib.request.Request(self.dashboard_url + "/api/version", headers=self.auth_headers())
+                with urllib.request.urlopen(req, timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:

@@ -45,7 +45,7 @@ def existing_run(tmp_path):
         (["--config", "/nonexistent.yaml"], "cannot read it"),
     ],
 )
-def test_bad_input(args, message, existing_run, tmp_path, capsys):
+def test_bad_input(args, message, existing_run, tmp_path, capsys, tiny_model):  # model built before, not mid-case
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     dup = tmp_path / "dup.tsv"

@@ -36,7 +36,7 @@ RAYJOB_SPEC = {
     "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend", "schedule",
 }  # fmt: skip
 RAYCLUSTER_SPEC = {
-    "suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations", "enableInTreeAutoscaling",
+    "authOptions", "suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations", "enableInTreeAutoscaling",
     "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs",
 }  # fmt: skip
 HEAD_GROUP = {"template", "headService", "enableIngress", "rayStartParams", "serviceType"}
@@ -108,6 +108,27 @@ def _is_spot(provider: str, node_config: dict) -> bool:
 
 
 @pytest.mark.parametrize("rel", LAUNCHER)
+def test_cluster_launcher_runs_every_node_with_token_auth(rel):
+    """Every container (head and workers) starts Ray with RAY_AUTH_MODE=token and gets the token file; the
+    submit commands shown send it."""
+    cfg = load(rel)
+    assert "--env RAY_AUTH_MODE=token" in cfg["docker"]["run_options"]
+    assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    for node_type in cfg["available_node_types"].values():
+        assert "docker" not in node_type or "RAY_AUTH_MODE=disabled" not in str(node_type["docker"])
+    text = (REPO / rel).read_text()
+    assert "ray get-auth-token --generate" in text
+    submits = [ln for ln in text.splitlines() if "ray job submit" in ln and "RAY_ADDRESS" in ln]
+    assert submits and all("RAY_AUTH_MODE=token" in ln for ln in submits)
+
+
+@pytest.mark.parametrize("rel", KUBERAY + LAUNCHER)
+def test_no_deploy_file_turns_auth_off(rel):
+    assert "RAY_AUTH_MODE=disabled" not in (REPO / rel).read_text()
+    assert "mode: disabled" not in (REPO / rel).read_text()
+
+
+@pytest.mark.parametrize("rel", LAUNCHER)
 def test_cluster_launcher_has_on_demand_and_spot_gpu_workers(rel):
     cfg = load(rel)
     provider = cfg["provider"]["type"]
@@ -137,6 +158,8 @@ def test_every_distill_command_in_the_deploy_files_parses(rel):
 
 def _check_cluster_spec(spec: dict) -> None:
     assert set(spec) <= RAYCLUSTER_SPEC, set(spec) - RAYCLUSTER_SPEC
+    # No dashboard without authentication: anyone reaching port 8265 could run code on every node.
+    assert spec.get("authOptions", {}).get("mode") == "token", "the cluster must run with token authentication"
     assert spec["rayVersion"] == ray.__version__
     assert set(spec.get("autoscalerOptions", {})) <= AUTOSCALER_OPTIONS
     head = spec["headGroupSpec"]

@@ -11,6 +11,7 @@ from gen_helpers import generator_actor_pids, read_images, tiny_config
 
 from gdd_ray import storage
 from gdd_ray.classes import dataset_classes
+from gdd_ray.errors import UserError
 from gdd_ray.generate.driver import UnitFailed, actor_options, run_on_ray
 from gdd_ray.generate.stage import make_job
 from gdd_ray.plan import plan_units
@@ -76,3 +77,5 @@ def test_unit_that_keeps_failing_stops_the_run_naming_it(tmp_path, fake_gpu_clus
         run_on_ray(plan_units(10, 2, 2), job, workers=2, max_retries=2, cluster_gpus=2)
     msg = str(e.value)
     assert "work unit class" in msg and "failed 2 times" in msg and "blocker" in msg
+    assert not isinstance(e.value, UserError)  # not the user's input: exit 1 with the traceback, not one line
+    assert "blocker" in e.value.details and "Error" in e.value.details  # the worker's own traceback

@@ -43,11 +43,11 @@ def job_args(out: Path, **extra) -> list[str]:
     return [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
 
 
-def submit(head: RayHead, args: list[str]) -> subprocess.CompletedProcess:
+def submit(head: RayHead, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     ray_bin = str(Path(sys.executable).parent / "ray")
     cmd = [ray_bin, "job", "submit", "--address", head.dashboard_url, "--working-dir", str(REPO), "--",
            "python", "jobs/distill.py", *args]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, env=head.env, cwd=REPO, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env or head.env, cwd=REPO, timeout=600)
 
 
 def test_ray_job_submit_generates_every_image_once(head, tmp_path):
@@ -115,3 +115,14 @@ def test_killed_driver_then_rerun_redoes_only_missing_units(head, tmp_path):
     assert r.returncode == 0 and "nothing to do" in r.stdout, r.stderr[-2000:]
     log = r.stdout + r.stderr
     assert "Started a local Ray instance" not in log and "Connected to Ray cluster" not in log, log[-2000:]
+
+
+def test_a_submit_without_the_token_is_refused(head, tmp_path):
+    """The head runs with token authentication: a client without the token cannot submit (or run) anything."""
+    env = {k: v for k, v in head.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+    for mode in ("token", "disabled"):
+        r = submit(head, job_args(tmp_path / "run"), env={**env, "RAY_AUTH_MODE": mode})
+        assert r.returncode != 0, r.stdout[-2000:]
+        assert "auth" in (r.stdout + r.stderr).lower(), (r.stdout + r.stderr)[-2000:]
+    assert not (tmp_path / "run").exists()

@@ -242,3 +242,20 @@ def test_shared_local_out_is_only_for_local_paths():
     with pytest.raises(UserError, match="--shared-local-out is for a local --out on a shared mount"):
         tiny_config(f"s3://{BUCKET}/run", shared_local_out=True)
     assert tiny_config("/mnt/nfs/run", shared_local_out=True).shared_local_out
+
+
+def test_one_driver_per_run_on_s3(s3_server):
+    """The lease's conditional create (If-None-Match: *) on an S3 server: one winner, a refusal naming it,
+    and the next driver after a release."""
+    from gdd_ray import lease
+
+    client, _ = s3_server
+    root = storage.Location(f"s3://{BUCKET}/leased")
+    with lease.acquire(root, expiry=60) as held:
+        with pytest.raises(UserError, match="in use by another driver"):
+            lease.acquire(root, expiry=60)
+        assert not root.create_exclusive(held.name, b"{}")  # the store itself refuses a second create
+        assert list(keys(client, "leased/")) == [f"leased/{held.name}"]
+    assert [k for k in keys(client, "leased/") if "_lease-" in k] == []  # (pyarrow may leave a folder marker)
+    with lease.acquire(root, expiry=60) as again:
+        assert again.generation == 1

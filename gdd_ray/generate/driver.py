@@ -32,8 +32,31 @@ log = logging.getLogger("gdd_ray")
 PIPELINE_DEPTH = 3
 
 
-class UnitFailed(UserError):
-    """A unit failed every attempt; shards already committed stay."""
+class UnitFailed(RuntimeError):
+    """A unit failed every attempt (a bug, a broken node...); shards already committed stay. `details` holds
+    the traceback of the last attempt, printed to the job log before the run ends."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
+class UnitFailedByUserError(UnitFailed, UserError):
+    """A unit failed every attempt because of something the user can fix (its cause was a UserError)."""
+
+
+def unit_failed(message: str, error: BaseException | None) -> UnitFailed:
+    """The error that ends a run after a unit's last attempt: a user error stays one (one line, exit 2),
+    anything else carries the last attempt's traceback, which is printed now, into the job log."""
+    import traceback
+
+    cause = getattr(error, "cause", None) or error  # a RayTaskError carries the worker's own exception
+    if isinstance(cause, UserError):
+        return UnitFailedByUserError(message)
+    details = str(error) if hasattr(error, "cause") else "".join(traceback.format_exception(error)) if error else ""
+    if details:
+        say("generate", f"last attempt's traceback:\n{details.rstrip()}")
+    return UnitFailed(message, details)
 
 
 def last_line(err: BaseException | str) -> str:
@@ -62,7 +85,7 @@ def run_serial(
                 break
             except Exception as e:
                 if attempt == max_retries:
-                    raise UnitFailed(f"work unit {unit} failed {attempt} times: {last_line(e)}") from e
+                    raise unit_failed(f"work unit {unit} failed {attempt} times: {last_line(e)}", e) from e
         if progress:
             progress.add(1, results[-1].images)
     return results
@@ -171,7 +194,7 @@ def run_on_ray(
         replacements += 1
         stats["replacements"] = replacements
         if replacements > max_replacements:
-            raise UnitFailed(f"generator workers keep dying ({replacements} replaced); last cause: {cause}")
+            raise unit_failed(f"generator workers keep dying ({replacements} replaced); last cause: {cause}", None)
         say("generate", f"worker {slot.index} died ({cause}); starting a replacement")
         try:
             ray.kill(slot.actor, no_restart=True)
@@ -179,12 +202,12 @@ def run_on_ray(
             pass
         start(slot)
 
-    def fail_unit(unit: WorkUnit, cause: str) -> None:
+    def fail_unit(unit: WorkUnit, cause: str, error: BaseException | None = None) -> None:
         attempts[unit] += 1
         stats["failed_attempts"] += 1
         stats["errors"] = (stats["errors"] + [f"{unit}: {cause}"])[-10:]
         if attempts[unit] >= max_retries:
-            raise UnitFailed(f"work unit {unit} failed {attempts[unit]} times: {cause}")
+            raise unit_failed(f"work unit {unit} failed {attempts[unit]} times: {cause}", error)
         queue.appendleft(unit)  # retry soon, so a bad unit surfaces early rather than at the end
 
     try:
@@ -219,11 +242,11 @@ def run_on_ray(
             try:
                 result = ray.get(ref)
             except RayTaskError as e:  # the unit's own code raised: the worker is fine
-                fail_unit(unit, last_line(e))
+                fail_unit(unit, last_line(e), e)
                 continue
             except RayError as e:  # the worker, its process or its node is gone (ActorDiedError, NodeDiedError, ...)
                 cause = f"{type(e).__name__}: {last_line(e)}"
-                fail_unit(unit, f"worker died: {cause}")
+                fail_unit(unit, f"worker died: {cause}", e)
                 if slot.epoch == epoch:
                     replace(slot, cause)
                 continue

@@ -46,6 +46,7 @@ class GenerationJob:
     engine: str = "diffusers"  # resolved: fast | diffusers (runtime.resolve)
     vae_dtype: str = "fp32"  # resolved: fp32 | bf16 | fp16
     compile_mode: str | None = None  # torch.compile mode when --compile; None = the device's default
+    model_revision: str | None = None  # the commit the driver pinned a hub model to (None: local/built-in)
 
 
 @dataclass
@@ -123,7 +124,9 @@ class UnitGenerator:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         vae_dtype = getattr(torch, TORCH_DTYPES[job.vae_dtype])
         if self.pipeline is None:
-            self.pipeline = models.load_pipeline(job.model, g.vae, self.device, vae_dtype=vae_dtype)
+            self.pipeline = models.load_pipeline(
+                job.model, g.vae, self.device, vae_dtype=vae_dtype, revision=job.model_revision
+            )
         pipe = self.pipeline
         if g.decoder == "taesdxl":
             module = models.load_tiny_decoder(job.model, g.vae, self.device, vae_dtype)

@@ -6,8 +6,10 @@ CPU, so the tests exercise the very code that loads SDXL-Turbo on a GPU node.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import uuid
 from importlib import resources
@@ -287,6 +289,47 @@ def _hub_file(repo: str, filename: str, flag: str) -> str:
     )
 
 
+def is_hub_id(model: str) -> bool:
+    """A hub id (`org/name`), not the built-in models nor a local folder."""
+    return model not in (TINY, SDXL_RANDOM) and not (
+        model.startswith((".", "/", "~")) or Path(os.path.expanduser(model)).exists()
+    )
+
+
+@functools.lru_cache(maxsize=8)  # once per driver: the check and the job see the same commit
+def resolve_revision(model: str, revision: str | None) -> str | None:
+    """The commit a hub model is loaded at (None for a local folder or a built-in model): asked of the hub
+    once, on the driver, or read from the local cache's refs when the hub is offline."""
+    if not is_hub_id(model):
+        if revision:
+            raise UserError(f"--model-revision applies to a hub id; --model {model} is a local or built-in model")
+        return None
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    wanted = revision or "main"
+    if _hub_unreachable_reason() is None:
+        try:
+            from huggingface_hub import HfApi
+
+            return HfApi().model_info(model, revision=wanted, timeout=10).sha
+        except Exception as e:
+            why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise UserError(f"--model {model} --model-revision {wanted}: the hub cannot resolve it ({why})") from e
+    # The cache's place as huggingface_hub computes it, without importing it here (an import this early
+    # would fix its progress-bar settings before the CLI quiets them).
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    cache = os.path.expanduser(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub"))
+    ref = Path(cache) / f"models--{model.replace('/', '--')}" / "refs" / wanted
+    if ref.is_file() and re.fullmatch(r"[0-9a-f]{40}", ref.read_text().strip()):
+        return ref.read_text().strip()
+    if revision is None:
+        return None  # nothing to pin offline: the model cannot load either, which resolve_model says in one line
+    raise UserError(
+        f"--model {model}: cannot pin revision '{wanted}' offline (not in the Hugging Face cache {cache}); "
+        "pass a 40-character commit as --model-revision, or download the model first"
+    )
+
+
 def _hub_unreachable_reason() -> str | None:
     """A quick look before asking the hub, whose client retries a dead network for half a minute."""
     import socket
@@ -325,9 +368,12 @@ def decoder_config(model: str, decoder: str, vae: str | None) -> dict:
     return read_model_json(model, "vae/config.json")
 
 
-def load_pipeline(model: str, vae: str | None = None, device: str | None = None, vae_dtype=None):
+def load_pipeline(
+    model: str, vae: str | None = None, device: str | None = None, vae_dtype=None, revision: str | None = None
+):
     """The pipeline for one worker: fp16 on CUDA, fp32 on CPU, the VAE in `vae_dtype` (a torch dtype; None =
-    as loaded) once and for all; progress bars off (they flood actor logs)."""
+    as loaded) once and for all; progress bars off (they flood actor logs); at `revision` (the commit the
+    driver pinned) for a hub model; the watermarker off whatever is installed."""
     import diffusers
     import torch
     import transformers
@@ -343,16 +389,17 @@ def load_pipeline(model: str, vae: str | None = None, device: str | None = None,
     else:
         source = str(ensure_tiny_model()) if model == TINY else model
         try:
-            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, variant="fp16")
+            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, variant="fp16", revision=revision)
         except (OSError, ValueError) as e:
             if "variant" not in str(e):
                 raise
             # A folder saved without fp16 variant files: the same weights under plain names.
-            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
+            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, revision=revision)
     if vae is not None:
         pipe.vae = AutoencoderKL.from_pretrained(vae, dtype=dtype)
     if vae_dtype is not None:
         cast_quietly(pipe.vae, vae_dtype)  # once here, never per call (the pipeline's own upcast casts on every call)
+    disable_watermark(pipe)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if device.startswith("cuda"):
@@ -380,3 +427,10 @@ def load_tiny_decoder(model: str, vae: str | None, device: str, dtype):
     if str(device).startswith("cuda"):
         decoder.to(memory_format=torch.channels_last)
     return decoder
+
+
+def disable_watermark(pipe) -> None:
+    """SDXL pipelines add an invisible watermark when the `invisible-watermark` package happens to be
+    installed: a full-resolution CPU round trip that changes pixels. Pixels depend on the config only: off."""
+    if getattr(pipe, "watermark", None) is not None:
+        pipe.watermark = None

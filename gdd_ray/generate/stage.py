@@ -12,7 +12,7 @@ from gdd_ray.config import RunConfig
 from gdd_ray.generate import runtime
 from gdd_ray.generate.driver import run_on_ray, run_serial
 from gdd_ray.generate.generator import GenerationJob, UnitGenerator, UnitResult
-from gdd_ray.generate.model import resolve_model
+from gdd_ray.generate.model import resolve_model, resolve_revision
 from gdd_ray.logs import Progress, say
 from gdd_ray.run import RunContext, RunDir, now_iso, stage_summary
 
@@ -38,8 +38,11 @@ def source(cfg: RunConfig, run_dir: RunDir) -> None:
 
 
 def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
-    """The engine and the VAE precision as the workers will run them ('auto' made concrete, see runtime)."""
-    return runtime.resolve(cfg).inputs()
+    """The engine and the VAE precision as the workers will run them ('auto' made concrete, see runtime), and
+    the commit a hub model is loaded at: in the fingerprint, so a changed snapshot is never mixed in."""
+    revision = resolve_revision(cfg.generate.model, cfg.generate.model_revision)
+    pinned = {"model_revision": revision} if revision else {}  # local models: fingerprints as before
+    return {**runtime.resolve(cfg).inputs(), **pinned}
 
 
 def preflight(ctx: RunContext) -> None:
@@ -59,6 +62,7 @@ def make_job(cfg: RunConfig, classes: list[ClassInfo], fingerprint: str, out_uri
         out_uri=out_uri,
         engine=chosen.engine,
         vae_dtype=chosen.vae_dtype,
+        model_revision=resolve_revision(cfg.generate.model, cfg.generate.model_revision),
     )
 
 

@@ -273,7 +273,7 @@ class TrainConfig:
         return () if self.dsa_strategy.lower() == "none" else tuple(self.dsa_strategy.split("_"))
 
 
-SECTIONS = {"generate": GenerateConfig, "select": SelectConfig, "augment": AugmentConfig, "train": TrainConfig}
+SECTIONS = {"generate": GenerateConfig, "clip": SelectConfig, "augment": AugmentConfig, "train": TrainConfig}
 
 
 @dataclass(frozen=True)
@@ -300,7 +300,7 @@ class RunConfig:
         "--out on a cluster of several nodes is refused, since each node would write to its own disk.",
     )
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-    select: SelectConfig = field(default_factory=SelectConfig)
+    clip: SelectConfig = field(default_factory=SelectConfig)  # the select stage (not `select`: --select is train's)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -386,9 +386,9 @@ def validate(cfg: RunConfig) -> None:
             f"--image-size must be between 1 and --gen-resolution ({g.gen_resolution}), got {cfg.image_size}"
         )
     template_fields(g.prompt_template)
-    if "select" in cfg.stages and cfg.select.select_by == "none":
+    if "select" in cfg.stages and cfg.clip.select_by == "none":
         raise UserError("--stages select needs something to select by: add --select-by clip")
-    if cfg.select.overgenerate != 1.0 and cfg.select.select_by == "none":
+    if cfg.clip.overgenerate != 1.0 and cfg.clip.select_by == "none":
         raise UserError(
             "--overgenerate makes more images than --ipc for the select stage to choose from: add --select-by clip"
         )

@@ -41,7 +41,7 @@ def options() -> list[Option]:
     for section, klass in [(None, RunConfig), *SECTIONS.items()]:
         hints = typing.get_type_hints(klass)
         for f in dataclasses.fields(klass):
-            if f.name in SECTIONS:
+            if section is None and f.name in SECTIONS:  # the sections themselves, not their fields
                 continue
             default = f.default if f.default is not dataclasses.MISSING else None
             out.append(Option(section, f.name, hints[f.name], default, f.metadata["help"]))
@@ -182,7 +182,7 @@ def build_config(values: dict[str, Any], yaml_path: str | None = None) -> RunCon
     for k, v in merged.items():
         opt = known[k]
         (sections[opt.section] if opt.section else top)[k] = coerce(opt, v)
-    if "stages" not in top and sections["select"].get("select_by") == "clip":
+    if "stages" not in top and sections["clip"].get("select_by") == "clip":
         top["stages"] = STAGES  # --select-by clip is what turns the select stage on
     # Local paths become absolute here, once: Ray workers (Train workers above all) run in other folders.
     for section, name in ((top, "out"), (top, "classes"), (sections["train"], "eval_data")):

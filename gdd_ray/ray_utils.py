@@ -7,6 +7,7 @@ import os
 from contextlib import contextmanager
 
 _started_here = False
+_holders = 0  # callers that run several pipelines on one Ray (a sweep): no inner run shuts it down
 
 
 def init_ray() -> None:
@@ -44,10 +45,25 @@ def alive_nodes() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
+@contextmanager
+def held_ray():
+    """Keep the Ray this process starts up across several pipeline runs (each run's own shutdown waits),
+    and shut it down at the end if it was started here."""
+    global _holders
+    _holders += 1
+    try:
+        yield
+    finally:
+        _holders -= 1
+        shutdown_if_started_here()
+
+
 def shutdown_if_started_here() -> None:
     global _started_here
     import ray
 
+    if _holders:
+        return
     if _started_here and ray.is_initialized():
         ray.shutdown()
     _started_here = False

@@ -108,7 +108,7 @@ def augment_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig) -> d
     """Inputs: the source stage's manifest (the select stage's with --select-by clip, else the generate
     stage's) when it is complete, else the plan (the same shards, to be)."""
     fps = record["fingerprints"]
-    src = "select" if cfg.select.select_by == "clip" else "generate"
+    src = "select" if cfg.clip.select_by == "clip" else "generate"
     manifest = shards.read_manifest(run_dir.stage_dir(src), fps.get(src))
     plan = plan_run(cfg, len(record["classes"]))
     rows_in = manifest.rows if manifest else {u.shard_name: u.size for u in (plan.kept or plan.units)}

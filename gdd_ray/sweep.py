@@ -199,7 +199,7 @@ def _read_json(loc: storage.Location, name: str) -> dict[str, Any] | None:
 
 def sweep(path: str, root: str, concurrent: int = 1) -> list[dict[str, Any]]:
     """Run (or resume) the sweep of `path` under `root`; returns the leaderboard rows."""
-    from gdd_ray.ray_utils import init_ray, shutdown_if_started_here
+    from gdd_ray.ray_utils import held_ray, init_ray
 
     base, grid = load_sweep(path)
     planned = plan_sweep(base, grid, root)
@@ -208,7 +208,7 @@ def sweep(path: str, root: str, concurrent: int = 1) -> list[dict[str, Any]]:
         build_config(p["run"])
     groups = {p["group"]: p["data"] for p in planned}
     say("sweep", f"{len(planned)} points, {len(groups)} generation(s) -> {root}")
-    try:
+    with held_ray():  # one Ray for the generations and Tune's evaluations, shut down once (if ours)
         init_ray()
         for data in groups.values():
             pipeline.run(build_config(data))
@@ -216,8 +216,6 @@ def sweep(path: str, root: str, concurrent: int = 1) -> list[dict[str, Any]]:
         rows = leaderboard_rows(planned)
         write_leaderboard(root, rows)
         write_sweep_page(root, rows, f"gdd-ray sweep: {len(rows)} points over {', '.join(grid)}")
-    finally:
-        shutdown_if_started_here()
     say("sweep", f"done: {storage.join(root, LEADERBOARD + '.md')}")
     return rows
 

@@ -102,6 +102,7 @@ def test_counts_layout_and_skip(tmp_path, local_ray):
     assert again == summary  # nothing redone: the stored summary comes back
 
 
+@pytest.mark.slow  # two full augment runs through Ray Data
 def test_deterministic_across_runs_and_matches_the_serial_worker(tmp_path, local_ray):
     _, ctx_a, dir_a = make_run(tmp_path / "a", ipc=2, unit_size=1, dataset="cifar10", pda_variants=3)
     _, ctx_b, dir_b = make_run(tmp_path / "b", ipc=2, unit_size=2, dataset="cifar10", pda_variants=3)

@@ -76,6 +76,7 @@ def test_help_lists_every_flag():
         assert flag in r.stdout, flag
 
 
+@pytest.mark.slow  # five interpreters, each importing torch and ray
 def test_every_entry_point_reaches_every_command():
     scripts = [
         [sys.executable, "-m", "gdd_ray"],

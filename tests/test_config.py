@@ -1,7 +1,10 @@
+import dataclasses
+
 import pytest
 
 from gdd_ray.classes import ClassInfo
-from gdd_ray.config_loader import build_config, config_from_args
+from gdd_ray.config import SECTIONS
+from gdd_ray.config_loader import build_config, config_from_args, options
 from gdd_ray.errors import UserError
 from gdd_ray.synthetic import generation_fingerprint
 
@@ -96,3 +99,12 @@ def test_colliding_class_list_is_refused_unless_allowed(tmp_path):
     ctx, _ = pipeline.context(build_config({**values, "prompt_template": "a photo of {desc}"}))
     assert ctx.classes[1].prompt(ctx.cfg.generate.prompt_template) == "a photo of a crane, a lifting machine"
     assert not (tmp_path / "out").exists()  # the check writes nothing
+
+
+def test_every_field_is_an_option_and_no_flag_is_a_section_name():
+    # A field named like a section (train's --select vs the select stage's section) once vanished from the
+    # flags and YAML keys: every field of every section is an option, and each option name is unique.
+    names = [o.name for o in options()]
+    fields = [f.name for klass in SECTIONS.values() for f in dataclasses.fields(klass)]
+    assert len(names) == len(set(names))
+    assert set(fields) <= set(names) and not set(names) & set(SECTIONS)

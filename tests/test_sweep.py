@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import ray
 from gen_helpers import tree_digest
 
 from gdd_ray import sweep, synthetic
@@ -72,6 +73,7 @@ def test_tiny_sweep_one_generation_one_pda_leaderboard_and_resume(tmp_path, tiny
     )
     root = tmp_path / "sweep"
     rows = sweep.sweep(str(spec), str(root))
+    assert not ray.is_initialized()  # the sweep started Ray, so it shut it down (nothing left for the next test)
     data = list((root / "data").iterdir())
     assert len(data) == 1  # one generation and one PDA served the four points
     gen = json.loads((data[0] / "generated" / "_summary.json").read_text())

@@ -36,7 +36,7 @@ VERSION = 1  # bump when scoring or the choice changes for the same config
 # What decides which images are kept, with the generated images (the upstream fingerprint: model,
 # prompts, seeds...) and the counts below; the batch shape moves scores by rounding (scorer.py), the
 # actor count does not.
-OUTPUT_FIELDS = ("select.select_by", "select.clip_model", "select.clip_batch_size")
+OUTPUT_FIELDS = ("clip.select_by", "clip.clip_model", "clip.clip_batch_size")
 SCORES_DIR = "scores"
 STATS_FILE = "clip_stats.json"
 CLASSES_PER_TASK = 8  # a class's choice reads its score files only (no pixels) unless it writes
@@ -53,14 +53,14 @@ def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
         "kept_per_class": cfg.ipc,
         "rule": "clip_score desc, index asc",
     }
-    if cfg.select.clip_model == clip.TINY:
+    if cfg.clip.clip_model == clip.TINY:
         out["tiny_clip"] = clip.TINY_VERSION
     return out
 
 
 def preflight(ctx: RunContext) -> None:
     """Checks that need no cluster and write nothing: the CLIP model loads, the generated shards are there."""
-    clip.resolve_clip_model(ctx.cfg.select.clip_model)
+    clip.resolve_clip_model(ctx.cfg.clip.clip_model)
     if "generate" not in ctx.cfg.stages:
         inputs(ctx)
 
@@ -79,7 +79,7 @@ def inputs(ctx: RunContext) -> shards.Manifest:
     if missing:
         raise UserError(
             f"{loc.uri} lacks {len(missing)} of the {len(ctx.plan.units)} shards the select stage chooses from "
-            f"(first: {missing[0]}; --overgenerate {ctx.cfg.select.overgenerate} x --ipc {ctx.cfg.ipc}); "
+            f"(first: {missing[0]}; --overgenerate {ctx.cfg.clip.overgenerate} x --ipc {ctx.cfg.ipc}); "
             "run the generate stage to make them"
         )
     return manifest
@@ -106,7 +106,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     n_cand, n_keep = generated_per_class(cfg), cfg.ipc
     say(
         "select",
-        f"{len(ctx.classes)} classes, keep {n_keep} of {n_cand} each by CLIP score ({cfg.select.clip_model}): "
+        f"{len(ctx.classes)} classes, keep {n_keep} of {n_cand} each by CLIP score ({cfg.clip.clip_model}): "
         f"{len(scored.done)}/{len(score_specs)} shards scored, {len(ctx.classes) - len(to_write)} classes chosen",
     )
     previous = run_dir.read_summary("select")
@@ -125,8 +125,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     if pending:
         t_score = Stopwatch()
         job = ScoreJob(
-            clip.resolve_clip_model(cfg.select.clip_model), _prompts(ctx), run_dir.generated.uri, scores_loc.uri,
-            fp, cfg.select.clip_batch_size,
+            clip.resolve_clip_model(cfg.clip.clip_model), _prompts(ctx), run_dir.generated.uri, scores_loc.uri,
+            fp, cfg.clip.clip_batch_size,
         )  # fmt: skip
         progress = Progress("select", len(pending), sum(s.rows for s in scored.todo), unit_name="shards scored")
         score_stats, workers = _score_on_ray(job, pending, cfg, progress)
@@ -157,7 +157,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "select", fp, started, watch.seconds,
         units=len(score_specs), units_run=len(score_stats), images=len(ctx.classes) * n_keep,
         images_made=sum(s["rows"] for s in score_stats), work_s=score_s,
-        generate_fingerprint=ctx.fingerprint("generate"), clip_model=cfg.select.clip_model,
+        generate_fingerprint=ctx.fingerprint("generate"), clip_model=cfg.clip.clip_model,
         candidates_per_class=n_cand, kept_per_class=n_keep, workers=workers, choose_s=round(choose_s, 3),
         classes_written=len(to_write), overall=stats["overall"], per_class=stats["classes"], stats=STATS_FILE,
     )  # fmt: skip
@@ -186,7 +186,7 @@ def clip_stats(cfg: RunConfig, fp: str, classes: list[dict[str, Any]]) -> dict[s
     return {
         "stage": "select",
         "fingerprint": fp,
-        "clip_model": cfg.select.clip_model,
+        "clip_model": cfg.clip.clip_model,
         "prompt_template": cfg.generate.prompt_template,
         # score: cosine similarity of an image and its class prompt; top1: the class prompt is the most
         # similar of all classes' (zero-shot); diversity: mean pairwise cosine distance of image embeddings
@@ -200,8 +200,8 @@ def default_workers(cfg: RunConfig, pending_calls: int) -> tuple[int, float]:
     from gdd_ray.ray_utils import cluster_gpus
 
     gpus = cluster_gpus()
-    if cfg.select.select_workers is not None:
-        n = cfg.select.select_workers
+    if cfg.clip.select_workers is not None:
+        n = cfg.clip.select_workers
     else:
         import ray
 
@@ -230,7 +230,7 @@ def _score_on_ray(job: ScoreJob, pending: list[str], cfg: RunConfig, progress: P
     from gdd_ray.ray_utils import quiet_data
 
     # A call scores about one CLIP batch of images: shards are small (--unit-size images), batches are not.
-    per_call = max(1, cfg.select.clip_batch_size // cfg.generate.unit_size)
+    per_call = max(1, cfg.clip.clip_batch_size // cfg.generate.unit_size)
     calls = math.ceil(len(pending) / per_call)
     workers, gpus = default_workers(cfg, calls)
     with quiet_data():

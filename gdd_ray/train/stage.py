@@ -57,7 +57,7 @@ def source(cfg: RunConfig, run_dir: RunDir) -> str:
     (with --select-by clip), else the generated shards."""
     if "augment" in cfg.stages or run_dir.augmented.list(shards.SHARD_SUFFIX):
         return "augment"
-    return "select" if cfg.select.select_by == "clip" else "generate"
+    return "select" if cfg.clip.select_by == "clip" else "generate"
 
 
 def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:

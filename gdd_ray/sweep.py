@@ -34,7 +34,7 @@ import os
 import re
 from typing import Any
 
-from gdd_ray import pipeline, storage
+from gdd_ray import storage
 from gdd_ray.config_loader import build_config, load_yaml, options
 from gdd_ray.errors import UserError
 from gdd_ray.logs import say
@@ -122,6 +122,8 @@ def _evaluate(config: dict[str, Any]) -> None:
 
     point = config["point"]
     cfg = build_config(point["run"])
+    from gdd_ray import pipeline  # the stages (torch, Ray Data...) load where a run needs them, not for --help
+
     res = pipeline.run(cfg, RunDir(cfg.out, point["stage_dirs"]))["train"]
     tune.report({"accuracy_mean": res.get("accuracy_mean") or 0.0, "accuracy_std": res.get("accuracy_std") or 0.0})
 
@@ -199,6 +201,7 @@ def _read_json(loc: storage.Location, name: str) -> dict[str, Any] | None:
 
 def sweep(path: str, root: str, concurrent: int = 1) -> list[dict[str, Any]]:
     """Run (or resume) the sweep of `path` under `root`; returns the leaderboard rows."""
+    from gdd_ray import pipeline
     from gdd_ray.ray_utils import held_ray, init_ray
 
     base, grid = load_sweep(path)

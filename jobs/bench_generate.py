@@ -84,9 +84,10 @@ def class_file(n: int) -> Path:
         from gdd_ray.classes import dataset_classes
 
         names = [c.class_id for c in dataset_classes("cifar100")]
-        names = (names * (n // len(names) + 1))[:n] if n > len(names) else names[:n]
+        # More classes than CIFAR-100 has: names repeat, each with its own description (distinct prompts)
+        rows = [(i, names[i % len(names)], f"{names[i % len(names)]} {i // len(names)}") for i in range(n)]
         f = Path(tempfile.mkdtemp()) / "classes.txt"
-        f.write_text("".join(f"{i}\t{name}\n" for i, name in enumerate(names)))
+        f.write_text("".join(f"{i}\t{name}\t{desc}\n" for i, name, desc in rows))
         _class_files[n] = f
     return _class_files[n]
 
@@ -292,7 +293,7 @@ def noop_rerun(a, workdir: Path) -> dict:
     classes = a.noop_shards // 2
     out = str(workdir / "noop")
     values = dict(classes=str(class_file(classes)), ipc=2, out=out, model="tiny", gen_resolution=16, image_size=8,
-                  batch_size=1, unit_size=1, stages="generate")  # fmt: skip
+                  batch_size=1, unit_size=1, stages="generate", prompt_template="{desc}")  # fmt: skip
     from gdd_ray.config_loader import build_config as build
 
     cfg = build(values)

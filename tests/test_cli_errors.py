@@ -59,6 +59,7 @@ def test_bad_input(args, message, existing_run, tmp_path, capsys, tiny_model):  
     assert tree_digest(existing_run) == before
 
 
+@pytest.mark.slow  # a fresh interpreter running the script
 def test_unwritable_out_through_the_script(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -67,6 +68,7 @@ def test_unwritable_out_through_the_script(tmp_path):
     assert blocker.read_text() == "x"
 
 
+@pytest.mark.slow  # an interpreter importing the package per entry point
 def test_help_lists_every_flag():
     r = distill("--help")
     assert r.returncode == 0

@@ -97,6 +97,7 @@ def test_location_round_trip_on_s3(s3_server):
     assert not loc.exists() and loc.list() == []
 
 
+@pytest.mark.slow  # generates, breaks and regenerates shards in the bucket
 def test_generate_on_s3_resumes_only_what_is_broken(s3_server, tiny_model, capsys):
     client, _ = s3_server
     uri = f"s3://{BUCKET}/serial-run"

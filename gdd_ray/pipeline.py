@@ -83,7 +83,7 @@ def context(cfg: RunConfig, run_dir: RunDir | None = None) -> tuple[RunContext, 
         check_prompts(classes, cfg.generate.prompt_template, class_list_source(cfg.dataset, cfg.classes))
     run_dir = run_dir or RunDir(cfg.out)
     fps, inputs, sources = stage_inputs(cfg, classes, run_dir)
-    return RunContext(cfg, run_dir, classes, plan_run(cfg, len(classes)), fps, sources), inputs
+    return RunContext(cfg, run_dir, classes, plan_run(cfg, len(classes)), fps, sources, inputs), inputs
 
 
 def checked_context(cfg: RunConfig, run_dir: RunDir | None = None) -> tuple[RunContext, dict[str, dict[str, Any]]]:

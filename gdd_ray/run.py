@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -312,6 +312,9 @@ class RunContext:
     plan: Plan
     fingerprints: dict[str, str]
     sources: dict[str, str | None]  # stage -> the stage whose output it reads
+    # stage -> what it resolved from the config (engine, revision, recipe ...) as fingerprinted: resolved
+    # once, before run.json, so a stage runs with exactly the values its fingerprint and run.json hold
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def fingerprint(self, stage: str) -> str:
         return self.fingerprints[stage]

@@ -50,18 +50,10 @@ def per_image_loop(src, dst, names, variants, recipe, fp) -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from gdd_ray import storage
+    from gdd_ray import shards
     from gdd_ray.augment import ops
-    from gdd_ray.augment.shard import (
-        HF_FEATURES,
-        META_SOURCE,
-        META_SOURCE_FINGERPRINT,
-        META_SOURCE_ROWS,
-        META_VARIANTS,
-        SCHEMA,
-        variant_path,
-    )
-    from gdd_ray.generate import shards
+    from gdd_ray.augment.shard import variant_path
+    from gdd_ray.plan import variant_seed
     from gdd_ray.storage import footer_metadata
 
     for name in names:
@@ -72,7 +64,7 @@ def per_image_loop(src, dst, names, variants, recipe, fp) -> None:
         for row in rows:
             pixels = torch.from_numpy(shards.decode_png(row["image"]["bytes"])).permute(2, 0, 1)[None]
             for v in range(variants + 1):
-                vs = ops.variant_seed(row["seed"], v)
+                vs = variant_seed(row["seed"], v)
                 if v == 0:
                     data = row["image"]["bytes"]
                 else:
@@ -86,16 +78,15 @@ def per_image_loop(src, dst, names, variants, recipe, fp) -> None:
                         "variant_seed": vs,
                     }
                 )
-        meta = {
-            shards.META_FINGERPRINT: fp,
-            META_SOURCE: name,
-            META_SOURCE_ROWS: str(len(rows)),
-            META_SOURCE_FINGERPRINT: kv.get(shards.META_FINGERPRINT, ""),
-            META_VARIANTS: str(variants),
-            shards.META_IMAGE_SIZE: kv.get(shards.META_IMAGE_SIZE, ""),
-            "huggingface": HF_FEATURES,
+        footer = {
+            shards.FINGERPRINT: fp,
+            shards.SOURCE: name,
+            shards.SOURCE_ROWS: str(len(rows)),
+            shards.SOURCE_FINGERPRINT: kv.get(shards.FINGERPRINT, ""),
+            shards.VARIANTS: str(variants),
+            shards.IMAGE_SIZE: kv.get(shards.IMAGE_SIZE, ""),
         }
-        dst.write_bytes(name, storage.parquet_bytes(pa.Table.from_pylist(out, schema=SCHEMA), meta))
+        shards.write_shard(dst, name, pa.Table.from_pylist(out, schema=shards.AUGMENTED_SCHEMA), footer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from gdd_ray import pipeline, storage, synthetic
-    from gdd_ray.augment import ops, stage
+    from gdd_ray.augment import stage
+    from gdd_ray.augment.recipe import resolve_ops
     from gdd_ray.augment.shard import augment_shard
     from gdd_ray.classes import load_classes
     from gdd_ray.config_loader import build_config
@@ -127,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     names = synthetic.write_generated(cfg, classes)
     ctx = pipeline.check(cfg)
     run_dir, fps = ctx.run_dir, ctx.fingerprints
-    recipe = ops.resolve_ops(cfg.augment.pda_ops)
+    recipe = resolve_ops(cfg.augment.pda_ops)
     images_in = len(classes) * cfg.ipc
     images_out = images_in * (args.variants + 1)
     print(f"[bench] {images_in} images of {cfg.image_size} px in {len(names)} shards -> {images_out}", flush=True)

@@ -63,7 +63,7 @@ def augmented_run(out, dataset: str, ipc: int, k: int, num_classes: int | None =
     """Generated + augmented shards written by the real per-shard worker (serially, no Ray needed), with the
     manifests the stages write last; `values`: more config (train fields). Returns (run_dir, classes)."""
     from gdd_ray import pipeline, synthetic
-    from gdd_ray.augment import ops
+    from gdd_ray.augment.recipe import resolve_ops
     from gdd_ray.augment.shard import augment_shard
     from gdd_ray.classes import load_classes
     from gdd_ray.run import RunDir
@@ -76,7 +76,7 @@ def augmented_run(out, dataset: str, ipc: int, k: int, num_classes: int | None =
     fps, inputs, _ = pipeline.stage_inputs(cfg, classes, run_dir)  # a subset of the dataset's classes
     run_dir.prepare(cfg, [vars(c) for c in classes], fps, inputs)
     for n in names:
-        augment_shard(run_dir.generated, run_dir.augmented, n, k, ops.resolve_ops(None), fps["augment"])
+        augment_shard(run_dir.generated, run_dir.augmented, n, k, resolve_ops(None), fps["augment"])
     rows = shards.read_manifest(run_dir.generated).rows
     specs = [shards.augmented_spec(n, rows[n], k, fps["augment"]) for n in names]
     shards.write_manifest(run_dir.augmented, "augment", fps["augment"], specs)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gdd_ray.augment import ops
+from gdd_ray.augment import recipe as recipes
 from gdd_ray.config_loader import build_config
 from gdd_ray.errors import UserError
 from gdd_ray.plan import variant_seed
@@ -18,7 +19,7 @@ def batch(n: int = 6, size: int = 16) -> torch.Tensor:
 
 
 def test_default_recipe_is_the_papers():
-    recipe = dict(ops.resolve_ops(None))
+    recipe = dict(recipes.resolve_ops(None))
     assert list(recipe) == ["hflip", "vflip", "brightness_contrast", "rotate", "gamma"]
     assert recipe["hflip"]["p"] == recipe["vflip"]["p"] == 0.8
     assert recipe["brightness_contrast"] == {"p": 0.5, "brightness": 0.2, "contrast": 0.2}
@@ -27,7 +28,7 @@ def test_default_recipe_is_the_papers():
 
 
 def test_custom_recipe_keeps_order_and_fills_defaults():
-    recipe = ops.resolve_ops({"rotate": {"degrees": 10}, "hflip": None})
+    recipe = recipes.resolve_ops({"rotate": {"degrees": 10}, "hflip": None})
     assert recipe == [("rotate", {"p": 0.8, "degrees": 10, "border": "reflect"}), ("hflip", {"p": 0.8})]
 
 
@@ -44,7 +45,7 @@ def test_custom_recipe_keeps_order_and_fills_defaults():
 )
 def test_bad_recipes_say_what_is_wrong(pda_ops, words):
     with pytest.raises(UserError) as e:
-        ops.resolve_ops(pda_ops)
+        recipes.resolve_ops(pda_ops)
     assert words in str(e.value)
 
 
@@ -52,12 +53,12 @@ def test_config_takes_ops_from_yaml_and_rejects_negative_k(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("out: /tmp/x\ndataset: cifar10\nipc: 2\npda-variants: 2\npda-ops:\n  vflip: {p: 1.0}\n  gamma: {}\n")
     cfg = build_config({}, str(y))
-    assert [n for n, _ in ops.resolve_ops(cfg.augment.pda_ops)] == ["vflip", "gamma"]
+    assert [n for n, _ in recipes.resolve_ops(cfg.augment.pda_ops)] == ["vflip", "gamma"]
     from gdd_ray.config_loader import config_from_args
 
     flags = ["--out", "/tmp/x", "--dataset", "cifar10", "--ipc", "2"]
     cli = config_from_args([*flags, "--pda-ops", '{"rotate": {"degrees": 30}, "hflip": {}}'])
-    assert ops.resolve_ops(cli.augment.pda_ops)[0] == ("rotate", {"p": 0.8, "degrees": 30, "border": "reflect"})
+    assert recipes.resolve_ops(cli.augment.pda_ops)[0] == ("rotate", {"p": 0.8, "degrees": 30, "border": "reflect"})
     with pytest.raises(UserError, match="'pda-ops' must be a mapping"):
         config_from_args([*flags, "--pda-ops", "{rotate"])
     with pytest.raises(UserError, match="--pda-variants must be at least 0"):
@@ -72,7 +73,7 @@ def test_variant_seeds():
 
 
 def test_same_seed_same_pixels_whatever_the_batch():
-    x, recipe = batch(8), ops.resolve_ops(None)
+    x, recipe = batch(8), recipes.resolve_ops(None)
     seeds = [variant_seed(1000 + i, 1) for i in range(8)]
     whole = ops.augment(x, seeds, recipe)
     assert torch.equal(whole, ops.augment(x, seeds, recipe))
@@ -88,19 +89,19 @@ def test_same_seed_same_pixels_whatever_the_batch():
 def test_probabilities_zero_and_one():
     x = batch(5)
     seeds = list(range(5))
-    off = ops.resolve_ops({k: {"p": 0.0} for k in ops.DEFAULT_OPS})
+    off = recipes.resolve_ops({k: {"p": 0.0} for k in recipes.DEFAULT_OPS})
     assert torch.equal(ops.augment(x, seeds, off), x)
-    assert torch.equal(ops.augment(x, seeds, ops.resolve_ops({"hflip": {"p": 1.0}})), x.flip(-1))
-    assert torch.equal(ops.augment(x, seeds, ops.resolve_ops({"vflip": {"p": 1.0}})), x.flip(-2))
-    no_turn = ops.resolve_ops({"rotate": {"p": 1.0, "degrees": 0.0}})
+    assert torch.equal(ops.augment(x, seeds, recipes.resolve_ops({"hflip": {"p": 1.0}})), x.flip(-1))
+    assert torch.equal(ops.augment(x, seeds, recipes.resolve_ops({"vflip": {"p": 1.0}})), x.flip(-2))
+    no_turn = recipes.resolve_ops({"rotate": {"p": 1.0, "degrees": 0.0}})
     assert torch.equal(ops.augment(x, seeds, no_turn), x)
-    flat_gamma = ops.resolve_ops({"gamma": {"p": 1.0, "low": 1.0, "high": 1.0}})
+    flat_gamma = recipes.resolve_ops({"gamma": {"p": 1.0, "low": 1.0, "high": 1.0}})
     assert torch.equal(ops.augment(x, seeds, flat_gamma), x)
 
 
 def test_flip_rate_follows_p():
     x = batch(1).repeat(400, 1, 1, 1)
-    out = ops.augment(x, [variant_seed(s, 1) for s in range(400)], ops.resolve_ops({"hflip": {"p": 0.8}}))
+    out = ops.augment(x, [variant_seed(s, 1) for s in range(400)], recipes.resolve_ops({"hflip": {"p": 0.8}}))
     flipped = (out == x.flip(-1)).flatten(1).all(1).float().mean().item()
     assert 0.72 < flipped < 0.88
 
@@ -108,29 +109,29 @@ def test_flip_rate_follows_p():
 def test_rotation_reflects_borders_and_keeps_centre():
     x = torch.full((1, 3, 32, 32), 200, dtype=torch.uint8)
     x[..., 14:18, 14:18] = 10  # a dark centre square: stays in the middle whatever the angle
-    turned = ops.augment(x, [5], ops.resolve_ops({"rotate": {"p": 1.0, "degrees": 45.0}}))
+    turned = ops.augment(x, [5], recipes.resolve_ops({"rotate": {"p": 1.0, "degrees": 45.0}}))
     assert turned[..., 15:17, 15:17].max() < 60
     assert turned[..., :3, :3].min() > 150  # reflected, not zero-filled corners
-    zeros = ops.augment(x, [5], ops.resolve_ops({"rotate": {"p": 1.0, "degrees": 45.0, "border": "zeros"}}))
+    zeros = ops.augment(x, [5], recipes.resolve_ops({"rotate": {"p": 1.0, "degrees": 45.0, "border": "zeros"}}))
     assert zeros[..., 0, 0].max() < 100
 
 
 def test_brightness_contrast_and_gamma_move_intensities_within_limits():
     x = torch.full((200, 3, 8, 8), 128, dtype=torch.uint8)
     seeds = list(range(200))
-    bc = ops.augment(x, seeds, ops.resolve_ops({"brightness_contrast": {"p": 1.0}})).float()
+    bc = ops.augment(x, seeds, recipes.resolve_ops({"brightness_contrast": {"p": 1.0}})).float()
     # 128/255 * [0.8, 1.2] + [-0.2, 0.2] -> about [51, 205]
     assert 45 < bc.min() and bc.max() < 210 and bc.std() > 10
-    g = ops.augment(x, seeds, ops.resolve_ops({"gamma": {"p": 1.0}})).float()
+    g = ops.augment(x, seeds, recipes.resolve_ops({"gamma": {"p": 1.0}})).float()
     lo, hi = 255 * (128 / 255) ** 1.2, 255 * (128 / 255) ** 0.8
     assert lo - 1 <= g.min() and g.max() <= hi + 1 and g.std() > 2
 
 
 def test_rejects_wrong_input():
     with pytest.raises(ValueError, match="uint8"):
-        ops.augment(torch.zeros(1, 3, 4, 4), [0], ops.resolve_ops(None))
+        ops.augment(torch.zeros(1, 3, 4, 4), [0], recipes.resolve_ops(None))
     with pytest.raises(ValueError, match="seeds"):
-        ops.augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), [0], ops.resolve_ops(None))
+        ops.augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), [0], recipes.resolve_ops(None))
 
 
 def test_fingerprint_follows_what_decides_the_pixels():
@@ -147,7 +148,7 @@ def test_fingerprint_follows_what_decides_the_pixels():
     assert base == fp(ipc=5)  # more images, same recipe: resumable
     assert base != fp(pda_variants=3)
     assert base != fp(seed=3)  # other generated images
-    assert base == fp(cfg.replace(**{"augment.pda_ops": dict(ops.DEFAULT_OPS)}))  # the defaults, written out
+    assert base == fp(cfg.replace(**{"augment.pda_ops": dict(recipes.DEFAULT_OPS)}))  # the defaults, written out
     assert base != fp(cfg.replace(**{"augment.pda_ops": {"hflip": {}, "vflip": {}}}))
     swapped = {"vflip": {}, "hflip": {}}  # same ops, other order: other pixels
     assert fp(cfg.replace(**{"augment.pda_ops": swapped})) != fp(

@@ -71,7 +71,7 @@ def test_partial_run_names_what_a_rerun_would_redo(finished_run, tmp_path, capsy
 
 
 def test_augment_stage_in_progress(finished_run, tmp_path):
-    from gdd_ray.augment import ops
+    from gdd_ray.augment.recipe import resolve_ops
     from gdd_ray.augment.shard import augment_shard
 
     out = copy_of(finished_run, tmp_path)
@@ -80,7 +80,7 @@ def test_augment_stage_in_progress(finished_run, tmp_path):
     run_dir, fps = ctx.run_dir, ctx.fingerprints
     names = sorted(p.name for p in (out / "generated").glob("c*.parquet"))
     for n in names[:7]:  # what 7 finished Ray Data tasks leave behind
-        augment_shard(run_dir.generated, run_dir.augmented, n, 1, ops.resolve_ops(None), fps["augment"])
+        augment_shard(run_dir.generated, run_dir.augmented, n, 1, resolve_ops(None), fps["augment"])
     st = by_stage(run_status(str(out)))
     assert st["generate"]["state"] == "complete"
     a = st["augment"]

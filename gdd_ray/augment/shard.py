@@ -15,14 +15,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from gdd_ray import shards, storage
-from gdd_ray.augment import ops
+from gdd_ray.augment.recipe import Recipe
 from gdd_ray.plan import variant_seed
 
 
-def augment_table(table: pa.Table, variants: int, recipe: ops.Recipe) -> pa.Table:
+def augment_table(table: pa.Table, variants: int, recipe: Recipe) -> pa.Table:
     """Generated rows -> the originals and `variants` augmented copies of each, image-major."""
     n = table.num_rows
     k1 = variants + 1
@@ -32,6 +31,10 @@ def augment_table(table: pa.Table, variants: int, recipe: ops.Recipe) -> pa.Tabl
 
     out_bytes: list[list[bytes]] = [[b] for b in raw]  # variant 0 keeps the generated PNG bit for bit
     if variants and n:
+        import torch  # here, where pixels are made: the driver's checks never pay for torch
+
+        from gdd_ray.augment import ops
+
         pixels = torch.from_numpy(np.stack([shards.decode_png(b) for b in raw])).permute(0, 3, 1, 2)
         batch = pixels.repeat(variants, 1, 1, 1)  # variant-major: rows v*n .. v*n+n-1 are variant v+1
         vseeds = [variant_seed(s, v) for v in range(1, k1) for s in seeds]
@@ -55,7 +58,7 @@ def variant_path(path: str, variant: int) -> str:
 
 
 def augment_shard(
-    src: storage.Location, dst: storage.Location, name: str, variants: int, recipe: ops.Recipe, fp: str
+    src: storage.Location, dst: storage.Location, name: str, variants: int, recipe: Recipe, fp: str
 ) -> dict[str, Any]:
     """Read generated shard `name` from src, write its augmented shard under the same name to dst."""
     t0 = time.perf_counter()

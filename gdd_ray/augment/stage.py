@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from gdd_ray import shards, storage
-from gdd_ray.augment import ops
+from gdd_ray.augment import recipe as recipes
 from gdd_ray.augment.shard import augment_shard
 from gdd_ray.config import RunConfig
 from gdd_ray.errors import UserError
@@ -32,7 +32,7 @@ SAMPLES_FILE = "samples.png"
 # Shards per Ray task: a 10-image CIFAR shard takes ~10 ms to augment, so a task per shard would be
 # mostly scheduling overhead; 8 keeps tasks around 100 ms while a crash still loses at most one shard.
 SHARDS_PER_TASK = 8
-VERSION = 1  # bump when ops.py changes pixels for the same recipe
+VERSION = 1  # bump when ops.py or recipe.py changes pixels for the same recipe
 # What decides the augmented pixels (with the generated images and the resolved recipe below): not
 # batch or worker counts.
 OUTPUT_FIELDS = ("augment.pda_variants",)
@@ -48,9 +48,9 @@ def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
     return {"recipe": [[name, params] for name, params in recipe(cfg)]}
 
 
-def recipe(cfg: RunConfig) -> ops.Recipe:
+def recipe(cfg: RunConfig) -> recipes.Recipe:
     """The ops applied (checked); with K = 0 there are none, whatever --pda-ops says."""
-    resolved = ops.resolve_ops(cfg.augment.pda_ops)
+    resolved = recipes.resolve_ops(cfg.augment.pda_ops)
     return resolved if cfg.augment.pda_variants else []
 
 
@@ -156,7 +156,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     return summary
 
 
-def _augment_batch(batch: dict[str, np.ndarray], src: str, dst: str, variants: int, recipe: ops.Recipe, fp: str):
+def _augment_batch(batch: dict[str, np.ndarray], src: str, dst: str, variants: int, recipe: recipes.Recipe, fp: str):
     """Ray Data UDF: a batch of shard names -> one stats row per shard (the images go straight to storage)."""
     src_loc, dst_loc = storage.Location(src), storage.Location(dst)
     stats = [augment_shard(src_loc, dst_loc, str(n), variants, recipe, fp) for n in batch["shard"]]
@@ -168,7 +168,7 @@ def _run_ray(
     run_dir: RunDir,
     pending: list[str],
     variants: int,
-    recipe: ops.Recipe,
+    recipe: recipes.Recipe,
     fp: str,
     progress: Progress,
 ) -> list[dict]:

@@ -34,6 +34,11 @@ class Runtime:
         """What goes into the fingerprint and run.json (named like the flags, so a refusal names the flag)."""
         return {"generate.engine": self.engine, "generate.vae_dtype": self.vae_dtype}
 
+    @classmethod
+    def from_inputs(cls, inputs: dict) -> Runtime:
+        """The choices as the fingerprint holds them (the stage's resolved inputs)."""
+        return cls(inputs["generate.engine"], inputs["generate.vae_dtype"])
+
 
 def resolve(cfg: RunConfig) -> Runtime:
     g = cfg.generate
@@ -118,7 +123,10 @@ def workers_have_gpus(cfg: RunConfig) -> bool:
 def check(cfg: RunConfig, runtime: Runtime) -> None:
     """Preflight: the resolved choices can be honoured with this model (one clear line otherwise)."""
     g = cfg.generate
-    if runtime.engine == "fast":
+    # Only an explicit --engine fast needs the check: `auto` chose fast by this same check, for this same
+    # model, steps and guidance (also when the choice was read back from run.json), and repeating it
+    # would import diffusers and build a scheduler on every rerun.
+    if runtime.engine == "fast" and g.engine == "fast":
         problem = fast_problem(cfg)
         if problem:
             raise UserError(f"--engine fast does not apply to --model {g.model}: {problem}; use --engine auto")

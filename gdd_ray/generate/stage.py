@@ -47,11 +47,15 @@ def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
 
 def preflight(ctx: RunContext) -> None:
     resolve_model(ctx.cfg.generate.model)  # one clear line now rather than N dead actors later
-    runtime.check(ctx.cfg, runtime.resolve(ctx.cfg))
+    runtime.check(ctx.cfg, runtime.Runtime.from_inputs(ctx.inputs["generate"]))
 
 
-def make_job(cfg: RunConfig, classes: list[ClassInfo], fingerprint: str, out_uri: str) -> GenerationJob:
-    chosen = runtime.resolve(cfg)  # after run.json is written: the values the fingerprint holds
+def make_job(
+    cfg: RunConfig, classes: list[ClassInfo], fingerprint: str, out_uri: str, inputs: dict[str, Any] | None = None
+) -> GenerationJob:
+    """`inputs`: the stage's resolved inputs as fingerprinted (RunContext.inputs); resolved here if not given."""
+    inputs = resolved_inputs(cfg) if inputs is None else inputs
+    chosen = runtime.Runtime.from_inputs(inputs)
     return GenerationJob(
         config=cfg.generate,
         model=resolve_model(cfg.generate.model),
@@ -62,7 +66,7 @@ def make_job(cfg: RunConfig, classes: list[ClassInfo], fingerprint: str, out_uri
         out_uri=out_uri,
         engine=chosen.engine,
         vae_dtype=chosen.vae_dtype,
-        model_revision=resolve_revision(cfg.generate.model, cfg.generate.model_revision),
+        model_revision=inputs.get("model_revision"),
     )
 
 
@@ -116,7 +120,7 @@ def run(ctx: RunContext, *, serial: bool = False) -> dict[str, Any]:
     started = now_iso()
     if todo:
         run_dir.update_stage("generate", started=started, finished=None)
-        job = make_job(cfg, ctx.classes, fp, loc.uri)
+        job = make_job(cfg, ctx.classes, fp, loc.uri, ctx.inputs.get("generate"))
         say("generate", f"engine {job.engine}, decoder {cfg.generate.decoder} in {job.vae_dtype}")
         note = padding_note(cfg, todo)
         if note:

@@ -19,7 +19,6 @@ from gdd_ray import selection, storage
 from gdd_ray.classes import ClassInfo
 from gdd_ray.config import RunConfig
 from gdd_ray.run import eval_run_name, now_iso
-from gdd_ray.train.convnet import ConvNet, num_parameters
 from gdd_ray.train.data import DistilledSet
 from gdd_ray.train.testsets import TestSet
 
@@ -42,6 +41,8 @@ def results_document(
     wall_s: float,
 ) -> dict[str, Any]:
     """results.json: every run, the mean and std of their last-epoch accuracy, per class, and what produced them."""
+    from gdd_ray.train.convnet import ConvNet, num_parameters  # torch: not for reading results
+
     t = cfg.train
     accs = [r["test_acc"] for r in runs] if test is not None else []
     net = ConvNet.from_config(t, len(distilled.class_ids), distilled.image_size)

@@ -23,7 +23,6 @@ from gdd_ray.errors import UserError
 from gdd_ray.logs import say
 from gdd_ray.run import RunContext, RunDir, now_iso, stage_summary
 from gdd_ray.train import report, testsets
-from gdd_ray.train.convnet import ConvNet
 from gdd_ray.train.data import DistilledSet, check_alignment, load_shards, mean_std
 
 VERSION = 3  # 3: the set is class-major (selection.choose); per-class results; protocols
@@ -103,6 +102,8 @@ def preflight(ctx: RunContext) -> None:
             f"--protocol challenge trains on {choice.per_class} images per class but this run offers {offered} "
             "(IPC x (variants + 1)); raise --ipc or --pda-variants"
         )
+    from gdd_ray.train.convnet import ConvNet  # torch: imported by runs that train, not by importing the pipeline
+
     try:
         ConvNet.from_config(cfg.train, len(ctx.classes), cfg.image_size)
     except ValueError as e:

@@ -254,16 +254,28 @@ def read_manifest(loc: storage.Location, fingerprint: str | None = None) -> Mani
     return manifest
 
 
+def manifest_specs(manifest: Manifest) -> list[ShardSpec]:
+    """What a finished stage's manifest promises of each shard it lists: its rows and the stage's fingerprint."""
+    return [ShardSpec(s["name"], int(s["rows"]), ((FINGERPRINT, manifest.fingerprint),)) for s in manifest.shards]
+
+
 def require_listed_shards(loc: storage.Location, manifest: Manifest, stage: str) -> None:
-    """Refuse, in one line, a folder that lacks shards its manifest lists (deleted by hand, a partial copy)."""
+    """Refuse, in one line, a folder whose shards are not the ones its manifest lists: missing (deleted by hand,
+    a partial copy) or changed since (rows, fingerprint, unreadable: rewritten by another config or an
+    interrupted change). Judged by check_folder, the check a rerun and `status` make."""
     from gdd_ray.errors import UserError
 
-    present = set(loc.list(SHARD_SUFFIX))
-    missing = [n for n in manifest.names if n not in present]
+    check = check_folder(loc, manifest_specs(manifest))
+    missing = [s.name for s in check.todo if s.name not in check.problems]
     if missing:
         raise UserError(
             f"{loc.uri} lacks {len(missing)} of the {len(manifest.names)} shards its manifest lists "
             f"(first: {missing[0]}); run the {stage} stage again to redo them"
+        )
+    if check.todo:
+        name = check.todo[0].name
+        raise UserError(
+            f"{loc.uri}/{name}: {check.problems[name]}; run the {stage} stage again (`status` lists what it redoes)"
         )
 
 

@@ -202,7 +202,7 @@ def _rewrite_shard(loc, name: str, table, footer: dict[str, str]) -> None:
     loc.write_bytes(name, storage.parquet_bytes(table, footer))
 
 
-@pytest.mark.parametrize("damage", ["foreign fingerprint", "duplicate images"])
+@pytest.mark.parametrize("damage", ["foreign fingerprint", "short shard", "duplicate images"])
 def test_export_refuses_an_inconsistent_run(damage, small_export_run, tmp_path, capsys):
     import shutil
 
@@ -220,6 +220,9 @@ def test_export_refuses_an_inconsistent_run(damage, small_export_run, tmp_path, 
     if damage == "foreign fingerprint":  # a shard rewritten by another config since the manifest
         _rewrite_shard(loc, first, pq.read_table(loc.file(first)), {**footer, shards.FINGERPRINT: "f" * 16})
         message = "another fingerprint"
+    elif damage == "short shard":  # rows lost since the manifest was written, footer intact
+        _rewrite_shard(loc, first, pq.read_table(loc.file(first)).slice(1), footer)
+        message = "short ("
     else:  # the second shard holds the first one's images (same rows, same fingerprint)
         _rewrite_shard(loc, second, pq.read_table(loc.file(first)), footer)
         message = "twice"

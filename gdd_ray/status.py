@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 from gdd_ray import lease, shards, storage
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
-from gdd_ray.plan import plan_run
+from gdd_ray.plan import check_plan_size, plan_run
 from gdd_ray.run import RUN_FILE, RunDir, eval_run_name
 
 # A stage is `complete` when every unit is done and its summary (written last) is current; `incomplete`
@@ -204,6 +204,7 @@ def run_status(out: str, verify: bool = False) -> dict[str, Any]:
         cfg = RunConfig.from_dict(record.get("config") or {})
     except (TypeError, ValueError) as e:
         raise UserError(f"{storage.join(out, RUN_FILE)} holds no readable config ({e})") from e
+    check_plan_size(cfg, len(record.get("classes", [])))  # a run.json edited by hand: before any plan is built
     result = {
         "run": out,
         "dataset": cfg.dataset or cfg.classes,

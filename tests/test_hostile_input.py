@@ -115,6 +115,32 @@ def test_numbers(flags, message, existing_run, capsys):
     assert tree_digest(existing_run) == before
 
 
+# Each option within its bounds, the product not: refused by arithmetic before any list of units exists.
+PLAN_SIZES = [
+    (["--dataset", "imagenet-1k", "--ipc", "1000000", "--unit-size", "1"], "1,000,000,000 generated images"),
+    (["--dataset", "imagenet-1k", "--ipc", "2000", "--unit-size", "1"], "2,000,000 shards"),
+    (["--dataset", "imagenet-1k", "--ipc", "1000000", "--select-by", "clip", "--overgenerate", "100"], "100,000,000,000"),
+    (["--dataset", "imagenet-1k", "--ipc", "1000", "--pda-variants", "1000", "--stages", "generate,augment"],
+     "1,001,000,000 augmented images"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags, message", PLAN_SIZES, ids=[" ".join(f[3:]) for f, _ in PLAN_SIZES])
+def test_plan_size_is_checked_before_the_plan_is_built(flags, message, existing_run, monkeypatch, capsys):
+    from gdd_ray import plan
+
+    def never(*args):
+        raise AssertionError("the plan was materialised before its size was checked")
+
+    monkeypatch.setattr(plan, "plan_units", never)
+    before = tree_digest(existing_run)
+    args = ["distill", *BASE, *flags, "--out", str(existing_run), "--overwrite"]
+    assert main(args) == 2
+    line = one_error_line(capsys)
+    assert "the plan is too large" in line and message in line
+    assert tree_digest(existing_run) == before
+
+
 @pytest.mark.parametrize("text, message", YAMLS, ids=[m for _, m in YAMLS])
 def test_yaml_configs(text, message, existing_run, tmp_path, capsys):
     config = tmp_path / "config.yaml"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from gen_helpers import tiny_config
+from gen_helpers import images_of, tiny_config
 
 from gdd_ray import lease, pipeline, storage
 from gdd_ray.errors import UserError
@@ -103,18 +103,6 @@ def test_one_driver_per_run_on_gcs(gcs_server):
         assert again.generation == 1
 
 
-def images_of(objs: dict[str, bytes]) -> dict[tuple[int, int], bytes]:
-    """(label, index) -> PNG bytes over every shard object; asserts no image appears twice."""
-    out: dict[tuple[int, int], bytes] = {}
-    for key, data in sorted(objs.items()):
-        if key.endswith(".parquet"):
-            t = pq.read_table(io.BytesIO(data))
-            for img, label, index in zip(t["image"].to_pylist(), t["label"].to_pylist(), t["index"].to_pylist()):
-                assert (label, index) not in out, f"duplicate {(label, index)} in {key}"
-                out[(label, index)] = img["bytes"]
-    return out
-
-
 def generate_serial(cfg):
     return gen_stage.run(pipeline.check(cfg), serial=True)
 
@@ -175,3 +163,55 @@ def test_other_config_on_gcs_is_refused_and_nothing_changes(gcs_server, tiny_mod
     with pytest.raises(UserError, match="differs from this one .*seed 0 -> 1"):
         pipeline.check(tiny_config(uri, ipc=1, unit_size=5, seed=1))
     assert objects("refuse-run") == before
+
+
+@pytest.fixture(scope="module")
+def ray_gcs(gcs_server):
+    """A local Ray whose workers see the same GCS endpoint."""
+    import ray
+
+    env = {"STORAGE_EMULATOR_HOST": gcs_server}
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, runtime_env={"env_vars": env})
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_generate_and_augment_through_ray_on_gcs(gcs_server, ray_gcs, tiny_model):
+    """The Ray actors and Ray Data tasks write to the bucket themselves; pixels equal the serial run's."""
+    uri = f"gs://{BUCKET}/ray-run"
+    summaries = pipeline.run(tiny_config(uri, stages="generate,augment", pda_variants=1))
+    assert summaries["generate"]["totals"]["units_run"] == 20 and summaries["augment"]["totals"]["images"] == 60
+    objs = objects("ray-run")
+    serial = objects("serial-run") or objects("ray-run-serial")  # the resume test's run, when it ran first
+    if not serial:
+        generate_serial(tiny_config(f"gs://{BUCKET}/ray-run-serial"))
+        serial = objects("ray-run-serial")
+    gen = {k: v for k, v in objs.items() if k.startswith("ray-run/generated/")}
+    assert images_of(gen) == images_of(serial)  # same pixels whichever runner and worker made them
+    aug = [k for k in objs if k.startswith("ray-run/augmented/") and k.endswith(".parquet")]
+    assert len(aug) == 20 and "ray-run/augmented/_summary.json" in objs and "ray-run/samples.png" in objs
+    assert sum(pq.read_metadata(io.BytesIO(objs[k])).num_rows for k in aug) == 60
+
+
+@pytest.mark.slow
+def test_train_stage_checkpoints_and_resumes_in_the_bucket_on_gcs(gcs_server, ray_gcs, tmp_path):
+    """Ray Train workers write checkpoints, run records and results to gs://; a lost run resumes from its
+    checkpoint in the bucket."""
+    from gen_helpers import EVAL_FILES, bucket_train_config
+
+    from gdd_ray.train import stage as train_stage
+
+    ctx = pipeline.check(bucket_train_config(f"gs://{BUCKET}/train-run", tmp_path / "test"))
+    res = train_stage.run(ctx)
+    assert res["evaluated"] and len(res["runs"]) == 2
+    objs = objects("train-run/eval")
+    assert {f"train-run/eval/{name}" for name in EVAL_FILES} <= set(objs), sorted(objs)
+    assert any(k.startswith("train-run/eval/_ray_train/") for k in objs)  # Ray Train's own storage_path
+
+    fs, _ = storage.resolve(f"gs://{BUCKET}")
+    fs.delete_file(f"{BUCKET}/train-run/eval/runs/run01.json")
+    fs.delete_file(f"{BUCKET}/train-run/eval/results.json")
+    again = train_stage.run(ctx)
+    assert again["runs"][1]["resumed_from_epoch"] == 2  # from the checkpoint in the bucket
+    assert again["accuracies"] == res["accuracies"] and again["runs"][0] == res["runs"][0]

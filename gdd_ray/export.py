@@ -70,33 +70,16 @@ def _source(run: str, source: str) -> tuple[storage.Location, list[str]]:
             f"{loc.uri} holds no complete {stage} stage (no current {shards.MANIFEST_FILE}): "
             f"run the {stage} stage to finish it, or pick another --source"
         )
-    shards.require_listed_shards(loc, manifest, stage)
-    _verify_shards(loc, manifest)
+    shards.require_listed_shards(loc, manifest, stage)  # every listed shard present, its rows and fingerprint
     return loc, manifest.names
-
-
-def _verify_shards(loc: storage.Location, manifest: shards.Manifest) -> None:
-    """Every listed shard is the one the manifest recorded: its rows and its fingerprint (a shard rewritten
-    since, by another config or an interrupted change, is not exported)."""
-    rows = manifest.rows
-    for name, meta in storage.footers(loc, manifest.names).items():
-        if isinstance(meta, Exception):
-            why = f"unreadable ({storage.reason(meta)})"
-        elif meta.num_rows != rows[name]:
-            why = f"{meta.num_rows} rows where the manifest says {rows[name]}"
-        elif storage.footer_metadata(meta).get(shards.FINGERPRINT) != manifest.fingerprint:
-            why = "another fingerprint than the run's"
-        else:
-            continue
-        raise UserError(f"{loc.uri}/{name}: {why}; run the stage again (`status` lists what it redoes)")
 
 
 def _refuse_duplicates(table: pa.Table) -> None:
     """(label, index, variant) is an image's identity: one that appears twice means mixed shards."""
     keys = np.stack([table.column(c).to_numpy().astype(np.int64) for c in ("label", "index", "variant")], axis=1)
-    if len(keys) and (np.diff(keys, axis=0) == 0).all(axis=1).any():
-        i = int(np.flatnonzero((np.diff(keys, axis=0) == 0).all(axis=1))[0])
-        label, index, variant = keys[i].tolist()
+    repeats = np.flatnonzero((np.diff(keys, axis=0) == 0).all(axis=1))  # keys are sorted: a repeat is adjacent
+    if len(repeats):
+        label, index, variant = keys[int(repeats[0])].tolist()
         raise UserError(
             f"the run holds image (label {label}, index {index}, variant {variant}) twice: its shards are "
             "inconsistent; run the stage again with the same config, or with --overwrite"

@@ -22,7 +22,7 @@ from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
 from gdd_ray.fingerprints import output_inputs, stage_fingerprint
 from gdd_ray.generate import stage as generate
-from gdd_ray.plan import plan_run
+from gdd_ray.plan import check_plan_size, plan_run
 from gdd_ray.run import RunContext, RunDir
 from gdd_ray.select import stage as select
 from gdd_ray.train import stage as train
@@ -79,6 +79,7 @@ def context(cfg: RunConfig, run_dir: RunDir | None = None) -> tuple[RunContext, 
     """The run's context (classes, plan, fingerprints) and what decides each stage; reads, writes nothing.
     `run_dir`: OUT with stage folders shared with other runs (a sweep's); default plain OUT."""
     classes = load_classes(cfg.dataset, cfg.classes)
+    check_plan_size(cfg, len(classes))  # arithmetic: before plan_run builds a list that may not fit in memory
     if not cfg.allow_duplicate_prompts:  # two labels for one set of images would train on noise
         check_prompts(classes, cfg.generate.prompt_template, class_list_source(cfg.dataset, cfg.classes))
     run_dir = run_dir or RunDir(cfg.out)

@@ -101,6 +101,37 @@ def plan_run(cfg: RunConfig, num_classes: int) -> Plan:
     return Plan(tuple(units), tuple(kept))
 
 
+# The most one stage folder may hold. Each shard is one entry of the in-memory plan, one file to list (1,000
+# names a LIST request) and one footer to read at every resume, and one line of the manifest; at 1,000,000
+# that is already 1,000 LIST requests and a ~70 MB manifest. 100,000,000 images is 100x ImageNet-1K at IPC
+# 1,000: 300 GB of 32 px PNGs, 40 TB at 512 px.
+MAX_SHARDS = 1_000_000
+MAX_IMAGES = 100_000_000
+
+
+def check_plan_size(cfg: RunConfig, num_classes: int) -> None:
+    """Refuse, before any list is built, a run whose stage folders would exceed MAX_SHARDS or MAX_IMAGES:
+    classes x images per class (--ipc, x --overgenerate) and x (1 + --pda-variants) for the augmented set,
+    in plain arithmetic (the bounds on each option alone still allow products of 10^13)."""
+    from gdd_ray.errors import UserError
+
+    unit = cfg.generate.unit_size
+    per_class = generated_per_class(cfg)
+    sizes = [("generated", num_classes * per_class, num_classes * -(-per_class // unit))]
+    if "augment" in cfg.stages:
+        rows = num_classes * cfg.ipc * (cfg.augment.pda_variants + 1)
+        sizes.append(("augmented", rows, num_classes * -(-cfg.ipc // unit)))
+    for folder, images, shards in sizes:
+        if images > MAX_IMAGES or shards > MAX_SHARDS:
+            raise UserError(
+                f"the plan is too large: {images:,} {folder} images in {shards:,} shards ({num_classes:,} classes "
+                f"x {per_class if folder == 'generated' else cfg.ipc:,} per class in units of {unit:,}"
+                f"{f', each + {cfg.augment.pda_variants:,} variants' if folder == 'augmented' else ''}); "
+                f"a stage holds at most {MAX_IMAGES:,} images in {MAX_SHARDS:,} shards (fewer per class, a "
+                "larger --unit-size, or split the classes over several --out)"
+            )
+
+
 # ---- seeds ----------------------------------------------------------------------------------------
 
 

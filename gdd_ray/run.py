@@ -39,7 +39,8 @@ MAX_RUN_FILE_BYTES = 64 * 2**20
 # What each stage writes, by folder (relative to OUT) and name pattern: --overwrite deletes these and
 # nothing else (a user's notes in OUT/generated/ stay). A stage that writes a new kind of file adds it here.
 SHARD_GLOB = "c[0-9]*-i[0-9]*-[0-9]*.parquet"
-BOOKKEEPING = ["_summary.json", "_manifest.json", "_corrupt.json", ".*.tmp-*", ".tmp-*"]
+# NAME.parquet.corrupt: a shard `status --verify` set aside (one with an image that does not decode).
+BOOKKEEPING = ["_summary.json", "_manifest.json", SHARD_GLOB + ".corrupt", ".*.tmp-*", ".tmp-*"]
 OWN_FILES: dict[str, dict[str, list[str]]] = {
     "generate": {"generated": [SHARD_GLOB, *BOOKKEEPING]},
     "select": {

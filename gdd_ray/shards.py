@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -33,6 +34,7 @@ from gdd_ray import storage
 from gdd_ray.plan import SHARD_SUFFIX, WorkUnit, parse_shard_name
 
 MANIFEST_FILE = "_manifest.json"
+SET_ASIDE_SUFFIX = ".corrupt"  # a shard `status --verify` found a corrupt image in: NAME.corrupt, outside `*.parquet`
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 GENERATED_SCHEMA = pa.schema(
@@ -190,18 +192,64 @@ class Check:
     todo: list[ShardSpec]  # missing or to redo, in spec order
     problems: dict[str, str]  # name -> why it must be redone (present but not complete and current)
     foreign: list[str]  # our shard names that no spec asks for (a larger --ipc earlier, ...)
+    corrupt: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # decode=True: name -> its bad images
 
 
-def check_folder(loc: storage.Location, specs: list[ShardSpec]) -> Check:
-    """List the folder once, read the footers of the expected shards in parallel, judge each."""
+def check_folder(loc: storage.Location, specs: list[ShardSpec], decode: bool = False) -> Check:
+    """List the folder once, read the footers of the expected shards in parallel, judge each. With `decode`,
+    a shard whose footer passes is also read whole and every image decoded (`status --verify`): a footer
+    cannot vouch for the bytes under it, so this is the one check that finds a damaged image."""
     present = set(loc.list(SHARD_SUFFIX))
     wanted = {s.name: s for s in specs}
     metas = storage.footers(loc, sorted(present & set(wanted)))
     problems = {n: why for n, m in metas.items() if (why := shard_problem(m, wanted[n])) is not None}
+    corrupt: dict[str, list[dict[str, Any]]] = {}
+    if decode:
+        passed = [n for n in metas if n not in problems]
+        with ThreadPoolExecutor(max_workers=min(8, len(passed) or 1)) as pool:  # PIL decodes without the GIL
+            for name, bad in zip(passed, pool.map(lambda n: corrupt_images(loc, n), passed)):
+                if bad:
+                    corrupt[name] = bad
+                    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+                    problems[name] = f"corrupt image {_where(bad[0])}{more}"
     done = [s for s in specs if s.name in metas and s.name not in problems]
     todo = [s for s in specs if s.name not in metas or s.name in problems]
     foreign = sorted(n for n in present - set(wanted) if parse_shard_name(n) is not None)
-    return Check(done, todo, problems, foreign)
+    return Check(done, todo, problems, foreign, corrupt)
+
+
+def corrupt_images(loc: storage.Location, name: str) -> list[dict[str, Any]]:
+    """The images of one shard that do not decode, each as {row, label, index, variant, why} (row None: the
+    shard's data pages themselves are unreadable, whatever its footer says)."""
+    try:
+        table = read_shard(loc, name, ["image", "label", "index", "variant"])
+    except Exception as e:  # a torn or overwritten data page under a valid footer
+        return [{"row": None, "label": None, "index": None, "variant": None, "why": f"unreadable ({type(e).__name__})"}]
+    cols = {c: table.column(c).to_pylist() for c in ("label", "index", "variant")}
+    bad = []
+    for row, data in enumerate(png_bytes(table)):
+        why = _decode_problem(data)
+        if why is not None:
+            bad.append({"row": row, **{c: v[row] for c, v in cols.items()}, "why": why})
+    return bad
+
+
+def _decode_problem(data: bytes | None) -> str | None:
+    if not data:
+        return "no bytes"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # decodes every pixel: a header that opens can still hide a broken stream
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error... for damaged data
+        return f"{type(e).__name__}: {e}"[:200]
+    return None
+
+
+def _where(img: dict[str, Any]) -> str:
+    if img["row"] is None:
+        return f"data: {img['why']}"
+    variant = f", variant {img['variant']}" if img["variant"] else ""
+    return f"at row {img['row']} (label {img['label']}, index {img['index']}{variant}): {img['why']}"
 
 
 # ---- the manifest -------------------------------------------------------------------------------------
@@ -254,16 +302,28 @@ def read_manifest(loc: storage.Location, fingerprint: str | None = None) -> Mani
     return manifest
 
 
+def manifest_specs(manifest: Manifest) -> list[ShardSpec]:
+    """What a finished stage's manifest promises of each shard it lists: its rows and the stage's fingerprint."""
+    return [ShardSpec(s["name"], int(s["rows"]), ((FINGERPRINT, manifest.fingerprint),)) for s in manifest.shards]
+
+
 def require_listed_shards(loc: storage.Location, manifest: Manifest, stage: str) -> None:
-    """Refuse, in one line, a folder that lacks shards its manifest lists (deleted by hand, a partial copy)."""
+    """Refuse, in one line, a folder whose shards are not the ones its manifest lists: missing (deleted by hand,
+    a partial copy) or changed since (rows, fingerprint, unreadable: rewritten by another config or an
+    interrupted change). Judged by check_folder, the check a rerun and `status` make."""
     from gdd_ray.errors import UserError
 
-    present = set(loc.list(SHARD_SUFFIX))
-    missing = [n for n in manifest.names if n not in present]
+    check = check_folder(loc, manifest_specs(manifest))
+    missing = [s.name for s in check.todo if s.name not in check.problems]
     if missing:
         raise UserError(
             f"{loc.uri} lacks {len(missing)} of the {len(manifest.names)} shards its manifest lists "
             f"(first: {missing[0]}); run the {stage} stage again to redo them"
+        )
+    if check.todo:
+        name = check.todo[0].name
+        raise UserError(
+            f"{loc.uri}/{name}: {check.problems[name]}; run the {stage} stage again (`status` lists what it redoes)"
         )
 
 

@@ -7,6 +7,14 @@ Per stage: units done/total, images, throughput, failures (shards that exist but
 whether it is complete. Exit code 0 when every stage of the run is complete, 1 when not, 2 when OUT holds
 no run. The rules are the stages' own resume rules (footers judged by the same functions), so "done"
 here means exactly what a rerun would skip; a stage is complete when its manifest (written last) is current.
+
+    python -m gdd_ray status runs/c100 --verify
+
+also decodes every stored image (footers cannot vouch for the bytes under them) and names each one that does
+not decode (shard, row, label, index). Such a shard is set aside as NAME.corrupt (kept for a look, outside
+every reader's `*.parquet`) and its stage's manifest dropped, so the stage is "not complete" everywhere and
+the next run redoes exactly those shards, by the missing-shard rule every stage already has. Under a live
+driver nothing is moved (that driver may be rewriting them); the report stands and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import pyarrow.fs as pafs
 from gdd_ray import lease, shards, storage
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
-from gdd_ray.plan import plan_run
+from gdd_ray.plan import check_plan_size, plan_run
 from gdd_ray.run import RUN_FILE, RunDir, eval_run_name
 
 # A stage is `complete` when every unit is done and its summary (written last) is current; `incomplete`
@@ -57,10 +65,12 @@ def _rate(images_by_name: dict[str, int], mtimes: dict[str, datetime], started: 
     return round(sum(images_by_name[n] for n in recent) / span, 3) if span > 0 else None
 
 
-def _shard_stage(run_dir: RunDir, stage: str, record: dict[str, Any], specs: list[shards.ShardSpec]) -> dict[str, Any]:
+def _shard_stage(
+    run_dir: RunDir, stage: str, record: dict[str, Any], specs: list[shards.ShardSpec], verify: bool
+) -> dict[str, Any]:
     """Status of a stage made of one shard per unit, judged against the specs its own run would use."""
     loc = run_dir.stage_dir(stage)
-    check = shards.check_folder(loc, specs)
+    check = shards.check_folder(loc, specs, decode=verify)
     done = {s.name: s.rows for s in check.done}
     info = record.get("stages", {}).get(stage, {})
     summary = run_dir.read_summary(stage) or {}
@@ -82,6 +92,7 @@ def _shard_stage(run_dir: RunDir, stage: str, record: dict[str, Any], specs: lis
         "started": info.get("started"),
         "finished": info.get("finished") if complete else None,
         "state": _state(complete, len(done) + len(check.problems), info),
+        "corrupt": [{"shard": n, **img} for n, bad in check.corrupt.items() for img in bad],
     }
 
 
@@ -91,20 +102,20 @@ def _state(complete: bool, on_disk: int, info: dict[str, Any]) -> str:
     return "incomplete" if on_disk or info.get("started") else "not started"
 
 
-def generate_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+def generate_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify: bool = False) -> dict[str, Any]:
     fp = record["fingerprints"]["generate"]
     plan = plan_run(cfg, len(record["classes"]))
-    return _shard_stage(run_dir, "generate", record, [shards.generated_spec(u, fp) for u in plan.units])
+    return _shard_stage(run_dir, "generate", record, [shards.generated_spec(u, fp) for u in plan.units], verify)
 
 
-def select_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+def select_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify: bool = False) -> dict[str, Any]:
     """Units are the kept shards (IPC per class); the score files are the stage's own bookkeeping."""
     fp = record["fingerprints"]["select"]
     plan = plan_run(cfg, len(record["classes"]))
-    return _shard_stage(run_dir, "select", record, [shards.selected_spec(u, fp) for u in plan.kept])
+    return _shard_stage(run_dir, "select", record, [shards.selected_spec(u, fp) for u in plan.kept], verify)
 
 
-def augment_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+def augment_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify: bool = False) -> dict[str, Any]:
     """Inputs: the source stage's manifest (the select stage's with --select-by clip, else the generate
     stage's) when it is complete, else the plan (the same shards, to be)."""
     fps = record["fingerprints"]
@@ -114,11 +125,12 @@ def augment_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig) -> d
     rows_in = manifest.rows if manifest else {u.shard_name: u.size for u in (plan.kept or plan.units)}
     k = cfg.augment.pda_variants
     specs = [shards.augmented_spec(n, r, k, fps["augment"]) for n, r in rows_in.items()]
-    return _shard_stage(run_dir, "augment", record, specs)
+    return _shard_stage(run_dir, "augment", record, specs, verify)
 
 
-def train_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
-    """Units are evaluation runs (independent seeds): finished ones have eval/runs/runNN.json."""
+def train_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify: bool = False) -> dict[str, Any]:
+    """Units are evaluation runs (independent seeds): finished ones have eval/runs/runNN.json (`verify`: runs
+    hold numbers, no images to decode)."""
     fp = record["fingerprints"]["train"]
     wanted = cfg.train.eval_runs
     runs_loc = run_dir.eval.child("runs")
@@ -176,8 +188,9 @@ def _driver(run_dir: RunDir) -> str | None:
 STATUS_OF = {"generate": generate_status, "select": select_status, "augment": augment_status, "train": train_status}
 
 
-def run_status(out: str) -> dict[str, Any]:
-    """The status of every stage the run at `out` was opened with (raises UserError if there is no run)."""
+def run_status(out: str, verify: bool = False) -> dict[str, Any]:
+    """The status of every stage the run at `out` was opened with (raises UserError if there is no run).
+    `verify`: decode every stored image too, and set aside the shards holding one that does not decode."""
     run_dir = RunDir(out)
     try:
         record = run_dir.read_record()
@@ -191,6 +204,7 @@ def run_status(out: str) -> dict[str, Any]:
         cfg = RunConfig.from_dict(record.get("config") or {})
     except (TypeError, ValueError) as e:
         raise UserError(f"{storage.join(out, RUN_FILE)} holds no readable config ({e})") from e
+    check_plan_size(cfg, len(record.get("classes", [])))  # a run.json edited by hand: before any plan is built
     result = {
         "run": out,
         "dataset": cfg.dataset or cfg.classes,
@@ -198,11 +212,26 @@ def run_status(out: str) -> dict[str, Any]:
         "ipc": cfg.ipc,
         "created": record.get("created"),
         "updated": record.get("updated"),
-        "stages": [STATUS_OF[s](run_dir, record, cfg) for s in stages],
+        "stages": [STATUS_OF[s](run_dir, record, cfg, verify) for s in stages],
         "driver": _driver(run_dir),
     }
+    if verify:
+        live = (lease.current(run_dir.root) or {}).get("state") == "live"
+        for s in result["stages"]:
+            s["set_aside"] = [] if live else _set_aside(run_dir.stage_dir(s["stage"]), s.get("corrupt", []))
     result["complete"] = bool(result["stages"]) and all(s["state"] == "complete" for s in result["stages"])
     return result
+
+
+def _set_aside(loc: storage.Location, corrupt: list[dict[str, Any]]) -> list[str]:
+    """Move each shard holding a corrupt image to NAME.corrupt, the manifest first: from then on the stage is
+    not complete for any reader, and a rerun redoes the shards as missing ones. Returns the names moved."""
+    names = list(dict.fromkeys(c["shard"] for c in corrupt))
+    if names:
+        shards.drop_manifest(loc)
+    for name in names:
+        loc.rename(name, name + shards.SET_ASIDE_SUFFIX)
+    return names
 
 
 def format_status(st: dict[str, Any]) -> str:
@@ -230,6 +259,18 @@ def format_status(st: dict[str, Any]) -> str:
         lines.extend(f"      redo {f}" for f in s["failures"][:10])
         if len(s["failures"]) > 10:
             lines.append(f"      ... and {len(s['failures']) - 10} more")
+        for c in s.get("corrupt", [])[:10]:
+            where = "its data pages" if c["row"] is None else f"row {c['row']} (label {c['label']}, index {c['index']})"
+            lines.append(f"      corrupt {c['shard']} {where}: {c['why']}")
+        if len(s.get("corrupt", [])) > 10:
+            lines.append(f"      ... and {len(s['corrupt']) - 10} more corrupt images")
+        if s.get("set_aside"):
+            lines.append(
+                f"      set aside {len(s['set_aside'])} shard(s) as NAME{shards.SET_ASIDE_SUFFIX} and dropped the "
+                "manifest: the next run redoes them"
+            )
+        elif s.get("corrupt") and (st.get("driver") or "").startswith("running"):
+            lines.append("      not set aside: a driver is running on this run; verify again once it has finished")
     lines.append("complete" if st["complete"] else "not complete: run the same command again to finish it")
     return "\n".join(lines)
 
@@ -237,9 +278,15 @@ def format_status(st: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT", help="The run's --out: a local folder or s3://, gs:// URI.")
     parser.add_argument("--json", action="store_true", help="Print the status as JSON (for scripts and dashboards).")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="Also decode every stored image; shards with one that does not decode are named (shard, row, label, "
+        "index), set aside as NAME.corrupt and redone by the next run. Reads every shard in full.",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    st = run_status(args.out)
+    st = run_status(args.out, verify=args.verify)
     print(json.dumps(st, indent=2) if args.json else format_status(st), flush=True)
     return 0 if st["complete"] else 1

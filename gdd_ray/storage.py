@@ -226,6 +226,10 @@ class Location:
         except FileNotFoundError:
             pass
 
+    def rename(self, name: str, new_name: str) -> None:
+        """Move one file within this folder (object stores: copy, then delete)."""
+        self.fs.move(self.file(name), self.file(new_name))
+
     def delete_tree(self) -> None:
         """Everything under this folder (object stores have no folders: their objects, one by one)."""
         if not self.exists():

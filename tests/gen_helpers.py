@@ -81,3 +81,41 @@ def augmented_run(out, dataset: str, ipc: int, k: int, num_classes: int | None =
     specs = [shards.augmented_spec(n, rows[n], k, fps["augment"]) for n in names]
     shards.write_manifest(run_dir.augmented, "augment", fps["augment"], specs)
     return run_dir, classes
+
+
+def bucket_train_config(uri: str, test_dir: Path):
+    """A train-only run at `uri` (an object store) on synthetic generated shards written there, with a local
+    CIFAR-10-format test set in `test_dir`: 2 evaluation runs of 2 epochs, checkpointed every epoch."""
+    from gdd_ray import synthetic
+    from gdd_ray.classes import dataset_classes
+
+    classes = dataset_classes("cifar10")
+    pats = synthetic.patterns(10, 16, seed=0)
+    tx, ty = synthetic.sample(pats, 4, seed=2)
+    synthetic.write_cifar(str(test_dir), tx, ty, [c.class_id for c in classes], kind="cifar10")
+    cfg = build_config(
+        dict(dataset="cifar10", ipc=4, out=uri, stages="train", image_size=16, eval_data=str(test_dir), epochs=2,
+             eval_runs=2, eval_workers=2, net_width=8, train_batch_size=20, checkpoint_every=1)
+    )  # fmt: skip
+    synthetic.write_generated(cfg, classes, *synthetic.sample(pats, 4, seed=1))
+    return cfg
+
+
+EVAL_FILES = ("results.json", "_summary.json", "metrics.jsonl", "curve.png", "runs/run00.json", "runs/run01.json",
+              "checkpoints/run00.pt", "checkpoints/run01.pt")  # fmt: skip
+
+
+def images_of(objects: dict[str, bytes]) -> dict[tuple[int, int], bytes]:
+    """(label, index) -> PNG bytes over every shard object of a bucket listing; asserts no image appears twice."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    out: dict[tuple[int, int], bytes] = {}
+    for key, data in sorted(objects.items()):
+        if key.endswith(".parquet"):
+            t = pq.read_table(io.BytesIO(data))
+            for img, label, index in zip(t["image"].to_pylist(), t["label"].to_pylist(), t["index"].to_pylist()):
+                assert (label, index) not in out, f"duplicate {(label, index)} in {key}"
+                out[(label, index)] = img["bytes"]
+    return out

@@ -39,15 +39,21 @@ def test_env() -> dict[str, str]:
 
 
 class RayHead:
-    def __init__(self, num_cpus: int = 2, num_gpus: int = 0):
+    def __init__(
+        self, num_cpus: int = 2, num_gpus: int = 0, env: dict[str, str] | None = None, start: tuple[str, ...] = ()
+    ):
+        """`start`: the command's own words (default `ray start --head`; e.g. as a README writes them); this
+        adds only what keeps the child apart from any other Ray here: --block, ports, temp dir, resources."""
         gcs, dash, client, agent_http, agent_grpc, metrics, rt_env, nm, om = free_ports(9)
         self.gcs_address = f"127.0.0.1:{gcs}"
         self.dashboard_url = f"http://127.0.0.1:{dash}"
         self.temp_dir = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")  # short: Ray's socket paths are limited
-        self.env = test_env()
+        self.env = env if env is not None else test_env()
+        words = list(start or ("ray", "start", "--head"))
+        assert words[:3] == ["ray", "start", "--head"], words
         ray_bin = str(Path(sys.executable).parent / "ray")
         cmd = [
-            ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+            ray_bin, *words[1:], "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
             f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
@@ -65,7 +71,8 @@ class RayHead:
 
     def auth_headers(self) -> dict[str, str]:
         """What a client sends under token authentication (the dashboard refuses a request without it)."""
-        token = self.env.get("RAY_AUTH_TOKEN") or Path(self.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+        path = self.env.get("RAY_AUTH_TOKEN_PATH") or str(Path(self.env["HOME"]) / ".ray" / "auth_token")
+        token = self.env.get("RAY_AUTH_TOKEN") or Path(path).read_text().strip()
         return {"Authorization": f"Bearer {token}"}
 
     def _wait_ready(self, timeout: float = 120) -> None:

@@ -115,6 +115,32 @@ def test_numbers(flags, message, existing_run, capsys):
     assert tree_digest(existing_run) == before
 
 
+# Each option within its bounds, the product not: refused by arithmetic before any list of units exists.
+PLAN_SIZES = [
+    (["--dataset", "imagenet-1k", "--ipc", "1000000", "--unit-size", "1"], "1,000,000,000 generated images"),
+    (["--dataset", "imagenet-1k", "--ipc", "2000", "--unit-size", "1"], "2,000,000 shards"),
+    (["--dataset", "imagenet-1k", "--ipc", "1000000", "--select-by", "clip", "--overgenerate", "100"], "100,000,000,000"),
+    (["--dataset", "imagenet-1k", "--ipc", "1000", "--pda-variants", "1000", "--stages", "generate,augment"],
+     "1,001,000,000 augmented images"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags, message", PLAN_SIZES, ids=[" ".join(f[3:]) for f, _ in PLAN_SIZES])
+def test_plan_size_is_checked_before_the_plan_is_built(flags, message, existing_run, monkeypatch, capsys):
+    from gdd_ray import plan
+
+    def never(*args):
+        raise AssertionError("the plan was materialised before its size was checked")
+
+    monkeypatch.setattr(plan, "plan_units", never)
+    before = tree_digest(existing_run)
+    args = ["distill", *BASE, *flags, "--out", str(existing_run), "--overwrite"]
+    assert main(args) == 2
+    line = one_error_line(capsys)
+    assert "the plan is too large" in line and message in line
+    assert tree_digest(existing_run) == before
+
+
 @pytest.mark.parametrize("text, message", YAMLS, ids=[m for _, m in YAMLS])
 def test_yaml_configs(text, message, existing_run, tmp_path, capsys):
     config = tmp_path / "config.yaml"
@@ -202,7 +228,7 @@ def _rewrite_shard(loc, name: str, table, footer: dict[str, str]) -> None:
     loc.write_bytes(name, storage.parquet_bytes(table, footer))
 
 
-@pytest.mark.parametrize("damage", ["foreign fingerprint", "duplicate images"])
+@pytest.mark.parametrize("damage", ["foreign fingerprint", "short shard", "duplicate images"])
 def test_export_refuses_an_inconsistent_run(damage, small_export_run, tmp_path, capsys):
     import shutil
 
@@ -220,6 +246,9 @@ def test_export_refuses_an_inconsistent_run(damage, small_export_run, tmp_path, 
     if damage == "foreign fingerprint":  # a shard rewritten by another config since the manifest
         _rewrite_shard(loc, first, pq.read_table(loc.file(first)), {**footer, shards.FINGERPRINT: "f" * 16})
         message = "another fingerprint"
+    elif damage == "short shard":  # rows lost since the manifest was written, footer intact
+        _rewrite_shard(loc, first, pq.read_table(loc.file(first)).slice(1), footer)
+        message = "short ("
     else:  # the second shard holds the first one's images (same rows, same fingerprint)
         _rewrite_shard(loc, second, pq.read_table(loc.file(first)), footer)
         message = "twice"

@@ -12,7 +12,7 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
-from gen_helpers import tiny_config
+from gen_helpers import EVAL_FILES, bucket_train_config, images_of, tiny_config
 
 from gdd_ray import pipeline, storage
 from gdd_ray.errors import UserError
@@ -62,19 +62,6 @@ def keys(client, prefix: str) -> dict[str, bytes]:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         for obj in page.get("Contents", []):
             out[obj["Key"]] = client.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read()
-    return out
-
-
-def images_of(objects: dict[str, bytes]) -> dict[tuple[int, int], bytes]:
-    """(label, index) -> PNG bytes over every shard object; asserts no image appears twice."""
-    out: dict[tuple[int, int], bytes] = {}
-    for key, data in sorted(objects.items()):
-        if not key.endswith(".parquet"):
-            continue
-        t = pq.read_table(io.BytesIO(data))
-        for img, label, index in zip(t["image"].to_pylist(), t["label"].to_pylist(), t["index"].to_pylist()):
-            assert (label, index) not in out, f"duplicate {(label, index)} in {key}"
-            out[(label, index)] = img["bytes"]
     return out
 
 
@@ -194,41 +181,16 @@ def test_generate_and_augment_through_ray_on_s3(s3_server, ray_s3, tiny_model):
 def test_train_stage_checkpoints_and_resumes_in_the_bucket(s3_server, ray_s3, tmp_path):
     """Ray Train workers write checkpoints, run records and results to s3://; a lost run resumes from its
     checkpoint in the bucket. The test set is a local folder read by the driver only."""
-    from gdd_ray import synthetic
-    from gdd_ray.classes import dataset_classes
-    from gdd_ray.config_loader import build_config
     from gdd_ray.train import stage as train_stage
 
     client, _ = s3_server
-    classes = dataset_classes("cifar10")
-    pats = synthetic.patterns(10, 16, seed=0)
-    tx, ty = synthetic.sample(pats, 4, seed=2)
-    synthetic.write_cifar(str(tmp_path / "test"), tx, ty, [c.class_id for c in classes], kind="cifar10")
-    uri = f"s3://{BUCKET}/train-run"
-    cfg = build_config(
-        dict(
-            dataset="cifar10",
-            ipc=4,
-            out=uri,
-            stages="train",
-            image_size=16,
-            eval_data=str(tmp_path / "test"),
-            epochs=2,
-            eval_runs=2,
-            eval_workers=2,
-            net_width=8,
-            train_batch_size=20,
-            checkpoint_every=1,
-        )  # fmt: skip
-    )
-    synthetic.write_generated(cfg, classes, *synthetic.sample(pats, 4, seed=1))
+    cfg = bucket_train_config(f"s3://{BUCKET}/train-run", tmp_path / "test")
     ctx = pipeline.check(cfg)
     res = train_stage.run(ctx)
     assert res["evaluated"] and len(res["runs"]) == 2
 
     objects = keys(client, "train-run/eval/")
-    for name in ("results.json", "_summary.json", "metrics.jsonl", "curve.png", "runs/run00.json",
-                 "runs/run01.json", "checkpoints/run00.pt", "checkpoints/run01.pt"):  # fmt: skip
+    for name in EVAL_FILES:
         assert f"train-run/eval/{name}" in objects, sorted(objects)
     assert any(k.startswith("train-run/eval/_ray_train/") for k in objects)  # Ray Train's own storage_path
 

@@ -114,3 +114,59 @@ def test_empty_or_missing_run_is_one_clear_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "missing").exists()  # status never writes
+
+
+def _damage_one_image(shard, row: int) -> bytes:
+    """Rewrite `shard` with the PNG of `row` cut after its header (it still opens, its pixels do not decode);
+    rows, footer and fingerprint stay as they were. Returns the original bytes of that image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gdd_ray import shards as contract
+    from gdd_ray import storage
+
+    table = pq.read_table(shard)
+    footer = {k.decode(): v.decode() for k, v in pq.read_metadata(shard).metadata.items()}
+    pngs = contract.png_bytes(table)
+    original = pngs[row]
+    pngs[row] = original[:60] + bytes(len(original) - 60)  # signature + IHDR intact, IDAT zeroed
+    paths = table.column("image").combine_chunks().field("path").to_pylist()
+    table = table.set_column(0, pa.field("image", contract.IMAGE_TYPE), contract.image_column(pngs, paths))
+    shard.write_bytes(storage.parquet_bytes(table.replace_schema_metadata(None), footer))
+    return original
+
+
+def test_verify_names_a_corrupt_image_and_a_rerun_redoes_exactly_its_shard(finished_run, tmp_path, capsys):
+    from gen_helpers import read_images
+
+    out = copy_of(finished_run, tmp_path)
+    gen = out / "generated"
+    before = read_images(gen)
+    shard = sorted(gen.glob("c*.parquet"))[2]  # units of 2 and 1 alternate: this one holds 2
+    label, start = int(shard.name[1:6]), int(shard.name[8:14])
+    _damage_one_image(shard, row=1)
+
+    # The footer is intact: status (footers only) and a resume would call the run complete.
+    assert main(["status", str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith("complete")
+
+    assert main(["status", str(out), "--verify"]) == 1
+    text = capsys.readouterr().out
+    assert f"corrupt {shard.name} row 1 (label {label}, index {start + 1})" in text
+    assert "set aside 1 shard(s)" in text and "not complete" in text
+    assert not shard.exists() and (gen / (shard.name + ".corrupt")).exists()
+    assert not (gen / "_manifest.json").exists()  # the stage is no longer complete for any reader
+
+    assert main(["status", str(out), "--verify", "--json"]) == 1  # now a missing shard, nothing corrupt
+    g = json.loads(capsys.readouterr().out)["stages"][0]
+    assert (g["done"], g["total"], g["corrupt"], g["set_aside"]) == (19, 20, [], [])
+
+    summary = gen_stage.run(pipeline.check(tiny_config(out)), serial=True)
+    assert summary["totals"]["units_run"] == 1 and shard.exists()
+    assert read_images(gen) == before  # the same seeds: the redone shard holds the original pixels
+    assert main(["status", str(out), "--verify"]) == 0
+    capsys.readouterr()
+    dest = tmp_path / "exported"
+    argv = ["export", "--run", str(out), "--format", "imagefolder", "--source", "generated", "--dest", str(dest)]
+    assert main(argv) == 0
+    assert len(list(dest.rglob("*.png"))) == 30

@@ -144,7 +144,10 @@ def fit(job: TrainJob, storage_loc: storage.Location, workers: int, use_gpu: boo
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         run_config=RayRunConfig(
             name=f"eval-{job.fingerprint}-{int(time.time())}",
-            storage_path=storage_loc.path if storage_loc.local else storage_loc.uri,
+            # The storage layer's own filesystem (its endpoint, credentials, retry limit): from a bare gs:// or
+            # s3:// URI Ray would build a default client, blind to STORAGE_EMULATOR_HOST and without a bound.
+            storage_path=storage_loc.path,
+            storage_filesystem=None if storage_loc.local else storage_loc.fs,
             # A restarted worker group resumes every run from its checkpoint.
             failure_config=FailureConfig(max_failures=2),
         ),

@@ -80,7 +80,7 @@ def context(cfg: RunConfig, run_dir: RunDir | None = None) -> tuple[RunContext, 
     `run_dir`: OUT with stage folders shared with other runs (a sweep's); default plain OUT."""
     classes = load_classes(cfg.dataset, cfg.classes)
     if not cfg.allow_duplicate_prompts:  # two labels for one set of images would train on noise
-        check_prompts(classes, cfg.generate.prompt_template, class_list_source(cfg.dataset, cfg.classes))
+        check_prompts(classes, cfg.generate.templates, class_list_source(cfg.dataset, cfg.classes))
     run_dir = run_dir or RunDir(cfg.out)
     fps, inputs, sources = stage_inputs(cfg, classes, run_dir)
     return RunContext(cfg, run_dir, classes, plan_run(cfg, len(classes)), fps, sources), inputs

@@ -42,7 +42,9 @@ def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
     the commit a hub model is loaded at: in the fingerprint, so a changed snapshot is never mixed in."""
     revision = resolve_revision(cfg.generate.model, cfg.generate.model_revision)
     pinned = {"model_revision": revision} if revision else {}  # local models: fingerprints as before
-    return {**runtime.resolve(cfg).inputs(), **pinned}
+    # The template list's contents (not the file's path); absent without one, so such runs keep their fingerprint.
+    templates = {"prompt_templates": list(cfg.generate.prompt_templates)} if cfg.generate.prompt_templates else {}
+    return {**runtime.resolve(cfg).inputs(), **pinned, **templates}
 
 
 def preflight(ctx: RunContext) -> None:

@@ -116,14 +116,15 @@ def check_prompts(classes: list[ClassInfo], templates: str | tuple[str, ...], so
                 text = c.prompt(template)
             except (KeyError, IndexError, ValueError, AttributeError) as e:
                 raise UserError(f"prompt template '{template}' cannot be filled in ({type(e).__name__}: {e})") from e
-            seen.setdefault(" ".join(text.casefold().split()), {}).setdefault(c.label, (c, text))
-    groups = [list(g.values()) for g in seen.values() if len(g) > 1]
+            seen.setdefault(" ".join(text.casefold().split()), {}).setdefault(c.label, (c, text, template))
+    groups = [sorted(g.values(), key=lambda x: x[0].label) for g in seen.values() if len(g) > 1]
     if not groups:
         return
-    shown = "; ".join(
-        " and ".join(f"line {c.line or c.label + 1} (label {c.label})" for c, _ in g[:3]) + f" give '{g[0][1]}'"
-        for g in groups[:5]
-    )
+
+    def who(c: ClassInfo, template: str) -> str:
+        return f"line {c.line or c.label + 1} (label {c.label})" + (f" with '{template}'" if len(templates) > 1 else "")
+
+    shown = "; ".join(" and ".join(who(c, t) for c, _, t in g[:3]) + f" give '{g[0][1]}'" for g in groups[:5])
     more = f" (and {len(groups) - 5} more)" if len(groups) > 5 else ""
     which = f"--prompt-template '{templates[0]}'" if len(templates) == 1 else f"{len(templates)} prompt templates"
     raise UserError(

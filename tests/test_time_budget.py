@@ -5,7 +5,7 @@ import json
 from collections import Counter, deque
 
 import pytest
-from gen_helpers import read_images
+from gen_helpers import read_images, three_class_config
 
 from gdd_ray import pipeline, shards
 from gdd_ray.config_loader import build_config
@@ -95,15 +95,6 @@ def test_a_new_round_waits_for_a_measurement_and_counts_what_is_out(clock):
     assert late.allows(deque([WorkUnit(1, 0, 2)]), 0) is True  # a retry of a round already out still goes
 
 
-def three_classes(out, **values):
-    """The tiny model on a three-class list: rounds of 3 units, a few seconds of CPU each."""
-    classes = out.parent / "classes.txt"
-    classes.write_text("cat\ndog\nbird\n")
-    base = dict(classes=str(classes), out=str(out), model="tiny", gen_resolution=64, image_size=16, unit_size=2,
-                batch_size=2, stages="generate")  # fmt: skip
-    return build_config({**base, **values})
-
-
 def _fake_unit_time(monkeypatch, clock, seconds_per_unit=10.0):
     original = UnitGenerator.run
 
@@ -117,7 +108,7 @@ def _fake_unit_time(monkeypatch, clock, seconds_per_unit=10.0):
 
 def test_budget_stops_every_class_at_one_ipc_then_a_rerun_grows_it(tmp_path, tiny_model, monkeypatch, clock, capsys):
     _fake_unit_time(monkeypatch, clock)  # 3 classes x 2 rounds of 2-image units; a round = 30 s
-    cfg = three_classes(tmp_path / "run", ipc=4, time_budget="45s", stages="generate,train")
+    cfg = three_class_config(tmp_path / "run", ipc=4, time_budget="45s", stages="generate,train")
     ctx = pipeline.check(cfg)
     plain_train_fp = ctx.fingerprint("train")
     summary = gen_stage.run(ctx, serial=True)
@@ -157,7 +148,7 @@ def test_budget_stops_every_class_at_one_ipc_then_a_rerun_grows_it(tmp_path, tin
 
 def test_a_budget_larger_than_needed_reaches_the_planned_ipc(tmp_path, tiny_model, monkeypatch, clock):
     _fake_unit_time(monkeypatch, clock)
-    cfg = three_classes(tmp_path / "run", ipc=3, time_budget="1h")
+    cfg = three_class_config(tmp_path / "run", ipc=3, time_budget="1h")
     summary = gen_stage.run(pipeline.check(cfg), serial=True)
     assert summary["ipc_reached"] == 3 and not summary["stopped_by_budget"]
     assert summary["totals"]["images"] == 9 and len(read_images(tmp_path / "run" / "generated")) == 9

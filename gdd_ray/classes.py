@@ -165,20 +165,8 @@ def check_templates(templates: tuple[str, ...], flag: str = "--prompt-templates"
 
 def load_templates(path: str) -> tuple[str, ...]:
     """The templates of a --prompt-templates file (local or a storage URI), read bounded."""
-    from gdd_ray import storage
-
     source = f"--prompt-templates {path}"
-    try:
-        data = storage.read_bytes(path, limit=MAX_TEMPLATE_FILE_BYTES)
-    except storage.TooLarge as e:
-        raise UserError(f"{source}: larger than {MAX_TEMPLATE_FILE_BYTES // 2**20} MiB") from e
-    except OSError as e:
-        raise UserError(f"{source}: cannot read it ({storage.reason(e)})") from e
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{source}: not a UTF-8 text file (byte {e.start})") from e
-    return parse_templates(text, source)
+    return parse_templates(read_text_file(path, source, MAX_TEMPLATE_FILE_BYTES), source)
 
 
 def _read_package_text(filename: str) -> str:
@@ -276,27 +264,32 @@ def folder_names(class_ids: list[str]) -> dict[str, str]:
     return out
 
 
+def read_text_file(path: str, source: str, limit: int) -> str:
+    """A user's text file (local or a storage URI), read bounded: UTF-8 (a byte-order mark, which Windows
+    editors write, dropped); anything else is one line naming `source`."""
+    from gdd_ray import storage
+
+    try:
+        data = storage.read_bytes(path, limit=limit)
+    except storage.TooLarge as e:
+        raise UserError(f"{source}: larger than {limit // 2**20} MiB") from e
+    except OSError as e:
+        raise UserError(f"{source}: cannot read it ({storage.reason(e)})") from e
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{source}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source}: not a UTF-8 text file (byte {e.start})") from e
+    if "\x00" in text:
+        raise UserError(f"{source}: contains NUL bytes; not a text file")
+    return text
+
+
 def load_classes(dataset: str | None, classes_file: str | None) -> list[ClassInfo]:
     if classes_file is not None:
-        from gdd_ray import storage
-
-        try:
-            data = storage.read_bytes(classes_file, limit=MAX_CLASS_FILE_BYTES)
-        except storage.TooLarge as e:
-            raise UserError(f"--classes {classes_file}: larger than {MAX_CLASS_FILE_BYTES // 2**20} MiB") from e
-        except OSError as e:
-            raise UserError(f"--classes {classes_file}: cannot read it ({storage.reason(e)})") from e
-        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-            raise UserError(
-                f"--classes {classes_file}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8"
-            )
-        try:
-            text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark (Windows editors write one) is not a class id
-        except UnicodeDecodeError as e:
-            raise UserError(f"--classes {classes_file}: not a UTF-8 text file (byte {e.start})") from e
-        if "\x00" in text:
-            raise UserError(f"--classes {classes_file}: contains NUL bytes; not a text file")
-        return parse_class_file(text, f"--classes {classes_file}")
+        source = f"--classes {classes_file}"
+        return parse_class_file(read_text_file(classes_file, source, MAX_CLASS_FILE_BYTES), source)
     assert dataset is not None
     return dataset_classes(dataset)
 

@@ -24,6 +24,9 @@ from importlib import resources
 from gdd_ray.errors import UserError
 
 MAX_TEMPLATE_CHARS = 1000
+# Limits of a prompt-template list (--prompt-templates): every (class, template) prompt is encoded at start-up.
+MAX_TEMPLATES = 256
+MAX_TEMPLATE_FILE_BYTES = 1 * 2**20
 # Limits of a class file: what a cluster can hold in one run, and names that fit every filesystem.
 MAX_CLASSES = 100_000
 MAX_CLASS_FILE_BYTES = 16 * 2**20
@@ -66,12 +69,11 @@ class ClassInfo:
         return template.format(name=self.name, desc=self.desc)
 
 
-def template_fields(template: str) -> set[str]:
+def template_fields(template: str, flag: str = "--prompt-template") -> set[str]:
     """The fields a prompt template uses, and the one check of a template: literal text and plain `{field}`s
     from TEMPLATE_FIELDS (literal braces as `{{` `}}`), {name} or {desc} among them; no attribute or index
     access, no format specs or conversions, no positional fields. Checked by string.Formatter's own parser,
-    the one `str.format` uses, so what passes here formats."""
-    flag = "--prompt-template"
+    the one `str.format` uses, so what passes here formats. `flag` names the template in messages."""
     if len(template) > MAX_TEMPLATE_CHARS:
         raise UserError(f"{flag} is {len(template)} characters long; at most {MAX_TEMPLATE_CHARS}")
     if any(ord(ch) < 32 and ch not in "\t" for ch in template):
@@ -99,31 +101,72 @@ def template_fields(template: str) -> set[str]:
     return used
 
 
-def check_prompts(classes: list[ClassInfo], template: str, source: str) -> None:
+def check_prompts(classes: list[ClassInfo], templates: str | tuple[str, ...], source: str) -> None:
     """Refuse a class list in which two classes get the same prompt, naming the colliding lines.
 
-    Linear in the number of classes: one dict from the prompt as the text encoder sees it to its lines."""
-    seen: dict[str, list[ClassInfo]] = {}
-    for c in classes:
-        try:
-            text = c.prompt(template)
-        except (KeyError, IndexError, ValueError, AttributeError) as e:
-            raise UserError(f"--prompt-template '{template}' cannot be filled in ({type(e).__name__}: {e})") from e
-        seen.setdefault(" ".join(text.casefold().split()), []).append(c)
-    groups = [g for g in seen.values() if len(g) > 1]
+    With several templates every (class, template) prompt counts: two classes collide when any of their
+    prompts are the same text, under one template or two (one class giving the same text under two
+    templates is no collision). Linear in classes x templates: one dict from the prompt as the text encoder
+    sees it to the classes that give it."""
+    templates = (templates,) if isinstance(templates, str) else tuple(templates)
+    seen: dict[str, dict[int, tuple[ClassInfo, str]]] = {}
+    for template in templates:
+        for c in classes:
+            try:
+                text = c.prompt(template)
+            except (KeyError, IndexError, ValueError, AttributeError) as e:
+                raise UserError(f"prompt template '{template}' cannot be filled in ({type(e).__name__}: {e})") from e
+            seen.setdefault(" ".join(text.casefold().split()), {}).setdefault(c.label, (c, text, template))
+    groups = [sorted(g.values(), key=lambda x: x[0].label) for g in seen.values() if len(g) > 1]
     if not groups:
         return
-    shown = "; ".join(
-        " and ".join(f"line {c.line or c.label + 1} (label {c.label})" for c in g[:3])
-        + f" give '{g[0].prompt(template)}'"
-        for g in groups[:5]
-    )
+
+    def who(c: ClassInfo, template: str) -> str:
+        return f"line {c.line or c.label + 1} (label {c.label})" + (f" with '{template}'" if len(templates) > 1 else "")
+
+    shown = "; ".join(" and ".join(who(c, t) for c, _, t in g[:3]) + f" give '{g[0][1]}'" for g in groups[:5])
     more = f" (and {len(groups) - 5} more)" if len(groups) > 5 else ""
+    which = f"--prompt-template '{templates[0]}'" if len(templates) == 1 else f"{len(templates)} prompt templates"
     raise UserError(
-        f"{source}: {len(groups)} prompt(s) shared by several classes with --prompt-template '{template}': "
+        f"{source}: {len(groups)} prompt(s) shared by several classes with {which}: "
         f"{shown}{more}; give each class its own name, or a description (third column) and use {{desc}}, "
         "or pass --allow-duplicate-prompts"
     )
+
+
+def parse_templates(text: str, source: str) -> tuple[str, ...]:
+    """A prompt-template file: one template a line; blank lines and lines starting with # are skipped. Each
+    template passes the one template check (`template_fields`), its mistakes naming the line."""
+    out: list[str] = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        template_fields(line, f"{source}: line {lineno}:")
+        if line in out:
+            raise UserError(f"{source}: line {lineno} repeats the template {line!r}")
+        if len(out) == MAX_TEMPLATES:
+            raise UserError(f"{source}: more than {MAX_TEMPLATES} templates")
+        out.append(line)
+    if not out:
+        raise UserError(f"{source}: the file lists no templates (one template a line, e.g. 'a photo of a {{name}}')")
+    return tuple(out)
+
+
+def check_templates(templates: tuple[str, ...], flag: str = "--prompt-templates") -> None:
+    """The checks of a template list given inline (a YAML list, run.json): each template, bounds, no repeats."""
+    if len(templates) > MAX_TEMPLATES:
+        raise UserError(f"{flag}: {len(templates)} templates; at most {MAX_TEMPLATES}")
+    for i, template in enumerate(templates):
+        template_fields(template, f"{flag} item {i + 1}:")
+        if template in templates[:i]:
+            raise UserError(f"{flag}: item {i + 1} repeats the template {template!r}")
+
+
+def load_templates(path: str) -> tuple[str, ...]:
+    """The templates of a --prompt-templates file (local or a storage URI), read bounded."""
+    source = f"--prompt-templates {path}"
+    return parse_templates(read_text_file(path, source, MAX_TEMPLATE_FILE_BYTES), source)
 
 
 def _read_package_text(filename: str) -> str:
@@ -221,27 +264,32 @@ def folder_names(class_ids: list[str]) -> dict[str, str]:
     return out
 
 
+def read_text_file(path: str, source: str, limit: int) -> str:
+    """A user's text file (local or a storage URI), read bounded: UTF-8 (a byte-order mark, which Windows
+    editors write, dropped); anything else is one line naming `source`."""
+    from gdd_ray import storage
+
+    try:
+        data = storage.read_bytes(path, limit=limit)
+    except storage.TooLarge as e:
+        raise UserError(f"{source}: larger than {limit // 2**20} MiB") from e
+    except OSError as e:
+        raise UserError(f"{source}: cannot read it ({storage.reason(e)})") from e
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{source}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source}: not a UTF-8 text file (byte {e.start})") from e
+    if "\x00" in text:
+        raise UserError(f"{source}: contains NUL bytes; not a text file")
+    return text
+
+
 def load_classes(dataset: str | None, classes_file: str | None) -> list[ClassInfo]:
     if classes_file is not None:
-        from gdd_ray import storage
-
-        try:
-            data = storage.read_bytes(classes_file, limit=MAX_CLASS_FILE_BYTES)
-        except storage.TooLarge as e:
-            raise UserError(f"--classes {classes_file}: larger than {MAX_CLASS_FILE_BYTES // 2**20} MiB") from e
-        except OSError as e:
-            raise UserError(f"--classes {classes_file}: cannot read it ({storage.reason(e)})") from e
-        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-            raise UserError(
-                f"--classes {classes_file}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8"
-            )
-        try:
-            text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark (Windows editors write one) is not a class id
-        except UnicodeDecodeError as e:
-            raise UserError(f"--classes {classes_file}: not a UTF-8 text file (byte {e.start})") from e
-        if "\x00" in text:
-            raise UserError(f"--classes {classes_file}: contains NUL bytes; not a text file")
-        return parse_class_file(text, f"--classes {classes_file}")
+        source = f"--classes {classes_file}"
+        return parse_class_file(read_text_file(classes_file, source, MAX_CLASS_FILE_BYTES), source)
     assert dataset is not None
     return dataset_classes(dataset)
 

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gdd_ray.classes import template_fields
+from gdd_ray.classes import check_templates, template_fields
 from gdd_ray.errors import UserError
 
 Stage = Literal["generate", "select", "augment", "train"]
@@ -37,6 +37,25 @@ DEFAULT_STAGES: tuple[str, ...] = tuple(s for s in STAGES if s != "select")
 DATASETS: tuple[str, ...] = typing.get_args(Dataset)
 # The size stored when --image-size is not given: the resolution of the real dataset it stands in for.
 DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "tiny-imagenet": 64, "imagenet-1k": 224}
+
+
+MAX_TIME_BUDGET_S = 7 * 24 * 3600
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str | float, flag: str) -> float:
+    """'600', '90s', '10m', '1.5h' -> seconds, between 1 s and MAX_TIME_BUDGET_S."""
+    raw = str(text).strip().lower()
+    number, unit = (raw[:-1], raw[-1]) if raw[-1:] in _DURATION_UNITS and raw[-1:] else (raw, "")
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit]
+    except ValueError:
+        seconds = float("nan")
+    if not 1 <= seconds <= MAX_TIME_BUDGET_S:  # also refuses nan and inf
+        raise UserError(
+            f"{flag} must be a duration between 1s and {MAX_TIME_BUDGET_S // 3600}h (e.g. 10m), got {text!r}"
+        )
+    return seconds
 
 
 def opt(default: Any, help: str, *, low: float | None = None, high: float | None = None, **kw: Any) -> Any:
@@ -80,6 +99,20 @@ class GenerateConfig:
         "{name}",
         "Prompt per class; {name} is the class name (the paper uses the bare name), {desc} its description "
         "(the class file's third column, e.g. 'a kite, a bird of prey with a forked tail'; the name if none).",
+    )
+    prompt_templates: tuple[str, ...] = opt(
+        (),
+        "Several prompt templates instead of --prompt-template: a file with one template a line (blank lines and "
+        "# comments skipped), or a YAML list. Each image takes one, chosen from its own seed (run seed, class, "
+        "index), so the choice never depends on batching or reruns; the row stores the prompt it was drawn from.",
+    )
+    time_budget: str | None = opt(
+        None,
+        "Generate for at most this long (e.g. 600, 90s, 10m, 1.5h; up to 7 days) instead of to --ipc: units go out "
+        "index-major (every class's first unit, then every class's second...) and dispatch stops when another "
+        "round would not fit, so every class ends at the same IPC (the IPC reached, a multiple of --unit-size; "
+        "--ipc is the upper bound). Counts generation only (from the first unit; not model load or compile). "
+        "Later stages use the IPC reached; a rerun grows the run by another budget.",
     )
     batch_size: int = opt(
         16,
@@ -130,6 +163,19 @@ class GenerateConfig:
         "Latents -> pixels: 'vae' = the model's own VAE; 'taesdxl' = the tiny AutoencoderTiny decoder "
         "(madebyollin/taesdxl) for stored sizes <= 64 px, where it makes generation UNet-bound. Changes pixels.",
     )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompt_templates, list):  # run.json keeps the list as JSON
+            object.__setattr__(self, "prompt_templates", tuple(self.prompt_templates))
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        """The prompt templates images are drawn from: --prompt-templates, else the one --prompt-template."""
+        return self.prompt_templates or (self.prompt_template,)
+
+    @property
+    def time_budget_s(self) -> float | None:
+        return None if self.time_budget is None else parse_duration(self.time_budget, "--time-budget")
 
 
 @dataclass(frozen=True)
@@ -386,6 +432,17 @@ def validate(cfg: RunConfig) -> None:
             f"--image-size must be between 1 and --gen-resolution ({g.gen_resolution}), got {cfg.image_size}"
         )
     template_fields(g.prompt_template)
+    if g.prompt_templates:
+        check_templates(g.prompt_templates)
+        if g.prompt_template != "{name}":
+            raise UserError("give either --prompt-template (one) or --prompt-templates (several), not both")
+    if g.time_budget is not None:
+        parse_duration(g.time_budget, "--time-budget")
+        if cfg.clip.select_by != "none":
+            raise UserError(
+                "--time-budget with --select-by clip is not supported yet: generate with the budget first, "
+                "or give --ipc without a budget"
+            )
     if "select" in cfg.stages and cfg.clip.select_by == "none":
         raise UserError("--stages select needs something to select by: add --select-by clip")
     if cfg.clip.overgenerate != 1.0 and cfg.clip.select_by == "none":

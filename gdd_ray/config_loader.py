@@ -177,6 +177,10 @@ def build_config(values: dict[str, Any], yaml_path: str | None = None) -> RunCon
     if unknown:
         raise UserError(f"config: unknown option(s) {', '.join(u.replace('_', '-') for u in unknown)}")
 
+    if isinstance(merged.get("prompt_templates"), str):  # a file of templates (a YAML list is the templates)
+        from gdd_ray.classes import load_templates
+
+        merged["prompt_templates"] = load_templates(os.path.expanduser(merged["prompt_templates"]))
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for k, v in merged.items():

@@ -24,7 +24,7 @@ def digest(obj: Any) -> str:
 def class_list(cfg: RunConfig, classes: list[ClassInfo]) -> list[list[str]]:
     """The class list as it decides an output: id and name, and the description when the prompt uses it
     (so a run whose template ignores descriptions keeps its fingerprint when they change)."""
-    with_desc = "desc" in template_fields(cfg.generate.prompt_template)
+    with_desc = any("desc" in template_fields(t) for t in cfg.generate.templates)
     return [[c.class_id, c.name, c.desc] if with_desc else [c.class_id, c.name] for c in classes]
 
 

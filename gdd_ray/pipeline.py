@@ -13,6 +13,7 @@ so a partial run shows what exists; the stages know nothing of it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from gdd_ray import lease, report_page, storage
@@ -22,7 +23,7 @@ from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
 from gdd_ray.fingerprints import output_inputs, stage_fingerprint
 from gdd_ray.generate import stage as generate
-from gdd_ray.plan import check_plan_size, plan_run
+from gdd_ray.plan import check_plan_size, generated_per_class, plan_run
 from gdd_ray.run import RunContext, RunDir
 from gdd_ray.select import stage as select
 from gdd_ray.train import stage as train
@@ -33,9 +34,17 @@ STAGE_MODULES = {"generate": generate, "select": select, "augment": augment, "tr
 PIPELINE_SWITCHES = {"watermarker": "off (forced, even with invisible-watermark installed)", "safety_checker": "none"}
 
 
-def stage_inputs(cfg: RunConfig, classes: list[ClassInfo], run_dir: RunDir) -> tuple[dict, dict, dict]:
+# The stages whose output depends on the generated set as a whole (not shard by shard): they hold the IPC a
+# budgeted generation reached, so a run that grew is trained again. (Augment works per shard: it adds the new ones.)
+SET_STAGES = ("train",)
+
+
+def stage_inputs(
+    cfg: RunConfig, classes: list[ClassInfo], run_dir: RunDir, ipc_reached: int | None = None
+) -> tuple[dict, dict, dict]:
     """(fingerprints, inputs, sources) of every stage up to the last one asked for: a stage's input is
-    its source stage's output, so that stage's fingerprint is part of it."""
+    its source stage's output, so that stage's fingerprint is part of it. `ipc_reached`: the IPC a budgeted
+    generation stopped at short of its plan (short_ipc), None otherwise."""
     last = max(STAGES.index(s) for s in cfg.stages)
     fps: dict[str, str] = {}
     inputs: dict[str, dict[str, Any]] = {}
@@ -46,6 +55,8 @@ def stage_inputs(cfg: RunConfig, classes: list[ClassInfo], run_dir: RunDir) -> t
         mod = STAGE_MODULES[name]
         src = mod.source(cfg, run_dir)
         inputs[name] = {**output_inputs(cfg, classes, mod.OUTPUT_FIELDS), **mod.resolved_inputs(cfg)}
+        if ipc_reached is not None and name in SET_STAGES:
+            inputs[name]["ipc_reached"] = ipc_reached
         fps[name] = stage_fingerprint(name, mod.VERSION, inputs[name], fps.get(src) if src else None, src)
         sources[name] = src
     return fps, inputs, sources
@@ -81,10 +92,34 @@ def context(cfg: RunConfig, run_dir: RunDir | None = None) -> tuple[RunContext, 
     classes = load_classes(cfg.dataset, cfg.classes)
     check_plan_size(cfg, len(classes))  # arithmetic: before plan_run builds a list that may not fit in memory
     if not cfg.allow_duplicate_prompts:  # two labels for one set of images would train on noise
-        check_prompts(classes, cfg.generate.prompt_template, class_list_source(cfg.dataset, cfg.classes))
+        check_prompts(classes, cfg.generate.templates, class_list_source(cfg.dataset, cfg.classes))
     run_dir = run_dir or RunDir(cfg.out)
     fps, inputs, sources = stage_inputs(cfg, classes, run_dir)
-    return RunContext(cfg, run_dir, classes, plan_run(cfg, len(classes)), fps, sources, inputs), inputs
+    reached = short_ipc(cfg, run_dir.read_summary("generate"), fps["generate"])
+    if reached is not None:
+        fps, inputs, sources = stage_inputs(cfg, classes, run_dir, reached)
+    plan = plan_run(cfg, len(classes))
+    return RunContext(cfg, run_dir, classes, plan, fps, sources, inputs=inputs, ipc_reached=reached), inputs
+
+
+def short_ipc(cfg: RunConfig, summary: dict[str, Any] | None, generate_fp: str) -> int | None:
+    """The IPC a budgeted generation of this config reached when it is short of the plan (its summary says
+    so), else None: what later stages read is then images 0..IPC reached - 1 of every class."""
+    if not summary or summary.get("fingerprint") != generate_fp or "time_budget_s" not in summary:
+        return None
+    reached = summary.get("ipc_reached")
+    return reached if isinstance(reached, int) and 0 < reached < generated_per_class(cfg) else None
+
+
+def after_generate(ctx: RunContext, summary: dict[str, Any]) -> RunContext:
+    """A budgeted generation moved the IPC later stages see: their fingerprints follow, in run.json too (their
+    outputs of the old IPC are redone as another fingerprint's)."""
+    reached = short_ipc(ctx.cfg, summary, ctx.fingerprint("generate"))
+    if reached == ctx.ipc_reached:
+        return ctx
+    fps, inputs, _ = stage_inputs(ctx.cfg, ctx.classes, ctx.run_dir, reached)
+    ctx.run_dir.update_fingerprints(fps, inputs)
+    return dataclasses.replace(ctx, fingerprints=fps, inputs=inputs, ipc_reached=reached)
 
 
 def checked_context(cfg: RunConfig, run_dir: RunDir | None = None) -> tuple[RunContext, dict[str, dict[str, Any]]]:
@@ -113,6 +148,8 @@ def execute(ctx: RunContext) -> dict[str, Any]:
         for stage in STAGES:
             if stage in ctx.cfg.stages:
                 out[stage] = STAGE_MODULES[stage].run(ctx)
+                if stage == "generate":
+                    ctx = after_generate(ctx, out[stage])
                 report_page.write_run_page(ctx.run_dir)
     except BaseException:
         report_page.write_run_page(ctx.run_dir, quiet=True)  # what exists so far; the stage's error wins

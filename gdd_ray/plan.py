@@ -146,6 +146,12 @@ def image_seed(run_seed: int, label: int, index: int) -> int:
     return derive_seed("gdd-ray", run_seed, label, index)
 
 
+def template_choice(run_seed: int, label: int, index: int, templates: int) -> int:
+    """Which of `templates` prompt templates image (label, index) is drawn from: its own derived stream, so
+    the choice depends on the image alone (never on batching, unit size or reruns), and 0 with one template."""
+    return 0 if templates == 1 else derive_seed("gdd-ray-template", run_seed, label, index) % templates
+
+
 def variant_seed(image_seed: int, variant: int) -> int:
     """Seed of one augmented variant; variant 0 is the original image and keeps the image's own seed."""
     return int(image_seed) if variant == 0 else derive_seed("gdd-ray-pda", int(image_seed), variant)

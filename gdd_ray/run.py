@@ -172,6 +172,13 @@ class RunDir:
         record.setdefault("stages", {}).setdefault(stage, {}).update(info)
         self.write_record(record)
 
+    def update_fingerprints(self, fingerprints: dict[str, str], inputs: dict[str, dict[str, Any]]) -> None:
+        """New fingerprints for stages of this run mid-run (a budgeted generation moved the IPC reached)."""
+        record = self.read_record() or {}
+        record.setdefault("fingerprints", {}).update(fingerprints)
+        record.setdefault("inputs", {}).update(inputs)
+        self.write_record(record)
+
     def read_summary(self, stage: str) -> dict[str, Any] | None:
         loc = self.stage_dir(stage)
         try:
@@ -316,9 +323,15 @@ class RunContext:
     # stage -> what it resolved from the config (engine, revision, recipe ...) as fingerprinted: resolved
     # once, before run.json, so a stage runs with exactly the values its fingerprint and run.json hold
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ipc_reached: int | None = None  # a budgeted generation short of its plan: the IPC every class has
 
     def fingerprint(self, stage: str) -> str:
         return self.fingerprints[stage]
+
+    @property
+    def ipc(self) -> int:
+        """Images per class the stages after generate see: --ipc, or the IPC a time budget reached."""
+        return self.cfg.ipc if self.ipc_reached is None else min(self.cfg.ipc, self.ipc_reached)
 
 
 class Stopwatch:

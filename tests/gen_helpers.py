@@ -21,6 +21,18 @@ def tiny_config(out, **overrides):
     return build_config(values)
 
 
+def three_class_config(out, **overrides):
+    """tiny_config on a three-class list (cat, dog, bird): a stage run of a few seconds on a CPU."""
+    classes = Path(out).parent / "three_classes.txt"
+    classes.write_text("cat\ndog\nbird\n")
+    values = dict(
+        classes=str(classes), ipc=3, out=str(out), model="tiny", gen_resolution=64, image_size=16, unit_size=2,
+        batch_size=2, stages="generate",
+    )  # fmt: skip
+    values.update(overrides)
+    return build_config(values)
+
+
 def read_images(folder: Path | str) -> dict[tuple[int, int], bytes]:
     """(label, index) -> PNG bytes over every shard; asserts no (label, index) appears twice.
 

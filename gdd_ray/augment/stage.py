@@ -141,7 +141,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         variants=k,
         ops=[[n, p] for n, p in ops_applied],
         images_in=manifest.images,
-        images_per_class=cfg.ipc * (k + 1),
+        images_per_class=ctx.ipc * (k + 1),
         samples=SAMPLES_FILE,
     )
     run_dir.write_summary("augment", summary)

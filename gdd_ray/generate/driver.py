@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from gdd_ray.errors import UserError
+from gdd_ray.generate.budget import TimeBudget
 from gdd_ray.generate.generator import GenerationJob, UnitGenerator, UnitResult
 from gdd_ray.logs import Progress, quiet_libraries, say
 from gdd_ray.plan import WorkUnit
@@ -74,11 +75,19 @@ def run_serial(
     make_worker: Callable[[], UnitGenerator],
     max_retries: int = 3,
     progress: Progress | None = None,
+    budget: TimeBudget | None = None,
 ) -> list[UnitResult]:
-    """Every unit in this process, in order, with the same retry rule as the Ray runner."""
+    """Every unit in this process, in order, with the same retry rule as the Ray runner; with a `budget`, up
+    to the last round that fits it."""
     worker = make_worker()
+    if budget is not None and hasattr(worker, "load"):
+        worker.load()  # start-up is not the budget's time (the Ray runner's actors load before they are ready)
     results = []
-    for unit in units:
+    queue = deque(units)
+    while queue:
+        if budget is not None and not budget.allows(queue, 0):  # never None here: nothing is out at a round's end
+            break
+        unit = queue.popleft()
         for attempt in range(1, max_retries + 1):
             try:
                 results.append(worker.run(unit))
@@ -86,6 +95,8 @@ def run_serial(
             except Exception as e:
                 if attempt == max_retries:
                     raise unit_failed(f"work unit {unit} failed {attempt} times: {last_line(e)}", e) from e
+        if budget is not None:
+            budget.finished(results[-1].images)
         if progress:
             progress.add(1, results[-1].images)
     return results
@@ -155,8 +166,10 @@ def run_on_ray(
     max_replacements: int | None = None,
     stats: dict | None = None,
     worker_gpus: float | None = None,
+    budget: TimeBudget | None = None,
 ) -> list[UnitResult]:
-    """Run every unit on `workers` actors; `stats` (if given) receives what happened along the way:
+    """Run every unit on `workers` actors (with a `budget`: up to the last round that fits it, see budget.py);
+    `stats` (if given) receives what happened along the way:
     workers_started, worker_start_s (until the first actor was ready), startup (each ready actor's load,
     text-encode, compile and first-batch seconds), replacements, failed_attempts."""
     import ray
@@ -214,6 +227,12 @@ def run_on_ray(
         while queue or in_flight:
             for s in slots:
                 while s.ready and queue and s.in_flight < PIPELINE_DEPTH:
+                    if budget is not None:
+                        allowed = budget.allows(queue, sum(u.size for *_, u in in_flight.values()))
+                        if allowed is False:
+                            queue.clear()  # the budget is spent: the units out finish, nothing more starts
+                        if not allowed:
+                            break
                     unit = queue.popleft()
                     ref = s.actor.run_unit.remote(unit)
                     in_flight[ref] = (s, s.epoch, unit)
@@ -251,6 +270,8 @@ def run_on_ray(
                     replace(slot, cause)
                 continue
             results.append(result)
+            if budget is not None:
+                budget.finished(result.images)
             if progress:
                 progress.add(1, result.images, workers=sum(s.ready for s in slots))
     finally:

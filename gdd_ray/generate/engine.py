@@ -91,8 +91,9 @@ def draw_noise(seeds: list[int], batch: int, shape: tuple[int, ...], dtype, pin:
 
 
 class PromptTable:
-    """Every class's text embeddings, encoded in batched calls (PROMPT_CHUNK prompts each) and kept on the
-    device: all of them at start-up when the class list is not huge, else each chunk when first needed."""
+    """Every prompt's text embeddings (one per class, or per (class, template) with several templates: row
+    label x templates + template), encoded in batched calls (PROMPT_CHUNK prompts each) and kept on the
+    device: all of them at start-up when the list is not huge, else each chunk when first needed."""
 
     def __init__(self, pipe, prompts: list[str], device: str, with_negative: bool):
         self.pipe, self.prompts, self.device, self.with_negative = pipe, prompts, device, with_negative
@@ -104,8 +105,14 @@ class PromptTable:
             for start in range(0, len(self.prompts), PROMPT_CHUNK):
                 self._encode_chunk(start)
 
-    def get(self, label: int) -> tuple:
-        """(prompt, negative, pooled, negative pooled) embeddings of a class, each with a batch dim of 1."""
+    def get(self, label: int | tuple[int, ...]) -> tuple:
+        """(prompt, negative, pooled, negative pooled) embeddings of one row, each with a batch dim of 1; for a
+        tuple of rows (a batch whose images use several templates), one row per image, in that order."""
+        if isinstance(label, tuple):
+            import torch
+
+            parts = zip(*(self.get(row) for row in label))
+            return tuple(None if p[0] is None else torch.cat(p) for p in parts)
         if label not in self.rows:
             self._encode_chunk(label - label % PROMPT_CHUNK)
         return self.rows[label]

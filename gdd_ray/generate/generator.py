@@ -25,7 +25,7 @@ import numpy as np
 from gdd_ray import shards, storage
 from gdd_ray.classes import ClassInfo
 from gdd_ray.config import GenerateConfig
-from gdd_ray.plan import WorkUnit, image_seed
+from gdd_ray.plan import WorkUnit, image_seed, template_choice
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 PNG_MS_AT_224 = 7.5  # one 224 px PNG (compress level 1) on one core; scales with the pixel count
@@ -138,7 +138,7 @@ class UnitGenerator:
             problem = pipeline_fast_path_problem(pipe, g.steps, g.guidance)
             if problem:
                 raise RuntimeError(f"the run asked for the fast engine, which does not apply: {problem}")
-        prompts = [c.prompt(g.prompt_template) for c in job.classes]
+        prompts = [c.prompt(t) for c in job.classes for t in g.templates]  # row: label x templates + template
         self.prompts = PromptTable(pipe, prompts, self.device, with_negative=g.guidance > 1.0)
         mode = self.compile_mode
         if job.engine == "fast":
@@ -180,8 +180,20 @@ class UnitGenerator:
             pin=self.cuda,
         )  # fmt: skip
 
-    def _run_batch(self, noise_and_gens, label: int):
-        """Queue one full batch on the device; returns (uint8 host tensor, event to wait on or None)."""
+    def template_choices(self, unit: WorkUnit) -> list[int]:
+        """The prompt template of each image of the unit (plan.template_choice: from the image alone)."""
+        n = len(self.job.config.templates)
+        return [template_choice(self.job.seed, unit.label, i, n) for i in range(unit.start, unit.stop)]
+
+    def prompt_rows(self, label: int, choices: list[int]) -> int | tuple[int, ...]:
+        """PromptTable rows of one batch: the class's one row with one template, else one per image (the
+        padding takes template 0), so the batch's shapes never change."""
+        n, b = len(self.job.config.templates), self.job.config.batch_size
+        return label if n == 1 else tuple(label * n + t for t in (choices + [0] * b)[:b])
+
+    def _run_batch(self, noise_and_gens, label: int | tuple[int, ...]):
+        """Queue one full batch on the device (`label`: its PromptTable rows, see prompt_rows); returns
+        (uint8 host tensor, event to wait on or None)."""
         import torch
 
         noise, gens = noise_and_gens
@@ -223,6 +235,7 @@ class UnitGenerator:
         if self._noise_pool is None:
             self._noise_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise")
         batches = self.batches(unit)
+        choices = self.template_choices(unit)
 
         def noise_for(k: int):
             r = batches[k]
@@ -234,7 +247,8 @@ class UnitGenerator:
             noise = upcoming.result()
             if k + 1 < len(batches):
                 upcoming = noise_for(k + 1)  # drawn on the CPU while the device works on this batch
-            queued = (*self._run_batch(noise, unit.label), rng)
+            rows = self.prompt_rows(unit.label, choices[rng.start - unit.start : rng.stop - unit.start])
+            queued = (*self._run_batch(noise, rows), rng)
             if pending:
                 self._collect(pending, out, unit)
             pending = queued
@@ -257,7 +271,8 @@ class UnitGenerator:
         pngs = list(self._pool.map(shards.encode_png, rendered.pixels))  # PIL releases the GIL in zlib
         unit = rendered.unit
         info = self.job.classes[unit.label]
-        prompts = [info.prompt(self.job.config.prompt_template)] * unit.size
+        templates = self.job.config.templates
+        prompts = [info.prompt(templates[t]) for t in self.template_choices(unit)]  # what each image was drawn from
         table = shards.generated_table(unit, info.class_id, info.name, prompts, rendered.seeds, pngs)
         footer = shards.generated_footer(unit, self.job.fingerprint, self.job.image_size)
         nbytes = shards.write_shard(self.out, unit.shard_name, table, footer)

@@ -10,10 +10,12 @@ from gdd_ray import shards
 from gdd_ray.classes import ClassInfo
 from gdd_ray.config import RunConfig
 from gdd_ray.generate import runtime
+from gdd_ray.generate.budget import TimeBudget, ipc_reached
 from gdd_ray.generate.driver import run_on_ray, run_serial
 from gdd_ray.generate.generator import GenerationJob, UnitGenerator, UnitResult
 from gdd_ray.generate.model import resolve_model, resolve_revision
 from gdd_ray.logs import Progress, say
+from gdd_ray.plan import generated_per_class
 from gdd_ray.run import RunContext, RunDir, now_iso, stage_summary
 
 VERSION = 2  # 2: engines (fast one-step path), decoder precision set once, static batches
@@ -42,7 +44,9 @@ def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
     the commit a hub model is loaded at: in the fingerprint, so a changed snapshot is never mixed in."""
     revision = resolve_revision(cfg.generate.model, cfg.generate.model_revision)
     pinned = {"model_revision": revision} if revision else {}  # local models: fingerprints as before
-    return {**runtime.resolve(cfg).inputs(), **pinned}
+    # The template list's contents (not the file's path); absent without one, so such runs keep their fingerprint.
+    templates = {"prompt_templates": list(cfg.generate.prompt_templates)} if cfg.generate.prompt_templates else {}
+    return {**runtime.resolve(cfg).inputs(), **pinned, **templates}
 
 
 def preflight(ctx: RunContext) -> None:
@@ -110,6 +114,11 @@ def run(ctx: RunContext, *, serial: bool = False) -> dict[str, Any]:
     previous = run_dir.read_summary("generate")
     if not check.todo and not check.foreign and shards.read_manifest(loc, fp) and previous:
         say("generate", "nothing to do: every shard is present and current")
+        if cfg.generate.time_budget is not None:
+            say(
+                "generate",
+                f"the time budget has nothing left to grow: the run has its planned IPC, {generated_per_class(cfg)}",
+            )
         return previous
 
     shards.drop_manifest(loc)
@@ -117,6 +126,7 @@ def run(ctx: RunContext, *, serial: bool = False) -> dict[str, Any]:
     results: list[UnitResult] = []
     workers = 0
     driver_stats: dict = {}
+    budget = TimeBudget(cfg.generate.time_budget_s) if cfg.generate.time_budget is not None else None
     started = now_iso()
     if todo:
         run_dir.update_stage("generate", started=started, finished=None)
@@ -128,7 +138,7 @@ def run(ctx: RunContext, *, serial: bool = False) -> dict[str, Any]:
         progress = Progress("generate", len(todo), sum(u.size for u in todo))
         if serial:
             workers = 1
-            results = run_serial(todo, lambda: UnitGenerator(job), cfg.generate.max_retries, progress)
+            results = run_serial(todo, lambda: UnitGenerator(job), cfg.generate.max_retries, progress, budget)
         else:
             from gdd_ray.ray_utils import init_ray
 
@@ -136,7 +146,7 @@ def run(ctx: RunContext, *, serial: bool = False) -> dict[str, Any]:
             workers = default_workers(cfg)
             results = run_on_ray(
                 todo, job, workers, cfg.generate.max_retries, progress, stats=driver_stats,
-                worker_gpus=cfg.generate.worker_gpus,
+                worker_gpus=cfg.generate.worker_gpus, budget=budget,
             )  # fmt: skip
     # Out-of-plan shards go only now that the plan's own shards all exist (never fewer images than asked).
     for name in check.foreign:
@@ -144,27 +154,35 @@ def run(ctx: RunContext, *, serial: bool = False) -> dict[str, Any]:
         loc.delete(name)
     loc.remove_stale_temporaries()  # a killed worker's leftovers (its units were redone elsewhere)
     after = shards.check_folder(loc, specs)
-    if after.todo:  # a worker said it wrote a shard that is not there: never report success over a gap
-        raise RuntimeError(f"{len(after.todo)} shards missing after the run, e.g. {after.todo[0].name}")
+    reached = ipc_reached(ctx.plan.units, {s.name for s in after.done})
+    # Without a budget every shard must be there; with one, every shard below the IPC reached (the rest of
+    # the plan is for a later run). A worker said it wrote a shard that is not there: never report success.
+    gap = after.todo if budget is None or not reached else []
+    if gap:
+        raise RuntimeError(f"{len(gap)} shards missing after the run, e.g. {gap[0].name}")
+    listed = [spec for unit, spec in zip(ctx.plan.units, specs) if unit.stop <= reached]
 
     summary = stage_summary(
         "generate",
         fp,
         started,
         time.perf_counter() - t0,
-        units=len(specs),
+        units=len(listed),
         units_run=len(results),
-        images=ctx.plan.images,
+        images=sum(s.rows for s in listed),
         images_made=sum(r.images for r in results),
         executed_batch_size=cfg.generate.batch_size,
         images_executed=sum(r.executed for r in results),  # padding included
         workers=workers,
         per_worker=per_worker(results),
         driver=driver_stats,
+        ipc_planned=generated_per_class(cfg),
+        ipc_reached=reached,  # every class has images 0..ipc_reached-1; later stages use these
+        **(budget.describe() if budget else {}),
     )
     run_dir.write_summary("generate", summary)
-    shards.write_manifest(loc, "generate", fp, specs)  # last: its presence means "complete"
-    run_dir.update_stage("generate", finished=summary["finished"], summary=summary["totals"])
+    shards.write_manifest(loc, "generate", fp, listed)  # last: its presence means "complete" (up to the IPC reached)
+    run_dir.update_stage("generate", finished=summary["finished"], summary=summary["totals"], ipc_reached=reached)
     t = summary["totals"]
     rate = f" ({t['images_per_s']:.1f} img/s)" if t["images_per_s"] else ""
     say(
@@ -172,7 +190,18 @@ def run(ctx: RunContext, *, serial: bool = False) -> dict[str, Any]:
         f"done: {t['images_made']} images generated in {t['wall_s']:.1f} s{rate}, "
         f"{t['images']} images in {t['units']} shards under {loc.uri}",
     )
+    if budget is not None:
+        say("generate", budget_line(budget, reached, generated_per_class(cfg), t["images_made"]))
     return summary
+
+
+def budget_line(budget: TimeBudget, reached: int, planned: int, made: int) -> str:
+    """What the budget did, next to the images/s it was spent at."""
+    rate = made / budget.used_s if budget.used_s > 0 and made else 0.0
+    spent = f"time budget {budget.seconds:g} s: {budget.used_s:.1f} s generating ({rate:.1f} img/s)"
+    if reached < planned:
+        return f"{spent}; stopped with every class at IPC {reached} of the planned {planned} (a rerun grows it)"
+    return f"{spent}; every class reached the planned IPC {planned}"
 
 
 def per_worker(results: list[UnitResult]) -> dict[str, dict[str, float]]:

@@ -14,6 +14,7 @@ OUT/eval/checkpoints/run00.pt   a run's latest checkpoint (every --checkpoint-ev
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -77,6 +78,12 @@ def _test_what(info: testsets.TestSetInfo) -> str:
     return f"{info.kind} at {info.root}"
 
 
+def training_rows(ctx: RunContext) -> selection.RowChoice:
+    """The rows trained on, never past the IPC a time budget reached (the manifests list no more either)."""
+    choice = selection.for_training(ctx.cfg)
+    return dataclasses.replace(choice, ipc=min(choice.ipc or ctx.ipc, ctx.ipc))
+
+
 def training_shards(ctx: RunContext) -> tuple[storage.Location, shards.Manifest]:
     """The source stage's folder and its manifest (which must be current for this run)."""
     src = ctx.sources["train"]
@@ -96,7 +103,7 @@ def preflight(ctx: RunContext) -> None:
     if ctx.sources["train"] not in cfg.stages:
         training_shards(ctx)
     choice = selection.for_training(cfg)
-    offered = selection.rows_per_class(choice, cfg.ipc, _variants_available(ctx))
+    offered = selection.rows_per_class(choice, ctx.ipc, _variants_available(ctx))
     if choice.per_class is not None and offered < choice.per_class:
         raise UserError(
             f"--protocol challenge trains on {choice.per_class} images per class but this run offers {offered} "
@@ -119,7 +126,7 @@ def load_data(ctx: RunContext) -> tuple[storage.Location, DistilledSet, testsets
     """The distilled set (decoded once), the real test set and the normalisation, checked against each other."""
     cfg, t = ctx.cfg, ctx.cfg.train
     src_loc, manifest = training_shards(ctx)
-    distilled = load_shards(src_loc, manifest.names, selection.for_training(cfg), len(ctx.classes))
+    distilled = load_shards(src_loc, manifest.names, training_rows(ctx), len(ctx.classes))
     ms = mean_std(cfg.dataset)
     test = None
     if t.eval_data is not None:

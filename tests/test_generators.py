@@ -138,7 +138,11 @@ def test_auto_engine_architecture_and_refusals_per_model(tmp_path, gdd_cache):
     assert resolved("tiny-sdxl-base") == runtime.Runtime("diffusers", "fp32", "sdxl")
     assert resolved("tiny-sd-turbo") == runtime.Runtime("diffusers", "fp32", "sd2")
     assert resolved("tiny-sd15", steps=2, guidance=7.5) == runtime.Runtime("diffusers", "fp32", "sd1")
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     refusals = [
+        (dict(model=str(flux)), "a FluxPipeline; the generate stage draws with StableDiffusionXLPipeline or"),
         (dict(model="tiny-sd-turbo", engine="fast"), "not the SDXL architecture"),
         (dict(model="tiny-sdxl-base", engine="fast"), "spacing is leading, not trailing"),
         (dict(model="tiny-sd15", decoder="taesdxl"), "--decoder taesdxl decodes SDXL latents"),

@@ -66,15 +66,23 @@ def _stored_choices(cfg: RunConfig) -> dict[str, str]:
     return (record.get("inputs") or {}).get("generate") or {}
 
 
-def model_facts(cfg: RunConfig) -> tuple[str, dict, dict]:
-    """(pipeline class, scheduler config, UNet config) of the run's model, read from its config files."""
+def _model_source(cfg: RunConfig) -> str:
     model = cfg.generate.model
     # SDXL-Turbo's configs are packaged: no hub lookup (which could not be made offline) just to read them.
-    source = model if model in (models.SDXL_RANDOM, models.DEFAULT_MODEL) else models.resolve_model(model)
-    pipeline_class = models.read_model_json(source, "model_index.json").get("_class_name", "?")
+    return model if model in (models.SDXL_RANDOM, models.DEFAULT_MODEL) else models.resolve_model(model)
+
+
+def pipeline_class(cfg: RunConfig) -> str:
+    """The model's pipeline class (model_index.json), read without loading it."""
+    return models.read_model_json(_model_source(cfg), "model_index.json").get("_class_name", "?")
+
+
+def model_facts(cfg: RunConfig) -> tuple[str, dict, dict]:
+    """(pipeline class, scheduler config, UNet config) of the run's model, read from its config files."""
+    source = _model_source(cfg)
     scheduler = models.read_model_json(source, "scheduler/scheduler_config.json")
     unet = models.read_model_json(source, "unet/config.json")
-    return pipeline_class, scheduler, unet
+    return pipeline_class(cfg), scheduler, unet
 
 
 def architecture(pipeline_class: str, unet_config: dict) -> str:
@@ -90,10 +98,11 @@ def architecture(pipeline_class: str, unet_config: dict) -> str:
 
 def model_architecture(cfg: RunConfig) -> str:
     try:
-        pipeline_class, _, unet = model_facts(cfg)
+        name = pipeline_class(cfg)
+        unet = models.read_model_json(_model_source(cfg), "unet/config.json") if name == SD_PIPELINE else {}
     except UserError:  # unreadable configs: preflight refuses the model with its own line
         return "unknown"
-    return architecture(pipeline_class, unet)
+    return architecture(name, unet)
 
 
 def fast_problem(cfg: RunConfig) -> str | None:
@@ -147,16 +156,14 @@ def workers_have_gpus(cfg: RunConfig) -> bool:
 def check(cfg: RunConfig, runtime: Runtime) -> None:
     """Preflight: the resolved choices can be honoured with this model (one clear line otherwise)."""
     g = cfg.generate
-    pipeline_class = model_facts(cfg)[0]
-    if pipeline_class not in SUPPORTED_PIPELINES:
+    kind = pipeline_class(cfg)
+    if kind not in SUPPORTED_PIPELINES:
         raise UserError(
-            f"--model {g.model}: a {pipeline_class}; the generate stage draws with {' or '.join(SUPPORTED_PIPELINES)} "
+            f"--model {g.model}: a {kind}; the generate stage draws with {' or '.join(SUPPORTED_PIPELINES)} "
             "models (SDXL-Turbo, SDXL base, SD-Turbo, SD 1.x/2.x and their fine-tunes)"
         )
-    if g.decoder == "taesdxl" and pipeline_class != SDXL_PIPELINE:
-        raise UserError(
-            f"--decoder taesdxl decodes SDXL latents; --model {g.model} is a {pipeline_class}: use --decoder vae"
-        )
+    if g.decoder == "taesdxl" and kind != SDXL_PIPELINE:
+        raise UserError(f"--decoder taesdxl decodes SDXL latents; --model {g.model} is a {kind}: use --decoder vae")
     if runtime.engine == "fast":
         problem = fast_problem(cfg)
         if problem:

@@ -25,6 +25,9 @@ TINY_SD15 = "tiny-sd15"
 # --model name -> the cache folder's stem (the SDXL-Turbo twin kept its original folder name)
 FOLDERS = {TINY: "tiny-sdxl", TINY_SDXL_BASE: "tiny-sdxl-base", TINY_SD_TURBO: "tiny-sd-turbo", TINY_SD15: "tiny-sd15"}
 SDXL_TWINS = (TINY, TINY_SDXL_BASE)
+# Every twin's UNet: two blocks (one with cross-attention), latents of 4 channels, small widths.
+_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+             norm_num_groups=8)  # fmt: skip
 
 _SD_BETAS = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, trained_betas=None,
@@ -118,11 +121,7 @@ def build_tiny_sdxl(name: str = TINY):
     hidden = 32
     text_encoder, text_encoder_2 = _text_encoder(hidden, "gelu"), _text_encoder(hidden, "gelu", with_projection=True)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
+        **_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
@@ -132,7 +131,6 @@ def build_tiny_sdxl(name: str = TINY):
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=hidden + 6 * 8,  # pooled text (32) + 6 size/crop ids x 8
         cross_attention_dim=2 * hidden,  # both encoders' hidden states, concatenated as in SDXL
-        norm_num_groups=8,
     )
     return assemble_sdxl(unet, _vae(0.13025), text_encoder, text_encoder_2, scheduler(name))
 
@@ -147,17 +145,12 @@ def build_tiny_sd(name: str):
     # SD 1.5: CLIP ViT-L (quick_gelu, 768 wide), 1x1 conv projections, one value (8) for every block.
     hidden = 48 if sd2 else 32
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
+        **_UNET,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=(2, 4) if sd2 else 8,
         use_linear_projection=sd2,
         cross_attention_dim=hidden,
-        norm_num_groups=8,
     )
     return StableDiffusionPipeline(
         vae=_vae(0.18215),

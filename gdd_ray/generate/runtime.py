@@ -3,10 +3,10 @@
     engine     auto -> 'fast' where the one-step SDXL path applies (decided from the model's config files,
                by the same check the worker repeats on the loaded pipeline), else 'diffusers'
     vae_dtype  auto -> 'bf16' when the workers have GPUs, else 'fp32' (see `workers_have_gpus`)
-    architecture  the model's family as its config files say (sdxl, sd2, sd1, or the pipeline class),
-               recorded so that run.json and a refusal name what was drawn with (see `architecture`)
+    architecture  the model's family as its config files say (sdxl, sd2, sd1, or the pipeline class): it
+               follows from the model, and is recorded so that run.json says what drew the images
 
-All change pixels, so the resolved values are part of the generate fingerprint and of run.json. A run
+The first two change pixels, so the resolved values are part of the generate fingerprint and of run.json. A run
 keeps the choices it was created with: when OUT/run.json was made with the same request (`auto`) and the
 same model, VAE, steps, guidance and decoder, its resolved values are reused instead of looking at the
 hardware again. So a run started on GPUs and resumed elsewhere, or whose later stages run on a laptop,

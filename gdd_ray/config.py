@@ -73,8 +73,10 @@ class GenerateConfig:
 
     model: str = opt(
         "stabilityai/sdxl-turbo",
-        "Hub id or local diffusers folder of a one-step text-to-image model; 'tiny' = built-in random-weight "
-        "SDXL-architecture pipeline for offline demos and tests (its images are noise).",
+        "Hub id or local diffusers folder of an SDXL or SD 1.x/2.x text-to-image model (SDXL-Turbo, SD-Turbo, "
+        "SD 1.5, SDXL base, ...; give its --steps and --guidance); 'tiny' = built-in random-weight SDXL-architecture "
+        "pipeline for offline demos and tests (its images are noise), 'tiny-sdxl-base', 'tiny-sd-turbo', "
+        "'tiny-sd15' = the same for those architectures.",
     )
     model_revision: str | None = opt(
         None,

@@ -2,7 +2,8 @@
 
     FastEngine      the one-step SDXL path written out: x0 = x - sigma * eps at timestep 999, nothing else
     PipelineEngine  the general diffusers pipeline call (multi-step, CFG, other architectures), to latents
-    PromptTable     every class's prompt embeddings, encoded in batched calls and kept on the device
+    PromptTable     every class's prompt embeddings, encoded in batched calls and kept on the device, and the
+                    unconditional (empty-prompt) embeddings for classifier-free guidance, encoded once
 
 Both take the same noise (drawn on the CPU from each image's own generator, see `draw_noise`) and give the
 same latents within float rounding; `decode.Decoder` turns either into pixels. `fast_path_problem` says
@@ -90,23 +91,42 @@ def draw_noise(seeds: list[int], batch: int, shape: tuple[int, ...], dtype, pin:
     return noise, gens
 
 
+def encode_texts(pipe, texts: list[str], device: str) -> tuple:
+    """(prompt, None, pooled, None) embeddings of `texts` whatever the architecture: SDXL's encode_prompt gives
+    a pooled embedding, SD 1.x/2.x's does not (None)."""
+    import torch
+
+    with torch.inference_mode():
+        out = pipe.encode_prompt(texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return (*out, None, None)[:4]
+
+
 class PromptTable:
     """Every prompt's text embeddings (one per class, or per (class, template) with several templates: row
     label x templates + template), encoded in batched calls (PROMPT_CHUNK prompts each) and kept on the
-    device: all of them at start-up when the list is not huge, else each chunk when first needed."""
+    device: all of them at start-up when the list is not huge, else each chunk when first needed.
+
+    With guidance, the unconditional embeddings are the empty prompt's as the pipeline makes them (encoded,
+    or zeros where an SDXL model says force_zeros_for_empty_prompt): the same for every class, so they are
+    encoded once per worker, at start-up, and shared by every batch."""
 
     def __init__(self, pipe, prompts: list[str], device: str, with_negative: bool):
         self.pipe, self.prompts, self.device, self.with_negative = pipe, prompts, device, with_negative
         self.rows: dict[int, tuple] = {}
         self.encoder_calls = 0
+        self.negative_calls = 0  # encode_prompt calls for the unconditional embeddings: 1 per worker with CFG
+        self._negative: tuple = (None, None)
 
     def encode_all(self) -> None:
+        if self.with_negative:
+            self._encode_negative()
         if len(self.prompts) <= EAGER_PROMPT_LIMIT:
             for start in range(0, len(self.prompts), PROMPT_CHUNK):
                 self._encode_chunk(start)
 
     def get(self, label: int | tuple[int, ...]) -> tuple:
-        """(prompt, negative, pooled, negative pooled) embeddings of one row, each with a batch dim of 1; for a
+        """(prompt, negative, pooled, negative pooled) embeddings of one row, each with a batch dim of 1
+        (negatives None without guidance, pooled None for architectures without a pooled embedding); for a
         tuple of rows (a batch whose images use several templates), one row per image, in that order."""
         if isinstance(label, tuple):
             import torch
@@ -115,21 +135,30 @@ class PromptTable:
             return tuple(None if p[0] is None else torch.cat(p) for p in parts)
         if label not in self.rows:
             self._encode_chunk(label - label % PROMPT_CHUNK)
-        return self.rows[label]
+        if self.with_negative and self.negative_calls == 0:
+            self._encode_negative()
+        pe, ppe = self.rows[label]
+        npe, nppe = self._negative
+        return pe, npe, ppe, nppe
 
-    def _encode_chunk(self, start: int) -> None:
+    def _encode_negative(self) -> None:
         import torch
 
+        # The empty prompt encoded as a prompt is what the pipelines encode as the negative; SDXL models that
+        # say force_zeros_for_empty_prompt use zeros of that shape instead.
+        npe, _, nppe, _ = encode_texts(self.pipe, [""], self.device)
+        if getattr(self.pipe.config, "force_zeros_for_empty_prompt", False):
+            npe, nppe = torch.zeros_like(npe), None if nppe is None else torch.zeros_like(nppe)
+        self.negative_calls += 1
+        self._negative = (npe, nppe)
+
+    def _encode_chunk(self, start: int) -> None:
         labels = range(start, min(start + PROMPT_CHUNK, len(self.prompts)))
-        with torch.inference_mode():
-            pe, npe, ppe, nppe = self.pipe.encode_prompt(
-                [self.prompts[i] for i in labels], device=self.device, num_images_per_prompt=1,
-                do_classifier_free_guidance=self.with_negative,
-            )  # fmt: skip
+        pe, _, ppe, _ = encode_texts(self.pipe, [self.prompts[i] for i in labels], self.device)
         self.encoder_calls += 1
         for row, label in enumerate(labels):
             # Own storage per row: every class's tensors look alike to a compiled model (no offset to guard on).
-            self.rows[label] = tuple(None if t is None else t[row : row + 1].clone() for t in (pe, npe, ppe, nppe))
+            self.rows[label] = tuple(None if t is None else t[row : row + 1].clone() for t in (pe, ppe))
 
 
 class FastEngine:
@@ -205,11 +234,14 @@ class PipelineEngine:
 
         pe, npe, ppe, nppe = self.prompts.get(label)
         b = noise.shape[0]
-        kwargs = dict(prompt_embeds=pe.expand(b, -1, -1), pooled_prompt_embeds=ppe.expand(b, -1))
+        # Embeddings, never strings: the text encoders ran once per class (and once for the negatives).
+        kwargs = dict(prompt_embeds=pe.expand(b, -1, -1))
+        if ppe is not None:  # SDXL's pooled text embedding (SD 1.x/2.x have none)
+            kwargs.update(pooled_prompt_embeds=ppe.expand(b, -1))
         if self.config.guidance > 1.0:  # as in diffusers: guidance <= 1 means no unconditional pass
-            kwargs.update(
-                negative_prompt_embeds=npe.expand(b, -1, -1), negative_pooled_prompt_embeds=nppe.expand(b, -1)
-            )
+            kwargs.update(negative_prompt_embeds=npe.expand(b, -1, -1))
+            if nppe is not None:
+                kwargs.update(negative_pooled_prompt_embeds=nppe.expand(b, -1))
         with torch.inference_mode():
             return self.pipe(
                 **kwargs,

@@ -1,7 +1,9 @@
-"""Loading the text-to-image pipeline: SDXL-Turbo for real runs, a tiny random-weight twin for offline ones.
+"""Loading the text-to-image pipeline: SDXL-Turbo (or SD-Turbo, SD 1.5, SDXL base, ...) for real runs, tiny
+random-weight twins of each architecture for offline ones (`tiny`, `tiny-sdxl-base`, `tiny-sd-turbo`,
+`tiny-sd15`, see tiny_models).
 
-Both go through `load_pipeline`, i.e. `from_pretrained(..., variant="fp16")` with fp16 on CUDA and fp32 on
-CPU, so the tests exercise the very code that loads SDXL-Turbo on a GPU node.
+All go through `load_pipeline`, i.e. `AutoPipelineForText2Image.from_pretrained(..., variant="fp16")` with
+fp16 on CUDA and fp32 on CPU, so the tests exercise the very code that loads the real models on a GPU node.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from importlib import resources
 from pathlib import Path
 
 from gdd_ray.errors import UserError
+from gdd_ray.generate import tiny_models
 from gdd_ray.plan import derive_seed
 
-TINY = "tiny"
+TINY = tiny_models.TINY
+TINY_MODELS = tuple(tiny_models.FOLDERS)  # the built-in tiny twins, by --model name
 # The real SDXL-Turbo architecture (packaged configs + real tokenizers) with random weights: for GPU
 # throughput benchmarks where the weights cannot be downloaded. Its images are noise.
 SDXL_RANDOM = "sdxl-random"
@@ -31,72 +35,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GDD_RAY_CACHE", Path.home() / ".cache" / "gdd_ray"))
 
 
-def tiny_model_path() -> Path:
-    return cache_dir() / f"tiny-sdxl-{TINY_VERSION}"
-
-
-def _tokenizer_dir(name: str) -> Path:
-    return Path(str(resources.files("gdd_ray").joinpath("data", "sdxl_tokenizer", name)))
+def tiny_model_path(name: str = TINY) -> Path:
+    return cache_dir() / f"{tiny_models.FOLDERS[name]}-{TINY_VERSION}"
 
 
 def build_tiny_pipeline(seed: int = 0):
-    """A random-weight StableDiffusionXLPipeline with the SDXL architecture at small widths.
-
-    Same component classes, the same dual text encoders feeding cross-attention and the pooled
-    `text_time` conditioning, the real CLIP tokenizers; only the widths and depths are small.
-    """
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    hidden = 32
-    text_cfg = dict(
-        bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=hidden, intermediate_size=64,
-        num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77,
-        hidden_act="gelu", projection_dim=hidden,
-    )  # fmt: skip
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=hidden + 6 * 8,  # pooled text (32) + 6 size/crop ids x 8
-        cross_attention_dim=2 * hidden,  # both encoders' hidden states, concatenated as in SDXL
-        norm_num_groups=8,
-    )
-    # Four blocks like SDXL's VAE, so latents are 1/8 of the image side as in the real model.
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=128,
-        scaling_factor=0.13025,
-        force_upcast=False,
-    )
-    return _assemble_sdxl(unet, vae, text_encoder, text_encoder_2)
-
-
-def _config_dir(name: str) -> Path:
-    return Path(str(resources.files("gdd_ray").joinpath("data", "sdxl_turbo_config", name)))
+    """The random-weight SDXL-Turbo twin (`--model tiny`), see tiny_models."""
+    return tiny_models.build(TINY, seed)
 
 
 def build_random_sdxl(device: str = "cpu", dtype=None, seed: int = 0):
@@ -110,7 +55,8 @@ def build_random_sdxl(device: str = "cpu", dtype=None, seed: int = 0):
 
     dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
     names = ("unet", "vae", "text_encoder", "text_encoder_2")
-    return _assemble_sdxl(*(random_sdxl_component(name, device, dtype, seed) for name in names))
+    components = (random_sdxl_component(name, device, dtype, seed) for name in names)
+    return tiny_models.assemble_sdxl(*components, tiny_models.scheduler(TINY))
 
 
 def random_sdxl_component(name: str, device: str = "cpu", dtype=None, seed: int = 0):
@@ -119,12 +65,13 @@ def random_sdxl_component(name: str, device: str = "cpu", dtype=None, seed: int 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    config_dir = tiny_models.sdxl_config_dir
     build = {
-        "unet": lambda: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(_config_dir("unet"))),
-        "vae": lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(_config_dir("vae"))),
-        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(_config_dir("text_encoder"))),
+        "unet": lambda: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir("unet"))),
+        "vae": lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir("vae"))),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir("text_encoder"))),
         "text_encoder_2": lambda: CLIPTextModelWithProjection(
-            CLIPTextConfig.from_pretrained(_config_dir("text_encoder_2"))
+            CLIPTextConfig.from_pretrained(config_dir("text_encoder_2"))
         ),
     }[name]
     previous = torch.get_default_dtype()
@@ -138,27 +85,8 @@ def random_sdxl_component(name: str, device: str = "cpu", dtype=None, seed: int 
         torch.set_default_dtype(previous)
 
 
-def _assemble_sdxl(unet, vae, text_encoder, text_encoder_2):
-    """A StableDiffusionXLPipeline around given models: SDXL-Turbo's scheduler config and real CLIP tokenizers."""
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTokenizer
-
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=CLIPTokenizer.from_pretrained(_tokenizer_dir("tokenizer")),
-        tokenizer_2=CLIPTokenizer.from_pretrained(_tokenizer_dir("tokenizer_2")),
-        unet=unet,
-        scheduler=EulerAncestralDiscreteScheduler.from_config(
-            EulerAncestralDiscreteScheduler.load_config(_config_dir("scheduler"))
-        ),
-        force_zeros_for_empty_prompt=True,
-    )
-
-
-def ensure_tiny_model() -> Path:
-    """Build and save the tiny pipeline once (fp16 variant files, like SDXL-Turbo's); return its folder."""
+def ensure_tiny_model(name: str = TINY) -> Path:
+    """Build and save a tiny pipeline once (fp16 variant files, like the real models'); return its folder."""
 
     def save(tmp: Path) -> None:
         import diffusers
@@ -169,11 +97,11 @@ def ensure_tiny_model() -> Path:
         # no progress bars or warnings on stderr.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-        pipe = build_tiny_pipeline()
+        pipe = tiny_models.build(name)
         cast_quietly(pipe, torch.float16)
         pipe.save_pretrained(tmp, variant="fp16", safe_serialization=True)
 
-    return _save_once(tiny_model_path(), "model_index.json", save)
+    return _save_once(tiny_model_path(name), "model_index.json", save)
 
 
 def cast_quietly(module, dtype):
@@ -236,8 +164,8 @@ def resolve_model(model: str) -> str:
     Runs in the driver before anything is written, so a typo or a missing download is one clear line
     instead of every actor failing. Hub ids are looked up in the local cache first, then on the hub.
     """
-    if model == TINY:
-        return str(ensure_tiny_model())
+    if model in TINY_MODELS:
+        return str(ensure_tiny_model(model))
     if model == SDXL_RANDOM:
         return model
     path = Path(os.path.expanduser(model))
@@ -291,7 +219,7 @@ def _hub_file(repo: str, filename: str, flag: str) -> str:
 
 def is_hub_id(model: str) -> bool:
     """A hub id (`org/name`), not the built-in models nor a local folder."""
-    return model not in (TINY, SDXL_RANDOM) and not (
+    return model not in (*TINY_MODELS, SDXL_RANDOM) and not (
         model.startswith((".", "/", "~")) or Path(os.path.expanduser(model)).exists()
     )
 
@@ -353,7 +281,7 @@ def decoder_source(model: str, decoder: str, vae: str | None) -> str:
         return vae or model
     if model == SDXL_RANDOM:
         return SDXL_RANDOM
-    if Path(model) == tiny_model_path():
+    if any(Path(model) == tiny_model_path(name) for name in tiny_models.SDXL_TWINS):
         return str(ensure_tiny_taesd())
     return TAESDXL
 
@@ -387,7 +315,7 @@ def load_pipeline(
     if model == SDXL_RANDOM:
         pipe = build_random_sdxl(device, dtype)
     else:
-        source = str(ensure_tiny_model()) if model == TINY else model
+        source = str(ensure_tiny_model(model)) if model in TINY_MODELS else model
         try:
             pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, variant="fp16", revision=revision)
         except (OSError, ValueError) as e:
@@ -395,6 +323,9 @@ def load_pipeline(
                 raise
             # A folder saved without fp16 variant files: the same weights under plain names.
             pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, revision=revision)
+    if getattr(pipe, "safety_checker", None) is not None:
+        # SD 1.x's NSFW classifier: it only ever sees decoded images, which the workers decode themselves.
+        pipe.safety_checker = None
     if vae is not None:
         pipe.vae = AutoencoderKL.from_pretrained(vae, dtype=dtype)
     if vae_dtype is not None:

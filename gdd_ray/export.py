@@ -12,12 +12,13 @@
                  folders are class ids, whose sorted order is the dataset's label order for CIFAR,
                  Tiny-ImageNet and ImageNet-1K, so torchvision's ImageFolder gives the same labels
 
-Images are taken in the order (label, index, variant): with --per-class n the first n of each class,
-i.e. the first n/(K+1) generated images of a class with all their variants. Shards are read one at a
-time (the listing reads no pixels); the .pt tensor itself is built in memory (4*3*H*W bytes an image).
+Images are taken in the order (label, index, variant). With --per-class n, `pt` picks the n of each class
+by the train stage's rule (gdd_ray.selection, the run's --select unless given: originals by default, i.e.
+n distinct generated images before any variant), `imagefolder` the first n. Shards are read one at a time
+(the listing reads no pixels); the .pt tensor itself is built in memory (4*3*H*W bytes an image).
 
     python -m gdd_ray export --run OUT --format challenge --dest submission/
-    python -m gdd_ray export --run OUT --format pt --dest distilled.pt --per-class 10
+    python -m gdd_ray export --run OUT --format pt --dest distilled.pt --per-class 10 [--select spread]
     python -m gdd_ray export --run OUT --format imagefolder --dest OUT/imagefolder
 """
 
@@ -126,8 +127,11 @@ def load_images(run: str, source: str = "augmented") -> pa.Table:
     return table.append_column("image", shards.image_column(data, [""] * len(data)))
 
 
-def select_per_class(table: pa.Table, per_class: int | None, num_classes: int | None) -> tuple[pa.Table, int]:
-    """Same count for every class (the first `per_class` of each); labels must be 0..C-1 with none missing."""
+def select_per_class(
+    table: pa.Table, per_class: int | None, num_classes: int | None, how: str = "first"
+) -> tuple[pa.Table, int]:
+    """Same count for every class: `per_class` of each, chosen by `how` (a gdd_ray.selection rule, the one the
+    train stage applies), in (index, variant) order; labels must be 0..C-1 with none missing."""
     labels = table.column("label").to_numpy()
     present, counts = np.unique(labels, return_counts=True)
     c = num_classes if num_classes is not None else int(present.max()) + 1
@@ -149,8 +153,8 @@ def select_per_class(table: pa.Table, per_class: int | None, num_classes: int | 
             f"--per-class {per_class}: class {short[0]} has only {counts[present == short[0]][0]} images "
             f"(the smallest class has {counts.min()})"
         )
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])  # table is sorted by label
-    take = (starts[:, None] + np.arange(per_class)[None, :]).reshape(-1)
+    cols = [table.column(c).to_numpy() for c in ("label", "index", "variant")]
+    take = selection.choose(*cols, selection.RowChoice(per_class=per_class, how=how))  # type: ignore[arg-type]
     return table.take(pa.array(take)), per_class
 
 
@@ -245,15 +249,20 @@ def export_pt(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     source: str = "augmented",
+    select: str | None = None,
 ) -> dict[str, Any]:
-    """Write DEST (images), DEST_labels.pt and DEST_classes.txt; returns what was written."""
+    """Write DEST (images), DEST_labels.pt and DEST_classes.txt; returns what was written. With `per_class`,
+    the rows are chosen by `select` (default: the run's --select), as the train stage chooses them."""
     import torch
 
     if not dest.endswith(".pt"):
         raise UserError(f"--dest for --format pt must be a .pt file name, got '{dest}'")
+    if select is not None and select not in selection.CHOICES:
+        raise UserError(f"--select must be one of {', '.join(selection.CHOICES)}, got '{select}'")
     record = run_record(run)
     num_classes = len(record["classes"]) if record.get("classes") else None
-    table, n = select_per_class(list_images(run, source), per_class, num_classes)
+    how = select or RunConfig.from_dict(record.get("config") or {}).train.select
+    table, n = select_per_class(list_images(run, source), per_class, num_classes, how)
     m, s = _mean_std(dataset or record.get("config", {}).get("dataset"), mean, std)
     x = normalised_tensor(run, source, table, m, s)
     labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
@@ -270,6 +279,7 @@ def export_pt(
         "labels": storage.join(parent, f"{stem}_labels.pt"),
         "shape": list(x.shape),
         "per_class": n,
+        "selection": how if per_class is not None else None,
         "classes": len(classes),
         "mean": m,
         "std": s,
@@ -375,7 +385,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--per-class",
         type=int,
         default=None,
-        help="Keep the first N images of each class (the challenge's fixed-IPC track takes 10); default all.",
+        help="Keep N images of each class, chosen by --select (pt; imagefolder: the first N); default all.",
     )
     p.add_argument(
         "--source",
@@ -389,8 +399,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--select",
         choices=selection.CHOICES,
         default=None,
-        help="challenge: which 10 images per class (originals, first, spread); default the run's --select, so "
-        "the submitted set is the one its train stage trained on under --protocol challenge.",
+        help="challenge, and pt with --per-class: which images per class (originals, first, spread); default the "
+        "run's --select, so the exported set is the one its train stage takes under --protocol challenge.",
     )
     p.add_argument("--dataset", default=None, help="pt: whose mean/std to normalise with; default the run's dataset.")
     p.add_argument("--mean", type=_floats, default=None, help="pt: per-channel mean r,g,b instead of the dataset's.")
@@ -414,11 +424,13 @@ def _run(args: argparse.Namespace) -> int:
         out = export_challenge(args.run, args.dest, args.select, args.source_given)
         print(f"[export] {tuple(out['shape'])} challenge tensor ({out['selection']['how']}) -> {out['file']}")
         return 0
-    if args.select is not None:
-        raise UserError("--select applies to --format challenge only")
+    if args.select is not None and (args.format != "pt" or args.per_class is None):
+        raise UserError("--select applies to --format challenge, and to --format pt with --per-class")
     args.source = args.source_given or "augmented"
     if args.format == "pt":
-        out = export_pt(args.run, args.dest, args.per_class, args.dataset, args.mean, args.std, args.source)
+        out = export_pt(
+            args.run, args.dest, args.per_class, args.dataset, args.mean, args.std, args.source, args.select
+        )
         print(
             f"[export] {out['shape'][0]} images {tuple(out['shape'])} ({out['per_class']} per class) -> {out['images']}"
         )

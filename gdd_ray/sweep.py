@@ -7,14 +7,17 @@ sweep.yaml:
     grid: {ipc: [10, 20], pda-variants: [0, 4], eval-seed: [0, 1]}           # option -> values
 
 What is shared: image seeds depend on (class, index) only and variant seeds on (image, variant) only, so the
-points that differ only in IPC, --pda-variants or training options read ONE generation at the largest IPC and
-ONE PDA at the largest K (ROOT/data/<group>/, a normal run), each point training on its prefix (--train-ipc,
---train-variants). Points that differ in pixels (model, steps, template, seed, ...) form their own group with
-its own generation. Everything is a resumable run: rerunning the sweep skips every finished stage and
+points that differ only in IPC, --pda-variants or training options (protocol, eval seed, epochs, ...) read ONE
+generation at the largest IPC and ONE PDA at the largest K, each point training on its prefix (--train-ipc,
+--train-variants). Generations are keyed by the generate stage's fingerprint: points that differ in pixels
+(model, steps, prompt template, seed, ...) get their own, and points whose pixels agree share one whatever else
+differs. PDAs are keyed by the augment stage's fingerprint: points that differ only in --pda-ops get their own
+PDA over the same generation. Everything is a resumable run: rerunning the sweep skips every finished stage and
 evaluation (fingerprints), and the Tune experiment of the same grid is restored.
 
-    ROOT/data/<group>/           generated/ + augmented/ at the group's largest IPC and K
-    ROOT/points/<point>/         run.json (stage_dirs: the group's folders), eval/, report.html
+    ROOT/data/<generate fp>/              generated/ at the largest IPC of the points that read it
+    ROOT/data/<generate fp>/pda-<augment fp>/   augmented/ at the largest K of the points that read it
+    ROOT/points/<point>/         run.json (stage_dirs: the shared folders), eval/, report.html
     ROOT/tune-<grid hash>/       Ray Tune's experiment (one trial per point)
     ROOT/leaderboard.csv, .md    one row per point: its values, accuracy mean +- std, images per class trained,
                                  generation GPU-seconds and images/s of its group
@@ -42,9 +45,6 @@ from gdd_ray.report_page.run_page import generation_cost
 from gdd_ray.report_page.sweep_page import write_sweep_page
 from gdd_ray.run import RunDir
 
-# Options that do not change a group's pixels: a smaller value is a prefix of the group's run, or it only
-# decides training. Every other option in the grid gives the points their own generation.
-PREFIX_KEYS = ("ipc", "pda_variants")
 LEADERBOARD = "leaderboard"
 
 
@@ -79,41 +79,74 @@ def load_sweep(path: str) -> tuple[dict[str, Any], dict[str, list[Any]]]:
 
 
 def plan_sweep(base: dict[str, Any], grid: dict[str, list[Any]], root: str) -> list[dict[str, Any]]:
-    """Every point: its grid values, its group's data run and its own run (values for build_config)."""
-    train_keys = {o.name for o in options() if o.section == "train"}
+    """Every point: its grid values, the generation and the PDA it reads (runs shared with other points,
+    keyed by their stage fingerprints) and its own training run (values for build_config)."""
+    sections = {o.name: o.section for o in options()}
     default = {o.name: o.default for o in options()}
-    points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for p in points:
-        pixels = {k: v for k, v in p.items() if k not in PREFIX_KEYS and k not in train_keys}
-        groups.setdefault(_short_hash({**base, **pixels}), []).append(p)
-    planned = []
-    for gid, members in groups.items():
-        values = [{**base, **p} for p in members]
-        top_ipc = max(int(v.get("ipc", default["ipc"])) for v in values)
-        top_k = max(int(v.get("pda_variants", default["pda_variants"])) for v in values)
-        pixels = {k: v for k, v in values[0].items() if k not in PREFIX_KEYS and k not in train_keys}
-        data_out = storage.join(root, "data", gid)
-        data = {**pixels, "ipc": top_ipc, "pda_variants": top_k, "out": data_out, "stages": "generate,augment"}
-        for p, v in zip(members, values):
-            name = "-".join(_slug(k, p[k]) for k in grid)
+    points = [{**base, **dict(zip(grid, combo))} for combo in itertools.product(*grid.values())]
+    if any(str(v.get("select_by", "none")) != "none" for v in points):
+        raise UserError("a sweep cannot use --select-by clip yet: the IPC kept is not a prefix of a larger IPC's")
+
+    def count(v: dict[str, Any], key: str) -> int:
+        return int(v.get(key, default[key]))
+
+    def pixels(v: dict[str, Any]) -> dict[str, Any]:  # everything but what only training reads
+        return {k: x for k, x in v.items() if sections.get(k) != "train"}
+
+    # Group by the stages' own fingerprints: IPC is in neither, and K is fixed here to the grid's largest, so
+    # points whose generation (or PDA recipe) is the same share it whatever their IPC (or K) or training.
+    k_all = max(1, *(count(v, "pda_variants") for v in points))
+    probe = storage.join(root, "data", "_plan")
+    keys = [_fingerprints({**pixels(v), "pda_variants": k_all, "out": probe}) for v in points]
+    gen_members: dict[str, list[int]] = {}
+    pda_members: dict[str, list[int]] = {}
+    for i, fps in enumerate(keys):
+        gen_members.setdefault(fps["generate"], []).append(i)
+        pda_members.setdefault(fps["augment"], []).append(i)
+
+    generations: dict[str, dict[str, Any]] = {}
+    for gfp, members in gen_members.items():  # the first member's values: one config per shared folder
+        top_ipc = max(count(points[i], "ipc") for i in members)
+        gen_out = storage.join(root, "data", gfp)
+        generations[gfp] = {**pixels(points[members[0]]), "ipc": top_ipc, "out": gen_out, "stages": "generate"}
+
+    planned: list[dict[str, Any]] = []
+    for members in pda_members.values():
+        gfp = keys[members[0]]["generate"]
+        generation = {k: v for k, v in generations[gfp].items() if k not in ("out", "stages")}
+        augment_values = {k: v for k, v in points[members[0]].items() if sections.get(k) == "augment"}
+        data = {**generation, **augment_values, "pda_variants": max(count(points[i], "pda_variants") for i in members)}
+        afp = _fingerprints({**data, "out": probe})["augment"]
+        stage_dirs = {"generate": storage.join(generations[gfp]["out"], "generated")}
+        aug_out = storage.join(generations[gfp]["out"], f"pda-{afp}")
+        augmentation = {**data, "out": aug_out, "stages": "augment", "stage_dirs": dict(stage_dirs)}
+        stage_dirs["augment"] = storage.join(aug_out, "augmented")
+        for i in members:
+            values = {k: points[i][k] for k in grid}
+            name = "-".join(_slug(k, values[k]) for k in grid)
             run = {
-                **v,
-                "ipc": top_ipc,
-                "pda_variants": top_k,
-                "train_ipc": int(v.get("ipc", default["ipc"])),
-                "train_variants": int(v.get("pda_variants", default["pda_variants"])),
+                **data,
+                **{k: v for k, v in points[i].items() if sections.get(k) == "train"},
+                "train_ipc": count(points[i], "ipc"),
+                "train_variants": count(points[i], "pda_variants"),
                 "out": storage.join(root, "points", name),
                 "stages": "train",
             }
-            stage_dirs = {
-                "generate": storage.join(data_out, "generated"),
-                "augment": storage.join(data_out, "augmented"),
-            }
-            planned.append(
-                {"name": name, "values": p, "group": gid, "data": data, "run": run, "stage_dirs": stage_dirs}
-            )
-    return planned
+            planned.append({
+                "index": i, "name": name, "values": values, "group": gfp, "pda": afp,
+                "generation": generations[gfp], "augmentation": augmentation, "run": run, "stage_dirs": stage_dirs,
+            })  # fmt: skip
+    return sorted(planned, key=lambda p: p["index"])  # grid order: Tune's trials, the leaderboard's ties
+
+
+def _fingerprints(values: dict[str, Any]) -> dict[str, str]:
+    """The generate and augment stages' fingerprints for a data config, as the run itself computes them."""
+    from gdd_ray import pipeline  # the stage modules: loaded where a sweep is planned, not for --help
+    from gdd_ray.classes import load_classes
+
+    cfg = build_config({**values, "stages": "generate,augment"})
+    fps, _, _ = pipeline.stage_inputs(cfg, load_classes(cfg.dataset, cfg.classes), RunDir(cfg.out))
+    return fps
 
 
 def _evaluate(config: dict[str, Any]) -> None:
@@ -207,14 +240,17 @@ def sweep(path: str, root: str, concurrent: int = 1) -> list[dict[str, Any]]:
     base, grid = load_sweep(path)
     planned = plan_sweep(base, grid, root)
     for p in planned:  # every config is checked before any work: a bad value is one line
-        build_config(p["data"])
         build_config(p["run"])
-    groups = {p["group"]: p["data"] for p in planned}
-    say("sweep", f"{len(planned)} points, {len(groups)} generation(s) -> {root}")
+    generations = {p["group"]: p["generation"] for p in planned}
+    augmentations = {p["pda"]: p["augmentation"] for p in planned}
+    say("sweep", f"{len(planned)} points, {len(generations)} generation(s), {len(augmentations)} PDA(s) -> {root}")
     with held_ray():  # one Ray for the generations and Tune's evaluations, shut down once (if ours)
         init_ray()
-        for data in groups.values():
-            pipeline.run(build_config(data))
+        for gen in generations.values():
+            pipeline.run(build_config(gen))
+        for aug in augmentations.values():
+            values = {k: v for k, v in aug.items() if k != "stage_dirs"}
+            pipeline.run(build_config(values), RunDir(values["out"], aug["stage_dirs"]))
         run_evaluations(planned, root, concurrent)
         rows = leaderboard_rows(planned)
         write_leaderboard(root, rows)

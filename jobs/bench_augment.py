@@ -26,6 +26,7 @@ import resource
 import shutil
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -87,6 +88,37 @@ def per_image_loop(src, dst, names, variants, recipe, fp) -> None:
             shards.IMAGE_SIZE: kv.get(shards.IMAGE_SIZE, ""),
         }
         shards.write_shard(dst, name, pa.Table.from_pylist(out, schema=shards.AUGMENTED_SCHEMA), footer)
+
+
+def interleaved_rounds(contenders: dict[str, Any], repeats: int, images: int) -> dict[str, dict[str, Any]]:
+    """Time each contender `repeats` times. Rounds interleave the contenders so that they share whatever else
+    the machine is doing; the best round of each is reported (the least disturbed), every round kept."""
+    times: dict[str, list[float]] = {label: [] for label in contenders}
+    for r in range(repeats):
+        for label, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - t0)
+            print(f"[bench] round {r + 1} {label}: {times[label][-1]:.2f} s", flush=True)
+    results = {}
+    for label, ts in times.items():
+        best = min(ts)
+        results[label] = {
+            "seconds": round(best, 3),
+            "images_per_s": round(images / best, 1),
+            "rounds_s": [round(t, 3) for t in ts],
+        }
+        print(f"[bench] {label}: best {best:.2f} s, {images / best:.0f} images/s", flush=True)
+    return results
+
+
+def write_results(out: dict[str, Any], path: str, keep: bool) -> None:
+    """The results JSON (a smoke test writes it only when given a path: never over the measured figures)."""
+    if keep:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as fh:
+            json.dump(out, fh, indent=2)
+        print(f"[bench] results -> {path}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,24 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.augmented.delete_tree()  # a cold stage every time, not a skip
         ray_map_s.append(stage.run(ctx)["totals"]["work_s"])
 
-    # Rounds interleave the contenders so that they share whatever else the machine is doing; the best
-    # round of each is reported (the least disturbed), with every round kept in the JSON.
-    times: dict[str, list[float]] = {"per_image_loop": [], "serial_batched": [], "ray_data": []}
-    for r in range(args.repeats):
-        for label, fn in (("per_image_loop", run_loop), ("serial_batched", run_serial), ("ray_data", run_ray)):
-            t0 = time.perf_counter()
-            fn()
-            times[label].append(time.perf_counter() - t0)
-            print(f"[bench] round {r + 1} {label}: {times[label][-1]:.2f} s", flush=True)
-    results = {}
-    for label, ts in times.items():
-        best = min(ts)
-        results[label] = {
-            "seconds": round(best, 3),
-            "images_per_s": round(images_out / best, 1),
-            "rounds_s": [round(t, 3) for t in ts],
-        }
-        print(f"[bench] {label}: best {best:.2f} s, {images_out / best:.0f} images/s", flush=True)
+    contenders = {"per_image_loop": run_loop, "serial_batched": run_serial, "ray_data": run_ray}
+    results = interleaved_rounds(contenders, args.repeats, images_out)
     # the Ray Data part alone (the rest of the stage: footers of inputs and outputs, sample grid, run.json)
     results["ray_data"]["map_only_s"] = [round(t, 3) for t in ray_map_s]
     summary = run_dir.read_summary("augment")
@@ -207,11 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not same:
         print("[bench] ERROR: the contenders wrote different bytes", flush=True)
-    if not args.smoke_test or args.results != parse_args([]).results:
-        os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-        with open(args.results, "w") as fh:
-            json.dump(out, fh, indent=2)
-        print(f"[bench] results -> {args.results}", flush=True)
+    write_results(out, args.results, keep=not args.smoke_test or args.results != parse_args([]).results)
     return 0 if same else 1
 
 

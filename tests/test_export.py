@@ -56,7 +56,7 @@ def test_challenge_pt_round_trip(run5, tmp_path):
 def test_first_n_per_class_and_mean_override(run5, tmp_path):
     run_dir, _ = run5
     dest = str(tmp_path / "d10.pt")
-    info = export.export_pt(run_dir.uri, dest, per_class=4, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+    info = export.export_pt(run_dir.uri, dest, per_class=4, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], select="first")
     x, labels = torch.load(dest), torch.load(str(tmp_path / "d10_labels.pt"))
     assert x.shape[0] == 20 and info["per_class"] == 4 and labels.tolist() == [c for c in range(5) for _ in range(4)]
     pix = stored_pixels(run_dir)
@@ -64,6 +64,50 @@ def test_first_n_per_class_and_mean_override(run5, tmp_path):
     for j, key in enumerate([(2, 0, 0), (2, 0, 1), (2, 0, 2), (2, 1, 0)]):
         got = ((x[8 + j] * 0.5 + 0.5) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         assert np.abs(got.astype(int) - pix[key].astype(int)).max() <= 1
+
+
+def exported_rows(x, run_dir, per_class):
+    """(label, index, variant) of each exported image, found by its pixels among the stored ones."""
+    mean, std = export.MEAN_STD["cifar100"]
+    back = (x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)) * 255
+    back = back.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy().astype(int)
+    pix = stored_pixels(run_dir)
+    out = []
+    for row in range(len(back)):
+        hits = [k for k, p in pix.items() if k[0] == row // per_class and np.abs(back[row] - p).max() <= 1]
+        assert len(hits) == 1, (row, hits)
+        out.append(hits[0])
+    return out
+
+
+def test_pt_per_class_picks_by_the_train_stage_rule(run5, tmp_path):
+    """--per-class N takes each class's N through gdd_ray.selection (the run's --select unless given), not the
+    first N by (index, variant): by default N distinct generated images, not 2 images x their variants."""
+    from gdd_ray import selection
+
+    run_dir, _ = run5
+    table = export.list_images(run_dir.uri)
+    cols = [table.column(c).to_numpy() for c in ("label", "index", "variant")]
+    for how in (None, "spread", "first"):
+        dest = str(tmp_path / f"{how}.pt")
+        info = export.export_pt(run_dir.uri, dest, per_class=4, select=how)
+        assert info["selection"] == (how or "originals")  # the run's --select: the default, originals
+        rule = selection.RowChoice(per_class=4, how=how or "originals")
+        want = [tuple(int(c[i]) for c in cols) for i in selection.choose(*cols, rule)]
+        assert exported_rows(torch.load(dest), run_dir, 4) == want
+    assert want[:4] == [(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 1, 0)]  # 'first': what --per-class took before
+    dest = str(tmp_path / "default.pt")
+    export.export_pt(run_dir.uri, dest, per_class=4)
+    assert exported_rows(torch.load(dest), run_dir, 4)[:4] == [(0, i, 0) for i in range(IPC)]  # originals
+
+
+def test_pt_per_class_follows_the_runs_select(tmp_path, capsys):
+    run_dir, _ = augmented_run(tmp_path / "run", "cifar100", IPC, K, 2, select="spread")
+    dest = str(tmp_path / "s.pt")
+    assert cli_main(["export", "--run", run_dir.uri, "--format", "pt", "--dest", dest, "--per-class", "3"]) == 0
+    assert exported_rows(torch.load(dest), run_dir, 3)[:3] == [(0, 0, 0), (0, 1, 1), (0, 2, 2)]  # rows 0, 4, 8 of 12
+    assert cli_main(["export", "--run", run_dir.uri, "--format", "pt", "--dest", dest, "--select", "first"]) == 2
+    assert "--select applies to --format challenge, and to --format pt with --per-class" in capsys.readouterr().err
 
 
 def test_imagefolder_round_trip(run5, tmp_path):

@@ -3,33 +3,104 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
-import ray
 from gen_helpers import tree_digest
 
-from gdd_ray import sweep, synthetic
+from gdd_ray import pipeline, sweep, synthetic
 from gdd_ray.classes import dataset_classes
+from gdd_ray.config_loader import build_config
 from gdd_ray.errors import UserError
+from gdd_ray.run import RunDir
+from tests.conftest import REPO
+
+
+def _stage_fingerprints(values, stage_dirs=None):
+    """The fingerprints the run of `values` computes itself (what the sweep's folder names must match)."""
+    cfg = build_config(values)
+    return pipeline.context(cfg, RunDir(cfg.out, stage_dirs))[0].fingerprints
 
 
 def test_plan_shares_generation_at_the_largest_ipc_and_k(tmp_path):
-    base = {"dataset": "cifar10", "model": "tiny"}
+    base = {"dataset": "cifar10", "model": "sdxl-random"}
     grid = {"ipc": [2, 4], "pda_variants": [0, 2], "eval_seed": [0, 1], "steps": [1, 2]}
     planned = sweep.plan_sweep(base, grid, str(tmp_path))
     assert len(planned) == 16 and len({p["run"]["out"] for p in planned}) == 16
-    groups = {p["group"]: p["data"] for p in planned}
-    assert len(groups) == 2  # steps decides pixels: two generations, nothing else does
-    assert all(d["ipc"] == 4 and d["pda_variants"] == 2 for d in groups.values())
+    assert [p["values"] for p in planned] == [dict(zip(grid, c)) for c in itertools.product(*grid.values())]
+    gens = {p["group"]: p["generation"] for p in planned}
+    assert len(gens) == 2  # steps decides pixels: two generations, nothing else does
+    assert len({p["pda"] for p in planned}) == 2  # one PDA over each
+    assert all(g["ipc"] == 4 for g in gens.values())
+    assert all(p["augmentation"]["pda_variants"] == 2 and p["augmentation"]["ipc"] == 4 for p in planned)
     p = next(p for p in planned if p["values"] == {"ipc": 2, "pda_variants": 0, "eval_seed": 1, "steps": 2})
-    assert (p["run"]["ipc"], p["run"]["train_ipc"], p["run"]["pda_variants"], p["run"]["train_variants"]) == (
-        4,
-        2,
-        2,
-        0,
-    )
-    assert p["stage_dirs"]["generate"] == groups[p["group"]]["out"] + "/generated"
+    run = p["run"]
+    shape = (run["ipc"], run["train_ipc"], run["pda_variants"], run["train_variants"], run["eval_seed"])
+    assert shape == (4, 2, 2, 0, 1)
+    assert p["stage_dirs"]["generate"] == gens[p["group"]]["out"] + "/generated"
+
+
+def test_points_that_differ_in_pixels_get_their_own_generation_keyed_by_its_fingerprint(tmp_path, tiny_model):
+    base = {"dataset": "cifar10", "pda_variants": 1}
+    grid = {
+        "model": ["tiny", "sdxl-random"],
+        "prompt_template": ["a photo of a {name}", "{name}, studio light"],
+        "steps": [1, 2],
+        "ipc": [2, 3],
+    }
+    planned = sweep.plan_sweep(base, grid, str(tmp_path))
+    gens = {p["group"]: p["generation"] for p in planned}
+    assert len(gens) == 8  # every (model, template, steps): its own generation; IPC shares one
+    pixels = {(p["values"]["model"], p["values"]["prompt_template"], p["values"]["steps"]): p["group"] for p in planned}
+    assert len(set(pixels.values())) == 8
+    for gfp, gen in gens.items():
+        assert gen["out"] == str(tmp_path / "data" / gfp) and gen["ipc"] == 3 and gen["stages"] == "generate"
+        assert _stage_fingerprints(gen)["generate"] == gfp  # keyed by the fingerprint the run itself computes
+    for p in planned:
+        aug = {k: v for k, v in p["augmentation"].items() if k != "stage_dirs"}
+        fps = _stage_fingerprints(aug, p["augmentation"]["stage_dirs"])
+        assert (fps["generate"], fps["augment"]) == (p["group"], p["pda"])
+        assert p["stage_dirs"]["augment"] == aug["out"] + "/augmented" and aug["out"].endswith(f"pda-{p['pda']}")
+        gen = p["generation"]
+        assert (gen["model"], gen["prompt_template"], gen["steps"]) == tuple(p["values"][k] for k in grid if k != "ipc")
+
+
+def test_points_that_differ_only_in_pda_ops_get_their_own_pda_over_one_generation(tmp_path):
+    flip, rotate = {"hflip": {"p": 0.5}}, {"rotate": {"degrees": 30}}
+    base = {"dataset": "cifar10", "model": "sdxl-random", "ipc": 2}
+    planned = sweep.plan_sweep(base, {"pda_ops": [flip, rotate], "pda_variants": [1, 3]}, str(tmp_path))
+    assert len({p["group"] for p in planned}) == 1  # the same pixels: one generation
+    pdas = {p["pda"]: p["augmentation"] for p in planned}
+    assert len(pdas) == 2 and {a["pda_variants"] for a in pdas.values()} == {3}  # one PDA per recipe, largest K
+    for p in planned:
+        assert p["augmentation"]["pda_ops"] == p["values"]["pda_ops"] == p["run"]["pda_ops"]
+        assert p["run"]["train_variants"] == p["values"]["pda_variants"]
+        assert p["augmentation"]["stage_dirs"]["generate"] == p["stage_dirs"]["generate"]
+    assert len({p["stage_dirs"]["augment"] for p in planned}) == 2
+
+
+def test_protocol_only_differs_in_training(tmp_path):
+    base = {"dataset": "cifar10", "model": "sdxl-random", "ipc": 10, "pda_variants": 0}
+    planned = sweep.plan_sweep(base, {"protocol": ["paper", "challenge"], "select": ["first", "spread"]}, str(tmp_path))
+    assert len(planned) == 4
+    assert len({p["group"] for p in planned}) == 1 and len({p["pda"] for p in planned}) == 1
+    assert len({json.dumps(p["augmentation"], sort_keys=True) for p in planned}) == 1  # one PDA config
+    assert {(p["run"]["protocol"], p["run"]["select"]) for p in planned} == set(itertools.product(*[
+        ["paper", "challenge"], ["first", "spread"]]))  # fmt: skip
+    cfgs = [build_config(p["run"]) for p in planned]
+    assert {c.train.protocol for c in cfgs} == {"paper", "challenge"} and {c.stages for c in cfgs} == {("train",)}
+
+
+def test_a_sweep_refuses_clip_selection(tmp_path):
+    with pytest.raises(UserError, match="--select-by clip"):
+        sweep.plan_sweep({"dataset": "cifar10", "select_by": "clip"}, {"ipc": [2, 4]}, str(tmp_path))
 
 
 def test_sweep_file_refusals(tmp_path):
@@ -60,8 +131,29 @@ def test_sweep_page_links_every_point_and_draws_the_plots(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _point_results(root) -> dict[str, str]:
+    """point -> its eval/ files (content hash and mtime) once its results.json exists: a finished point."""
+    return {
+        d.name: tree_digest(d / "eval") for d in (root / "points").glob("*") if (d / "eval" / "results.json").exists()
+    }
+
+
+def _process_group(pgid: int) -> list[int]:
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid:
+                out.append(p.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
+
+
 @pytest.mark.slow
-def test_tiny_sweep_one_generation_one_pda_leaderboard_and_resume(tmp_path, tiny_model):
+@pytest.mark.timeout(1800)  # 8 Ray Train evaluations: ~15 s each on 2 idle cores, far more on a shared machine
+def test_tiny_sweep_is_killed_resumes_without_redoing_finished_points_and_reports(tmp_path, tiny_model):
+    """The issue's 'done when': ipc {2, 4} x pda-variants {0, 2} x 2 eval seeds on the tiny model, through the
+    real CLI; the first sweep is SIGKILLed (its whole process group: driver, Ray, Tune) once a point has finished."""
     names = [c.class_id for c in dataset_classes("cifar10")]
     pats = synthetic.patterns(10, 16, seed=0)
     synthetic.write_cifar(str(tmp_path / "test"), *synthetic.sample(pats, 2, seed=2), names, kind="cifar10")
@@ -69,34 +161,69 @@ def test_tiny_sweep_one_generation_one_pda_leaderboard_and_resume(tmp_path, tiny
     spec.write_text(
         f"base: {{dataset: cifar10, model: tiny, gen-resolution: 64, image-size: 16, unit-size: 2, batch-size: 2,"
         f" eval-data: {tmp_path / 'test'}, epochs: 1, eval-runs: 1, eval-workers: 1, net-width: 8}}\n"
-        "grid: {ipc: [2, 4], pda-variants: [0, 2]}\n"
+        "grid: {ipc: [2, 4], pda-variants: [0, 2], eval-seed: [0, 1]}\n"
     )
     root = tmp_path / "sweep"
-    rows = sweep.sweep(str(spec), str(root))
-    assert not ray.is_initialized()  # the sweep started Ray, so it shut it down (nothing left for the next test)
-    data = list((root / "data").iterdir())
-    assert len(data) == 1  # one generation and one PDA served the four points
-    gen = json.loads((data[0] / "generated" / "_summary.json").read_text())
-    aug = json.loads((data[0] / "augmented" / "_summary.json").read_text())
-    assert gen["totals"]["images"] == 40 and aug["totals"]["images"] == 40 * 3
-    per_class = {(r["ipc"], r["pda_variants"]): r["images_per_class"] for r in rows}
-    assert per_class == {(2, 0): 2, (2, 2): 6, (4, 0): 4, (4, 2): 12}
-    assert all(r["accuracy_mean"] is not None and r["runs"] == 1 for r in rows)
-    with open(root / "leaderboard.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == 4
-    assert (root / "leaderboard.md").read_text().count("\n") == 2 + 4
-    assert (root / "report.html").read_text().count("href='points/") == 4
-    point = root / "points" / rows[0]["point"]
-    assert "Worst classes" in (point / "report.html").read_text()
+    cmd = [
+        sys.executable,
+        str(REPO / "jobs" / "sweep.py"),
+        "--config",
+        str(spec),
+        "--out",
+        str(root),
+        "--concurrent",
+        "2",
+    ]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 900  # a safety net: the loop ends on an event (a finished point, or the exit)
+        while time.time() < deadline and not _point_results(root) and first.poll() is None:
+            time.sleep(0.1)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(first.pid, signal.SIGKILL)  # the driver, its Ray and Tune's trials: no clean-up of any kind
+        first.wait()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+        log.close()
+    deadline = time.time() + 60
+    while _process_group(first.pid) and time.time() < deadline:  # what the kill reaps (Ray's workers) is gone
+        time.sleep(0.2)
+    assert not _process_group(first.pid)
+    finished = _point_results(root)
+    assert 1 <= len(finished) < 8, sorted(finished)  # killed mid-way
+    (data,) = (root / "data").iterdir()  # one generation folder...
+    (pda,) = data.glob("pda-*")  # ...holding one PDA
+    gen_sum = json.loads((data / "generated" / "_summary.json").read_text())
+    aug_sum = json.loads((pda / "augmented" / "_summary.json").read_text())
+    assert gen_sum["totals"]["images"] == gen_sum["totals"]["images_made"] == 10 * 4  # one generation at IPC 4
+    assert aug_sum["totals"]["images"] == 10 * 4 * 3  # one PDA at K 2
+    shared = {"generated": tree_digest(data / "generated"), "augmented": tree_digest(pda / "augmented")}
 
-    # Rerun: nothing is generated, augmented or trained again.
-    before = {stage: tree_digest(data[0] / stage) for stage in ("generated", "augmented")}
-    finished = {
-        r["point"]: json.loads((root / "points" / r["point"] / "eval" / "results.json").read_text())["finished"]
-        for r in rows
-    }
-    again = sweep.sweep(str(spec), str(root))
-    assert [r["accuracy_mean"] for r in again] == [r["accuracy_mean"] for r in rows]
-    assert {stage: tree_digest(data[0] / stage) for stage in ("generated", "augmented")} == before
-    for name, when in finished.items():
-        assert json.loads((root / "points" / name / "eval" / "results.json").read_text())["finished"] == when
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming the Tune experiment" in second.stdout + second.stderr
+    assert "8 points, 1 generation(s), 1 PDA(s)" in second.stdout + second.stderr
+    # The shared data was neither regenerated nor re-augmented, and no finished point was trained again.
+    assert {"generated": tree_digest(data / "generated"), "augmented": tree_digest(pda / "augmented")} == shared
+    after = _point_results(root)
+    assert len(after) == 8 and {name: after[name] for name in finished} == finished
+
+    board = (root / "leaderboard.md").read_text()
+    assert second.stdout.endswith(board)  # the CLI prints the leaderboard it wrote
+    with open(root / "leaderboard.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8 and board.count("\n") == 2 + 8
+    per_class = {(r["ipc"], r["pda_variants"], r["eval_seed"]): r["images_per_class"] for r in rows}
+    assert per_class == {(i, k, s): str(int(i) * (int(k) + 1)) for i in ("2", "4") for k in ("0", "2") for s in "01"}
+    assert all(r["accuracy_mean"] and r["runs"] == "1" for r in rows)
+    for r in rows:  # each point trained with its own eval seed, on its prefix of the shared PDA
+        res = json.loads((root / "points" / r["point"] / "eval" / "results.json").read_text())
+        assert res["config"]["eval_seed"] == int(r["eval_seed"])
+    page = (root / "report.html").read_text()
+    assert page.count("href='points/") == 8
+    for plot in ("accuracy_vs_ipc.png", "accuracy_vs_cost.png"):
+        assert (root / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Worst classes" in (root / "points" / rows[0]["point"] / "report.html").read_text()

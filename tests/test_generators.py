@@ -169,7 +169,7 @@ def test_fingerprint_and_run_record_name_the_model_and_architecture(tmp_path, gd
 def test_sweep_over_models_makes_one_generation_per_model(tmp_path):
     base = {"dataset": "cifar10", "ipc": 2}
     planned = sweep.plan_sweep(base, {"model": ["tiny", "tiny-sd-turbo"], "eval_seed": [0, 1]}, str(tmp_path))
-    groups = {p["group"]: p["data"]["model"] for p in planned}
+    groups = {p["group"]: p["generation"]["model"] for p in planned}
     assert len(planned) == 4 and sorted(groups.values()) == ["tiny", "tiny-sd-turbo"]
 
 

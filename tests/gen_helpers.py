@@ -47,6 +47,20 @@ def read_images(folder: Path | str) -> dict[tuple[int, int], bytes]:
     return out
 
 
+def assert_same_images(got: dict[tuple[int, int], bytes], want: dict[tuple[int, int], bytes], levels: int = 2) -> None:
+    """The same (label, index) set, each image within `levels` of 255 per pixel of the other's.
+
+    For images made in different processes (Ray actors vs this one): CPU math libraries may round a sum
+    differently with the buffers' alignment, so a pixel can move by a level and the PNG bytes then differ;
+    within one process the bytes are compared exactly elsewhere."""
+    import numpy as np
+
+    assert sorted(got) == sorted(want)
+    for key in want:
+        a, b = shards.decode_png(got[key]).astype(int), shards.decode_png(want[key]).astype(int)
+        assert a.shape == b.shape and np.abs(a - b).max() <= levels, f"image {key} differs"
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """Every file under folder with its content hash and mtime: to prove a failed command touched nothing."""
     out = {}

@@ -16,6 +16,7 @@ import ray
 from gdd_ray import pipeline, shards, storage, synthetic
 from gdd_ray.augment import shard as aug_shard
 from gdd_ray.augment import stage
+from gdd_ray.augment.recipe import resolve_ops
 from gdd_ray.classes import load_classes
 from gdd_ray.config_loader import build_config
 from gdd_ray.errors import UserError
@@ -130,7 +131,7 @@ def test_deterministic_across_runs_and_matches_the_serial_worker(tmp_path, local
     name = dir_a.augmented.list(".parquet")[0]
     solo = storage.Location(str(tmp_path / "solo"))
     fp = dir_a.read_record()["fingerprints"]["augment"]
-    aug_shard.augment_shard(dir_a.generated, solo, name, 3, stage.ops.resolve_ops(None), fp)
+    aug_shard.augment_shard(dir_a.generated, solo, name, 3, resolve_ops(None), fp)
     assert solo.read_bytes(name) == dir_a.augmented.read_bytes(name)
 
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from gen_helpers import generator_actor_pids, read_images, tiny_config
+from gen_helpers import assert_same_images, generator_actor_pids, read_images, tiny_config
 from PIL import Image
 from ray_head import RayHead
 
@@ -104,10 +104,10 @@ def test_killed_driver_then_rerun_redoes_only_missing_units(head, tmp_path):
     )
     resumed = read_images(gen)
 
-    # The same run without interruption, in process: image for image the same PNGs.
+    # The same run without interruption, in process: image for image the same images.
     ref_cfg = tiny_config(tmp_path / "ref", ipc=4, unit_size=1, gen_resolution=160)
     gen_stage.run(pipeline.check(ref_cfg), serial=True)
-    assert resumed == read_images(tmp_path / "ref" / "generated")
+    assert_same_images(resumed, read_images(tmp_path / "ref" / "generated"))
 
     # A third run has nothing to do: it ends without starting or joining Ray at all.
     r = subprocess.run([sys.executable, str(REPO / "jobs" / "distill.py"), *args], env=head.env, cwd=REPO,

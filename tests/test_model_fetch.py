@@ -4,6 +4,7 @@ network: a fake hub (GDD_RAY_FAKE_HUB, see gdd_ray/generate/fetch.py) holding th
 from __future__ import annotations
 
 import shutil
+import tempfile
 
 import huggingface_hub
 import pytest
@@ -78,6 +79,9 @@ def test_one_fetch_per_node_then_offline_actors_and_a_missing_revision_is_one_li
         shutil.rmtree(fake_hub / "org")
         gen_stage.run(pipeline.check(cfg.replace(out=str(tmp_path / "run2"))))
         assert len(read_images(tmp_path / "run2" / "generated")) == 20 and fetches(fake_hub) == 1
+        # The run pinned SHA: a resume at another commit is refused, naming the change (nothing is mixed).
+        with pytest.raises(UserError, match="generate"):
+            pipeline.check(cfg.replace(**{"generate.model_revision": OTHER}))
     finally:
         ray.shutdown()
 
@@ -88,3 +92,27 @@ def test_local_and_built_in_models_fetch_nothing(tiny_model, tmp_path, monkeypat
     stats: dict = {}
     gen_stage.fetch_pinned_model(job, None, stats)  # no Ray needed: returns before touching it
     assert job.model_revision is None and stats == {} and not (tmp_path / "nohub").exists()
+
+
+@pytest.mark.slow  # ~30 s: a three-node Ray cluster on one machine
+def test_each_gpu_node_fetches_into_its_own_cache_once(fake_hub, tmp_path, monkeypatch):
+    """A CPU head and two GPU nodes, each with its own Hugging Face cache: one fetch on each GPU node (where
+    the actors go), none on the head; a second call finds both complete."""
+    from ray.cluster_utils import Cluster
+
+    ray_tmp = tempfile.mkdtemp(prefix="gddft", dir="/tmp")  # short: Ray's socket paths live under it
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)  # a plain ray.init() elsewhere must not join this cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    try:
+        caches = [tmp_path / f"node{i}" for i in range(2)]
+        nodes = [cluster.add_node(num_cpus=1, num_gpus=1, env_vars={"HF_HUB_CACHE": str(c)}) for c in caches]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, configure_logging=False)
+        fetched = fetch.fetch_on_nodes("org/tiny", SHA, needs_gpu=True)
+        assert set(fetched) == {n.node_id for n in nodes} and fetches(fake_hub) == 2
+        assert sorted(fetched.values()) == [str(c / "models--org--tiny" / "snapshots" / SHA) for c in caches]
+        assert fetch.fetch_on_nodes("org/tiny", SHA, needs_gpu=True) == fetched and fetches(fake_hub) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -100,7 +100,12 @@ def fetch_pinned_model(job: GenerationJob, worker_gpus: float | None, stats: dic
     nodes = fetch.fetch_on_nodes(job.model, job.model_revision, needs_gpu)
     seconds = round(time.perf_counter() - t0, 3)
     stats["model_fetch"] = {"nodes": len(nodes), "s": seconds}
-    say("generate", f"{job.model} at {job.model_revision[:12]} in the cache of {len(nodes)} node(s) ({seconds:.1f} s)")
+    where = (
+        f"in the cache of {len(nodes)} node(s) ({seconds:.1f} s)"
+        if nodes
+        else "to be fetched by each node's first worker"
+    )
+    say("generate", f"{job.model} at {job.model_revision[:12]} {where}")  # no node up yet: an autoscaling cluster
 
 
 def default_workers(cfg: RunConfig) -> int:

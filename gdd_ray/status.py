@@ -4,9 +4,11 @@
     python -m gdd_ray status s3://bucket/c100 --json
 
 Per stage: units done/total, images, throughput, failures (shards that exist but must be redone), and
-whether it is complete. Exit code 0 when every stage of the run is complete, 1 when not, 2 when OUT holds
-no run. The rules are the stages' own resume rules (footers judged by the same functions), so "done"
-here means exactly what a rerun would skip; a stage is complete when its manifest (written last) is current.
+whether it is complete (a run that a --time-budget stopped short of --ipc shows "time budget reached" and
+the IPC every class has, which counts as complete). Exit code 0 when every stage of the run is complete,
+1 when not, 2 when OUT holds no run. The rules are the stages' own resume rules (footers judged by the
+same functions), so "done" here means exactly what a rerun would skip; a stage is complete when its
+manifest (written last) is current.
 
     python -m gdd_ray status runs/c100 --verify
 
@@ -96,6 +98,9 @@ def _shard_stage(
     }
 
 
+BUDGET_REACHED = "time budget reached"
+
+
 def _state(complete: bool, on_disk: int, info: dict[str, Any]) -> str:
     if complete:
         return "complete"
@@ -105,7 +110,15 @@ def _state(complete: bool, on_disk: int, info: dict[str, Any]) -> str:
 def generate_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify: bool = False) -> dict[str, Any]:
     fp = record["fingerprints"]["generate"]
     plan = plan_run(cfg, len(record["classes"]))
-    return _shard_stage(run_dir, "generate", record, [shards.generated_spec(u, fp) for u in plan.units], verify)
+    st = _shard_stage(run_dir, "generate", record, [shards.generated_spec(u, fp) for u in plan.units], verify)
+    summary = run_dir.read_summary("generate") or {}
+    if summary.get("fingerprint") == fp and "time_budget_s" in summary:
+        st["ipc_reached"] = summary.get("ipc_reached")
+        # A time budget that stopped short of --ipc: done for this budget (its manifest lists every shard
+        # below the IPC reached, and later stages read those); a rerun with the budget grows it.
+        if st["state"] != "complete" and not st["corrupt"] and shards.read_manifest(run_dir.generated, fp):
+            st["state"] = BUDGET_REACHED
+    return st
 
 
 def select_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify: bool = False) -> dict[str, Any]:
@@ -219,7 +232,8 @@ def run_status(out: str, verify: bool = False) -> dict[str, Any]:
         live = (lease.current(run_dir.root) or {}).get("state") == "live"
         for s in result["stages"]:
             s["set_aside"] = [] if live else _set_aside(run_dir.stage_dir(s["stage"]), s.get("corrupt", []))
-    result["complete"] = bool(result["stages"]) and all(s["state"] == "complete" for s in result["stages"])
+    done_states = ("complete", BUDGET_REACHED)
+    result["complete"] = bool(result["stages"]) and all(s["state"] in done_states for s in result["stages"])
     return result
 
 
@@ -256,6 +270,11 @@ def format_status(st: dict[str, Any]) -> str:
         fails = f"{len(s['failures'])} to redo" if s["failures"] else ""
         cols = [f"{s['stage']:<9}", f"{done:<16}", f"{images:<22}", f"{rate:<14}", s["state"], fails, extra]
         lines.append("  " + "  ".join(c for c in cols if c is not None).rstrip())
+        if s["state"] == BUDGET_REACHED:
+            lines.append(
+                f"      every class at IPC {s['ipc_reached']} of {st['ipc']} within the time budget; a rerun with "
+                "--time-budget grows it"
+            )
         lines.extend(f"      redo {f}" for f in s["failures"][:10])
         if len(s["failures"]) > 10:
             lines.append(f"      ... and {len(s['failures']) - 10} more")

@@ -16,6 +16,7 @@ from gdd_ray.generate.budget import TimeBudget, ipc_reached
 from gdd_ray.generate.driver import run_serial
 from gdd_ray.generate.generator import UnitGenerator, UnitResult
 from gdd_ray.plan import WorkUnit, plan_units
+from gdd_ray.status import format_status, run_status
 
 
 class FakeClock:
@@ -122,6 +123,9 @@ def test_budget_stops_every_class_at_one_ipc_then_a_rerun_grows_it(tmp_path, tin
     assert len(manifest.names) == 3 and manifest.images == 6
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["stages"]["generate"]["ipc_reached"] == 2
+    st = run_status(str(tmp_path / "run"))  # done for this budget, not "incomplete"; it says which IPC
+    assert st["stages"][0]["state"] == "time budget reached" and st["stages"][0]["ipc_reached"] == 2
+    assert "every class at IPC 2 of 4 within the time budget" in format_status(st)
 
     # Later stages see IPC 2: the train stage's fingerprint holds it, and it reads only index < 2.
     from gdd_ray.train import stage as train_stage
@@ -140,6 +144,7 @@ def test_budget_stops_every_class_at_one_ipc_then_a_rerun_grows_it(tmp_path, tin
     assert grown.ipc_reached is None and grown.fingerprint("train") == plain_train_fp
     assert json.loads((tmp_path / "run" / "run.json").read_text())["fingerprints"]["train"] == plain_train_fp
     assert Counter(label for label, _ in read_images(gen)) == {label: 4 for label in range(3)}
+    assert run_status(str(tmp_path / "run"))["stages"][0]["state"] == "complete"
     ctx3 = pipeline.check(cfg)
     assert ctx3.ipc_reached is None
     gen_stage.run(ctx3, serial=True)

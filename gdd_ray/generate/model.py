@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from gdd_ray.errors import UserError
-from gdd_ray.generate import tiny_models
+from gdd_ray.generate import fetch, tiny_models
 from gdd_ray.plan import derive_seed
 
 TINY = tiny_models.TINY
@@ -243,11 +243,8 @@ def resolve_revision(model: str, revision: str | None) -> str | None:
         except Exception as e:
             why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             raise UserError(f"--model {model} --model-revision {wanted}: the hub cannot resolve it ({why})") from e
-    # The cache's place as huggingface_hub computes it, without importing it here (an import this early
-    # would fix its progress-bar settings before the CLI quiets them).
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    cache = os.path.expanduser(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub"))
-    ref = Path(cache) / f"models--{model.replace('/', '--')}" / "refs" / wanted
+    cache = fetch.hub_cache()
+    ref = cache / f"models--{model.replace('/', '--')}" / "refs" / wanted
     if ref.is_file() and re.fullmatch(r"[0-9a-f]{40}", ref.read_text().strip()):
         return ref.read_text().strip()
     if revision is None:
@@ -301,7 +298,8 @@ def load_pipeline(
 ):
     """The pipeline for one worker: fp16 on CUDA, fp32 on CPU, the VAE in `vae_dtype` (a torch dtype; None =
     as loaded) once and for all; progress bars off (they flood actor logs); at `revision` (the commit the
-    driver pinned) for a hub model; the watermarker off whatever is installed."""
+    driver pinned) for a hub model, from this node's snapshot with the hub offline; the watermarker off
+    whatever is installed."""
     import diffusers
     import torch
     import transformers
@@ -316,13 +314,17 @@ def load_pipeline(
         pipe = build_random_sdxl(device, dtype)
     else:
         source = str(ensure_tiny_model(model)) if model in TINY_MODELS else model
+        offline = {}
+        if revision is not None:
+            # The pinned snapshot as the driver's task fetched it onto this node (fetch.py), loaded offline.
+            source, offline = fetch.ensure_snapshot(model, revision), {"local_files_only": True}
         try:
-            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, variant="fp16", revision=revision)
+            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, variant="fp16", **offline)
         except (OSError, ValueError) as e:
             if "variant" not in str(e):
                 raise
             # A folder saved without fp16 variant files: the same weights under plain names.
-            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, revision=revision)
+            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, **offline)
     if getattr(pipe, "safety_checker", None) is not None:
         # SD 1.x's NSFW classifier: it only ever sees decoded images, which the workers decode themselves.
         pipe.safety_checker = None

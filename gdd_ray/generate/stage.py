@@ -9,9 +9,9 @@ from typing import Any
 from gdd_ray import shards
 from gdd_ray.classes import ClassInfo
 from gdd_ray.config import RunConfig
-from gdd_ray.generate import runtime
+from gdd_ray.generate import fetch, runtime
 from gdd_ray.generate.budget import TimeBudget, ipc_reached
-from gdd_ray.generate.driver import run_on_ray, run_serial
+from gdd_ray.generate.driver import actor_options, run_on_ray, run_serial
 from gdd_ray.generate.generator import GenerationJob, UnitGenerator, UnitResult
 from gdd_ray.generate.model import resolve_model, resolve_revision
 from gdd_ray.logs import Progress, say
@@ -88,6 +88,26 @@ def padding_note(cfg: RunConfig, units: list) -> str | None:
     return None
 
 
+def fetch_pinned_model(job: GenerationJob, worker_gpus: float | None, stats: dict) -> None:
+    """A pinned hub model downloaded once per node before the actors start, which then load it offline
+    (fetch.py); local and built-in models need nothing."""
+    if job.model_revision is None:
+        return
+    from gdd_ray.ray_utils import cluster_gpus
+
+    t0 = time.perf_counter()
+    needs_gpu = "num_gpus" in actor_options(cluster_gpus(), worker_gpus)
+    nodes = fetch.fetch_on_nodes(job.model, job.model_revision, needs_gpu)
+    seconds = round(time.perf_counter() - t0, 3)
+    stats["model_fetch"] = {"nodes": len(nodes), "s": seconds}
+    where = (
+        f"in the cache of {len(nodes)} node(s) ({seconds:.1f} s)"
+        if nodes
+        else "to be fetched by each node's first worker"
+    )
+    say("generate", f"{job.model} at {job.model_revision[:12]} {where}")  # no node up yet: an autoscaling cluster
+
+
 def default_workers(cfg: RunConfig) -> int:
     if cfg.generate.workers is not None:
         return cfg.generate.workers
@@ -144,6 +164,7 @@ def run(ctx: RunContext, *, serial: bool = False) -> dict[str, Any]:
 
             init_ray()
             workers = default_workers(cfg)
+            fetch_pinned_model(job, cfg.generate.worker_gpus, driver_stats)
             results = run_on_ray(
                 todo, job, workers, cfg.generate.max_retries, progress, stats=driver_stats,
                 worker_gpus=cfg.generate.worker_gpus, budget=budget,

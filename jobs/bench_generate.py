@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -53,7 +54,12 @@ def parse_args(argv=None):
     p.add_argument("--noop-shards", type=int, default=1000, help="shards in the no-op rerun test (0 = skip)")
     p.add_argument("--skip-paper-loop", action="store_true", help="skip (a): slow at 512 px on a GPU")
     p.add_argument("--out", default="bench_results/generate.json")
-    p.add_argument("--engines", default="fast,diffusers", help="(e) engines to time, comma-separated")
+    p.add_argument(
+        "--engines",
+        default="fast,diffusers,pipeline-call",
+        help="(e) engines to time, comma-separated: fast, diffusers (our loop with the pipeline's call to latents) "
+        "and pipeline-call (the loop before the engine work: the pipeline's own decode, its per-call VAE casts)",
+    )
     p.add_argument("--batch-sizes", default="", help="(e) batch sizes, comma-separated (default: --batch-size)")
     p.add_argument(
         "--vae-dtypes", default="", help="(e) VAE dtypes, comma-separated (default: fp32 on CPU, bf16 on GPU)"
@@ -177,14 +183,17 @@ def engine_matrix(a, work: Path) -> dict:
     vae_dtypes = _csv(a.vae_dtypes) or (["bf16"] if cuda else ["fp32"])
     compare = WorkUnit(0, 0, min(batch_sizes))  # the same seeds in every row
 
-    def generator(engine: str, vae: str, batch: int, compiled: bool = False) -> UnitGenerator:
+    def generator(engine: str, vae: str, batch: int, compiled: bool = False):
+        if engine == PIPELINE_CALL:
+            template = build_config(a, str(work / "e")).generate.templates[0]  # the other rows' prompts
+            return PipelineCallLoop(pipe, [c.prompt(template) for c in classes], a, batch, device)
         cfg = build_config(a, str(work / "e"), engine=engine, vae_dtype=vae, batch_size=batch, compile=compiled)
         return UnitGenerator(make_job(cfg, classes, "bench", str(work / "e")), device=device, pipeline=pipe)
 
     reference = generator("diffusers", "fp32", min(batch_sizes)).render(compare).pixels.astype(np.int16)
     rows = []
     for engine in _csv(a.engines):
-        for vae in vae_dtypes:
+        for vae in ["fp32"] if engine == PIPELINE_CALL else vae_dtypes:  # it decodes as the pipeline does
             for batch in batch_sizes:
                 for compiled in [False, True] if (a.compile_fast and engine == "fast") else [False]:
                     if cuda:
@@ -231,18 +240,84 @@ def engine_matrix(a, work: Path) -> dict:
                     )  # fmt: skip
                     print(_row_line(rows[-1]), flush=True)
                     del gen
-    return {"load_s": load_s, "rows": rows, "fast_over_diffusers": _speedups(rows)}
+    return {
+        "load_s": load_s,
+        "rows": rows,
+        "fast_over_diffusers": _speedups(rows, "diffusers"),
+        "fast_over_pipeline_call": _speedups(rows, PIPELINE_CALL),
+    }
 
 
-def _speedups(rows: list[dict]) -> list[dict]:
-    """fast / diffusers images/s for each VAE dtype and batch size that has both (eager)."""
+PIPELINE_CALL = "pipeline-call"
+
+
+class PipelineCallLoop:
+    """(e)'s baseline row: the render loop as it was before the engine work (issue 9's "today"): for each
+    batch the diffusers pipeline is called with the class's cached embeddings and a CPU generator per image,
+    down to pixels (`output_type="pt"`: its own VAE decode, with SDXL's fp32 upcast and cast back on every
+    call where the VAE asks for it, and its image post-processing), then the device resize and one copy back.
+    Same seeds, so the same images as the other rows within rounding. Eager only."""
+
+    compile_mode = None
+
+    def __init__(self, pipe, prompts: list[str], a, batch: int, device: str):
+        from gdd_ray.generate.engine import PromptTable
+
+        self.pipe, self.a, self.batch = pipe, a, batch
+        self.prompts = PromptTable(pipe, prompts, device, with_negative=False)  # one row per class
+        self.clock = None
+        self.startup: dict = {}
+        self.executed_batch_sizes: set = set()
+
+    def load(self) -> None:
+        t = time.perf_counter()
+        self.prompts.encode_all()
+        self.startup["text_encode_s"] = round(time.perf_counter() - t, 3)
+
+    def render(self, unit):
+        import torch
+        import torch.nn.functional as F
+
+        from gdd_ray.plan import image_seed
+
+        a, size = self.a, self.a.image_size
+        pe, _, ppe, _ = self.prompts.get(unit.label)
+        out = []
+        for start in range(unit.start, unit.stop, self.batch):
+            idx = range(start, min(start + self.batch, unit.stop))
+            n = len(idx)
+            self.executed_batch_sizes.add(n)
+            gens = [torch.Generator("cpu").manual_seed(image_seed(0, unit.label, i)) for i in idx]
+            if self.clock:
+                self.clock.mark("start")
+            with torch.inference_mode():
+                images = self.pipe(
+                    prompt_embeds=pe.expand(n, -1, -1), pooled_prompt_embeds=ppe.expand(n, -1),
+                    num_inference_steps=1, guidance_scale=0.0, height=a.gen_resolution, width=a.gen_resolution,
+                    generator=gens, output_type="pt",
+                ).images  # fmt: skip
+                if self.clock:
+                    self.clock.mark("pipeline")
+                if size != a.gen_resolution:
+                    images = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True)
+                pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+                out.append(pixels.cpu().numpy())  # a sync point per batch
+            if self.clock:
+                self.clock.mark("resize_copy")
+        return SimpleNamespace(pixels=np.concatenate(out))
+
+
+def _speedups(rows: list[dict], baseline: str) -> list[dict]:
+    """Each fast row's images/s (eager and compiled) over the eager `baseline` row of the same VAE dtype and
+    batch size; the pipeline-call baseline has an fp32 VAE only (it decodes as the pipeline does)."""
     by = {(r["engine"], r["vae_dtype"], r["batch_size"]): r for r in rows if not r["compile"]}
     out = []
-    for (engine, vae, batch), r in by.items():
-        other = by.get(("diffusers", vae, batch))
-        if engine == "fast" and other:
+    for r in rows:
+        other = by.get((baseline, "fp32" if baseline == PIPELINE_CALL else r["vae_dtype"], r["batch_size"]))
+        if r["engine"] == "fast" and other:
             ratio = r["images_per_s_median"] / other["images_per_s_median"]
-            out.append({"vae_dtype": vae, "batch_size": batch, "ratio": round(ratio, 3)})
+            out.append({"vae_dtype": r["vae_dtype"], "batch_size": r["batch_size"], "compile": r["compile"],
+                        "ratio": round(ratio, 3)})  # fmt: skip
     return out
 
 
@@ -377,7 +452,9 @@ def main(argv=None) -> int:
 def _write(a, results: dict) -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results["engines"]["fast_over_diffusers"]), "->", a.out)
+    e = results["engines"]
+    print("fast/diffusers", json.dumps(e["fast_over_diffusers"]), "fast/pipeline-call",
+          json.dumps(e["fast_over_pipeline_call"]), "->", a.out)  # fmt: skip
     return 0
 
 

@@ -174,6 +174,12 @@ def _check_cluster_spec(spec: dict) -> None:
         (c,) = group["template"]["spec"]["containers"]
         assert c["image"] == IMAGE and container_gpus(c) == 1
         assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"]
+        # torch.compile's cache: a node-local folder mounted where TORCHINDUCTOR_CACHE_DIR points
+        env = {e["name"]: e["value"] for e in c.get("env", [])}
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        (name,) = [n for n, path in mounts.items() if path == env["TORCHINDUCTOR_CACHE_DIR"]]
+        assert volumes[name]["hostPath"]["type"] == "DirectoryOrCreate"
 
 
 def test_raycluster_manifest():

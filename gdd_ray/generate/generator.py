@@ -123,6 +123,8 @@ class UnitGenerator:
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         vae_dtype = getattr(torch, TORCH_DTYPES[job.vae_dtype])
+        if self.compile_mode:
+            self.startup["compile_cache"], self.startup["compile_cache_warm"] = models.use_compile_cache()
         if self.pipeline is None:
             self.pipeline = models.load_pipeline(
                 job.model, g.vae, self.device, vae_dtype=vae_dtype, revision=job.model_revision

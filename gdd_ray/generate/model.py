@@ -35,6 +35,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GDD_RAY_CACHE", Path.home() / ".cache" / "gdd_ray"))
 
 
+def use_compile_cache() -> tuple[str, bool]:
+    """Point torch.compile's on-disk caches (Inductor's FX-graph and AOTAutograd caches, its Triton kernels
+    under `triton/`) at one folder per node, kept across runs, before anything compiles; returns (folder,
+    whether it already held entries).
+
+    TORCHINDUCTOR_CACHE_DIR when set (the KubeRay manifests point it at a node-local hostPath volume), else
+    `$GDD_RAY_CACHE/torch-compile` (Inductor's own default is under /tmp, which a container loses when it
+    restarts). A node's later workers (a replacement actor, a resumed run, the next sweep point) then load
+    what an earlier one compiled instead of compiling again. Inductor keys every entry by torch version,
+    device and graph and writes through temporary files, so concurrent workers on a node share it safely."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # Inductor writes its /tmp default into the variable the first time it asks (loading a pipeline does):
+    # that is not the user's choice.
+    if not folder or os.path.abspath(folder) == os.path.abspath(default_cache_dir()):
+        folder = str(cache_dir() / "torch-compile")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    warm = os.path.isdir(folder) and any(os.scandir(folder))
+    return folder, warm
+
+
 def tiny_model_path(name: str = TINY) -> Path:
     return cache_dir() / f"{tiny_models.FOLDERS[name]}-{TINY_VERSION}"
 

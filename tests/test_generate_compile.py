@@ -1,0 +1,58 @@
+"""torch.compile on the CPU backend with the tiny model: the compiled fast path compiles once at load (in
+the node's compile cache), never recompiles (a short last unit is padded to the full batch), and draws the
+same images as the eager path within float rounding."""
+
+import numpy as np
+import pytest
+import torch
+from gen_helpers import tiny_config
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+from gdd_ray.classes import dataset_classes
+from gdd_ray.generate import stage as gen_stage
+from gdd_ray.generate.generator import UnitGenerator
+from gdd_ray.generate.model import load_pipeline, use_compile_cache
+from gdd_ray.plan import WorkUnit
+
+CLASSES = dataset_classes("cifar10")
+
+
+def test_compile_cache_is_the_users_or_one_kept_per_node(tmp_path, monkeypatch):
+    monkeypatch.setenv("GDD_RAY_CACHE", str(tmp_path / "gdd"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert use_compile_cache() == (str(tmp_path / "gdd" / "torch-compile"), False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # Inductor's /tmp default, not a choice
+    assert use_compile_cache()[0] == str(tmp_path / "gdd" / "torch-compile")
+    mine = tmp_path / "volume"
+    (mine / "fxgraph").mkdir(parents=True)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(mine))  # e.g. the manifests' node-local volume
+    assert use_compile_cache() == (str(mine), True)
+
+
+@pytest.mark.slow
+def test_compiled_fast_path_compiles_once_into_the_node_cache(tmp_path, tiny_model, monkeypatch):
+    pipe = load_pipeline("tiny", device="cpu")  # from the session's tiny-model cache
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as Inductor sets it when first asked
+    monkeypatch.setenv("GDD_RAY_CACHE", str(tmp_path / "cache"))  # a cold compile cache under it
+
+    def generator(compile: bool) -> UnitGenerator:
+        cfg = tiny_config(tmp_path / str(compile), engine="fast", batch_size=4, gen_resolution=32, image_size=16,
+                          compile=compile)  # fmt: skip
+        job = gen_stage.make_job(cfg, CLASSES, "fp-test", str(tmp_path / "run" / "generated"))
+        return UnitGenerator(job, pipeline=pipe)
+
+    compiled, eager = generator(True), generator(False)
+    compiled.load()
+    assert compiled.compile_mode == "default" and compiled.startup["compile_s"] > 0
+    cache = tmp_path / "cache" / "torch-compile"
+    assert compiled.startup["compile_cache"] == str(cache) and compiled.startup["compile_cache_warm"] is False
+    assert any(cache.rglob("*")), "nothing was written to the compile cache"
+    units = [WorkUnit(1, 0, 6), WorkUnit(2, 4, 7)]  # 4 + 2 (padded), then a short last unit of 3 (padded)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = [compiled.render(u).pixels for u in units]
+    assert compiled.executed_batch_sizes == {4}
+    for u, pixels in zip(units, got):
+        want = eager.render(u).pixels
+        diff = np.abs(pixels.astype(int) - want.astype(int))
+        # Inductor fuses and reorders float32 ops: a value may cross a quantisation boundary, by 1-2 levels.
+        assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())

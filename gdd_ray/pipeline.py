@@ -40,11 +40,16 @@ SET_STAGES = ("train",)
 
 
 def stage_inputs(
-    cfg: RunConfig, classes: list[ClassInfo], run_dir: RunDir, ipc_reached: int | None = None
+    cfg: RunConfig,
+    classes: list[ClassInfo],
+    run_dir: RunDir,
+    ipc_reached: int | None = None,
+    resolved: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict, dict, dict]:
     """(fingerprints, inputs, sources) of every stage up to the last one asked for: a stage's input is
     its source stage's output, so that stage's fingerprint is part of it. `ipc_reached`: the IPC a budgeted
-    generation stopped at short of its plan (short_ipc), None otherwise."""
+    generation stopped at short of its plan (short_ipc), None otherwise. `resolved`: the inputs an earlier
+    call gave for this config, reused rather than resolved again (the generate runtime reads model configs)."""
     last = max(STAGES.index(s) for s in cfg.stages)
     fps: dict[str, str] = {}
     inputs: dict[str, dict[str, Any]] = {}
@@ -54,7 +59,10 @@ def stage_inputs(
             continue  # no select stage in this run: nothing reads its output, so it has no fingerprint
         mod = STAGE_MODULES[name]
         src = mod.source(cfg, run_dir)
-        inputs[name] = {**output_inputs(cfg, classes, mod.OUTPUT_FIELDS), **mod.resolved_inputs(cfg)}
+        if resolved is not None and name in resolved:
+            inputs[name] = {k: v for k, v in resolved[name].items() if k != "ipc_reached"}
+        else:
+            inputs[name] = {**output_inputs(cfg, classes, mod.OUTPUT_FIELDS), **mod.resolved_inputs(cfg)}
         if ipc_reached is not None and name in SET_STAGES:
             inputs[name]["ipc_reached"] = ipc_reached
         fps[name] = stage_fingerprint(name, mod.VERSION, inputs[name], fps.get(src) if src else None, src)
@@ -97,7 +105,7 @@ def context(cfg: RunConfig, run_dir: RunDir | None = None) -> tuple[RunContext, 
     fps, inputs, sources = stage_inputs(cfg, classes, run_dir)
     reached = short_ipc(cfg, run_dir.read_summary("generate"), fps["generate"])
     if reached is not None:
-        fps, inputs, sources = stage_inputs(cfg, classes, run_dir, reached)
+        fps, inputs, sources = stage_inputs(cfg, classes, run_dir, reached, resolved=inputs)
     plan = plan_run(cfg, len(classes))
     return RunContext(cfg, run_dir, classes, plan, fps, sources, inputs=inputs, ipc_reached=reached), inputs
 
@@ -117,7 +125,7 @@ def after_generate(ctx: RunContext, summary: dict[str, Any]) -> RunContext:
     reached = short_ipc(ctx.cfg, summary, ctx.fingerprint("generate"))
     if reached == ctx.ipc_reached:
         return ctx
-    fps, inputs, _ = stage_inputs(ctx.cfg, ctx.classes, ctx.run_dir, reached)
+    fps, inputs, _ = stage_inputs(ctx.cfg, ctx.classes, ctx.run_dir, reached, resolved=ctx.inputs)
     ctx.run_dir.update_fingerprints(fps, inputs)
     return dataclasses.replace(ctx, fingerprints=fps, inputs=inputs, ipc_reached=reached)
 

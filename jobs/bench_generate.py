@@ -322,8 +322,8 @@ def _speedups(rows: list[dict], baseline: str) -> list[dict]:
 
 
 TABLE_HEAD = (
-    "| engine | VAE | batch | compile | images/s (median) | min–max | compile + first batch s | device idle | "
-    "peak GiB | diff to diffusers fp32 (mean / max of 255) |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| engine | VAE | batch (executed) | compile | images/s (median) | min–max | compile + first batch s | "
+    "device idle | peak GiB | diff to diffusers fp32 (mean / max of 255) |\n|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -331,7 +331,8 @@ def _row_line(r: dict) -> str:
     first = r["startup_s"].get("compile_s", 0.0) + r["startup_s"].get("first_batch_s", 0.0)
     d = r["diff_to_diffusers_fp32"]
     return (
-        f"| {r['engine']} | {r['vae_dtype']} | {r['batch_size']} | {r['compile'] or 'eager'} | "
+        f"| {r['engine']} | {r['vae_dtype']} | {r['batch_size']} ({'/'.join(map(str, r['executed_batch_sizes']))}) | "
+        f"{r['compile'] or 'eager'} | "
         f"{r['images_per_s_median']} | {r['images_per_s_min']}–{r['images_per_s_max']} | {first:.1f} | "
         f"{r['device_idle_fraction']:.0%} | {r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '–'} | "
         f"{d['mean_0_255']} / {d['max_0_255']} |"

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-fast lint format bench clean-demo
+.PHONY: install demo test test-fast lint format bench bench-gpu clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,16 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) jobs/bench_generate.py --out bench_results/generate.json
+
+# One GPU node, no download (SDXL-Turbo's architecture with random weights): the engine matrix (the loop
+# before the engine work; the fast path eager, compiled, channels_last, with the tiny decoder; batch 8/16/32)
+# and the end-to-end --stages generate rate with production defaults. About 5-8 minutes on an H100.
+GPU_BENCH_OUT ?= bench_results/generate_gpu.json
+bench-gpu: $(STAMP)
+	$(PY) jobs/bench_generate.py --model sdxl-random --gen-resolution 512 --image-size 32 --ipc 64 \
+		--classes 20 --batch-size 16 --unit-size 64 --threads 0 --skip-paper-loop --noop-shards 0 \
+		--engines fast,pipeline-call --batch-sizes 8,16,32 --vae-dtypes bf16 --batches 10 \
+		--compile-fast --compile-batch-sizes 16 --tiny-decoder --channels-last --out $(GPU_BENCH_OUT)
 
 clean-demo:
 	rm -rf $(DEMO_OUT)

@@ -14,10 +14,11 @@ markdown table and kept in the JSON under "engines".
 
 CPU (what CI machines have; each worker = 1 CPU thread standing in for one GPU):
     python jobs/bench_generate.py --out bench_results/generate.json
-On a GPU node (real architecture, random weights; or --model stabilityai/sdxl-turbo):
+On a GPU node (real architecture, random weights; or --model stabilityai/sdxl-turbo): `make bench-gpu`, i.e.
     python jobs/bench_generate.py --model sdxl-random --gen-resolution 512 --image-size 32 --ipc 64 \
         --classes 20 --batch-size 16 --unit-size 64 --threads 0 --skip-paper-loop --noop-shards 0 \
-        --batch-sizes 8,16,32 --vae-dtypes fp32,bf16 --compile-fast --out bench_results/generate_h100.json
+        --engines fast,pipeline-call --batch-sizes 8,16,32 --vae-dtypes bf16 --batches 10 \
+        --compile-fast --compile-batch-sizes 16 --tiny-decoder --channels-last --out bench_results/generate_gpu.json
 Only the engine matrix (no stage runs): add --engines-only.
 """
 
@@ -67,6 +68,17 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=int, default=20, help="(e) batches per timed run (after warm-up)")
     p.add_argument("--repeats", type=int, default=3, help="(e) timed runs per row; median and spread reported")
     p.add_argument("--compile-fast", action="store_true", help="(e) add rows for the fast engine compiled")
+    p.add_argument(
+        "--compile-batch-sizes", default="", help="(e) batch sizes of the compiled rows (default: every batch size)"
+    )
+    p.add_argument(
+        "--tiny-decoder", action="store_true", help="(e) add rows for the fast engine (eager) with --decoder taesdxl"
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="(e) add rows for the fast engine (eager) with the UNet and decoder in channels_last memory format",
+    )
     p.add_argument("--engines-only", action="store_true", help="run (e) only: no paper loop, stage or no-op rerun")
     return p.parse_args(argv)
 
@@ -183,24 +195,44 @@ def engine_matrix(a, work: Path) -> dict:
     vae_dtypes = _csv(a.vae_dtypes) or (["bf16"] if cuda else ["fp32"])
     compare = WorkUnit(0, 0, min(batch_sizes))  # the same seeds in every row
 
-    def generator(engine: str, vae: str, batch: int, compiled: bool = False):
+    def generator(engine: str, vae: str, batch: int, compiled: bool = False, decoder: str = "vae"):
         if engine == PIPELINE_CALL:
             template = build_config(a, str(work / "e")).generate.templates[0]  # the other rows' prompts
             return PipelineCallLoop(pipe, [c.prompt(template) for c in classes], a, batch, device)
-        cfg = build_config(a, str(work / "e"), engine=engine, vae_dtype=vae, batch_size=batch, compile=compiled)
+        cfg = build_config(a, str(work / "e"), engine=engine, vae_dtype=vae, batch_size=batch, compile=compiled,
+                           decoder=decoder)  # fmt: skip
         return UnitGenerator(make_job(cfg, classes, "bench", str(work / "e")), device=device, pipeline=pipe)
+
+    compile_batches = _csv(a.compile_batch_sizes, int) or batch_sizes
+
+    def variants(engine: str, batch: int) -> list[tuple[bool, bool, str]]:
+        """(compiled, channels_last, decoder) rows of an engine: eager with the model's VAE always; the fast
+        engine also compiled, in channels_last (to be decided by measurement on the GPU) and with the tiny
+        decoder, when asked."""
+        plain = [(False, False, "vae")]
+        if engine != "fast":
+            return plain
+        return (
+            plain
+            + [(True, False, "vae")] * (a.compile_fast and batch in compile_batches)
+            + [(False, True, "vae")] * a.channels_last
+            + [(False, False, "taesdxl")] * a.tiny_decoder
+        )
 
     reference = generator("diffusers", "fp32", min(batch_sizes)).render(compare).pixels.astype(np.int16)
     rows = []
     for engine in _csv(a.engines):
         for vae in ["fp32"] if engine == PIPELINE_CALL else vae_dtypes:  # it decodes as the pipeline does
             for batch in batch_sizes:
-                for compiled in [False, True] if (a.compile_fast and engine == "fast") else [False]:
+                for compiled, channels_last, decoder in variants(engine, batch):
                     if cuda:
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats()
-                    gen = generator(engine, vae, batch, compiled)
+                    gen = generator(engine, vae, batch, compiled, decoder)
                     gen.load()  # prompt encoding, compile and (on a GPU) the first batches: reported apart
+                    modules = [gen.pipeline.unet, gen.decoder.module] if channels_last else []
+                    for m in modules:  # the pipeline is shared by every row: set back below
+                        m.to(memory_format=torch.channels_last)
                     t = time.perf_counter()
                     gen.render(WorkUnit(0, 0, batch))  # warm-up batch, excluded (first-call allocations)
                     warmup_s = time.perf_counter() - t
@@ -223,6 +255,8 @@ def engine_matrix(a, work: Path) -> dict:
                             "vae_dtype": vae,
                             "batch_size": batch,
                             "compile": gen.compile_mode,
+                            "memory_format": "channels_last" if channels_last else "contiguous",
+                            "decoder": decoder,
                             "executed_batch_sizes": sorted(gen.executed_batch_sizes),
                             "images_per_timed_run": n,
                             "images_per_s_median": round(statistics.median(rate), 3),
@@ -239,6 +273,8 @@ def engine_matrix(a, work: Path) -> dict:
                         }
                     )  # fmt: skip
                     print(_row_line(rows[-1]), flush=True)
+                    for m in modules:
+                        m.to(memory_format=torch.contiguous_format)
                     del gen
     return {
         "load_s": load_s,
@@ -310,13 +346,14 @@ class PipelineCallLoop:
 def _speedups(rows: list[dict], baseline: str) -> list[dict]:
     """Each fast row's images/s (eager and compiled) over the eager `baseline` row of the same VAE dtype and
     batch size; the pipeline-call baseline has an fp32 VAE only (it decodes as the pipeline does)."""
-    by = {(r["engine"], r["vae_dtype"], r["batch_size"]): r for r in rows if not r["compile"]}
+    by = {(r["engine"], r["vae_dtype"], r["batch_size"]): r for r in rows if not r["compile"] and r["engine"] != "fast"}
     out = []
     for r in rows:
         other = by.get((baseline, "fp32" if baseline == PIPELINE_CALL else r["vae_dtype"], r["batch_size"]))
         if r["engine"] == "fast" and other:
             ratio = r["images_per_s_median"] / other["images_per_s_median"]
             out.append({"vae_dtype": r["vae_dtype"], "batch_size": r["batch_size"], "compile": r["compile"],
+                        "memory_format": r.get("memory_format"), "decoder": r.get("decoder", "vae"),
                         "ratio": round(ratio, 3)})  # fmt: skip
     return out
 
@@ -332,7 +369,8 @@ def _row_line(r: dict) -> str:
     d = r["diff_to_diffusers_fp32"]
     return (
         f"| {r['engine']} | {r['vae_dtype']} | {r['batch_size']} ({'/'.join(map(str, r['executed_batch_sizes']))}) | "
-        f"{r['compile'] or 'eager'} | "
+        f"{r['compile'] or 'eager'}{', channels_last' if r.get('memory_format') == 'channels_last' else ''}"
+        f"{', taesdxl' if r.get('decoder') == 'taesdxl' else ''} | "
         f"{r['images_per_s_median']} | {r['images_per_s_min']}–{r['images_per_s_max']} | {first:.1f} | "
         f"{r['device_idle_fraction']:.0%} | {r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '–'} | "
         f"{d['mean_0_255']} / {d['max_0_255']} |"

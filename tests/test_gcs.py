@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from gen_helpers import assert_same_images, images_of, tiny_config
+from gen_helpers import actor_threads, assert_same_images, images_of, tiny_config
 
 from gdd_ray import lease, pipeline, storage
 from gdd_ray.errors import UserError
@@ -104,7 +104,8 @@ def test_one_driver_per_run_on_gcs(gcs_server):
 
 
 def generate_serial(cfg):
-    return gen_stage.run(pipeline.check(cfg), serial=True)
+    with actor_threads():  # its images are compared with the Ray actors' byte for byte
+        return gen_stage.run(pipeline.check(cfg), serial=True)
 
 
 @pytest.mark.slow  # generates, breaks and regenerates shards in the bucket, then exports them
@@ -188,7 +189,7 @@ def test_generate_and_augment_through_ray_on_gcs(gcs_server, ray_gcs, tiny_model
         generate_serial(tiny_config(f"gs://{BUCKET}/ray-run-serial"))
         serial = objects("ray-run-serial")
     gen = {k: v for k, v in objs.items() if k.startswith("ray-run/generated/")}
-    assert_same_images(images_of(gen), images_of(serial))  # whichever runner and worker made them (other processes)
+    assert_same_images(images_of(gen), images_of(serial))  # whichever runner and process made them
     aug = [k for k in objs if k.startswith("ray-run/augmented/") and k.endswith(".parquet")]
     assert len(aug) == 20 and "ray-run/augmented/_summary.json" in objs and "ray-run/samples.png" in objs
     assert sum(pq.read_metadata(io.BytesIO(objs[k])).num_rows for k in aug) == 60

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from gen_helpers import assert_same_images, generator_actor_pids, read_images, tiny_config
+from gen_helpers import actor_threads, assert_same_images, generator_actor_pids, read_images, tiny_config
 from PIL import Image
 from ray_head import RayHead
 
@@ -106,7 +106,8 @@ def test_killed_driver_then_rerun_redoes_only_missing_units(head, tmp_path):
 
     # The same run without interruption, in process: image for image the same images.
     ref_cfg = tiny_config(tmp_path / "ref", ipc=4, unit_size=1, gen_resolution=160)
-    gen_stage.run(pipeline.check(ref_cfg), serial=True)
+    with actor_threads():
+        gen_stage.run(pipeline.check(ref_cfg), serial=True)
     assert_same_images(resumed, read_images(tmp_path / "ref" / "generated"))
 
     # A third run has nothing to do: it ends without starting or joining Ray at all.

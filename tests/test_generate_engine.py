@@ -63,6 +63,27 @@ def test_fast_engine_reproduces_the_diffusers_pipeline(tmp_path, pipe):
     assert fast.executed_batch_sizes == {2} and not np.array_equal(ours[0], ours[1])
 
 
+@pytest.mark.slow  # builds SDXL-Turbo's full architecture on the CPU (about 14 GB in fp32), then frees it
+def test_fast_engine_reproduces_the_pipeline_on_sdxl_turbos_architecture(tmp_path):
+    """The same proof on `sdxl-random` (SDXL-Turbo's real configs and tokenizers, seeded random weights) at
+    64 px: the real UNet's time-id and pooled-embedding sizes, the real scheduler and VAE configs."""
+    import gc
+
+    big = load_pipeline("sdxl-random", device="cpu")
+    try:
+        unit = WorkUnit(7, 0, 3)  # one full batch of 2 and one padded
+        fast = generator(tmp_path / "f", big, engine="fast", model="sdxl-random")
+        slow = generator(tmp_path / "d", big, engine="diffusers", model="sdxl-random")
+        assert (fast.job.engine, fast.job.vae_dtype) == ("fast", "fp32")
+        ours = fast.render(unit).pixels
+        ref = reference_pixels(big, unit, fast.job.seed, 64, 16)
+        assert ours.std() > 0 and not np.array_equal(ours[0], ours[1])  # real images of noise, not NaN or blank
+        assert max_diff(ours, ref) <= 1 and max_diff(slow.render(unit).pixels, ref) <= 1  # as on the tiny model
+    finally:
+        del big
+        gc.collect()
+
+
 def test_image_does_not_depend_on_its_batch_or_padding(tmp_path, pipe):
     unit = WorkUnit(5, 1, 4)
     runs = {}

@@ -102,7 +102,9 @@ def random_sdxl_component(name: str, device: str = "cpu", dtype=None, seed: int 
         # One seed per component: the same weights whatever else was built before it, on every worker.
         torch.manual_seed(derive_seed("sdxl-random", seed, name))
         with torch.device(device):
-            return build()
+            # .to(dtype): transformers builds some CLIP layers (text_encoder_2's projection) in the config's
+            # own dtype (fp16 in SDXL-Turbo's), whatever the default; a no-op for what is already in dtype.
+            return build().to(dtype or torch.float32)
     finally:
         torch.set_default_dtype(previous)
 

@@ -49,8 +49,9 @@ def read_images(folder: Path | str) -> dict[tuple[int, int], bytes]:
 
 
 def assert_same_images(got: dict[tuple[int, int], bytes], want: dict[tuple[int, int], bytes]) -> None:
-    """The same (label, index) set and the same PNG bytes for each, whichever process made them: make the
-    in-process reference inside `actor_threads()` when Ray actors made the other side."""
+    """The same (label, index) set and the same PNG bytes for each, whichever process made them. The two
+    runs must have the same --batch-size (another batch shape is another float rounding), and an in-process
+    reference compared with Ray actors' images is made inside `actor_threads()`."""
     assert sorted(got) == sorted(want)
     differ = sorted(k for k in want if got[k] != want[k])
     if differ:

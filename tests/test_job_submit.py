@@ -67,8 +67,10 @@ def test_ray_job_submit_generates_every_image_once(head, tmp_path):
 
 def test_killed_driver_then_rerun_redoes_only_missing_units(head, tmp_path):
     out = tmp_path / "run"
-    # 160 px renders slowly enough on a CPU to kill the driver half way
-    args = job_args(out, ipc=4, unit_size=1, gen_resolution=160)
+    # 160 px renders slowly enough on a CPU to kill the driver half way. The batch size is the in-process
+    # reference's below: another batch size is another float rounding (an image then moves by a level).
+    run = dict(ipc=4, unit_size=1, gen_resolution=160, batch_size=2)
+    args = job_args(out, **run)
     driver = subprocess.Popen(
         [sys.executable, str(REPO / "jobs" / "distill.py"), *args],
         env={**head.env, "RAY_ADDRESS": head.gcs_address},
@@ -92,7 +94,7 @@ def test_killed_driver_then_rerun_redoes_only_missing_units(head, tmp_path):
     mtimes = {n: (gen / n).stat().st_mtime_ns for n in done_before}
     leftovers = [p.name for p in gen.iterdir() if ".tmp-" in p.name]  # what a frozen actor was writing, if any
 
-    r = submit(head, job_args(out, ipc=4, unit_size=1, gen_resolution=160))
+    r = submit(head, job_args(out, **run))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((gen / "_summary.json").read_text())
     assert summary["totals"]["units_run"] == 40 - len(done_before)  # only the missing units
@@ -105,7 +107,7 @@ def test_killed_driver_then_rerun_redoes_only_missing_units(head, tmp_path):
     resumed = read_images(gen)
 
     # The same run without interruption, in process: image for image the same images.
-    ref_cfg = tiny_config(tmp_path / "ref", ipc=4, unit_size=1, gen_resolution=160)
+    ref_cfg = tiny_config(tmp_path / "ref", **run)
     with actor_threads():
         gen_stage.run(pipeline.check(ref_cfg), serial=True)
     assert_same_images(resumed, read_images(tmp_path / "ref" / "generated"))

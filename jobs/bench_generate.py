@@ -197,8 +197,9 @@ def engine_matrix(a, work: Path) -> dict:
 
     def generator(engine: str, vae: str, batch: int, compiled: bool = False, decoder: str = "vae"):
         if engine == PIPELINE_CALL:
-            template = build_config(a, str(work / "e")).generate.templates[0]  # the other rows' prompts
-            return PipelineCallLoop(pipe, [c.prompt(template) for c in classes], a, batch, device)
+            cfg = build_config(a, str(work / "e"))  # the other rows' prompts and run seed
+            prompts = [c.prompt(cfg.generate.templates[0]) for c in classes]
+            return PipelineCallLoop(pipe, prompts, cfg.seed, a, batch, device)
         cfg = build_config(a, str(work / "e"), engine=engine, vae_dtype=vae, batch_size=batch, compile=compiled,
                            decoder=decoder)  # fmt: skip
         return UnitGenerator(make_job(cfg, classes, "bench", str(work / "e")), device=device, pipeline=pipe)
@@ -296,10 +297,10 @@ class PipelineCallLoop:
 
     compile_mode = None
 
-    def __init__(self, pipe, prompts: list[str], a, batch: int, device: str):
+    def __init__(self, pipe, prompts: list[str], seed: int, a, batch: int, device: str):
         from gdd_ray.generate.engine import PromptTable
 
-        self.pipe, self.a, self.batch = pipe, a, batch
+        self.pipe, self.seed, self.a, self.batch = pipe, seed, a, batch
         self.prompts = PromptTable(pipe, prompts, device, with_negative=False)  # one row per class
         self.clock = None
         self.startup: dict = {}
@@ -323,7 +324,7 @@ class PipelineCallLoop:
             idx = range(start, min(start + self.batch, unit.stop))
             n = len(idx)
             self.executed_batch_sizes.add(n)
-            gens = [torch.Generator("cpu").manual_seed(image_seed(0, unit.label, i)) for i in idx]
+            gens = [torch.Generator("cpu").manual_seed(image_seed(self.seed, unit.label, i)) for i in idx]
             if self.clock:
                 self.clock.mark("start")
             with torch.inference_mode():

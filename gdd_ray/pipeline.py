@@ -23,6 +23,7 @@ from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
 from gdd_ray.fingerprints import output_inputs, stage_fingerprint
 from gdd_ray.generate import stage as generate
+from gdd_ray.generate.budget import budgeted
 from gdd_ray.plan import check_plan_size, generated_per_class, plan_run
 from gdd_ray.run import RunContext, RunDir
 from gdd_ray.select import stage as select
@@ -113,7 +114,7 @@ def context(cfg: RunConfig, run_dir: RunDir | None = None) -> tuple[RunContext, 
 def short_ipc(cfg: RunConfig, summary: dict[str, Any] | None, generate_fp: str) -> int | None:
     """The IPC a budgeted generation of this config reached when it is short of the plan (its summary says
     so), else None: what later stages read is then images 0..IPC reached - 1 of every class."""
-    if not summary or summary.get("fingerprint") != generate_fp or "time_budget_s" not in summary:
+    if not budgeted(summary, generate_fp):
         return None
     reached = summary.get("ipc_reached")
     return reached if isinstance(reached, int) and 0 < reached < generated_per_class(cfg) else None

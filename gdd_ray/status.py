@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 from gdd_ray import lease, shards, storage
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
+from gdd_ray.generate.budget import budgeted
 from gdd_ray.plan import check_plan_size, plan_run
 from gdd_ray.run import RUN_FILE, RunDir, eval_run_name
 
@@ -111,8 +112,8 @@ def generate_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, ver
     fp = record["fingerprints"]["generate"]
     plan = plan_run(cfg, len(record["classes"]))
     st = _shard_stage(run_dir, "generate", record, [shards.generated_spec(u, fp) for u in plan.units], verify)
-    summary = run_dir.read_summary("generate") or {}
-    if summary.get("fingerprint") == fp and "time_budget_s" in summary:
+    summary = run_dir.read_summary("generate")
+    if budgeted(summary, fp):
         st["ipc_reached"] = summary.get("ipc_reached")
         # A time budget that stopped short of --ipc: done for this budget (its manifest lists every shard
         # below the IPC reached, and later stages read those); a rerun with the budget grows it.

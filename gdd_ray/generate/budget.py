@@ -21,6 +21,12 @@ from gdd_ray.plan import WorkUnit
 clock = time.monotonic  # tests replace it with a fake
 
 
+def budgeted(summary: dict | None, generate_fp: str) -> bool:
+    """Whether a generate summary is of this generation (`generate_fp`) run under a time budget, so its
+    `ipc_reached` says how far every class got."""
+    return bool(summary) and summary.get("fingerprint") == generate_fp and "time_budget_s" in summary
+
+
 class TimeBudget:
     def __init__(self, seconds: float):
         self.seconds = seconds

@@ -38,8 +38,13 @@ def hub_cache() -> Path:
     return Path(os.path.expanduser(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")))
 
 
+def repo_folder(model: str) -> Path:
+    """Where the Hugging Face cache keeps `model` (org/name): its refs/ and snapshots/."""
+    return hub_cache() / f"models--{model.replace('/', '--')}"
+
+
 def snapshot_folder(model: str, revision: str) -> Path:
-    return hub_cache() / f"models--{model.replace('/', '--')}" / "snapshots" / revision
+    return repo_folder(model) / "snapshots" / revision
 
 
 def local_snapshot(model: str, revision: str) -> str | None:

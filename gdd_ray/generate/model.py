@@ -267,14 +267,13 @@ def resolve_revision(model: str, revision: str | None) -> str | None:
         except Exception as e:
             why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             raise UserError(f"--model {model} --model-revision {wanted}: the hub cannot resolve it ({why})") from e
-    cache = fetch.hub_cache()
-    ref = cache / f"models--{model.replace('/', '--')}" / "refs" / wanted
+    ref = fetch.repo_folder(model) / "refs" / wanted
     if ref.is_file() and re.fullmatch(r"[0-9a-f]{40}", ref.read_text().strip()):
         return ref.read_text().strip()
     if revision is None:
         return None  # nothing to pin offline: the model cannot load either, which resolve_model says in one line
     raise UserError(
-        f"--model {model}: cannot pin revision '{wanted}' offline (not in the Hugging Face cache {cache}); "
+        f"--model {model}: cannot pin revision '{wanted}' offline (not in the Hugging Face cache {fetch.hub_cache()}); "
         "pass a 40-character commit as --model-revision, or download the model first"
     )
 

@@ -71,7 +71,7 @@ def _source(run: str, source: str) -> tuple[storage.Location, list[str]]:
             f"{loc.uri} holds no complete {stage} stage (no current {shards.MANIFEST_FILE}): "
             f"run the {stage} stage to finish it, or pick another --source"
         )
-    shards.require_listed_shards(loc, manifest, stage)  # every listed shard present, its rows and fingerprint
+    shards.require_shards(loc, manifest, stage)  # every listed shard present, its rows and fingerprint
     return loc, manifest.names
 
 
@@ -195,8 +195,13 @@ def normalised_tensor(run: str, source: str, table: pa.Table, mean: list[float],
 
 
 def train_source(record: dict[str, Any]) -> str:
-    """What the run's train stage reads: the augmented set when the run has an augment stage, else the images
-    the select stage kept when it has one, else the originals."""
+    """The folder the run's train stage reads, as run.json records it (the pipeline writes each stage's source
+    there); a record of an earlier version: the augmented set when the run has an augment stage, else the
+    images the select stage kept when it has one, else the originals."""
+    folder = {stage: folder for folder, stage in SOURCES.items()}
+    recorded = (record.get("sources") or {}).get("train")
+    if recorded in folder:
+        return folder[recorded]
     fps = record.get("fingerprints", {})
     return "augmented" if "augment" in fps else "selected" if "select" in fps else "generated"
 

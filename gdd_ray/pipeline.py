@@ -13,7 +13,6 @@ so a partial run shows what exists; the stages know nothing of it.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from gdd_ray import lease, report_page, storage
@@ -23,8 +22,7 @@ from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
 from gdd_ray.fingerprints import output_inputs, stage_fingerprint
 from gdd_ray.generate import stage as generate
-from gdd_ray.generate.budget import budgeted
-from gdd_ray.plan import check_plan_size, generated_per_class, plan_run
+from gdd_ray.plan import check_plan_size, plan_run
 from gdd_ray.run import RunContext, RunDir
 from gdd_ray.select import stage as select
 from gdd_ray.train import stage as train
@@ -35,21 +33,11 @@ STAGE_MODULES = {"generate": generate, "select": select, "augment": augment, "tr
 PIPELINE_SWITCHES = {"watermarker": "off (forced, even with invisible-watermark installed)", "safety_checker": "none"}
 
 
-# The stages whose output depends on the generated set as a whole (not shard by shard): they hold the IPC a
-# budgeted generation reached, so a run that grew is trained again. (Augment works per shard: it adds the new ones.)
-SET_STAGES = ("train",)
-
-
 def stage_inputs(
-    cfg: RunConfig,
-    classes: list[ClassInfo],
-    run_dir: RunDir,
-    ipc_reached: int | None = None,
-    resolved: dict[str, dict[str, Any]] | None = None,
+    cfg: RunConfig, classes: list[ClassInfo], run_dir: RunDir, resolved: dict[str, dict[str, Any]] | None = None
 ) -> tuple[dict, dict, dict]:
     """(fingerprints, inputs, sources) of every stage up to the last one asked for: a stage's input is
-    its source stage's output, so that stage's fingerprint is part of it. `ipc_reached`: the IPC a budgeted
-    generation stopped at short of its plan (short_ipc), None otherwise. `resolved`: the inputs an earlier
+    its source stage's output, so that stage's fingerprint is part of it. `resolved`: the inputs an earlier
     call gave for this config, reused rather than resolved again (the generate runtime reads model configs)."""
     last = max(STAGES.index(s) for s in cfg.stages)
     fps: dict[str, str] = {}
@@ -61,14 +49,17 @@ def stage_inputs(
         mod = STAGE_MODULES[name]
         src = mod.source(cfg, run_dir)
         if resolved is not None and name in resolved:
-            inputs[name] = {k: v for k, v in resolved[name].items() if k != "ipc_reached"}
+            inputs[name] = dict(resolved[name])
         else:
             inputs[name] = {**output_inputs(cfg, classes, mod.OUTPUT_FIELDS), **mod.resolved_inputs(cfg)}
-        if ipc_reached is not None and name in SET_STAGES:
-            inputs[name]["ipc_reached"] = ipc_reached
         fps[name] = stage_fingerprint(name, mod.VERSION, inputs[name], fps.get(src) if src else None, src)
         sources[name] = src
     return fps, inputs, sources
+
+
+def generation_fingerprint(cfg: RunConfig, classes: list[ClassInfo]) -> str:
+    """The fingerprint this config's generate stage has (for stand-in shards: synthetic.write_generated)."""
+    return stage_inputs(cfg.replace(stages=("generate",)), classes, RunDir(cfg.out))[0]["generate"]
 
 
 def refuse_scattered_out(cfg: RunConfig) -> None:
@@ -104,31 +95,8 @@ def context(cfg: RunConfig, run_dir: RunDir | None = None) -> tuple[RunContext, 
         check_prompts(classes, cfg.generate.templates, class_list_source(cfg.dataset, cfg.classes))
     run_dir = run_dir or RunDir(cfg.out)
     fps, inputs, sources = stage_inputs(cfg, classes, run_dir)
-    reached = short_ipc(cfg, run_dir.read_summary("generate"), fps["generate"])
-    if reached is not None:
-        fps, inputs, sources = stage_inputs(cfg, classes, run_dir, reached, resolved=inputs)
     plan = plan_run(cfg, len(classes))
-    return RunContext(cfg, run_dir, classes, plan, fps, sources, inputs=inputs, ipc_reached=reached), inputs
-
-
-def short_ipc(cfg: RunConfig, summary: dict[str, Any] | None, generate_fp: str) -> int | None:
-    """The IPC a budgeted generation of this config reached when it is short of the plan (its summary says
-    so), else None: what later stages read is then images 0..IPC reached - 1 of every class."""
-    if not budgeted(summary, generate_fp):
-        return None
-    reached = summary.get("ipc_reached")
-    return reached if isinstance(reached, int) and 0 < reached < generated_per_class(cfg) else None
-
-
-def after_generate(ctx: RunContext, summary: dict[str, Any]) -> RunContext:
-    """A budgeted generation moved the IPC later stages see: their fingerprints follow, in run.json too (their
-    outputs of the old IPC are redone as another fingerprint's)."""
-    reached = short_ipc(ctx.cfg, summary, ctx.fingerprint("generate"))
-    if reached == ctx.ipc_reached:
-        return ctx
-    fps, inputs, _ = stage_inputs(ctx.cfg, ctx.classes, ctx.run_dir, reached, resolved=ctx.inputs)
-    ctx.run_dir.update_fingerprints(fps, inputs)
-    return dataclasses.replace(ctx, fingerprints=fps, inputs=inputs, ipc_reached=reached)
+    return RunContext(cfg, run_dir, classes, plan, fps, sources, inputs=inputs), inputs
 
 
 def checked_context(cfg: RunConfig, run_dir: RunDir | None = None) -> tuple[RunContext, dict[str, dict[str, Any]]]:
@@ -146,7 +114,7 @@ def checked_context(cfg: RunConfig, run_dir: RunDir | None = None) -> tuple[RunC
 def check(cfg: RunConfig, run_dir: RunDir | None = None) -> RunContext:
     """Every check before anything is written, then run.json (written last). Takes no lease: `run` does."""
     ctx, inputs = checked_context(cfg, run_dir)
-    ctx.run_dir.prepare(cfg, [vars(c) for c in ctx.classes], ctx.fingerprints, inputs, PIPELINE_SWITCHES)
+    ctx.run_dir.prepare(cfg, [vars(c) for c in ctx.classes], ctx.fingerprints, inputs, ctx.sources, PIPELINE_SWITCHES)
     return ctx
 
 
@@ -157,8 +125,6 @@ def execute(ctx: RunContext) -> dict[str, Any]:
         for stage in STAGES:
             if stage in ctx.cfg.stages:
                 out[stage] = STAGE_MODULES[stage].run(ctx)
-                if stage == "generate":
-                    ctx = after_generate(ctx, out[stage])
                 report_page.write_run_page(ctx.run_dir)
     except BaseException:
         report_page.write_run_page(ctx.run_dir, quiet=True)  # what exists so far; the stage's error wins
@@ -181,7 +147,9 @@ def run(cfg: RunConfig, run_dir: RunDir | None = None) -> dict[str, Any]:
     ctx, inputs = checked_context(cfg, run_dir)
     try:
         with take_lease(ctx.run_dir):
-            ctx.run_dir.prepare(cfg, [vars(c) for c in ctx.classes], ctx.fingerprints, inputs, PIPELINE_SWITCHES)
+            ctx.run_dir.prepare(
+                cfg, [vars(c) for c in ctx.classes], ctx.fingerprints, inputs, ctx.sources, PIPELINE_SWITCHES
+            )
             return execute(ctx)
     finally:
         shutdown_if_started_here()

@@ -172,13 +172,6 @@ class RunDir:
         record.setdefault("stages", {}).setdefault(stage, {}).update(info)
         self.write_record(record)
 
-    def update_fingerprints(self, fingerprints: dict[str, str], inputs: dict[str, dict[str, Any]]) -> None:
-        """New fingerprints for stages of this run mid-run (a budgeted generation moved the IPC reached)."""
-        record = self.read_record() or {}
-        record.setdefault("fingerprints", {}).update(fingerprints)
-        record.setdefault("inputs", {}).update(inputs)
-        self.write_record(record)
-
     def read_summary(self, stage: str) -> dict[str, Any] | None:
         loc = self.stage_dir(stage)
         try:
@@ -250,12 +243,14 @@ class RunDir:
         classes: list[dict[str, Any]],
         fingerprints: dict[str, str],
         inputs: dict[str, dict[str, Any]],
+        sources: dict[str, str | None] | None = None,
         environment: dict[str, Any] | None = None,
     ) -> None:
         """Check the folder against this config, then (only then) write run.json.
 
         `fingerprints` maps each stage to run (and its inputs) to the fingerprint of its output, `inputs`
-        to the values that decide it (kept in run.json, so a refusal can name what changed), `environment`
+        to the values that decide it (kept in run.json, so a refusal can name what changed), `sources` to the
+        stage whose output it reads (kept, so readers never re-derive what a stage reads), `environment`
         to what else could change pixels and is recorded only (pipeline switches). Nothing is written or
         deleted before every check passed; --overwrite deletes only the files a stale stage of this run
         wrote (never a stage this run never made, never a user's file).
@@ -270,6 +265,8 @@ class RunDir:
         merged_fps = dict(old_fps) if isinstance(old_fps, dict) else {}
         old_inputs = (record or {}).get("inputs")
         merged_inputs = dict(old_inputs) if isinstance(old_inputs, dict) else {}
+        old_sources = (record or {}).get("sources")
+        merged_sources = dict(old_sources) if isinstance(old_sources, dict) else {}
         if stale:  # --overwrite: the first stale stage and everything downstream of it that this run made
             first = min(STAGES.index(s) for s in stale)
             for stage in STAGES[first:]:
@@ -279,14 +276,17 @@ class RunDir:
                         logs.say("run", f"--overwrite: deleted {n} {stage} files of the previous config")
                 merged_fps.pop(stage, None)
                 merged_inputs.pop(stage, None)
+                merged_sources.pop(stage, None)
         merged_fps.update(fingerprints)
         merged_inputs.update(inputs)
+        merged_sources.update(sources or {})
         old_stages = (record or {}).get("stages")
         new_record = {
             "config": cfg.to_dict(),
             "classes": classes,
             "fingerprints": merged_fps,
             "inputs": merged_inputs,
+            "sources": merged_sources,
             "environment": environment or {},
             "versions": package_versions(),
             "created": (record or {}).get("created", now_iso()),
@@ -323,15 +323,9 @@ class RunContext:
     # stage -> what it resolved from the config (engine, revision, recipe ...) as fingerprinted: resolved
     # once, before run.json, so a stage runs with exactly the values its fingerprint and run.json hold
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    ipc_reached: int | None = None  # a budgeted generation short of its plan: the IPC every class has
 
     def fingerprint(self, stage: str) -> str:
         return self.fingerprints[stage]
-
-    @property
-    def ipc(self) -> int:
-        """Images per class the stages after generate see: --ipc, or the IPC a time budget reached."""
-        return self.cfg.ipc if self.ipc_reached is None else min(self.cfg.ipc, self.ipc_reached)
 
 
 class Stopwatch:

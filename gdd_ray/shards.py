@@ -2,8 +2,9 @@
 
 Three Parquet shard kinds, one folder each:
     generated   `image` {bytes: PNG, path}, label, class_id, class_name, prompt, seed, index
-    selected    the generated columns of the images the select stage kept (their own index and seed) +
-                `clip_score` and `clip_top1`; named by the plan's kept units (positions among the kept)
+    selected    the generated columns of the images the select stage kept + `clip_score`, `clip_top1` and
+                `source_index` (the generated index); `index` is the position among the class's kept images,
+                so the kept set is images 0..IPC-1 as in a run without selection; named by the kept units
     augmented   the generated columns + `variant` (0 = the original, bytes untouched) and `variant_seed`;
                 rows image-major (image 0 variants 0..K, image 1 ...), named after their input shard
 Hugging Face `datasets` reads either folder, with `image` typed as an Image feature.
@@ -18,6 +19,7 @@ Shards are committed whole (storage.Location.write_bytes): after any crash a sha
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -48,8 +50,10 @@ GENERATED_SCHEMA = pa.schema(
         ("index", pa.int32()),
     ]
 )
-SELECTED_SCHEMA = GENERATED_SCHEMA.append(pa.field("clip_score", pa.float32())).append(
-    pa.field("clip_top1", pa.bool_())
+SELECTED_SCHEMA = (
+    GENERATED_SCHEMA.append(pa.field("clip_score", pa.float32()))
+    .append(pa.field("clip_top1", pa.bool_()))
+    .append(pa.field("source_index", pa.int32()))
 )
 AUGMENTED_SCHEMA = GENERATED_SCHEMA.append(pa.field("variant", pa.int32())).append(pa.field("variant_seed", pa.int64()))
 
@@ -193,16 +197,23 @@ class Check:
     problems: dict[str, str]  # name -> why it must be redone (present but not complete and current)
     foreign: list[str]  # our shard names that no spec asks for (a larger --ipc earlier, ...)
     corrupt: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # decode=True: name -> its bad images
+    sizes: dict[str, int] = field(default_factory=dict)  # every shard file in the folder: name -> bytes
 
 
-def check_folder(loc: storage.Location, specs: list[ShardSpec], decode: bool = False) -> Check:
+def check_folder(
+    loc: storage.Location, specs: list[ShardSpec], decode: bool = False, manifest: Manifest | None = None
+) -> Check:
     """List the folder once, read the footers of the expected shards in parallel, judge each. With `decode`,
     a shard whose footer passes is also read whole and every image decoded (`status --verify`): a footer
-    cannot vouch for the bytes under it, so this is the one check that finds a damaged image."""
-    present = set(loc.list(SHARD_SUFFIX))
+    cannot vouch for the bytes under it, so this is the one check that finds a damaged image. With the
+    stage's `manifest`, a shard whose size differs from the one recorded when it was written has been changed
+    since, whatever its footer says: it is redone too."""
+    sizes = loc.sizes(SHARD_SUFFIX)
+    present = set(sizes)
     wanted = {s.name: s for s in specs}
     metas = storage.footers(loc, sorted(present & set(wanted)))
     problems = {n: why for n, m in metas.items() if (why := shard_problem(m, wanted[n])) is not None}
+
     corrupt: dict[str, list[dict[str, Any]]] = {}
     if decode:
         passed = [n for n in metas if n not in problems]
@@ -212,10 +223,14 @@ def check_folder(loc: storage.Location, specs: list[ShardSpec], decode: bool = F
                     corrupt[name] = bad
                     more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
                     problems[name] = f"corrupt image {_where(bad[0])}{more}"
+    recorded = {e["name"]: e.get("bytes") for e in manifest.shards} if manifest is not None else {}
+    for n in metas:
+        if n not in problems and recorded.get(n, sizes[n]) != sizes[n]:
+            problems[n] = f"changed since its manifest was written ({recorded[n]} bytes, now {sizes[n]})"
     done = [s for s in specs if s.name in metas and s.name not in problems]
     todo = [s for s in specs if s.name not in metas or s.name in problems]
     foreign = sorted(n for n in present - set(wanted) if parse_shard_name(n) is not None)
-    return Check(done, todo, problems, foreign, corrupt)
+    return Check(done, todo, problems, foreign, corrupt, sizes)
 
 
 def corrupt_images(loc: storage.Location, name: str) -> list[dict[str, Any]]:
@@ -257,11 +272,13 @@ def _where(img: dict[str, Any]) -> str:
 
 @dataclass
 class Manifest:
-    """A finished stage's output: written last, so its presence (with the stage's fingerprint) means done."""
+    """A finished stage's output: written last, so its presence (with the stage's fingerprint) means done.
+    It is a claim, checked against the plan and the files (`manifest_problem`) before anyone relies on it."""
 
     stage: str
     fingerprint: str
     shards: list[dict[str, Any]]  # {name, rows, bytes} in plan order
+    ipc: int | None = None  # every class holds images 0..ipc-1 in the listed shards (a time budget may stop short)
     written: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -276,14 +293,26 @@ class Manifest:
     def images(self) -> int:
         return sum(int(s["rows"]) for s in self.shards)
 
+    @property
+    def digest(self) -> str:
+        """What a consumer read, in 16 hex digits: the same listing gives the same digest whenever it was written,
+        so a later stage can tell that its input changed (a time budget grew it, a stage was redone)."""
+        what = {"stage": self.stage, "fingerprint": self.fingerprint, "shards": self.shards, "ipc": self.ipc}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
-def write_manifest(loc: storage.Location, stage: str, fingerprint: str, specs: list[ShardSpec]) -> Manifest:
-    """Record `specs` (all verified complete and current by the caller) with their sizes on storage."""
-    sizes = loc.sizes(SHARD_SUFFIX)
+
+def write_manifest(
+    loc: storage.Location, stage: str, fingerprint: str, specs: list[ShardSpec], ipc: int, sizes: dict[str, int]
+) -> Manifest:
+    """Record `specs` (all verified complete and current by the caller) with their sizes on storage (`sizes`, from
+    the caller's last listing), covering images 0..ipc-1 of every class."""
     shards = [{"name": s.name, "rows": s.rows, "bytes": sizes.get(s.name)} for s in specs]
-    manifest = Manifest(stage, fingerprint, shards)
+    manifest = Manifest(stage, fingerprint, shards, ipc)
     loc.write_bytes(MANIFEST_FILE, json.dumps(asdict(manifest), indent=1).encode())
     return manifest
+
+
+MAX_MANIFEST_BYTES = 256 * 2**20  # MAX_SHARDS entries of ~100 bytes, with room: more is not a manifest of ours
 
 
 def read_manifest(loc: storage.Location, fingerprint: str | None = None) -> Manifest | None:
@@ -291,15 +320,48 @@ def read_manifest(loc: storage.Location, fingerprint: str | None = None) -> Mani
     try:
         if not loc.exists(MANIFEST_FILE):
             return None
-        d = json.loads(loc.read_bytes(MANIFEST_FILE))
-        manifest = Manifest(d["stage"], d["fingerprint"], list(d["shards"]), d.get("written", ""))
-        if not all({"name", "rows"} <= set(s) for s in manifest.shards):
+        data = loc.read_bytes(MANIFEST_FILE)
+        if len(data) > MAX_MANIFEST_BYTES:
             return None
-    except (OSError, ValueError, KeyError, TypeError):
+        d = json.loads(data)
+        ipc = d.get("ipc")
+        manifest = Manifest(str(d["stage"]), str(d["fingerprint"]), list(d["shards"]), ipc, str(d.get("written", "")))
+        if ipc is not None and (type(ipc) is not int or ipc < 0):
+            return None
+        for s in manifest.shards:
+            if not isinstance(s, dict) or not isinstance(s.get("name"), str) or type(s.get("rows")) is not int:
+                return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
     if fingerprint is not None and manifest.fingerprint != fingerprint:
         return None
     return manifest
+
+
+def manifest_problem(manifest: Manifest | None, specs: list[ShardSpec], sizes: dict[str, int]) -> str | None:
+    """Why `manifest` is not the record of exactly `specs` (the plan's shards, in plan order) as they lie on
+    storage (`sizes`: name -> bytes of the folder's shard files); None when it is. A manifest is a claim: one
+    missing an entry, listing an extra one, or disagreeing with a file's rows or bytes is not believed."""
+    if manifest is None:
+        return f"no current {MANIFEST_FILE}"
+    listed = manifest.rows
+    wanted = {s.name: s.rows for s in specs}
+    missing = [n for n in wanted if n not in listed]
+    if missing:
+        return f"its manifest lacks {len(missing)} of the {len(wanted)} shards of the plan (first: {missing[0]})"
+    extra = [n for n in listed if n not in wanted]
+    if extra or len(manifest.shards) != len(wanted):
+        first = extra[0] if extra else "a repeated entry"
+        return f"its manifest lists {len(manifest.shards) - len(wanted)} entries the plan does not have ({first})"
+    for s in manifest.shards:
+        name = s["name"]
+        if listed[name] != wanted[name]:
+            return f"its manifest says {listed[name]} rows for {name}, the plan {wanted[name]}"
+        if name not in sizes:
+            return f"{name} is listed in its manifest but missing"
+        if s.get("bytes") != sizes[name]:
+            return f"its manifest says {s.get('bytes')} bytes for {name}, the file has {sizes[name]}"
+    return None
 
 
 def manifest_specs(manifest: Manifest) -> list[ShardSpec]:
@@ -307,24 +369,29 @@ def manifest_specs(manifest: Manifest) -> list[ShardSpec]:
     return [ShardSpec(s["name"], int(s["rows"]), ((FINGERPRINT, manifest.fingerprint),)) for s in manifest.shards]
 
 
-def require_listed_shards(loc: storage.Location, manifest: Manifest, stage: str) -> None:
-    """Refuse, in one line, a folder whose shards are not the ones its manifest lists: missing (deleted by hand,
-    a partial copy) or changed since (rows, fingerprint, unreadable: rewritten by another config or an
-    interrupted change). Judged by check_folder, the check a rerun and `status` make."""
+def require_shards(loc: storage.Location, manifest: Manifest, stage: str, specs: list[ShardSpec] | None = None) -> None:
+    """Refuse, in one line, a folder whose shards are not `specs` (default: the ones its manifest lists), or
+    whose manifest is not the record of exactly them: shards missing (deleted by hand, a partial copy) or changed
+    since (rows, bytes, fingerprint, unreadable: rewritten by another config or an interrupted change), entries
+    missing or extra. Judged by check_folder and manifest_problem, the checks a rerun and `status` make; a
+    rerun of the stage repairs each (it redoes what is missing or damaged and writes the manifest again)."""
     from gdd_ray.errors import UserError
 
-    check = check_folder(loc, manifest_specs(manifest))
+    whose = "its manifest lists" if specs is None else "of the plan"
+    specs = manifest_specs(manifest) if specs is None else specs
+    check = check_folder(loc, specs, manifest=manifest)
     missing = [s.name for s in check.todo if s.name not in check.problems]
+    again = f"run the {stage} stage again"
     if missing:
         raise UserError(
-            f"{loc.uri} lacks {len(missing)} of the {len(manifest.names)} shards its manifest lists "
-            f"(first: {missing[0]}); run the {stage} stage again to redo them"
+            f"{loc.uri} lacks {len(missing)} of the {len(specs)} shards {whose} (first: {missing[0]}); {again} to redo them"
         )
     if check.todo:
         name = check.todo[0].name
-        raise UserError(
-            f"{loc.uri}/{name}: {check.problems[name]}; run the {stage} stage again (`status` lists what it redoes)"
-        )
+        raise UserError(f"{loc.uri}/{name}: {check.problems[name]}; {again} (`status` lists what it redoes)")
+    why = manifest_problem(manifest, specs, check.sizes)
+    if why:
+        raise UserError(f"{loc.uri}: {why}; {again} (it checks every shard and writes the manifest again)")
 
 
 def drop_manifest(loc: storage.Location) -> None:

@@ -28,12 +28,11 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from gdd_ray import lease, shards, storage
+from gdd_ray import lease, lifecycle, shards, storage
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
-from gdd_ray.generate.budget import budgeted
 from gdd_ray.plan import check_plan_size, plan_run
-from gdd_ray.run import RUN_FILE, RunDir, eval_run_name
+from gdd_ray.run import RUN_FILE, RunContext, RunDir, eval_run_name
 
 # A stage is `complete` when every unit is done and its summary (written last) is current; `incomplete`
 # when it has work on disk or a start time but is not complete (running now, or stopped: files cannot tell).
@@ -68,22 +67,39 @@ def _rate(images_by_name: dict[str, int], mtimes: dict[str, datetime], started: 
     return round(sum(images_by_name[n] for n in recent) / span, 3) if span > 0 else None
 
 
-def _shard_stage(
-    run_dir: RunDir, stage: str, record: dict[str, Any], specs: list[shards.ShardSpec], verify: bool
-) -> dict[str, Any]:
-    """Status of a stage made of one shard per unit, judged against the specs its own run would use."""
+def _shard_stage(ctx: RunContext, stage: str, record: dict[str, Any], verify: bool) -> dict[str, Any]:
+    """Status of a stage made of one shard per unit, judged against the specs its own run uses (lifecycle), its
+    manifest against the plan and the files as a rerun judges them."""
+    run_dir = ctx.run_dir
     loc = run_dir.stage_dir(stage)
-    check = shards.check_folder(loc, specs, decode=verify)
+    manifest = shards.read_manifest(loc, ctx.fingerprint(stage))
+    source_ipc = None
+    if stage == "augment":  # its shards follow what its source covers (all of the plan unless a budget stopped it)
+        src = shards.read_manifest(run_dir.stage_dir(ctx.sources["augment"]), ctx.fingerprint(ctx.sources["augment"]))
+        source_ipc = src.ipc if src is not None else None
+    specs = lifecycle.planned_specs(ctx, stage, source_ipc)
+    check = shards.check_folder(loc, specs, decode=verify, manifest=manifest)
     done = {s.name: s.rows for s in check.done}
     info = record.get("stages", {}).get(stage, {})
     summary = run_dir.read_summary(stage) or {}
-    fp = record.get("fingerprints", {}).get(stage)
-    complete = not check.todo and shards.read_manifest(loc, fp) is not None
+    ledger = shards.manifest_problem(manifest, specs, check.sizes)
+    complete = not check.todo and ledger is None
+    budget = None
+    if stage == "generate" and manifest is not None and manifest.ipc and manifest.ipc < lifecycle.full_ipc(ctx, stage):
+        # A time budget that stopped short of --ipc: done for this budget if its manifest is the record of
+        # every shard below the IPC reached (later stages read those); a rerun with the budget grows it.
+        budget = manifest.ipc
+        prefix = lifecycle.planned_specs(ctx, stage, budget)
+        ledger = shards.manifest_problem(manifest, prefix, check.sizes)
+        complete = False
     if complete:
         rate = summary.get("totals", {}).get("images_per_s")
     else:
         rate = _rate(done, _mtimes(loc, set(done)), _when(info.get("started")))
-    return {
+    failures = [f"{n}: {why}" for n, why in sorted(check.problems.items())]
+    if ledger is not None and (manifest is not None or not check.todo):
+        failures.append(f"{shards.MANIFEST_FILE}: {ledger} (a rerun writes it again)")
+    st = {
         "stage": stage,
         "unit": "shards",
         "done": len(done),
@@ -91,12 +107,17 @@ def _shard_stage(
         "images": sum(done.values()),
         "images_total": sum(s.rows for s in specs),
         "images_per_s": rate,
-        "failures": [f"{n}: {why}" for n, why in sorted(check.problems.items())],
+        "failures": failures,
         "started": info.get("started"),
         "finished": info.get("finished") if complete else None,
         "state": _state(complete, len(done) + len(check.problems), info),
         "corrupt": [{"shard": n, **img} for n, bad in check.corrupt.items() for img in bad],
     }
+    if budget is not None and "time_budget_s" in summary:
+        st["ipc_reached"] = budget
+        if ledger is None and not st["corrupt"]:
+            st["state"] = BUDGET_REACHED
+    return st
 
 
 BUDGET_REACHED = "time budget reached"
@@ -106,40 +127,6 @@ def _state(complete: bool, on_disk: int, info: dict[str, Any]) -> str:
     if complete:
         return "complete"
     return "incomplete" if on_disk or info.get("started") else "not started"
-
-
-def generate_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify: bool = False) -> dict[str, Any]:
-    fp = record["fingerprints"]["generate"]
-    plan = plan_run(cfg, len(record["classes"]))
-    st = _shard_stage(run_dir, "generate", record, [shards.generated_spec(u, fp) for u in plan.units], verify)
-    summary = run_dir.read_summary("generate")
-    if budgeted(summary, fp):
-        st["ipc_reached"] = summary.get("ipc_reached")
-        # A time budget that stopped short of --ipc: done for this budget (its manifest lists every shard
-        # below the IPC reached, and later stages read those); a rerun with the budget grows it.
-        if st["state"] != "complete" and not st["corrupt"] and shards.read_manifest(run_dir.generated, fp):
-            st["state"] = BUDGET_REACHED
-    return st
-
-
-def select_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify: bool = False) -> dict[str, Any]:
-    """Units are the kept shards (IPC per class); the score files are the stage's own bookkeeping."""
-    fp = record["fingerprints"]["select"]
-    plan = plan_run(cfg, len(record["classes"]))
-    return _shard_stage(run_dir, "select", record, [shards.selected_spec(u, fp) for u in plan.kept], verify)
-
-
-def augment_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify: bool = False) -> dict[str, Any]:
-    """Inputs: the source stage's manifest (the select stage's with --select-by clip, else the generate
-    stage's) when it is complete, else the plan (the same shards, to be)."""
-    fps = record["fingerprints"]
-    src = "select" if cfg.clip.select_by == "clip" else "generate"
-    manifest = shards.read_manifest(run_dir.stage_dir(src), fps.get(src))
-    plan = plan_run(cfg, len(record["classes"]))
-    rows_in = manifest.rows if manifest else {u.shard_name: u.size for u in (plan.kept or plan.units)}
-    k = cfg.augment.pda_variants
-    specs = [shards.augmented_spec(n, r, k, fps["augment"]) for n, r in rows_in.items()]
-    return _shard_stage(run_dir, "augment", record, specs, verify)
 
 
 def train_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify: bool = False) -> dict[str, Any]:
@@ -159,10 +146,13 @@ def train_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify
         except (OSError, ValueError) as e:
             failures.append(f"runs/{name}: unreadable ({type(e).__name__})")
             continue
-        if res.get("fingerprint") == fp:
-            done.append(res)
-        else:
+        read = record.get("stages", {}).get("train", {}).get("read") or {}
+        if res.get("fingerprint") != fp:
             failures.append(f"runs/{name}: another fingerprint")
+        elif read.get("manifest") not in (None, res.get("source_manifest")):
+            failures.append(f"runs/{name}: trained on another {read.get('stage', 'source')} output")
+        else:
+            done.append(res)
     checkpoints = len(run_dir.eval.child("checkpoints").list(".pt"))
     summary = run_dir.read_summary("train")
     complete = len(done) == wanted and bool(summary) and summary.get("fingerprint") == fp
@@ -188,6 +178,22 @@ def train_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify
     return out
 
 
+def _context(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig) -> RunContext:
+    """What the run's own stages saw: its plan, the fingerprints and the sources its run.json records."""
+    fps = record.get("fingerprints", {})
+    sources = record.get("sources") or {}
+    if "augment" in fps and "augment" not in sources:  # run.json of an earlier version: the rule it had
+        sources = {**sources, "augment": "select" if "select" in fps else "generate"}
+    plan = plan_run(cfg, len(record["classes"]))
+    return RunContext(cfg, run_dir, [], plan, fps, sources)
+
+
+def _stage_status(ctx: RunContext, stage: str, record: dict[str, Any], verify: bool) -> dict[str, Any]:
+    if stage == "train":
+        return train_status(ctx.run_dir, record, ctx.cfg, verify)
+    return _shard_stage(ctx, stage, record, verify)
+
+
 def _driver(run_dir: RunDir) -> str | None:
     """Who holds the run's lease (one live driver per run), or None when nobody does."""
     held = lease.current(run_dir.root)
@@ -197,9 +203,6 @@ def _driver(run_dir: RunDir) -> str | None:
         return f"running: {lease.describe(held)}, heartbeat {held['heartbeat_age_s']:.0f} s ago"
     why = "its process is gone" if held["state"] == "gone" else f"no heartbeat for {held['heartbeat_age_s']:.0f} s"
     return f"stopped: {lease.describe(held)} ({why}); a rerun takes over"
-
-
-STATUS_OF = {"generate": generate_status, "select": select_status, "augment": augment_status, "train": train_status}
 
 
 def run_status(out: str, verify: bool = False) -> dict[str, Any]:
@@ -219,6 +222,7 @@ def run_status(out: str, verify: bool = False) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise UserError(f"{storage.join(out, RUN_FILE)} holds no readable config ({e})") from e
     check_plan_size(cfg, len(record.get("classes", [])))  # a run.json edited by hand: before any plan is built
+    ctx = _context(run_dir, record, cfg)
     result = {
         "run": out,
         "dataset": cfg.dataset or cfg.classes,
@@ -226,7 +230,7 @@ def run_status(out: str, verify: bool = False) -> dict[str, Any]:
         "ipc": cfg.ipc,
         "created": record.get("created"),
         "updated": record.get("updated"),
-        "stages": [STATUS_OF[s](run_dir, record, cfg, verify) for s in stages],
+        "stages": [_stage_status(ctx, s, record, verify) for s in stages],
         "driver": _driver(run_dir),
     }
     if verify:

@@ -18,7 +18,7 @@ import numpy as np
 from gdd_ray import shards
 from gdd_ray.classes import ClassInfo
 from gdd_ray.config import RunConfig
-from gdd_ray.plan import image_seed, plan_run
+from gdd_ray.plan import generated_per_class, image_seed, plan_run
 from gdd_ray.run import RunDir
 
 
@@ -35,27 +35,21 @@ def pattern_image(seed: int, size: int) -> np.ndarray:
     return img.clip(0, 255).astype(np.uint8)
 
 
-def generation_fingerprint(cfg: RunConfig, classes: list[ClassInfo]) -> str:
-    """The fingerprint the pipeline gives this config's generate stage."""
-    from gdd_ray.pipeline import stage_inputs
-
-    return stage_inputs(cfg.replace(stages=("generate",)), classes, RunDir(cfg.out))[0]["generate"]
-
-
 def write_generated(
     cfg: RunConfig,
     classes: list[ClassInfo],
     images: np.ndarray | None = None,
     labels: np.ndarray | None = None,
     shard_classes: list[ClassInfo] | None = None,
-    fingerprint: str | None = None,
+    *,
+    fingerprint: str,
 ) -> list[str]:
     """Every shard of the run's plan under OUT/generated, then its manifest; returns the shard names.
 
     Pixels: `pattern_image(seed)` per image, or image i of class c is the i-th of `images` labelled c.
     `shard_classes` writes other class ids/names into the shards (to test label-alignment checks);
-    `fingerprint` writes another generation fingerprint (to test refusals)."""
-    fp = fingerprint or generation_fingerprint(cfg, classes)
+    `fingerprint`: the generate stage's (pipeline.generation_fingerprint; another one to test refusals)."""
+    fp = fingerprint
     plan = plan_run(cfg, len(classes))
     loc = RunDir(cfg.out).generated
     size = cfg.image_size if images is None else images.shape[1]
@@ -72,7 +66,7 @@ def write_generated(
         table = shards.generated_table(unit, c.class_id, c.name, prompts, seeds, [shards.encode_png(p) for p in pixels])
         shards.write_shard(loc, unit.shard_name, table, shards.generated_footer(unit, fp, size))
         specs.append(shards.generated_spec(unit, fp))
-    shards.write_manifest(loc, "generate", fp, specs)
+    shards.write_manifest(loc, "generate", fp, specs, generated_per_class(cfg), loc.sizes(shards.SHARD_SUFFIX))
     return plan.names
 
 

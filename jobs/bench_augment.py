@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     classes = load_classes(cfg.dataset, None)
-    names = synthetic.write_generated(cfg, classes)
+    names = synthetic.write_generated(cfg, classes, fingerprint=pipeline.generation_fingerprint(cfg, classes))
     ctx = pipeline.check(cfg)
     run_dir, fps = ctx.run_dir, ctx.fingerprints
     recipe = resolve_ops(cfg.augment.pda_ops)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     # Warm-up on a copy: starts the Ray workers and imports torch in them, which a long run pays once.
     warm_cfg = cfg.replace(out=os.path.join(args.out, "warmup"))
-    synthetic.write_generated(warm_cfg, classes)
+    synthetic.write_generated(warm_cfg, classes, fingerprint=pipeline.generation_fingerprint(warm_cfg, classes))
     stage.run(pipeline.check(warm_cfg))
 
     loop_dst = storage.Location(os.path.join(args.out, "per_image_loop"))

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     cfg = build_config(values)
     classes = load_classes(cfg.dataset, None)
-    names = synthetic.write_generated(cfg, classes)
+    names = synthetic.write_generated(cfg, classes, fingerprint=pipeline.generation_fingerprint(cfg, classes))
     ctx = pipeline.check(cfg)
     run_dir = ctx.run_dir
     texts = [c.prompt(cfg.generate.prompt_template) for c in classes]
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     # Warm-up on a copy: starts the Ray workers and imports torch/transformers in them, paid once per run.
     warm = build_config({**values, "out": os.path.join(args.out, "warmup")})
-    synthetic.write_generated(warm, classes)
+    synthetic.write_generated(warm, classes, fingerprint=pipeline.generation_fingerprint(warm, classes))
     stage.run(pipeline.check(warm))
 
     serial_dst = storage.Location(os.path.join(args.out, "serial_scores"))

@@ -102,6 +102,14 @@ def generator_actor_pids(busy: bool = False) -> list[int]:
     return out
 
 
+def write_generated(cfg, classes, *args, **kw) -> list[str]:
+    """synthetic.write_generated with the generate stage's fingerprint for `cfg` (unless one is given)."""
+    from gdd_ray import pipeline, synthetic
+
+    kw.setdefault("fingerprint", pipeline.generation_fingerprint(cfg, classes))
+    return synthetic.write_generated(cfg, classes, *args, **kw)
+
+
 def augmented_run(out, dataset: str, ipc: int, k: int, num_classes: int | None = None, **values):
     """Generated + augmented shards written by the real per-shard worker (serially, no Ray needed), with the
     manifests the stages write last; `values`: more config (train fields). Returns (run_dir, classes)."""
@@ -114,15 +122,16 @@ def augmented_run(out, dataset: str, ipc: int, k: int, num_classes: int | None =
     cfg = build_config({"out": str(out), "dataset": dataset, "ipc": ipc, "unit_size": 2, "pda_variants": k,
                         **values, "stages": "augment"})  # fmt: skip
     classes = load_classes(dataset, None)[:num_classes]
-    names = synthetic.write_generated(cfg, classes)
+    names = write_generated(cfg, classes)
     run_dir = RunDir(cfg.out)
-    fps, inputs, _ = pipeline.stage_inputs(cfg, classes, run_dir)  # a subset of the dataset's classes
-    run_dir.prepare(cfg, [vars(c) for c in classes], fps, inputs)
+    fps, inputs, sources = pipeline.stage_inputs(cfg, classes, run_dir)  # a subset of the dataset's classes
+    run_dir.prepare(cfg, [vars(c) for c in classes], fps, inputs, sources)
     for n in names:
         augment_shard(run_dir.generated, run_dir.augmented, n, k, resolve_ops(None), fps["augment"])
     rows = shards.read_manifest(run_dir.generated).rows
     specs = [shards.augmented_spec(n, rows[n], k, fps["augment"]) for n in names]
-    shards.write_manifest(run_dir.augmented, "augment", fps["augment"], specs)
+    sizes = run_dir.augmented.sizes(shards.SHARD_SUFFIX)
+    shards.write_manifest(run_dir.augmented, "augment", fps["augment"], specs, ipc, sizes)
     return run_dir, classes
 
 
@@ -140,7 +149,7 @@ def bucket_train_config(uri: str, test_dir: Path):
         dict(dataset="cifar10", ipc=4, out=uri, stages="train", image_size=16, eval_data=str(test_dir), epochs=2,
              eval_runs=2, eval_workers=2, net_width=8, train_batch_size=20, checkpoint_every=1)
     )  # fmt: skip
-    synthetic.write_generated(cfg, classes, *synthetic.sample(pats, 4, seed=1))
+    write_generated(cfg, classes, *synthetic.sample(pats, 4, seed=1))
     return cfg
 
 

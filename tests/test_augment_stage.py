@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from gen_helpers import write_generated
 import ray
 
 from gdd_ray import pipeline, shards, storage, synthetic
@@ -40,7 +41,7 @@ def make_cfg(out, **kw):
 def make_run(out, **kw):
     """Synthetic generated shards + an opened run, as distill.py --stages augment would see it."""
     cfg = make_cfg(out, **kw)
-    synthetic.write_generated(cfg, load_classes(cfg.dataset, None))
+    write_generated(cfg, load_classes(cfg.dataset, None))
     ctx = pipeline.check(cfg)
     return cfg, ctx, ctx.run_dir
 
@@ -204,7 +205,7 @@ def test_bad_input_is_one_clear_line(tmp_path):
 def test_inputs_of_another_generation_config_are_refused(tmp_path, local_ray):
     cfg, ctx, run_dir = make_run(tmp_path / "run", ipc=2)
     classes = load_classes(cfg.dataset, None)
-    synthetic.write_generated(cfg, classes, fingerprint="0123456789abcdef")  # same names, foreign generation
+    write_generated(cfg, classes, fingerprint="0123456789abcdef")  # same names, foreign generation
     with pytest.raises(UserError, match="holds no complete generation for this config"):
         stage.run(ctx)
 

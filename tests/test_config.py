@@ -6,7 +6,7 @@ from gdd_ray.classes import ClassInfo
 from gdd_ray.config import SECTIONS
 from gdd_ray.config_loader import build_config, config_from_args, options
 from gdd_ray.errors import UserError
-from gdd_ray.synthetic import generation_fingerprint
+from gdd_ray.pipeline import generation_fingerprint
 
 
 def test_defaults_and_flags():

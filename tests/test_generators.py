@@ -156,7 +156,7 @@ def test_auto_engine_architecture_and_refusals_per_model(tmp_path, gdd_cache):
 
 
 def test_fingerprint_and_run_record_name_the_model_and_architecture(tmp_path, gdd_cache):
-    fps = {m: synthetic.generation_fingerprint(tiny_config(tmp_path / m, model=m), CLASSES) for m in TINY_MODELS}
+    fps = {m: pipeline.generation_fingerprint(tiny_config(tmp_path / m, model=m), CLASSES) for m in TINY_MODELS}
     assert len(set(fps.values())) == len(TINY_MODELS)
     cfg = config(tmp_path / "run", "tiny-sd15")
     pipeline.check(cfg)

@@ -228,7 +228,7 @@ def _rewrite_shard(loc, name: str, table, footer: dict[str, str]) -> None:
     loc.write_bytes(name, storage.parquet_bytes(table, footer))
 
 
-@pytest.mark.parametrize("damage", ["foreign fingerprint", "short shard", "duplicate images"])
+@pytest.mark.parametrize("damage", ["foreign fingerprint", "short shard", "resized shard", "duplicate images"])
 def test_export_refuses_an_inconsistent_run(damage, small_export_run, tmp_path, capsys):
     import shutil
 
@@ -249,8 +249,15 @@ def test_export_refuses_an_inconsistent_run(damage, small_export_run, tmp_path, 
     elif damage == "short shard":  # rows lost since the manifest was written, footer intact
         _rewrite_shard(loc, first, pq.read_table(loc.file(first)).slice(1), footer)
         message = "short ("
-    else:  # the second shard holds the first one's images (same rows, same fingerprint)
+    elif damage == "resized shard":  # the same rows and footer, other bytes than the manifest recorded
+        _rewrite_shard(loc, first, pq.read_table(loc.file(first)), {**footer, "note": "rewritten"})
+        message = "changed since its manifest was written"
+    else:  # the second shard holds the first one's images (same rows, same fingerprint, the recorded size)
         _rewrite_shard(loc, second, pq.read_table(loc.file(first)), footer)
+        manifest = json.loads(loc.read_bytes(shards.MANIFEST_FILE))
+        for entry in manifest["shards"]:
+            entry["bytes"] = loc.sizes(".parquet")[entry["name"]]
+        loc.write_bytes(shards.MANIFEST_FILE, json.dumps(manifest).encode())
         message = "twice"
     before = tree_digest(out)
     dest = tmp_path / "dest"

@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from gen_helpers import write_generated
 import ray
 
 from gdd_ray import pipeline, shards, storage, synthetic
@@ -43,21 +44,24 @@ def make_cfg(tmp_path, **kw):
 
 def make_run(tmp_path, **kw):
     cfg = make_cfg(tmp_path, **kw)
-    synthetic.write_generated(cfg, load_classes(None, cfg.classes))
+    write_generated(cfg, load_classes(None, cfg.classes))
     ctx = pipeline.check(cfg)
     return cfg, ctx, ctx.run_dir
 
 
 def kept_rows(run_dir):
-    """label -> [(index, seed, clip_score, clip_top1, png bytes)] over the kept shards, in shard-name order."""
-    out = {}
+    """label -> [(generated index, seed, clip_score, clip_top1, png bytes)] over the kept shards, in shard-name
+    order; asserts each kept image's `index` is its position among its class's kept images (0..IPC-1)."""
+    out, positions = {}, {}
     for name in run_dir.selected.list(".parquet"):
         t = shards.read_shard(run_dir.selected, name)
-        for img, lab, idx, seed, s, top in zip(
-            t["image"].to_pylist(), t["label"].to_pylist(), t["index"].to_pylist(), t["seed"].to_pylist(),
-            t["clip_score"].to_pylist(), t["clip_top1"].to_pylist(),
+        for img, lab, pos, idx, seed, s, top in zip(
+            t["image"].to_pylist(), t["label"].to_pylist(), t["index"].to_pylist(), t["source_index"].to_pylist(),
+            t["seed"].to_pylist(), t["clip_score"].to_pylist(), t["clip_top1"].to_pylist(),
         ):  # fmt: skip
             out.setdefault(lab, []).append((idx, seed, s, top, img["bytes"]))
+            positions.setdefault(lab, []).append(pos)
+    assert all(p == list(range(len(p))) for p in positions.values()), positions
     return out
 
 
@@ -147,7 +151,7 @@ def test_resume_redoes_only_what_is_missing_with_the_same_bytes(tmp_path, local_
 def test_scores_do_not_depend_on_what_is_scored_together(tmp_path, gdd_cache):
     cfg = make_cfg(tmp_path, ipc=2, overgenerate=1.5)
     classes = load_classes(None, cfg.classes)
-    names = synthetic.write_generated(cfg, classes)
+    names = write_generated(cfg, classes)
     from gdd_ray.select.clip import resolve_clip_model
 
     texts = tuple(c.prompt("{name}") for c in classes)
@@ -198,7 +202,7 @@ def test_fingerprints_and_config(tmp_path):
 
 def test_missing_candidates_and_bad_clip_model_are_one_clear_line(tmp_path, gdd_cache):
     cfg = make_cfg(tmp_path)
-    synthetic.write_generated(cfg.replace(**{"clip.overgenerate": 1.0}), load_classes(None, cfg.classes))
+    write_generated(cfg.replace(**{"clip.overgenerate": 1.0}), load_classes(None, cfg.classes))
     with pytest.raises(UserError, match="select stage chooses from"):
         pipeline.check(cfg)  # generated with --overgenerate 1: too few candidates
     with pytest.raises(UserError, match="not a transformers model folder"):
@@ -228,9 +232,9 @@ def test_tiny_sdxl_overgenerate_select_augment(tmp_path, tiny_model, local_ray):
     aug = {n: shards.read_shard(run_dir.augmented, n) for n in run_dir.augmented.list(".parquet")}
     assert sorted(aug) == sorted(u.shard_name for u in ctx.plan.kept)
     seen = {}
-    for t in aug.values():  # the kept images, by their own index and seed, each with its variant
-        for label, idx, seed in zip(t["label"].to_pylist(), t["index"].to_pylist(), t["seed"].to_pylist()):
-            seen.setdefault(label, []).append((idx, seed))
+    for t in aug.values():  # the kept images, by their position and seed, each with its variant
+        for label, pos, seed in zip(t["label"].to_pylist(), t["index"].to_pylist(), t["seed"].to_pylist()):
+            seen.setdefault(label, []).append((pos, seed))
     assert {label: sorted(rows) for label, rows in seen.items()} == {
-        label: sorted((r[0], r[1]) for r in rows for _ in range(2)) for label, rows in kept.items()
+        label: sorted((p, r[1]) for p, r in enumerate(rows) for _ in range(2)) for label, rows in kept.items()
     }

@@ -146,9 +146,10 @@ def test_verify_names_a_corrupt_image_and_a_rerun_redoes_exactly_its_shard(finis
     label, start = int(shard.name[1:6]), int(shard.name[8:14])
     _damage_one_image(shard, row=1)
 
-    # The footer is intact: status (footers only) and a resume would call the run complete.
-    assert main(["status", str(out)]) == 0
-    assert capsys.readouterr().out.strip().endswith("complete")
+    # The footer is intact, but the shard's size is not the one its manifest recorded: status (footers and
+    # sizes, no decoding) says it changed since and must be redone.
+    assert main(["status", str(out)]) == 1
+    assert f"redo {shard.name}: changed since its manifest was written" in capsys.readouterr().out
 
     assert main(["status", str(out), "--verify"]) == 1
     text = capsys.readouterr().out

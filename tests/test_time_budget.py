@@ -113,41 +113,44 @@ def test_budget_stops_every_class_at_one_ipc_then_a_rerun_grows_it(tmp_path, tin
     ctx = pipeline.check(cfg)
     plain_train_fp = ctx.fingerprint("train")
     summary = gen_stage.run(ctx, serial=True)
-    assert summary["ipc_reached"] == 2 and summary["ipc_planned"] == 4 and summary["stopped_by_budget"]
+    assert summary["ipc"] == 2 and summary["ipc_planned"] == 4 and summary["stopped_by_budget"]
     assert summary["time_budget_s"] == 45 and summary["budget_used_s"] == 30
     assert "stopped with every class at IPC 2 of the planned 4" in capsys.readouterr().out
     gen = tmp_path / "run" / "generated"
     per_class = Counter(label for label, _ in read_images(gen))
     assert per_class == {label: 2 for label in range(3)}  # every class alike
     manifest = shards.read_manifest(shards.storage.Location(str(gen)))
-    assert len(manifest.names) == 3 and manifest.images == 6
+    assert len(manifest.names) == 3 and manifest.images == 6 and manifest.ipc == 2
     record = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert record["stages"]["generate"]["ipc_reached"] == 2
+    assert record["stages"]["generate"]["ipc"] == 2
     st = run_status(str(tmp_path / "run"))  # done for this budget, not "incomplete"; it says which IPC
     assert st["stages"][0]["state"] == "time budget reached" and st["stages"][0]["ipc_reached"] == 2
     assert "every class at IPC 2 of 4 within the time budget" in format_status(st)
 
-    # Later stages see IPC 2: the train stage's fingerprint holds it, and it reads only index < 2.
+    # Later stages see IPC 2 through the manifest they read (the train stage's fingerprint is the plain one:
+    # nothing is rewritten mid-run), and the train stage reads only index < 2.
+    from gdd_ray import lifecycle
     from gdd_ray.train import stage as train_stage
 
     ctx2 = pipeline.check(cfg)
-    assert ctx2.ipc_reached == 2 and ctx2.ipc == 2 and ctx2.fingerprint("train") != plain_train_fp
-    data = train_stage.load_data(ctx2)[1]
+    assert ctx2.fingerprint("train") == plain_train_fp
+    source = lifecycle.read_source(ctx2, "train")
+    assert source.ipc == 2
+    data = train_stage.load_data(ctx2, source)[0]
     assert data.index.max() == 1 and data.per_class == [2] * 3
 
-    # A rerun with the same budget grows the run: the next round, then it has the planned IPC.
+    # A rerun with the same budget grows the run: the next round, then it has the planned IPC; what the train
+    # stage reads has another digest, so a train stage of the smaller set is stale (train.run redoes it).
     clock.now = 1000.0
     again = gen_stage.run(ctx2, serial=True)
-    assert again["ipc_reached"] == 4 and not again["stopped_by_budget"] and again["totals"]["units_run"] == 3
+    assert again["ipc"] == 4 and not again["stopped_by_budget"] and again["totals"]["units_run"] == 3
     assert "every class reached the planned IPC 4" in capsys.readouterr().out
-    grown = pipeline.after_generate(ctx2, again)
-    assert grown.ipc_reached is None and grown.fingerprint("train") == plain_train_fp
+    grown = lifecycle.read_source(ctx2, "train")
+    assert grown.ipc == 4 and grown.manifest.digest != source.manifest.digest
     assert json.loads((tmp_path / "run" / "run.json").read_text())["fingerprints"]["train"] == plain_train_fp
     assert Counter(label for label, _ in read_images(gen)) == {label: 4 for label in range(3)}
     assert run_status(str(tmp_path / "run"))["stages"][0]["state"] == "complete"
-    ctx3 = pipeline.check(cfg)
-    assert ctx3.ipc_reached is None
-    gen_stage.run(ctx3, serial=True)
+    gen_stage.run(pipeline.check(cfg), serial=True)
     assert "nothing left to grow" in capsys.readouterr().out
 
 
@@ -155,9 +158,8 @@ def test_a_budget_larger_than_needed_reaches_the_planned_ipc(tmp_path, tiny_mode
     _fake_unit_time(monkeypatch, clock)
     cfg = three_class_config(tmp_path / "run", ipc=3, time_budget="1h")
     summary = gen_stage.run(pipeline.check(cfg), serial=True)
-    assert summary["ipc_reached"] == 3 and not summary["stopped_by_budget"]
+    assert summary["ipc"] == 3 and not summary["stopped_by_budget"]
     assert summary["totals"]["images"] == 9 and len(read_images(tmp_path / "run" / "generated")) == 9
-    assert pipeline.check(cfg).ipc_reached is None
 
 
 @pytest.mark.slow  # a local Ray with two generator actors

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from gen_helpers import write_generated
 
 from gdd_ray import pipeline, storage, synthetic
 from gdd_ray.classes import dataset_classes
@@ -42,7 +43,7 @@ def make_run(tmp_path, **kw):
     )  # fmt: skip
     values.update(kw)
     cfg = build_config(values)
-    synthetic.write_generated(cfg, CLASSES, x, y)
+    write_generated(cfg, CLASSES, x, y)
     return cfg, RunDir(cfg.out)
 
 
@@ -100,7 +101,7 @@ def test_train_stage_refuses_misaligned_shards_before_training(tmp_path):
     run_dir.generated.delete_tree()
     shifted = [c.__class__(c.label, NAMES[(c.label + 1) % 10], c.name) for c in CLASSES]
     pats = synthetic.patterns(10, SIZE)
-    synthetic.write_generated(cfg, CLASSES, *synthetic.sample(pats, 6, seed=0), shard_classes=shifted)
+    write_generated(cfg, CLASSES, *synthetic.sample(pats, 6, seed=0), shard_classes=shifted)
     with pytest.raises(UserError, match="label alignment: 10 of 10 labels.*label 0: shards 'automobile'"):
         stage.run(pipeline.check(cfg))
     assert not storage.Location(str(tmp_path / "run" / "eval")).exists()

@@ -7,6 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
+from gen_helpers import write_generated
 import torch
 from PIL import Image
 
@@ -159,7 +160,7 @@ def test_preflight_label_alignment_count_and_size(tmp_path):
 
 def test_preflight_needs_shards_when_not_generating(tmp_path):
     cfg = _cfg(tmp_path, None, stages="train")
-    with pytest.raises(UserError, match="holds no shards to train on"):
+    with pytest.raises(UserError, match="has no generated shards: run the generate stage first"):
         stage.preflight(context(cfg))
     assert not os.path.exists(cfg.out)
 
@@ -169,7 +170,7 @@ def test_shards_checked_against_the_run_class_list(tmp_path):
     x, y = _images(20, 8), np.arange(20) % 10
     reordered = [c.__class__(c.label, CIFAR10[(c.label + 3) % 10], c.name) for c in classes]
     cfg = _cfg(tmp_path, None, image_size=8)
-    names = synthetic.write_generated(cfg, classes, x, y, shard_classes=reordered)
+    names = write_generated(cfg, classes, x, y, shard_classes=reordered)
     loc = RunDir(cfg.out).generated
     ds = load_shards(loc, names)
     assert ds.images.shape == (20, 8, 8, 3) and sorted(ds.labels.tolist()) == sorted(y.tolist())

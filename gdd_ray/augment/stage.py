@@ -20,13 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from gdd_ray import shards, storage
+from gdd_ray import lifecycle, shards, storage
 from gdd_ray.augment import recipe as recipes
 from gdd_ray.augment.shard import augment_shard
 from gdd_ray.config import RunConfig
-from gdd_ray.errors import UserError
-from gdd_ray.logs import Progress, say
-from gdd_ray.run import RunContext, RunDir, Stopwatch, now_iso, stage_summary
+from gdd_ray.logs import Progress
+from gdd_ray.run import RunContext, RunDir, Stopwatch
 
 SAMPLES_FILE = "samples.png"
 # Shards per Ray task: a 10-image CIFAR shard takes ~10 ms to augment, so a task per shard would be
@@ -58,102 +57,61 @@ def preflight(ctx: RunContext) -> None:
     """Checks that need no cluster and write nothing."""
     recipe(ctx.cfg)
     if ctx.sources["augment"] not in ctx.cfg.stages:
-        inputs(ctx)
+        lifecycle.read_source(ctx, "augment")
 
 
-def inputs(ctx: RunContext) -> shards.Manifest:
-    """The shards to augment: the source stage's manifest for this run's config."""
-    src = ctx.sources["augment"]
-    loc = ctx.run_dir.stage_dir(src)
-    manifest = shards.read_manifest(loc, ctx.fingerprint(src))
-    made, work = {"generate": ("generated", "generation"), "select": ("selected", "selection")}[src]
-    if manifest is None:
-        if not loc.list(shards.SHARD_SUFFIX):
-            raise UserError(f"{loc.uri} has no {made} shards: run the {src} stage first (--stages {src},augment)")
-        raise UserError(
-            f"{loc.uri} holds no complete {work} for this config (no current {shards.MANIFEST_FILE}); "
-            f"run the {src} stage to finish it (with --overwrite if it was made by another config)"
+class Augment(lifecycle.ShardStage):
+    """One output per shard its source's manifest lists (those of the plan up to the IPC the source covers)."""
+
+    name = "augment"
+
+    def read(self) -> None:
+        self.source = lifecycle.read_source(self.ctx, "augment")
+
+    def specs(self) -> list[shards.ShardSpec]:
+        return lifecycle.planned_specs(self.ctx, "augment", self.source.ipc)
+
+    def ipc(self, after: shards.Check) -> int:
+        super().ipc(after)
+        return self.source.ipc  # what its source covers (a time budget may have stopped it short)
+
+    def other_work(self) -> bool:
+        return not self.ctx.run_dir.root.exists(SAMPLES_FILE)  # write_sample_grid's place
+
+    def work(self, todo: list[shards.ShardSpec]) -> lifecycle.Work:
+        k, watch = self.ctx.cfg.augment.pda_variants, Stopwatch()
+        stats = []
+        if todo:
+            from gdd_ray.ray_utils import init_ray
+
+            init_ray()
+            progress = Progress("augment", len(todo), sum(s.rows for s in todo))
+            stats = _run_ray(
+                self.source.loc, self.output, [s.name for s in todo], k, recipe(self.ctx.cfg), self.fp, progress
+            )
+        return lifecycle.Work(
+            len(stats), sum(s["rows_out"] for s in stats), watch.seconds, details={
+                "generate_fingerprint": self.ctx.fingerprint("generate"), "source": self.source.stage, "variants": k,
+                "ops": [[n, p] for n, p in recipe(self.ctx.cfg)], "images_in": self.source.manifest.images,
+                "images_per_class": self.source.ipc * (k + 1), "samples": SAMPLES_FILE,
+            },
+        )  # fmt: skip
+
+    def finish(self, listed: list[shards.ShardSpec]) -> None:
+        from gdd_ray.augment.samples import write_sample_grid
+
+        write_sample_grid(
+            self.ctx.run_dir, self.ctx.classes, [s.name for s in listed], self.ctx.cfg.augment.pda_variants
         )
-    shards.require_listed_shards(loc, manifest, src)
-    return manifest
+
+    def done_line(self, summary: dict[str, Any]) -> str:
+        t = summary["totals"]
+        rate = f" ({t['images_per_s']:.1f} img/s)" if t["images_per_s"] else ""
+        return f"done: {t['images_made']} images written in {t['work_s']:.1f} s{rate}; {t['images']} under {self.output.uri}"
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
-    watch = Stopwatch()
-    cfg, run_dir = ctx.cfg, ctx.run_dir
-    fp, k, ops_applied = ctx.fingerprint("augment"), cfg.augment.pda_variants, recipe(cfg)
-    manifest = inputs(ctx)
-    source_rows = manifest.rows
-    specs = [shards.augmented_spec(n, rows, k, fp) for n, rows in source_rows.items()]
-
-    dst = run_dir.augmented
-    dst.remove_stale_temporaries()
-    check = shards.check_folder(dst, specs)
-    pending = [s.name for s in check.todo]
-    say(
-        "augment",
-        f"{len(specs)} shards ({manifest.images} images, K={k}): {len(check.done)} done, {len(pending)} to do",
-    )
-    previous = run_dir.read_summary("augment")
-    if not pending and not check.foreign and shards.read_manifest(dst, fp) and previous:
-        if run_dir.root.exists(SAMPLES_FILE):
-            say("augment", "nothing to do: every shard is present and current")
-            return previous
-
-    shards.drop_manifest(dst)
-    started = now_iso()
-    run_dir.update_stage("augment", status="running", started=started, finished=None)
-    new_stats: list[dict] = []
-    augment_seconds = 0.0
-    if pending:
-        from gdd_ray.ray_utils import init_ray
-
-        init_ray()
-        t_ray = Stopwatch()
-        progress = Progress("augment", len(pending), sum(source_rows[n] * (k + 1) for n in pending))
-        src = run_dir.stage_dir(ctx.sources["augment"])
-        new_stats = _run_ray(src, run_dir, pending, k, ops_applied, fp, progress)
-        augment_seconds = t_ray.seconds
-    # Outputs of shards outside this plan (a larger --ipc earlier) go only now that the plan's own are all there.
-    for n in check.foreign:
-        say("augment", f"removing {n}: its input is not part of this plan")
-        dst.delete(n)
-    dst.remove_stale_temporaries()
-    after = shards.check_folder(dst, specs)
-    if after.todo:
-        raise RuntimeError(f"augment: {len(after.todo)} shards missing after the run, e.g. {after.todo[0].name}")
-
-    from gdd_ray.augment.samples import write_sample_grid
-
-    write_sample_grid(run_dir, ctx.classes, manifest.names, k)
-    summary = stage_summary(
-        "augment",
-        fp,
-        started,
-        watch.seconds,
-        units=len(specs),
-        units_run=len(new_stats),
-        images=manifest.images * (k + 1),
-        images_made=sum(s["rows_out"] for s in new_stats),
-        work_s=augment_seconds,
-        generate_fingerprint=ctx.fingerprint("generate"),
-        source=ctx.sources["augment"],
-        variants=k,
-        ops=[[n, p] for n, p in ops_applied],
-        images_in=manifest.images,
-        images_per_class=ctx.ipc * (k + 1),
-        samples=SAMPLES_FILE,
-    )
-    run_dir.write_summary("augment", summary)
-    shards.write_manifest(dst, "augment", fp, specs)  # last: its presence means "complete"
-    run_dir.update_stage("augment", status="done", finished=summary["finished"], images=summary["totals"]["images"])
-    t = summary["totals"]
-    rate = f" ({t['images_per_s']:.1f} img/s)" if t["images_per_s"] else ""
-    say(
-        "augment",
-        f"done: {t['images_made']} images written in {augment_seconds:.1f} s{rate}; {t['images']} under {dst.uri}",
-    )
-    return summary
+    return lifecycle.run(Augment(ctx))
 
 
 def _augment_batch(batch: dict[str, np.ndarray], src: str, dst: str, variants: int, recipe: recipes.Recipe, fp: str):
@@ -165,7 +123,7 @@ def _augment_batch(batch: dict[str, np.ndarray], src: str, dst: str, variants: i
 
 def _run_ray(
     src: storage.Location,
-    run_dir: RunDir,
+    dst: storage.Location,
     pending: list[str],
     variants: int,
     recipe: recipes.Recipe,
@@ -185,7 +143,7 @@ def _run_ray(
             batch_size=None,  # one block of shard names = one call
             fn_kwargs={
                 "src": src.uri,
-                "dst": run_dir.augmented.uri,
+                "dst": dst.uri,
                 "variants": variants,
                 "recipe": recipe,
                 "fp": fp,

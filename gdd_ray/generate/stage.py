@@ -6,7 +6,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from gdd_ray import shards
+from gdd_ray import lifecycle, shards
 from gdd_ray.classes import ClassInfo
 from gdd_ray.config import RunConfig
 from gdd_ray.generate import fetch, runtime
@@ -16,7 +16,7 @@ from gdd_ray.generate.generator import GenerationJob, UnitGenerator, UnitResult
 from gdd_ray.generate.model import resolve_model, resolve_revision
 from gdd_ray.logs import Progress, say
 from gdd_ray.plan import generated_per_class
-from gdd_ray.run import RunContext, RunDir, now_iso, stage_summary
+from gdd_ray.run import RunContext, RunDir
 
 VERSION = 2  # 2: engines (fast one-step path), decoder precision set once, static batches
 # What decides the pixels of a generated image; not IPC, batch size, worker count or --compile (float
@@ -116,104 +116,74 @@ def default_workers(cfg: RunConfig) -> int:
     return max(1, cluster_gpus())
 
 
+class Generate(lifecycle.ShardStage):
+    name = "generate"
+
+    def __init__(self, ctx: RunContext, serial: bool = False):
+        super().__init__(ctx)
+        self.serial = serial
+        budget_s = ctx.cfg.generate.time_budget_s if ctx.cfg.generate.time_budget is not None else None
+        self.budget = TimeBudget(budget_s) if budget_s is not None else None
+
+    def ipc(self, after: shards.Check) -> int:
+        """The IPC every class has; with a time budget the rounds it finished (the rest is a later run's)."""
+        reached = ipc_reached(self.ctx.plan.units, {s.name for s in after.done})
+        return super().ipc(after) if self.budget is None or not reached else reached
+
+    def work(self, todo: list[shards.ShardSpec]) -> lifecycle.Work:
+        units, stats = self.ctx.plan.by_name(), {}
+        results = render(self.ctx, [units[s.name] for s in todo], self.budget, self.serial, stats)
+        return lifecycle.Work(
+            len(results), sum(r.images for r in results), details={
+                "executed_batch_size": self.ctx.cfg.generate.batch_size,
+                "images_executed": sum(r.executed for r in results),  # padding included
+                "workers": stats.pop("workers", 0), "per_worker": per_worker(results), "driver": stats,
+                "ipc_planned": generated_per_class(self.ctx.cfg), **(self.budget.describe() if self.budget else {}),
+            },
+        )  # fmt: skip
+
+    def nothing_to_do(self) -> None:
+        super().nothing_to_do()
+        if self.budget is not None:
+            planned = generated_per_class(self.ctx.cfg)
+            say("generate", f"the time budget has nothing left to grow: the run has its planned IPC, {planned}")
+
+    def done_line(self, summary: dict[str, Any]) -> str:
+        t = summary["totals"]
+        rate = f" ({t['images_per_s']:.1f} img/s)" if t["images_per_s"] else ""
+        line = f"done: {t['images_made']} images generated in {t['wall_s']:.1f} s{rate}, {t['images']} images in {t['units']} shards under {self.output.uri}"
+        if self.budget is not None:
+            line += "\n" + budget_line(self.budget, summary["ipc"], generated_per_class(self.ctx.cfg), t["images_made"])
+        return line
+
+
 def run(ctx: RunContext, *, serial: bool = False) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    cfg, run_dir, fp = ctx.cfg, ctx.run_dir, ctx.fingerprint("generate")
-    loc = run_dir.generated
-    units = ctx.plan.by_name()
-    specs = [shards.generated_spec(u, fp) for u in ctx.plan.units]
-    loc.makedirs()
-    loc.remove_stale_temporaries()
-    check = shards.check_folder(loc, specs)
-    for name, why in sorted(check.problems.items()):
-        say("generate", f"redoing {name}: {why}")
-    say(
-        "generate",
-        f"{len(specs)} units ({ctx.plan.images} images): {len(check.done)} done, {len(check.todo)} to do",
-    )
-    previous = run_dir.read_summary("generate")
-    if not check.todo and not check.foreign and shards.read_manifest(loc, fp) and previous:
-        say("generate", "nothing to do: every shard is present and current")
-        if cfg.generate.time_budget is not None:
-            say(
-                "generate",
-                f"the time budget has nothing left to grow: the run has its planned IPC, {generated_per_class(cfg)}",
-            )
-        return previous
+    return lifecycle.run(Generate(ctx, serial))
 
-    shards.drop_manifest(loc)
-    todo = [units[s.name] for s in check.todo]
-    results: list[UnitResult] = []
-    workers = 0
-    driver_stats: dict = {}
-    budget = TimeBudget(cfg.generate.time_budget_s) if cfg.generate.time_budget is not None else None
-    started = now_iso()
-    if todo:
-        run_dir.update_stage("generate", started=started, finished=None)
-        job = make_job(cfg, ctx.classes, fp, loc.uri, ctx.inputs.get("generate"))
-        say("generate", f"engine {job.engine}, decoder {cfg.generate.decoder} in {job.vae_dtype}")
-        note = padding_note(cfg, todo)
-        if note:
-            say("generate", note)
-        progress = Progress("generate", len(todo), sum(u.size for u in todo))
-        if serial:
-            workers = 1
-            results = run_serial(todo, lambda: UnitGenerator(job), cfg.generate.max_retries, progress, budget)
-        else:
-            from gdd_ray.ray_utils import init_ray
 
-            init_ray()
-            workers = default_workers(cfg)
-            fetch_pinned_model(job, cfg.generate.worker_gpus, driver_stats)
-            results = run_on_ray(
-                todo, job, workers, cfg.generate.max_retries, progress, stats=driver_stats,
-                worker_gpus=cfg.generate.worker_gpus, budget=budget,
-            )  # fmt: skip
-    # Out-of-plan shards go only now that the plan's own shards all exist (never fewer images than asked).
-    for name in check.foreign:
-        say("generate", f"removing {name}: not part of this plan (--ipc or --unit-size changed)")
-        loc.delete(name)
-    loc.remove_stale_temporaries()  # a killed worker's leftovers (its units were redone elsewhere)
-    after = shards.check_folder(loc, specs)
-    reached = ipc_reached(ctx.plan.units, {s.name for s in after.done})
-    # Without a budget every shard must be there; with one, every shard below the IPC reached (the rest of
-    # the plan is for a later run). A worker said it wrote a shard that is not there: never report success.
-    gap = after.todo if budget is None or not reached else []
-    if gap:
-        raise RuntimeError(f"{len(gap)} shards missing after the run, e.g. {gap[0].name}")
-    listed = [spec for unit, spec in zip(ctx.plan.units, specs) if unit.stop <= reached]
+def render(ctx: RunContext, todo: list, budget: TimeBudget | None, serial: bool, stats: dict) -> list[UnitResult]:
+    """Render the units `todo` (in-process with `serial`, else on the cluster's actors); `stats` gets the driver's."""
+    if not todo:
+        return []
+    cfg = ctx.cfg
+    job = make_job(cfg, ctx.classes, ctx.fingerprint("generate"), ctx.run_dir.generated.uri, ctx.inputs.get("generate"))
+    say("generate", f"engine {job.engine}, decoder {cfg.generate.decoder} in {job.vae_dtype}")
+    note = padding_note(cfg, todo)
+    if note:
+        say("generate", note)
+    progress = Progress("generate", len(todo), sum(u.size for u in todo))
+    if serial:
+        stats["workers"] = 1
+        return run_serial(todo, lambda: UnitGenerator(job), cfg.generate.max_retries, progress, budget)
+    from gdd_ray.ray_utils import init_ray
 
-    summary = stage_summary(
-        "generate",
-        fp,
-        started,
-        time.perf_counter() - t0,
-        units=len(listed),
-        units_run=len(results),
-        images=sum(s.rows for s in listed),
-        images_made=sum(r.images for r in results),
-        executed_batch_size=cfg.generate.batch_size,
-        images_executed=sum(r.executed for r in results),  # padding included
-        workers=workers,
-        per_worker=per_worker(results),
-        driver=driver_stats,
-        ipc_planned=generated_per_class(cfg),
-        ipc_reached=reached,  # every class has images 0..ipc_reached-1; later stages use these
-        **(budget.describe() if budget else {}),
-    )
-    run_dir.write_summary("generate", summary)
-    shards.write_manifest(loc, "generate", fp, listed)  # last: its presence means "complete" (up to the IPC reached)
-    run_dir.update_stage("generate", finished=summary["finished"], summary=summary["totals"], ipc_reached=reached)
-    t = summary["totals"]
-    rate = f" ({t['images_per_s']:.1f} img/s)" if t["images_per_s"] else ""
-    say(
-        "generate",
-        f"done: {t['images_made']} images generated in {t['wall_s']:.1f} s{rate}, "
-        f"{t['images']} images in {t['units']} shards under {loc.uri}",
-    )
-    if budget is not None:
-        say("generate", budget_line(budget, reached, generated_per_class(cfg), t["images_made"]))
-    return summary
+    init_ray()
+    stats["workers"] = workers = default_workers(cfg)
+    fetch_pinned_model(job, cfg.generate.worker_gpus, stats)
+    return run_on_ray(
+        todo, job, workers, cfg.generate.max_retries, progress, stats=stats,
+        worker_gpus=cfg.generate.worker_gpus, budget=budget,
+    )  # fmt: skip
 
 
 def budget_line(budget: TimeBudget, reached: int, planned: int, made: int) -> str:

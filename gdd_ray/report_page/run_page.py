@@ -78,8 +78,10 @@ class RunFiles:
         return "incomplete" if started else "not run yet"
 
     def image_source(self) -> tuple[storage.Location, list[str]] | None:
-        """The shards the run trains on: augmented when that stage ran, else generated (what exists)."""
-        for stage in ("augment", "generate"):
+        """The shards the run trains on, as run.json records the train stage's source (an earlier record: its
+        augmented set, else its selected one, else its generated one); those that exist so far when that stage is not finished."""
+        recorded = (self.record.get("sources") or {}).get("train")
+        for stage in [recorded] if recorded else ("augment", "select", "generate"):
             if stage not in self.fingerprints:
                 continue
             loc = self.run_dir.stage_dir(stage)

@@ -1,9 +1,11 @@
 """The choice per class: its score files in, its kept shards out, and the figures that describe it.
 
 Kept = the `keep` highest `clip_score`s of the class, ties by the lower index, stored in index order and
-cut by the plan's kept units (positions 0..keep-1 among the kept). A kept image keeps its own index,
-seed, prompt and PNG bytes, so the choice is fully determined by the score files: a class redone after
-a crash writes the same bytes. Knows nothing of Ray: the stage maps `choose_classes` over labels.
+cut by the plan's kept units (positions 0..keep-1 among the kept). A kept image's `index` is its position
+among the kept (the shards an IPC run would have: every consumer's "index < IPC" is then the kept set, by
+construction); it keeps its seed, prompt and PNG bytes, and its generated index as `source_index`. The
+choice is fully determined by the score files: a class redone after a crash writes the same bytes.
+Knows nothing of Ray: the stage maps `choose_classes` over labels.
 """
 
 from __future__ import annotations
@@ -93,8 +95,13 @@ def _write_kept(job: ChooseJob, candidates, kept_units, kept, shard_of, row_of, 
         pos = kept[unit.start : unit.stop]
         rows = pa.concat_tables([generated[int(shard_of[p])].slice(int(row_of[p]), 1) for p in pos])
         rows = rows.select(shards.GENERATED_SCHEMA.names).cast(shards.GENERATED_SCHEMA)
+        generated_index = rows.column("index")
+        rows = rows.set_column(
+            rows.schema.get_field_index("index"), "index", pa.array(range(unit.start, unit.stop), pa.int32())
+        )
         rows = rows.append_column("clip_score", pa.array(scores[pos], pa.float32()))
         rows = rows.append_column("clip_top1", pa.array(top1[pos], pa.bool_()))
+        rows = rows.append_column("source_index", generated_index)
         footer = shards.generated_footer(unit, job.fingerprint, job.image_size)
         shards.write_shard(dst, unit.shard_name, rows.combine_chunks(), footer)
 

@@ -22,17 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from gdd_ray import shards
+from gdd_ray import lifecycle, shards
 from gdd_ray.config import RunConfig
-from gdd_ray.errors import UserError
 from gdd_ray.logs import Progress, say
 from gdd_ray.plan import generated_per_class
-from gdd_ray.run import RunContext, RunDir, Stopwatch, now_iso, stage_summary
+from gdd_ray.run import RunContext, RunDir, Stopwatch
 from gdd_ray.select import clip
 from gdd_ray.select.choose import ChooseJob, choose_classes
 from gdd_ray.select.scorer import ScoreJob, ShardScorer, score_spec
 
-VERSION = 1  # bump when scoring or the choice changes for the same config
+VERSION = 2  # 2: a kept image's index is its position among the kept (source_index: the generated one)
 # What decides which images are kept, with the generated images (the upstream fingerprint: model,
 # prompts, seeds...) and the counts below; the batch shape moves scores by rounding (scorer.py), the
 # actor count does not.
@@ -62,117 +61,92 @@ def preflight(ctx: RunContext) -> None:
     """Checks that need no cluster and write nothing: the CLIP model loads, the generated shards are there."""
     clip.resolve_clip_model(ctx.cfg.clip.clip_model)
     if "generate" not in ctx.cfg.stages:
-        inputs(ctx)
-
-
-def inputs(ctx: RunContext) -> shards.Manifest:
-    """The generate stage's manifest, which must hold every candidate of this plan."""
-    loc = ctx.run_dir.generated
-    manifest = shards.read_manifest(loc, ctx.fingerprint("generate"))
-    if manifest is None:
-        raise UserError(
-            f"{loc.uri} holds no complete generation for this config (no current {shards.MANIFEST_FILE}): "
-            "run the generate stage first (--stages generate,select)"
-        )
-    listed, present = set(manifest.names), set(loc.list(shards.SHARD_SUFFIX))
-    missing = [u.shard_name for u in ctx.plan.units if u.shard_name not in listed or u.shard_name not in present]
-    if missing:
-        raise UserError(
-            f"{loc.uri} lacks {len(missing)} of the {len(ctx.plan.units)} shards the select stage chooses from "
-            f"(first: {missing[0]}; --overgenerate {ctx.cfg.clip.overgenerate} x --ipc {ctx.cfg.ipc}); "
-            "run the generate stage to make them"
-        )
-    return manifest
+        lifecycle.read_source(ctx, "select", need_ipc=generated_per_class(ctx.cfg))
 
 
 def _prompts(ctx: RunContext) -> tuple[str, ...]:
     return tuple(c.prompt(ctx.cfg.generate.prompt_template) for c in ctx.classes)
 
 
-def run(ctx: RunContext) -> dict[str, Any]:
-    watch = Stopwatch()
-    cfg, run_dir, fp = ctx.cfg, ctx.run_dir, ctx.fingerprint("select")
-    inputs(ctx)
-    dst, scores_loc = run_dir.selected, run_dir.selected.child(SCORES_DIR)
-    score_specs = [score_spec(u, fp) for u in ctx.plan.units]
-    kept_specs = [shards.selected_spec(u, fp) for u in ctx.plan.kept]
-    for loc in (dst, scores_loc):
-        loc.makedirs()
-        loc.remove_stale_temporaries()
-    scored, kept = shards.check_folder(scores_loc, score_specs), shards.check_folder(dst, kept_specs)
-    for name, why in sorted({**scored.problems, **kept.problems}.items()):
-        say("select", f"redoing {name}: {why}")
-    to_write = sorted({s_unit.label for s_unit in ctx.plan.kept if s_unit.shard_name in {s.name for s in kept.todo}})
-    n_cand, n_keep = generated_per_class(cfg), cfg.ipc
-    say(
-        "select",
-        f"{len(ctx.classes)} classes, keep {n_keep} of {n_cand} each by CLIP score ({cfg.clip.clip_model}): "
-        f"{len(scored.done)}/{len(score_specs)} shards scored, {len(ctx.classes) - len(to_write)} classes chosen",
-    )
-    previous = run_dir.read_summary("select")
-    if not scored.todo and not to_write and not kept.foreign and shards.read_manifest(dst, fp) and previous:
-        say("select", "nothing to do: every score file and kept shard is present and current")
-        return previous
+class Select(lifecycle.ShardStage):
+    """Its shards are the kept units; its score files (one per candidate shard) are its own bookkeeping."""
 
-    shards.drop_manifest(dst)
-    started = now_iso()
-    run_dir.update_stage("select", status="running", started=started, finished=None)
-    from gdd_ray.ray_utils import init_ray
+    name = "select"
 
-    init_ray()
-    pending = [s.name for s in scored.todo]
-    score_stats, score_s, workers = [], 0.0, 0
-    if pending:
-        t_score = Stopwatch()
-        job = ScoreJob(
-            clip.resolve_clip_model(cfg.clip.clip_model), _prompts(ctx), run_dir.generated.uri, scores_loc.uri,
-            fp, cfg.clip.clip_batch_size,
+    def read(self) -> None:
+        self.source = lifecycle.read_source(self.ctx, "select", need_ipc=generated_per_class(self.ctx.cfg))
+        self.scores = self.output.child(SCORES_DIR)
+        self.score_specs = [score_spec(u, self.fp) for u in self.ctx.plan.units]
+        self.scores.makedirs()
+        self.scores.remove_stale_temporaries()
+        self.scored = shards.check_folder(self.scores, self.score_specs)
+        for name, why in sorted(self.scored.problems.items()):
+            say("select", f"redoing score file {name}: {why}")
+
+    def other_work(self) -> bool:
+        return bool(self.scored.todo)
+
+    def work(self, todo: list[shards.ShardSpec]) -> lifecycle.Work:
+        cfg, ctx, fp = self.ctx.cfg, self.ctx, self.fp
+        from gdd_ray.ray_utils import init_ray
+
+        init_ray()
+        pending = [s.name for s in self.scored.todo]
+        score_stats, score_s, workers = [], 0.0, 0
+        if pending:
+            t_score = Stopwatch()
+            job = ScoreJob(
+                clip.resolve_clip_model(cfg.clip.clip_model), _prompts(ctx), self.source.loc.uri, self.scores.uri,
+                fp, cfg.clip.clip_batch_size,
+            )  # fmt: skip
+            progress = Progress(
+                "select", len(pending), sum(s.rows for s in self.scored.todo), unit_name="shards scored"
+            )
+            score_stats, workers = _score_on_ray(job, pending, cfg, progress)
+            score_s = t_score.seconds
+        for name in self.scored.foreign:  # score files of another unit grid (--unit-size changed)
+            self.scores.delete(name)
+        self.scores.remove_stale_temporaries()
+        if shards.check_folder(self.scores, self.score_specs).todo:
+            raise RuntimeError("select: score files missing after scoring; rerun to finish them")
+
+        t_choose = Stopwatch()
+        to_write = sorted({u.label for u in ctx.plan.kept if u.shard_name in {s.name for s in todo}})
+        cjob = ChooseJob(
+            self.source.loc.uri, self.scores.uri, self.output.uri, fp, cfg.image_size, cfg.ipc, ctx.plan.units,
+            ctx.plan.kept,
         )  # fmt: skip
-        progress = Progress("select", len(pending), sum(s.rows for s in scored.todo), unit_name="shards scored")
-        score_stats, workers = _score_on_ray(job, pending, cfg, progress)
-        score_s = t_score.seconds
-    for loc, check in ((scores_loc, scored), (dst, kept)):
-        for name in check.foreign:  # outputs of another unit grid (--unit-size changed); the plan's are all there
-            loc.delete(name)
-    if shards.check_folder(scores_loc, score_specs).todo:
-        raise RuntimeError("select: score files missing after scoring; rerun to finish them")
+        per_class = _choose_on_ray(cjob, len(ctx.classes), set(to_write))
+        self.choose_s = t_choose.seconds
+        for c in ctx.classes:
+            per_class[c.label].update(class_id=c.class_id, name=c.name, prompt=c.prompt(cfg.generate.prompt_template))
+        self.stats = clip_stats(cfg, fp, [per_class[c.label] for c in ctx.classes])
+        self.output.write_bytes(STATS_FILE, json.dumps(self.stats, indent=1).encode())
+        self.classes_written, self.score_s = len(to_write), score_s
+        return lifecycle.Work(
+            len(score_stats), sum(s["rows"] for s in score_stats), score_s, details={
+                "generate_fingerprint": ctx.fingerprint("generate"), "clip_model": cfg.clip.clip_model,
+                "candidates_per_class": generated_per_class(cfg), "kept_per_class": cfg.ipc, "workers": workers,
+                "choose_s": round(self.choose_s, 3), "classes_written": len(to_write),
+                "overall": self.stats["overall"], "per_class": self.stats["classes"], "stats": STATS_FILE,
+            },
+        )  # fmt: skip
 
-    t_choose = Stopwatch()
-    cjob = ChooseJob(
-        run_dir.generated.uri, scores_loc.uri, dst.uri, fp, cfg.image_size, n_keep, ctx.plan.units, ctx.plan.kept
-    )
-    per_class = _choose_on_ray(cjob, len(ctx.classes), set(to_write))
-    choose_s = t_choose.seconds
-    for loc in (dst, scores_loc):
-        loc.remove_stale_temporaries()
-    after = shards.check_folder(dst, kept_specs)
-    if after.todo:
-        raise RuntimeError(f"select: {len(after.todo)} kept shards missing after the run, e.g. {after.todo[0].name}")
+    def nothing_to_do(self) -> None:
+        say("select", "nothing to do: every score file and kept shard is present and current")
 
-    for c in ctx.classes:
-        per_class[c.label].update(class_id=c.class_id, name=c.name, prompt=c.prompt(cfg.generate.prompt_template))
-    stats = clip_stats(cfg, fp, [per_class[c.label] for c in ctx.classes])
-    dst.write_bytes(STATS_FILE, json.dumps(stats, indent=1).encode())
-    summary = stage_summary(
-        "select", fp, started, watch.seconds,
-        units=len(score_specs), units_run=len(score_stats), images=len(ctx.classes) * n_keep,
-        images_made=sum(s["rows"] for s in score_stats), work_s=score_s,
-        generate_fingerprint=ctx.fingerprint("generate"), clip_model=cfg.clip.clip_model,
-        candidates_per_class=n_cand, kept_per_class=n_keep, workers=workers, choose_s=round(choose_s, 3),
-        classes_written=len(to_write), overall=stats["overall"], per_class=stats["classes"], stats=STATS_FILE,
-    )  # fmt: skip
-    run_dir.write_summary("select", summary)
-    shards.write_manifest(dst, "select", fp, kept_specs)  # last: its presence means "complete"
-    run_dir.update_stage("select", status="done", finished=summary["finished"], images=summary["totals"]["images"])
-    o, t = stats["overall"], summary["totals"]
-    rate = f" ({t['images_per_s']:.1f} img/s)" if t["images_per_s"] else ""
-    say(
-        "select",
-        f"done: {t['images_made']} images scored in {score_s:.1f} s{rate}, {len(to_write)} classes chosen in "
-        f"{choose_s:.1f} s; kept mean score {o['score_mean']:.4f} (all {o['score_mean_all']:.4f}), zero-shot "
-        f"top-1 {100 * o['top1']:.1f} % (all {100 * o['top1_all']:.1f} %) -> {dst.uri}",
-    )
-    return summary
+    def done_line(self, summary: dict[str, Any]) -> str:
+        o, t = self.stats["overall"], summary["totals"]
+        rate = f" ({t['images_per_s']:.1f} img/s)" if t["images_per_s"] else ""
+        return (
+            f"done: {t['images_made']} images scored in {self.score_s:.1f} s{rate}, {self.classes_written} classes "
+            f"chosen in {self.choose_s:.1f} s; kept mean score {o['score_mean']:.4f} (all {o['score_mean_all']:.4f}), "
+            f"zero-shot top-1 {100 * o['top1']:.1f} % (all {100 * o['top1_all']:.1f} %) -> {self.output.uri}"
+        )
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    return lifecycle.run(Select(ctx))
 
 
 def clip_stats(cfg: RunConfig, fp: str, classes: list[dict[str, Any]]) -> dict[str, Any]:

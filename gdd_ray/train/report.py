@@ -147,8 +147,11 @@ def json_text(obj: Any) -> str:
     return re.sub(r"\[\s+([-0-9.eE+,\s]*?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
 
 
-def finished_runs(eval_loc: storage.Location, fp: str, wanted: int) -> dict[int, dict[str, Any]]:
-    """Runs 0..wanted-1 whose result file exists and carries this fingerprint."""
+def finished_runs(
+    eval_loc: storage.Location, fp: str, wanted: int, source_manifest: str | None
+) -> dict[int, dict[str, Any]]:
+    """Runs 0..wanted-1 whose result file exists and was trained under this fingerprint on the set read from
+    the source manifest of this digest (None: any, for readers that only count)."""
     done = {}
     runs = eval_loc.child("runs")
     for r in range(wanted):
@@ -156,7 +159,7 @@ def finished_runs(eval_loc: storage.Location, fp: str, wanted: int) -> dict[int,
         try:
             if runs.exists(name):
                 res = json.loads(runs.read_bytes(name))
-                if res.get("fingerprint") == fp:
+                if res.get("fingerprint") == fp and source_manifest in (None, res.get("source_manifest")):
                     done[r] = res
         except (OSError, ValueError):
             pass  # unreadable = not finished; the run is redone from its checkpoint

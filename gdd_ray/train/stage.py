@@ -18,7 +18,7 @@ import dataclasses
 import time
 from typing import Any
 
-from gdd_ray import selection, shards, storage
+from gdd_ray import lifecycle, selection, shards, storage
 from gdd_ray.config import RunConfig
 from gdd_ray.errors import UserError
 from gdd_ray.logs import say
@@ -78,32 +78,20 @@ def _test_what(info: testsets.TestSetInfo) -> str:
     return f"{info.kind} at {info.root}"
 
 
-def training_rows(ctx: RunContext) -> selection.RowChoice:
-    """The rows trained on, never past the IPC a time budget reached (the manifests list no more either)."""
+def training_rows(ctx: RunContext, source: lifecycle.Source) -> selection.RowChoice:
+    """The rows trained on, never past the IPC its source covers (a time budget may have stopped short)."""
     choice = selection.for_training(ctx.cfg)
-    return dataclasses.replace(choice, ipc=min(choice.ipc or ctx.ipc, ctx.ipc))
-
-
-def training_shards(ctx: RunContext) -> tuple[storage.Location, shards.Manifest]:
-    """The source stage's folder and its manifest (which must be current for this run)."""
-    src = ctx.sources["train"]
-    loc = ctx.run_dir.stage_dir(src)
-    manifest = shards.read_manifest(loc, ctx.fingerprint(src))
-    if manifest is None:
-        raise UserError(
-            f"{loc.uri} holds no shards to train on for this config (no current {shards.MANIFEST_FILE}): "
-            f"run the {src} stage first"
-        )
-    return loc, manifest
+    return dataclasses.replace(choice, ipc=min(choice.ipc or source.ipc, source.ipc))
 
 
 def preflight(ctx: RunContext) -> None:
     """Everything checkable before the cluster starts; reads only, writes nothing."""
     cfg = ctx.cfg
+    ipc = cfg.ipc
     if ctx.sources["train"] not in cfg.stages:
-        training_shards(ctx)
+        ipc = lifecycle.read_source(ctx, "train").ipc
     choice = selection.for_training(cfg)
-    offered = selection.rows_per_class(choice, ctx.ipc, _variants_available(ctx))
+    offered = selection.rows_per_class(choice, ipc, _variants_available(ctx))
     if choice.per_class is not None and offered < choice.per_class:
         raise UserError(
             f"--protocol challenge trains on {choice.per_class} images per class but this run offers {offered} "
@@ -122,11 +110,11 @@ def preflight(ctx: RunContext) -> None:
     check_alignment(ctx.classes, info.class_ids, _test_what(info))
 
 
-def load_data(ctx: RunContext) -> tuple[storage.Location, DistilledSet, testsets.TestSet | None, tuple]:
+def load_data(ctx: RunContext, source: lifecycle.Source) -> tuple[DistilledSet, testsets.TestSet | None, tuple]:
     """The distilled set (decoded once), the real test set and the normalisation, checked against each other."""
     cfg, t = ctx.cfg, ctx.cfg.train
-    src_loc, manifest = training_shards(ctx)
-    distilled = load_shards(src_loc, manifest.names, training_rows(ctx), len(ctx.classes))
+    rows = training_rows(ctx, source)
+    distilled = load_shards(source.loc, source.manifest.names, rows, len(ctx.classes))
     ms = mean_std(cfg.dataset)
     test = None
     if t.eval_data is not None:
@@ -141,7 +129,7 @@ def load_data(ctx: RunContext) -> tuple[storage.Location, DistilledSet, testsets
     if test is not None and test.info.class_ids is None:
         say("train", f"{t.eval_data} names no classes: label alignment checked by class count only")
 
-    return src_loc, distilled, test, ms
+    return distilled, test, ms
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
@@ -150,15 +138,23 @@ def run(ctx: RunContext) -> dict[str, Any]:
     cfg, t, fp = ctx.cfg, ctx.cfg.train, ctx.fingerprint("train")
     eval_loc = ctx.run_dir.eval
 
+    source = lifecycle.read_source(ctx, "train")
     previous = report.read_results(eval_loc)
-    if previous and previous.get("fingerprint") == fp and len(previous.get("runs", [])) == t.eval_runs:
+    if (
+        previous
+        and previous.get("fingerprint") == fp
+        and (previous.get("read") or {}).get("manifest") == source.manifest.digest
+        and len(previous.get("runs", [])) == t.eval_runs
+    ):
         say("train", f"nothing to do: {storage.join(eval_loc.uri, report.RESULTS)} is current")
         return previous
 
-    src_loc, distilled, test, ms = load_data(ctx)
+    ctx.run_dir.update_stage("train", status="running", started=started, finished=None, read=source.record())
+    distilled, test, ms = load_data(ctx, source)
+    src_loc, digest = source.loc, source.manifest.digest
     eval_loc.makedirs()
     eval_loc.remove_stale_temporaries()
-    done = report.finished_runs(eval_loc, fp, t.eval_runs)
+    done = report.finished_runs(eval_loc, fp, t.eval_runs, digest)
     pending = [r for r in range(t.eval_runs) if r not in done]
     say(
         "train",
@@ -167,8 +163,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     )
     workers, use_gpu = 0, False
     if pending:
-        workers, use_gpu = _train_pending(ctx, pending, distilled, test, ms)
-        done = report.finished_runs(eval_loc, fp, t.eval_runs)
+        workers, use_gpu = _train_pending(ctx, pending, distilled, test, ms, digest)
+        done = report.finished_runs(eval_loc, fp, t.eval_runs, digest)
         missing = [r for r in range(t.eval_runs) if r not in done]
         if missing:  # never report a mean over fewer runs than asked
             raise RuntimeError(f"runs {missing} finished without writing their result under {eval_loc.uri}/runs")
@@ -179,6 +175,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         cfg, fp, src_loc.uri, distilled, test, runs, ms, ctx.classes,
         workers=workers, use_gpu=use_gpu, started=started, wall_s=time.perf_counter() - t0,
     )  # fmt: skip
+    results["read"] = source.record()
     accs = results["accuracies"]
     summary = stage_summary(
         "train", fp, started, time.perf_counter() - t0,
@@ -189,7 +186,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
     )  # fmt: skip
     ctx.run_dir.write_summary("train", summary)
     report.write_outputs(eval_loc, results, report.merge_metrics(eval_loc, t.eval_runs))
-    ctx.run_dir.update_stage("train", finished=results["finished"], accuracy_mean=results["accuracy_mean"])
+    ctx.run_dir.update_stage(
+        "train", status="done", finished=results["finished"], accuracy_mean=results["accuracy_mean"]
+    )
     if test is None:
         say("train", "done; nothing was evaluated: no --eval-data was given, so no test accuracy exists")
     else:
@@ -202,7 +201,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
 
 def _train_pending(
-    ctx: RunContext, pending: list[int], distilled: DistilledSet, test: testsets.TestSet | None, ms
+    ctx: RunContext, pending: list[int], distilled: DistilledSet, test: testsets.TestSet | None, ms, digest: str
 ) -> tuple[int, bool]:
     """Put the data in the object store once and train the pending runs on a Ray Train worker group."""
     import ray
@@ -219,6 +218,7 @@ def _train_pending(
         mean=ms[0],
         std=ms[1],
         fingerprint=ctx.fingerprint("train"),
+        source_manifest=digest,
         eval_uri=ctx.run_dir.eval.uri,
         train_ref=ray.put((distilled.images, distilled.labels)),
         test_ref=ray.put((test.images, test.labels)) if test is not None else None,

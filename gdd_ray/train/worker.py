@@ -23,18 +23,18 @@ from gdd_ray.train.report import json_text
 class RunCheckpointer(LocationCheckpointer):
     """A run's checkpoint, plus its metrics so far as JSON lines next to it (object stores cannot append)."""
 
-    def __init__(self, eval_uri: str, run: int, fp: str):
+    def __init__(self, eval_uri: str, run: int, fp: str, source_manifest: str):
         self.eval = storage.Location(eval_uri)
         self.stem = eval_run_name(run)
         super().__init__(self.eval.child("checkpoints"), f"{self.stem}.pt")
-        self.fp = fp
+        self.key = {"fingerprint": fp, "source_manifest": source_manifest}  # this config, on this input
 
     def load(self) -> dict[str, Any] | None:
         state = super().load()
-        return state if state is not None and state.get("fingerprint") == self.fp else None
+        return state if state is not None and all(state.get(k) == v for k, v in self.key.items()) else None
 
     def save(self, state: dict[str, Any]) -> None:
-        state["fingerprint"] = self.fp
+        state.update(self.key)
         super().save(state)
         lines = "".join(json.dumps(r) + "\n" for r in state["history"])
         self.eval.child("metrics").write_bytes(f"{self.stem}.jsonl", lines.encode())
@@ -50,6 +50,7 @@ class TrainJob:
     mean: list[float]
     std: list[float]
     fingerprint: str
+    source_manifest: str  # the digest of the source manifest the set was read from (report.finished_runs)
     eval_uri: str
     train_ref: Any  # ObjectRef of (uint8 N x H x W x 3, labels)
     test_ref: Any  # ObjectRef of (uint8 test images, labels) or None
@@ -87,7 +88,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         )
         for run in mine:
             seed = eval_run_seed(t.eval_seed, run)
-            ckpt = RunCheckpointer(job.eval_uri, run, job.fingerprint)
+            ckpt = RunCheckpointer(job.eval_uri, run, job.fingerprint, job.source_manifest)
 
             def on_epoch(row: dict[str, Any], run: int = run) -> None:
                 progress.add(1, job.images)
@@ -113,7 +114,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 tag={"run": run, "seed": seed},
             )
             result.pop("history")
-            result.update(run=run, rank=rank, fingerprint=job.fingerprint, device=str(device), finished=now_iso())
+            result.update(ckpt.key, run=run, rank=rank, device=str(device), finished=now_iso())
             eval_loc.child("runs").write_bytes(f"{eval_run_name(run)}.json", json_text(result).encode())
     # Every worker reports exactly once: report() is a barrier across the worker group.
     ray.train.report({"runs_done": len(mine)})

@@ -127,8 +127,9 @@ class ShardStage:
 
     name: str  # the stage: generate, select, augment
 
-    def __init__(self, ctx: RunContext):
+    def __init__(self, ctx: RunContext, serial: bool = False):
         self.ctx = ctx
+        self.serial = serial  # do the work in this process (shard_map's serial mode), not on Ray
         self.fp = ctx.fingerprint(self.name)
         self.output = ctx.run_dir.stage_dir(self.name)
         self.source: Source | None = None  # set by `read` (generate reads no stage)

@@ -226,15 +226,15 @@ def test_resume_after_a_kill(tmp_path, local_ray):
         from gdd_ray.augment import stage
         from gdd_ray.config_loader import build_config
 
-        def gated(batch, **kw):  # defined in __main__, so Ray ships it by value to the workers
-            out = stage_udf(batch, **kw)
+        def gated(names, **kw):  # defined in __main__, so Ray ships it by value to the workers
+            out = stage_work(names, **kw)
             from gdd_ray import storage
             while len(storage.Location(kw["dst"]).list(".parquet")) >= 10:
                 time.sleep(1)  # hold until the test kills this driver
             return out
 
-        stage_udf = stage._augment_batch
-        stage._augment_batch = gated
+        stage_work = stage.augment_shards
+        stage.augment_shards = gated
         cfg = build_config({{"out": {str(run_dir.uri)!r}, "dataset": "cifar10", "ipc": 24, "unit_size": 1,
                              "pda_variants": 4, "stages": "augment"}})
         ctx = pipeline.check(cfg)

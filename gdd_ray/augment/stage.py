@@ -3,8 +3,8 @@
 For each generated image: the original plus --pda-variants augmented variants. One augmented shard
 per input shard, same name; the inputs are the shards the source stage's manifest lists (the select
 stage's, OUT/selected/, with --select-by clip; else the generate stage's). Ray Data
-streams the shard names through `map_batches`; each task reads its shards, augments them as one uint8
-batch, encodes and commits each output whole, and hands back one small stats row per shard, so the
+streams the shard names through tasks (shard_map); each task reads its shards, augments them as one
+uint8 batch, encodes and commits each output whole, and hands back one small stats row per shard, so the
 driver never holds an image. (Ray Data's read_parquet blocks do not follow file boundaries, so a task
 that owns whole shards is what makes "one output per input, committed atomically" hold.)
 
@@ -15,12 +15,9 @@ with the same bytes; an exception in the work stops the stage with that error, a
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import numpy as np
-
-from gdd_ray import lifecycle, shards, storage
+from gdd_ray import lifecycle, shard_map, shards, storage
 from gdd_ray.augment import recipe as recipes
 from gdd_ray.augment.shard import augment_shard
 from gdd_ray.config import RunConfig
@@ -80,15 +77,16 @@ class Augment(lifecycle.ShardStage):
 
     def work(self, todo: list[shards.ShardSpec]) -> lifecycle.Work:
         k, watch = self.ctx.cfg.augment.pda_variants, Stopwatch()
-        stats = []
-        if todo:
+        if todo and not self.serial:
             from gdd_ray.ray_utils import init_ray
 
             init_ray()
-            progress = Progress("augment", len(todo), sum(s.rows for s in todo))
-            stats = _run_ray(
-                self.source.loc, self.output, [s.name for s in todo], k, recipe(self.ctx.cfg), self.fp, progress
-            )
+        progress = Progress("augment", len(todo), sum(s.rows for s in todo))
+        stats = shard_map.map_shards(
+            [s.name for s in todo], augment_shards,
+            dict(src=self.source.loc.uri, dst=self.output.uri, variants=k, recipe=recipe(self.ctx.cfg), fp=self.fp),
+            per_call=SHARDS_PER_TASK, serial=self.serial, on_result=lambda s: progress.add(1, s["rows_out"]),
+        )  # fmt: skip
         return lifecycle.Work(
             len(stats), sum(s["rows_out"] for s in stats), watch.seconds, details={
                 "generate_fingerprint": self.ctx.fingerprint("generate"), "source": self.source.stage, "variants": k,
@@ -110,52 +108,13 @@ class Augment(lifecycle.ShardStage):
         return f"done: {t['images_made']} images written in {t['work_s']:.1f} s{rate}; {t['images']} under {self.output.uri}"
 
 
-def run(ctx: RunContext) -> dict[str, Any]:
-    return lifecycle.run(Augment(ctx))
+def run(ctx: RunContext, *, serial: bool = False) -> dict[str, Any]:
+    return lifecycle.run(Augment(ctx, serial))
 
 
-def _augment_batch(batch: dict[str, np.ndarray], src: str, dst: str, variants: int, recipe: recipes.Recipe, fp: str):
-    """Ray Data UDF: a batch of shard names -> one stats row per shard (the images go straight to storage)."""
+def augment_shards(
+    names: list[str], src: str, dst: str, variants: int, recipe: recipes.Recipe, fp: str
+) -> list[dict[str, Any]]:
+    """The work shard_map fans out: shards `names` augmented one by one, one stats dict each."""
     src_loc, dst_loc = storage.Location(src), storage.Location(dst)
-    stats = [augment_shard(src_loc, dst_loc, str(n), variants, recipe, fp) for n in batch["shard"]]
-    return {key: np.array([s[key] for s in stats]) for key in stats[0]}
-
-
-def _run_ray(
-    src: storage.Location,
-    dst: storage.Location,
-    pending: list[str],
-    variants: int,
-    recipe: recipes.Recipe,
-    fp: str,
-    progress: Progress,
-) -> list[dict]:
-    import ray
-
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    blocks = max(1, math.ceil(len(pending) / SHARDS_PER_TASK))
-    from gdd_ray.ray_utils import quiet_data
-
-    with quiet_data():
-        ds = ray.data.from_items([{"shard": n} for n in pending], override_num_blocks=blocks)
-        ds = ds.map_batches(
-            _augment_batch,
-            batch_size=None,  # one block of shard names = one call
-            fn_kwargs={
-                "src": src.uri,
-                "dst": dst.uri,
-                "variants": variants,
-                "recipe": recipe,
-                "fp": fp,
-            },
-            compute=ray.data.TaskPoolStrategy(size=min(cpus, blocks)),
-            num_cpus=1,
-        )
-        stats: list[dict] = []
-        for row in ds.iter_rows():
-            stats.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
-            progress.add(1, stats[-1]["rows_out"])
-    done = {s["shard"] for s in stats}
-    if done != set(pending):
-        raise RuntimeError(f"augment: {len(set(pending) - done)} shards were not written; rerun to finish them")
-    return stats
+    return [augment_shard(src_loc, dst_loc, n, variants, recipe, fp) for n in names]

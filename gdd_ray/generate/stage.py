@@ -120,8 +120,7 @@ class Generate(lifecycle.ShardStage):
     name = "generate"
 
     def __init__(self, ctx: RunContext, serial: bool = False):
-        super().__init__(ctx)
-        self.serial = serial
+        super().__init__(ctx, serial)
         budget_s = ctx.cfg.generate.time_budget_s if ctx.cfg.generate.time_budget is not None else None
         self.budget = TimeBudget(budget_s) if budget_s is not None else None
 

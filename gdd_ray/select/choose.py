@@ -106,5 +106,5 @@ def _write_kept(job: ChooseJob, candidates, kept_units, kept, shard_of, row_of, 
         shards.write_shard(dst, unit.shard_name, rows.combine_chunks(), footer)
 
 
-def choose_classes(job: ChooseJob, labels: list[int], write: set[int]) -> list[dict[str, Any]]:
+def choose_classes(labels: list[int], job: ChooseJob, write: set[int]) -> list[dict[str, Any]]:
     return [choose_class(job, label, label in write) for label in labels]

@@ -17,12 +17,11 @@ the rest: a score file is redone per generated shard, a class's kept shards per 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
 
-from gdd_ray import lifecycle, shards
+from gdd_ray import lifecycle, shard_map, shards
 from gdd_ray.config import RunConfig
 from gdd_ray.logs import Progress, say
 from gdd_ray.plan import generated_per_class
@@ -88,9 +87,10 @@ class Select(lifecycle.ShardStage):
 
     def work(self, todo: list[shards.ShardSpec]) -> lifecycle.Work:
         cfg, ctx, fp = self.ctx.cfg, self.ctx, self.fp
-        from gdd_ray.ray_utils import init_ray
+        if not self.serial:
+            from gdd_ray.ray_utils import init_ray
 
-        init_ray()
+            init_ray()
         pending = [s.name for s in self.scored.todo]
         score_stats, score_s, workers = [], 0.0, 0
         if pending:
@@ -102,7 +102,13 @@ class Select(lifecycle.ShardStage):
             progress = Progress(
                 "select", len(pending), sum(s.rows for s in self.scored.todo), unit_name="shards scored"
             )
-            score_stats, workers = _score_on_ray(job, pending, cfg, progress)
+            workers, gpus = (1, 0.0) if self.serial else default_workers(cfg)
+            score_stats = shard_map.map_shards(
+                pending, ShardScoring, {"job": job},
+                # a call scores about one CLIP batch of images: shards are small (--unit-size images), batches not
+                per_call=max(1, cfg.clip.clip_batch_size // cfg.generate.unit_size), workers=workers, gpus=gpus,
+                serial=self.serial, on_result=lambda s: progress.add(1, s["rows"], workers=workers),
+            )  # fmt: skip
             score_s = t_score.seconds
         for name in self.scored.foreign:  # score files of another unit grid (--unit-size changed)
             self.scores.delete(name)
@@ -116,7 +122,11 @@ class Select(lifecycle.ShardStage):
             self.source.loc.uri, self.scores.uri, self.output.uri, fp, cfg.image_size, cfg.ipc, ctx.plan.units,
             ctx.plan.kept,
         )  # fmt: skip
-        per_class = _choose_on_ray(cjob, len(ctx.classes), set(to_write))
+        chosen = shard_map.map_shards(
+            list(range(len(ctx.classes))), choose_classes, {"job": cjob, "write": set(to_write)},
+            per_call=CLASSES_PER_TASK, serial=self.serial, what="classes",
+        )  # fmt: skip
+        per_class = {int(c["label"]): c for c in chosen}
         self.choose_s = t_choose.seconds
         for c in ctx.classes:
             per_class[c.label].update(class_id=c.class_id, name=c.name, prompt=c.prompt(cfg.generate.prompt_template))
@@ -145,8 +155,8 @@ class Select(lifecycle.ShardStage):
         )
 
 
-def run(ctx: RunContext) -> dict[str, Any]:
-    return lifecycle.run(Select(ctx))
+def run(ctx: RunContext, *, serial: bool = False) -> dict[str, Any]:
+    return lifecycle.run(Select(ctx, serial))
 
 
 def clip_stats(cfg: RunConfig, fp: str, classes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -169,86 +179,21 @@ def clip_stats(cfg: RunConfig, fp: str, classes: list[dict[str, Any]]) -> dict[s
     }
 
 
-def default_workers(cfg: RunConfig, pending_calls: int) -> tuple[int, float]:
+def default_workers(cfg: RunConfig) -> tuple[int, float]:
     """(actors, GPUs per actor): one per GPU when the cluster has GPUs, else one per CPU."""
     from gdd_ray.ray_utils import cluster_gpus
 
     gpus = cluster_gpus()
-    if cfg.clip.select_workers is not None:
-        n = cfg.clip.select_workers
-    else:
-        import ray
-
-        n = gpus or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return max(1, min(n, pending_calls)), (1.0 if gpus else 0.0)
+    n = cfg.clip.select_workers if cfg.clip.select_workers is not None else gpus or shard_map.cluster_cpus()
+    return max(1, n), (1.0 if gpus else 0.0)
 
 
-class _ScoreActor:
-    """Ray Data actor: one ShardScorer (CLIP loaded once) for every batch of shard names it is given."""
+class ShardScoring:
+    """The scoring work shard_map fans out over an actor pool: one ShardScorer (CLIP loaded once) per actor."""
 
     def __init__(self, job: ScoreJob):
-        from gdd_ray.logs import quiet_libraries
-
-        quiet_libraries()
         self.scorer = ShardScorer(job)
         self.scorer.load()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        stats = self.scorer.score([str(n) for n in batch["shard"]])
-        return {key: np.array([s[key] for s in stats]) for key in stats[0]}
-
-
-def _score_on_ray(job: ScoreJob, pending: list[str], cfg: RunConfig, progress: Progress) -> tuple[list[dict], int]:
-    import ray
-
-    from gdd_ray.ray_utils import quiet_data
-
-    # A call scores about one CLIP batch of images: shards are small (--unit-size images), batches are not.
-    per_call = max(1, cfg.clip.clip_batch_size // cfg.generate.unit_size)
-    calls = math.ceil(len(pending) / per_call)
-    workers, gpus = default_workers(cfg, calls)
-    with quiet_data():
-        ds = ray.data.from_items([{"shard": n} for n in pending], override_num_blocks=calls)
-        ds = ds.map_batches(
-            _ScoreActor,
-            batch_size=per_call,
-            fn_constructor_kwargs={"job": job},
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            num_gpus=gpus,
-            num_cpus=0 if gpus else 1,
-        )
-        stats: list[dict] = []
-        for row in ds.iter_rows():
-            stats.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
-            progress.add(1, stats[-1]["rows"], workers=workers)
-    if {s["shard"] for s in stats} != set(pending):
-        raise RuntimeError("select: some shards were not scored; rerun to finish them")
-    return stats, workers
-
-
-def _choose_batch(batch: dict[str, np.ndarray], job: ChooseJob, write: set[int]) -> dict[str, np.ndarray]:
-    """Ray Data UDF: class labels -> one row per class, its figures as JSON (the images go straight to storage)."""
-    rows = choose_classes(job, [int(x) for x in batch["label"]], write)
-    return {"label": np.array([r["label"] for r in rows]), "stats": np.array([json.dumps(r) for r in rows])}
-
-
-def _choose_on_ray(job: ChooseJob, num_classes: int, write: set[int]) -> dict[int, dict[str, Any]]:
-    import ray
-
-    from gdd_ray.ray_utils import quiet_data
-
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    blocks = max(1, math.ceil(num_classes / CLASSES_PER_TASK))
-    with quiet_data():
-        ds = ray.data.from_items([{"label": c} for c in range(num_classes)], override_num_blocks=blocks)
-        ds = ds.map_batches(
-            _choose_batch,
-            batch_size=None,
-            fn_kwargs={"job": job, "write": write},
-            compute=ray.data.TaskPoolStrategy(size=min(cpus, blocks)),
-            num_cpus=1,
-        )
-        out = {int(r["label"]): json.loads(r["stats"]) for r in ds.iter_rows()}
-    if len(out) != num_classes:
-        raise RuntimeError(f"select: {num_classes - len(out)} classes were not chosen; rerun to finish them")
-    return out
+    def __call__(self, names: list[str]) -> list[dict[str, Any]]:
+        return self.scorer.score(names)

@@ -99,16 +99,17 @@ def read_source(ctx: RunContext, consumer: str, need_ipc: int | None = None) -> 
             "stage to finish it (with --overwrite if it was made by another config)"
         )
     if manifest.ipc is None or manifest.ipc > full_ipc(ctx, src):
+        why = "does not say which images it covers (an earlier version)" if manifest.ipc is None else "covers more"
         raise UserError(
-            f"{loc.uri}: its manifest does not say which images it covers (an earlier version); run the {src} "
-            "stage again (it checks every shard and writes the manifest again)"
+            f"{loc.uri}: its manifest {why}; run the {src} stage again (it checks every shard and writes the "
+            "manifest again)"
         )
     if need_ipc is not None and manifest.ipc < need_ipc:
         raise UserError(
             f"{loc.uri} holds {manifest.ipc} images per class but the {consumer} stage chooses from {need_ipc} "
             f"(--overgenerate {ctx.cfg.clip.overgenerate:g} x --ipc {ctx.cfg.ipc}); run the {src} stage to make them"
         )
-    shards.require_shards(loc, manifest, src, planned_specs(ctx, src, manifest.ipc))
+    shards.require_shards(loc, manifest, src, planned_specs(ctx, src, manifest.ipc), manifest.ipc)
     return Source(src, loc, manifest)
 
 
@@ -141,14 +142,18 @@ class ShardStage:
         """The shards this invocation must leave in the folder, in plan order."""
         return planned_specs(self.ctx, self.name)
 
+    def covers(self) -> int:
+        """The IPC a complete folder of this stage covers now (its manifest lists the planned shards up to it)."""
+        return full_ipc(self.ctx, self.name)
+
     def ipc(self, after: shards.Check) -> int:
-        """The IPC the finished folder covers (its manifest lists the planned shards up to it); refuses if a
-        planned shard is missing (a worker said it wrote a shard that is not there: never report success)."""
+        """The IPC the finished folder covers; refuses if a planned shard is missing (a worker said it wrote a
+        shard that is not there: never report success)."""
         if after.todo:
             raise RuntimeError(
                 f"{self.name}: {len(after.todo)} shards missing after the run, e.g. {after.todo[0].name}"
             )
-        return full_ipc(self.ctx, self.name)
+        return self.covers()
 
     def other_work(self) -> bool:
         """Whether something besides missing shards is left to do (select's score files, augment's sample grid)."""
@@ -189,7 +194,7 @@ def run(stage: ShardStage) -> dict[str, Any]:
         f"{len(specs)} shards ({sum(s.rows for s in specs)} images): {len(check.done)} done, {len(check.todo)} to do",
     )
     previous = ctx.run_dir.read_summary(name)
-    ledger = shards.manifest_problem(manifest, specs, check.sizes)
+    ledger = shards.manifest_problem(manifest, specs, check.sizes, stage.covers())
     if not check.todo and not foreign and not stage.other_work() and (previous or {}).get("fingerprint") == fp:
         if ledger is None:
             stage.nothing_to_do()

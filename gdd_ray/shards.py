@@ -338,12 +338,19 @@ def read_manifest(loc: storage.Location, fingerprint: str | None = None) -> Mani
     return manifest
 
 
-def manifest_problem(manifest: Manifest | None, specs: list[ShardSpec], sizes: dict[str, int]) -> str | None:
+def manifest_problem(
+    manifest: Manifest | None, specs: list[ShardSpec], sizes: dict[str, int], ipc: int | None = None
+) -> str | None:
     """Why `manifest` is not the record of exactly `specs` (the plan's shards, in plan order) as they lie on
-    storage (`sizes`: name -> bytes of the folder's shard files); None when it is. A manifest is a claim: one
-    missing an entry, listing an extra one, or disagreeing with a file's rows or bytes is not believed."""
+    storage (`sizes`: name -> bytes of the folder's shard files), covering `ipc` images per class; None when it
+    is. A manifest is a claim: one missing an entry, listing an extra one, or disagreeing with a file's rows
+    or bytes is not believed."""
     if manifest is None:
         return f"no current {MANIFEST_FILE}"
+    if manifest.ipc is None:
+        return "its manifest does not say which images it covers (an earlier version)"
+    if ipc is not None and manifest.ipc != ipc:
+        return f"its manifest says it covers {manifest.ipc} images per class, the plan {ipc}"
     listed = manifest.rows
     wanted = {s.name: s.rows for s in specs}
     missing = [n for n in wanted if n not in listed]
@@ -369,7 +376,9 @@ def manifest_specs(manifest: Manifest) -> list[ShardSpec]:
     return [ShardSpec(s["name"], int(s["rows"]), ((FINGERPRINT, manifest.fingerprint),)) for s in manifest.shards]
 
 
-def require_shards(loc: storage.Location, manifest: Manifest, stage: str, specs: list[ShardSpec] | None = None) -> None:
+def require_shards(
+    loc: storage.Location, manifest: Manifest, stage: str, specs: list[ShardSpec] | None = None, ipc: int | None = None
+) -> None:
     """Refuse, in one line, a folder whose shards are not `specs` (default: the ones its manifest lists), or
     whose manifest is not the record of exactly them: shards missing (deleted by hand, a partial copy) or changed
     since (rows, bytes, fingerprint, unreadable: rewritten by another config or an interrupted change), entries
@@ -389,7 +398,7 @@ def require_shards(loc: storage.Location, manifest: Manifest, stage: str, specs:
     if check.todo:
         name = check.todo[0].name
         raise UserError(f"{loc.uri}/{name}: {check.problems[name]}; {again} (`status` lists what it redoes)")
-    why = manifest_problem(manifest, specs, check.sizes)
+    why = manifest_problem(manifest, specs, check.sizes, ipc)
     if why:
         raise UserError(f"{loc.uri}: {why}; {again} (it checks every shard and writes the manifest again)")
 

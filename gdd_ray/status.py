@@ -82,7 +82,8 @@ def _shard_stage(ctx: RunContext, stage: str, record: dict[str, Any], verify: bo
     done = {s.name: s.rows for s in check.done}
     info = record.get("stages", {}).get(stage, {})
     summary = run_dir.read_summary(stage) or {}
-    ledger = shards.manifest_problem(manifest, specs, check.sizes)
+    covers = source_ipc if source_ipc is not None else lifecycle.full_ipc(ctx, stage)
+    ledger = shards.manifest_problem(manifest, specs, check.sizes, covers)
     complete = not check.todo and ledger is None
     budget = None
     if stage == "generate" and manifest is not None and manifest.ipc and manifest.ipc < lifecycle.full_ipc(ctx, stage):
@@ -90,7 +91,7 @@ def _shard_stage(ctx: RunContext, stage: str, record: dict[str, Any], verify: bo
         # every shard below the IPC reached (later stages read those); a rerun with the budget grows it.
         budget = manifest.ipc
         prefix = lifecycle.planned_specs(ctx, stage, budget)
-        ledger = shards.manifest_problem(manifest, prefix, check.sizes)
+        ledger = shards.manifest_problem(manifest, prefix, check.sizes, budget)
         complete = False
     if complete:
         rate = summary.get("totals", {}).get("images_per_s")

@@ -68,8 +68,7 @@ class Augment(lifecycle.ShardStage):
     def specs(self) -> list[shards.ShardSpec]:
         return lifecycle.planned_specs(self.ctx, "augment", self.source.ipc)
 
-    def ipc(self, after: shards.Check) -> int:
-        super().ipc(after)
+    def covers(self) -> int:
         return self.source.ipc  # what its source covers (a time budget may have stopped it short)
 
     def other_work(self) -> bool:

@@ -280,9 +280,9 @@ class TrainConfig:
     )
     protocol: Protocol = opt(
         "paper",
-        "paper: train on every image of the set, --epochs epochs, lr drop at epochs // 2 (the paper's evaluation). "
-        "challenge: the ECCV 2024 DD challenge evaluator exactly: 10 images per class (chosen by --select), "
-        "epochs + 1 epochs, lr drop after epoch index epochs // 2 + 1.",
+        "paper: train on every image of the set, --epochs epochs, lr x0.1 from epoch epochs // 2 + 1 (epochs "
+        "counted from 1; the paper's evaluation). challenge: the ECCV 2024 DD challenge evaluator exactly: 10 images "
+        "per class (chosen by --select), epochs + 1 epochs, lr x0.1 from epoch epochs // 2 + 3.",
     )
     select: Selection = opt(
         "originals",
@@ -311,10 +311,13 @@ class TrainConfig:
         return self.epochs + 1 if self.protocol == "challenge" else self.epochs
 
     @property
-    def lr_drop_epoch(self) -> int:
-        """The lr is multiplied by 0.1 from this (0-based) epoch on. The challenge evaluator drops it after
-        finishing epoch index epochs // 2 + 1 (1000 epochs: 502 at 0.01, then 499 at 0.001)."""
-        return self.epochs // 2 + 2 if self.protocol == "challenge" else self.epochs // 2
+    def lr_drop_epoch(self) -> int | None:
+        """The first epoch trained at lr x 0.1, counted from 1 like the logs, metrics.jsonl and the plots; None
+        when the schedule ends before any drop (--epochs 1). paper: epochs // 2 + 1; challenge: the evaluator
+        drops after finishing epoch index epochs // 2 + 1, i.e. from epoch epochs // 2 + 3 (1000 epochs: 502
+        at 0.01, then 499 at 0.001)."""
+        first = self.epochs // 2 + 3 if self.protocol == "challenge" else self.epochs // 2 + 1
+        return first if 1 < first <= self.epochs_run else None
 
     @property
     def dsa_ops(self) -> tuple[str, ...]:

@@ -41,7 +41,7 @@ from gdd_ray import storage
 from gdd_ray.config_loader import build_config, load_yaml, options
 from gdd_ray.errors import UserError
 from gdd_ray.logs import say
-from gdd_ray.report_page.run_page import generation_cost
+from gdd_ray.report_page.run_page import generation_cost, generation_share
 from gdd_ray.report_page.sweep_page import write_sweep_page
 from gdd_ray.run import RunDir
 
@@ -149,6 +149,31 @@ def _fingerprints(values: dict[str, Any]) -> dict[str, str]:
     return fps
 
 
+def point_identity(point: dict[str, Any], root: str) -> dict[str, Any]:
+    """What a point's run.json says of it (`sweep_point`): its sweep, name and grid values."""
+    return {"sweep": root, "name": point["name"], "values": point["values"]}
+
+
+def point_run_dir(point: dict[str, Any], root: str) -> RunDir:
+    return RunDir(point["run"]["out"], point["stage_dirs"], point_identity(point, root))
+
+
+def preflight_points(planned: list[dict[str, Any]], root: str) -> None:
+    """Every point's checks as the whole run it stands for (generate, augment and train: model, recipe,
+    network, test set, image size, label alignment, its own folder), before anything is generated: a grid with
+    a point that cannot run is refused in one line naming that point."""
+    from gdd_ray import pipeline  # the stage modules: loaded where a sweep runs, not for --help
+
+    for p in planned:
+        try:
+            cfg = build_config({**p["run"], "stages": "generate,augment,train"})
+            pipeline.checked_context(cfg, point_run_dir(p, root))
+        except UserError as e:
+            raise UserError(
+                f"sweep point {p['name']} ({json.dumps(p['values'])}) cannot run: {e}; nothing was generated"
+            ) from e
+
+
 def _evaluate(config: dict[str, Any]) -> None:
     """One Tune trial: the point's train stage (skipped when its results exist with the same fingerprint)."""
     from ray import tune
@@ -157,7 +182,7 @@ def _evaluate(config: dict[str, Any]) -> None:
     cfg = build_config(point["run"])
     from gdd_ray import pipeline  # the stages (torch, Ray Data...) load where a run needs them, not for --help
 
-    res = pipeline.run(cfg, RunDir(cfg.out, point["stage_dirs"]))["train"]
+    res = pipeline.run(cfg, point_run_dir(point, config["root"]))["train"]
     tune.report({"accuracy_mean": res.get("accuracy_mean") or 0.0, "accuracy_std": res.get("accuracy_std") or 0.0})
 
 
@@ -174,7 +199,7 @@ def run_evaluations(planned: list[dict[str, Any]], root: str, concurrent: int) -
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"point": tune.grid_search(planned)},
+            param_space={"point": tune.grid_search(planned), "root": root},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(name=name, storage_path=os.path.abspath(root), verbose=0),
         )
@@ -184,22 +209,38 @@ def run_evaluations(planned: list[dict[str, Any]], root: str, concurrent: int) -
         raise UserError(f"{len(errors)} evaluation(s) failed; rerun the sweep to resume. First: {errors[0]}")
 
 
+# Rounded to what was measured: accuracy to the 0.01 % the pages print (a test set of 10,000 images counts in
+# steps of 0.01 %), clock readings to the millisecond, rates to 3 significant decimals.
+ACCURACY_DECIMALS = 4
+SECONDS_DECIMALS = 3
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
 def leaderboard_rows(planned: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per point. Cost columns mean one thing each: `generation_gpu_s` = render GPU-seconds of the
+    images this point trains on (its share of the shared generation), `generation_images_per_gpu_s` = images
+    per render-second, `shared_generation_wall_s` = wall time of the whole shared generation (all its points)."""
     rows = []
     for p in planned:
         res = _read_json(storage.Location(p["run"]["out"]).child("eval"), "results.json") or {}
         gen = _read_json(storage.Location(p["stage_dirs"]["generate"]), "_summary.json")
         cost = generation_cost(gen)
         classes = (res.get("train_set") or {}).get("classes") or 0
-        gpu_s = cost["gpu_s_per_image"] * p["run"]["train_ipc"] * classes if cost["gpu_s_per_image"] else None
+        gpu_s = generation_share(gen, p["run"]["train_ipc"] * classes) if classes else None
         rows.append({
             "point": p["name"], **p["values"],
             "protocol": (res.get("protocol") or {}).get("name"),
-            "accuracy_mean": res.get("accuracy_mean"), "accuracy_std": res.get("accuracy_std"),
+            "accuracy_mean": _round(res.get("accuracy_mean"), ACCURACY_DECIMALS),
+            "accuracy_std": _round(res.get("accuracy_std"), ACCURACY_DECIMALS),
             "runs": len(res.get("accuracies") or []),
             "images_per_class": (res.get("train_set") or {}).get("images_per_class"),
-            "generation_gpu_s": round(gpu_s, 3) if gpu_s is not None else None,
-            "generation_images_per_s": cost["images_per_s"],
+            "generation_gpu_s": _round(gpu_s, SECONDS_DECIMALS),
+            "generation_images_per_gpu_s": _round(cost["images_per_gpu_s"], 3),
+            "shared_generation_wall_s": _round(cost["wall_s"], SECONDS_DECIMALS),
+            "official": res.get("official"),
         })  # fmt: skip
     return sorted(rows, key=lambda r: -(r["accuracy_mean"] if r["accuracy_mean"] is not None else -1.0))
 
@@ -245,6 +286,7 @@ def sweep(path: str, root: str, concurrent: int = 1) -> list[dict[str, Any]]:
     augmentations = {p["pda"]: p["augmentation"] for p in planned}
     say("sweep", f"{len(planned)} points, {len(generations)} generation(s), {len(augmentations)} PDA(s) -> {root}")
     with held_ray():  # one Ray for the generations and Tune's evaluations, shut down once (if ours)
+        preflight_points(planned, root)  # every point, every stage, before the first image
         init_ray()
         for gen in generations.values():
             pipeline.run(build_config(gen))

@@ -67,14 +67,17 @@ def test_selection_refuses_short_or_missing_classes():
 
 def test_challenge_schedule_is_the_evaluators():
     # The evaluator: for epoch in range(epochs + 1), lr x0.1 after epoch index epochs // 2 + 1.
-    for epochs in (4, 7, 1000):
+    # Our schedule counts epochs from 1 (as metrics.jsonl and the plots do): lr_drop_epoch is the first at 0.001.
+    for epochs in (1, 2, 3, 4, 7, 1000):
         t = TrainConfig(epochs=epochs, protocol="challenge")
         lrs = [0.01 if e <= epochs // 2 + 1 else 0.001 for e in range(epochs + 1)]
-        ours = [0.01 if e < t.lr_drop_epoch else 0.001 for e in range(t.epochs_run)]
+        ours = [0.01 if t.lr_drop_epoch is None or e + 1 < t.lr_drop_epoch else 0.001 for e in range(t.epochs_run)]
         assert ours == lrs
+        assert (t.lr_drop_epoch is None) == (0.001 not in lrs)  # no drop announced that does not happen
     t = TrainConfig(epochs=1000, protocol="challenge")
-    assert (t.epochs_run, t.lr_drop_epoch) == (1001, 502)  # 502 epochs at 0.01, then 499 at 0.001
-    assert (TrainConfig(epochs=1000).epochs_run, TrainConfig(epochs=1000).lr_drop_epoch) == (1000, 500)
+    assert (t.epochs_run, t.lr_drop_epoch) == (1001, 503)  # epochs 1..502 at 0.01, then 503..1001 at 0.001
+    assert (TrainConfig(epochs=1000).epochs_run, TrainConfig(epochs=1000).lr_drop_epoch) == (1000, 501)
+    assert TrainConfig(epochs=1).lr_drop_epoch is None and TrainConfig(epochs=2).lr_drop_epoch == 2
 
 
 def make_run(out, dataset="cifar100", num_classes=None, **train):

@@ -48,8 +48,8 @@ import pyarrow.fs as pafs
 from gdd_ray import challenge, selection, shards, storage
 from gdd_ray import results as results_doc
 from gdd_ray.classes import MEAN_STD, folder_names
-from gdd_ray.digest import SetDigest
 from gdd_ray.config import RunConfig
+from gdd_ray.digest import SetDigest
 from gdd_ray.errors import UserError
 from gdd_ray.run import RUN_FILE, RunDir
 

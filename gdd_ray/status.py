@@ -266,7 +266,9 @@ def _set_aside(loc: storage.Location, corrupt: list[dict[str, Any]]) -> list[str
 def format_status(st: dict[str, Any]) -> str:
     generated = st.get("generated_ipc", st["ipc"])
     what = f"IPC {st['ipc']}" + (f", K {st['variants']}" if st.get("variants") is not None else "")
-    lines = [f"{st['run']}: {st['dataset']}, {st['classes']} classes, {what} (created {st['created']}, updated {st['updated']})"]
+    lines = [
+        f"{st['run']}: {st['dataset']}, {st['classes']} classes, {what} (created {st['created']}, updated {st['updated']})"
+    ]
     point = st.get("sweep_point")
     if point:
         lines.append(f"  sweep point {point.get('name')} of {point.get('sweep')}: {json.dumps(point.get('values'))}")

@@ -75,6 +75,9 @@ def load_sweep(path: str) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     for reserved in ("out", "stages", "train_ipc", "train_variants"):
         if reserved in base or reserved in grid:
             raise UserError(f"{path}: '{reserved}' is set by the sweep itself")
+    for reserved in ("track", "track_uri", "track_experiment"):
+        if reserved in base or reserved in grid:
+            raise UserError(f"{path}: '{reserved}' is an option of the sweep command (--{reserved.replace('_', '-')})")
     return base, grid
 
 
@@ -273,11 +276,19 @@ def _read_json(loc: storage.Location, name: str) -> dict[str, Any] | None:
         return None
 
 
-def sweep(path: str, root: str, concurrent: int = 1) -> list[dict[str, Any]]:
-    """Run (or resume) the sweep of `path` under `root`; returns the leaderboard rows."""
+def sweep(
+    path: str, root: str, concurrent: int = 1, track: str = "none", track_uri: str | None = None,
+    track_experiment: str = "gdd-ray",
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Run (or resume) the sweep of `path` under `root`; returns the leaderboard rows. `track`: "mlflow" logs
+    the sweep as a parent run with one child per point (gdd_ray.tracking)."""
     from gdd_ray import pipeline
     from gdd_ray.ray_utils import held_ray, init_ray
 
+    if track == "mlflow":
+        from gdd_ray import tracking
+
+        tracking.check_available()
     base, grid = load_sweep(path)
     planned = plan_sweep(base, grid, root)
     for p in planned:  # every config is checked before any work: a bad value is one line
@@ -298,6 +309,12 @@ def sweep(path: str, root: str, concurrent: int = 1) -> list[dict[str, Any]]:
         write_leaderboard(root, rows)
         write_sweep_page(root, rows, f"gdd-ray sweep: {len(rows)} points over {', '.join(grid)}")
     say("sweep", f"done: {storage.join(root, LEADERBOARD + '.md')}")
+    if track == "mlflow":
+        from gdd_ray import tracking
+
+        values = {**{f"base.{k}": v for k, v in base.items()}, **{f"grid.{k}": v for k, v in grid.items()}}
+        dirs = [RunDir.open(p["run"]["out"]) for p in planned]
+        tracking.track_sweep(root, rows, dirs, values, track_uri, track_experiment)
     return rows
 
 
@@ -308,12 +325,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="The sweep YAML: base: {option: value}, grid: {option: [values]}.")
     p.add_argument("--out", required=True, help="The sweep's root folder (local path or s3://...).")
     p.add_argument("--concurrent", type=int, default=1, help="Evaluations at once (Tune trials); default 1.")
+    p.add_argument(
+        "--track",
+        choices=("none", "mlflow"),
+        default="none",
+        help="mlflow = log the sweep to MLflow when it ends: a parent run (grid, leaderboard, page) with one "
+        "child run per point; needs `pip install 'gdd-ray[track]'`.",
+    )
+    p.add_argument(
+        "--track-uri",
+        default=None,
+        help="MLflow tracking URI (server, sqlite:///file.db or a folder); default $MLFLOW_TRACKING_URI, else "
+        "ROOT/mlflow.db.",
+    )
+    p.add_argument("--track-experiment", default="gdd-ray", help="MLflow experiment; default gdd-ray.")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     if args.concurrent < 1:
         raise UserError(f"--concurrent must be at least 1, got {args.concurrent}")
+    if args.track == "none" and (args.track_uri is not None or args.track_experiment != "gdd-ray"):
+        raise UserError("--track-uri and --track-experiment say where to log: add --track mlflow")
     out = args.out if "://" in args.out else os.path.abspath(args.out)
-    rows = sweep(args.config, out, args.concurrent)
+    rows = sweep(args.config, out, args.concurrent, args.track, args.track_uri, args.track_experiment)
     print(storage.Location(out).read_bytes(f"{LEADERBOARD}.md").decode(), end="")
     return 0 if rows else 1

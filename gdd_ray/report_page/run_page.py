@@ -279,7 +279,7 @@ def _samples_section(f: RunFiles) -> str:
     data = read_file(loc, name)
     if data is None:
         return ""
-    made_k = ((f.summaries.get("augment") or {}).get("variants"))
+    made_k = (f.summaries.get("augment") or {}).get("variants")
     if f.trained_k is not None and made_k is not None and f.trained_k < made_k:
         note = (
             f"The PDA this run reads made K = {made_k} variants per image; this run trains on K = {f.trained_k} "

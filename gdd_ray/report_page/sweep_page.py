@@ -84,13 +84,19 @@ def plot_accuracy_vs_cost(rows: list[dict[str, Any]]) -> bytes:
     """Every point at (its generation GPU-seconds, accuracy), labelled with its name; the frontier of the
     non-dominated points drawn through them."""
     plt, fig, ax = _figure()
-    pts = [(r["generation_gpu_s"], 100 * r["accuracy_mean"], str(r["point"])) for r in _scored(rows) if r.get("generation_gpu_s")]
+    pts = [
+        (r["generation_gpu_s"], 100 * r["accuracy_mean"], str(r["point"]))
+        for r in _scored(rows)
+        if r.get("generation_gpu_s")
+    ]
     if pts:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts])
         for cost, acc, name in pts:
             ax.annotate(name, (cost, acc), fontsize=6, xytext=(3, 3), textcoords="offset points")
         front = frontier(pts)
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="C1", label="frontier (non-dominated)")
+        ax.step(
+            [p[0] for p in front], [p[1] for p in front], where="post", color="C1", label="frontier (non-dominated)"
+        )
         ax.legend(fontsize=7)
     ax.set(xlabel="render GPU-seconds of the images trained on", ylabel="test accuracy (%)",
            title="Accuracy per unit of generation")  # fmt: skip

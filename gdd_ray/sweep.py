@@ -185,7 +185,8 @@ def _evaluate(config: dict[str, Any]) -> None:
     cfg = build_config(point["run"])
     from gdd_ray import pipeline  # the stages (torch, Ray Data...) load where a run needs them, not for --help
 
-    res = pipeline.run(cfg, point_run_dir(point, config["root"]))["train"]
+    root = point["run"]["out"][: -len(f"/points/{point['name']}")]  # the sweep's root, as plan_sweep named it
+    res = pipeline.run(cfg, point_run_dir(point, root))["train"]
     tune.report({"accuracy_mean": res.get("accuracy_mean") or 0.0, "accuracy_std": res.get("accuracy_std") or 0.0})
 
 
@@ -202,7 +203,7 @@ def run_evaluations(planned: list[dict[str, Any]], root: str, concurrent: int) -
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"point": tune.grid_search(planned), "root": root},
+            param_space={"point": tune.grid_search(planned)},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(name=name, storage_path=os.path.abspath(root), verbose=0),
         )

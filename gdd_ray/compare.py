@@ -121,7 +121,7 @@ def summary_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
 
 
 SUMMARY_HEADERS = ["", "run", "accuracy %", "Δ vs A (pp)", "runs", "official", "train-set digest",
-                   "gen GPU-s", "gen wall s"]  # fmt: skip
+                   "gen GPU-s (its images)", "gen wall s (whole generation)"]  # fmt: skip
 
 
 def text_report(runs: list[dict[str, Any]], n: int) -> str:

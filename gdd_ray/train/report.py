@@ -223,7 +223,10 @@ def plot_curves(history: list[dict[str, Any]], n_runs: int, lr_drop: int | None 
             ax_acc.plot(*zip(*tests), color=color, marker="o", linestyle="--", label=f"run {r} test")
     ax_loss.set(xlabel="epoch", ylabel="train loss (cross-entropy)", title="Training loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy (train: augmented batches)", ylim=(0, 1))
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers, counted from 1
         if lr_drop:
             ax.axvline(lr_drop - 0.5, color="grey", linestyle=":", linewidth=1, label=f"lr x0.1 from epoch {lr_drop}")
         ax.grid(alpha=0.3)

@@ -17,12 +17,19 @@ evaluation (fingerprints), and the Tune experiment of the same grid is restored.
 
     ROOT/data/<generate fp>/              generated/ at the largest IPC of the points that read it
     ROOT/data/<generate fp>/pda-<augment fp>/   augmented/ at the largest K of the points that read it
-    ROOT/points/<point>/         run.json (stage_dirs: the shared folders), eval/, report.html
+    ROOT/points/<point>/         run.json (stage_dirs: the shared folders; sweep_point: root, name, values),
+                                 eval/, report.html: a run of its own, whose page and status speak of the point
     ROOT/tune-<grid hash>/       Ray Tune's experiment (one trial per point)
-    ROOT/leaderboard.csv, .md    one row per point: its values, accuracy mean +- std, images per class trained,
-                                 generation GPU-seconds and images/s of its group
+    ROOT/leaderboard.csv, .md    one row per point: its values, accuracy mean +- std (to 0.01 %), images per class
+                                 trained, render GPU-seconds of its images, images per render-second, the
+                                 shared generation's wall time, and whether it is at the challenge's settings
     ROOT/report.html             the leaderboard (sortable, linking each point's report.html) and the plots
-    ROOT/accuracy_vs_ipc.png     one line per --pda-variants;  ROOT/accuracy_vs_cost.png: the compute frontier
+    ROOT/accuracy_vs_ipc.png     one line per --pda-variants, +-1 std error bars;  ROOT/accuracy_vs_cost.png:
+                                 every point labelled, the frontier of the non-dominated ones
+
+Before any image is generated, every point is checked as the whole run it stands for (preflight_points): a
+grid with a point that cannot run is refused in one line naming it. `--track mlflow` logs the sweep as a
+parent MLflow run with one child per point (gdd_ray.tracking).
 """
 
 from __future__ import annotations

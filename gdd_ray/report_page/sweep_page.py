@@ -62,6 +62,9 @@ def plot_accuracy_vs_ipc(rows: list[dict[str, Any]]) -> bytes:
         ax.errorbar(
             xs, [100 * m for m, _ in stats], yerr=[100 * sd for _, sd in stats], marker="o", capsize=3, label=f"K = {k}"
         )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="images per class (IPC)", ylabel="test accuracy (%), ± 1 std over runs", title="Accuracy vs IPC")
     if by_k:
         ax.legend()
@@ -91,12 +94,15 @@ def plot_accuracy_vs_cost(rows: list[dict[str, Any]]) -> bytes:
     ]
     if pts:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts])
-        for cost, acc, name in pts:
-            ax.annotate(name, (cost, acc), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        names: dict[tuple[float, float], list[str]] = defaultdict(list)
+        for cost, acc, name in pts:  # points at one place share one label, not a pile of overprinted ones
+            names[(cost, acc)].append(name)
+        for (cost, acc), group in names.items():
+            ax.annotate("\n".join(group), (cost, acc), fontsize=6, xytext=(3, 3), textcoords="offset points")
         front = frontier(pts)
-        ax.step(
-            [p[0] for p in front], [p[1] for p in front], where="post", color="C1", label="frontier (non-dominated)"
-        )
+        xs, ys = [p[0] for p in front], [p[1] for p in front]
+        ax.step(xs, ys, where="post", color="C1")
+        ax.plot(xs, ys, "o", mfc="none", mec="C1", ms=11, label="frontier (non-dominated)")
         ax.legend(fontsize=7)
     ax.set(xlabel="render GPU-seconds of the images trained on", ylabel="test accuracy (%)",
            title="Accuracy per unit of generation")  # fmt: skip

@@ -4,6 +4,7 @@ the thin `jobs/*.py` wrappers (for `ray job submit`) all land in `main`.
     python -m gdd_ray distill --dataset cifar100 --ipc 20 --out runs/c100
     python -m gdd_ray status runs/c100
     python -m gdd_ray export --run runs/c100 --format pt --dest distilled.pt --per-class 10
+    python -m gdd_ray compare runs/c100 runs/c100-k0          (text table + compare.html)
 
 A command is a module with `add_arguments(parser)` and `run_from_args(args) -> int`. User errors end as one
 line `error: ...` on stderr with exit code 2; anything else is a bug: its traceback goes to stderr (the job
@@ -44,12 +45,25 @@ class DistillCommand:
         cfg = build_config(values, args.config)  # a bad flag is one line before torch or Ray is imported
         from gdd_ray import pipeline
 
-        pipeline.run(cfg)
+        if cfg.track == "none":
+            pipeline.run(cfg)
+            return 0
+        from gdd_ray import tracking
+
+        tracking.check_available()
+        try:
+            pipeline.run(cfg)
+        except UserError:
+            raise  # refused before it ran: nothing to log
+        except BaseException:
+            tracking.track_run(cfg.out, cfg.track_uri, cfg.track_experiment, failed=True)  # what exists so far
+            raise
+        tracking.track_run(cfg.out, cfg.track_uri, cfg.track_experiment)
         return 0
 
 
 def _commands() -> dict[str, tuple[object, str]]:
-    from gdd_ray import challenge, export, status, sweep
+    from gdd_ray import challenge, compare, export, status, sweep
 
     return {
         "distill": (
@@ -60,6 +74,7 @@ def _commands() -> dict[str, tuple[object, str]]:
         "export": (export, "write a run's images as a challenge .pt tensor or an ImageFolder tree"),
         "sweep": (sweep, "a grid of runs sharing generation and PDA, evaluated by Ray Tune, with a leaderboard"),
         "score": (challenge, "the ECCV 2024 challenge's combined score of a CIFAR-100 and a Tiny-ImageNet run"),
+        "compare": (compare, "two or more runs side by side: config, accuracy and delta, classes, digests, cost"),
     }
 
 

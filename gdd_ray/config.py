@@ -29,6 +29,7 @@ Selection = Literal["originals", "first", "spread"]
 Engine = Literal["auto", "fast", "diffusers"]
 VaeDtype = Literal["auto", "fp32", "bf16", "fp16"]
 Decoder = Literal["vae", "taesdxl"]
+Track = Literal["none", "mlflow"]
 
 STAGES: tuple[str, ...] = typing.get_args(Stage)
 # What runs when --stages is not given: every stage, the select stage only when there is something to
@@ -280,9 +281,9 @@ class TrainConfig:
     )
     protocol: Protocol = opt(
         "paper",
-        "paper: train on every image of the set, --epochs epochs, lr drop at epochs // 2 (the paper's evaluation). "
-        "challenge: the ECCV 2024 DD challenge evaluator exactly: 10 images per class (chosen by --select), "
-        "epochs + 1 epochs, lr drop after epoch index epochs // 2 + 1.",
+        "paper: train on every image of the set, --epochs epochs, lr x0.1 from epoch epochs // 2 + 1 (epochs "
+        "counted from 1; the paper's evaluation). challenge: the ECCV 2024 DD challenge evaluator exactly: 10 images "
+        "per class (chosen by --select), epochs + 1 epochs, lr x0.1 from epoch epochs // 2 + 3.",
     )
     select: Selection = opt(
         "originals",
@@ -311,10 +312,13 @@ class TrainConfig:
         return self.epochs + 1 if self.protocol == "challenge" else self.epochs
 
     @property
-    def lr_drop_epoch(self) -> int:
-        """The lr is multiplied by 0.1 from this (0-based) epoch on. The challenge evaluator drops it after
-        finishing epoch index epochs // 2 + 1 (1000 epochs: 502 at 0.01, then 499 at 0.001)."""
-        return self.epochs // 2 + 2 if self.protocol == "challenge" else self.epochs // 2
+    def lr_drop_epoch(self) -> int | None:
+        """The first epoch trained at lr x 0.1, counted from 1 like the logs, metrics.jsonl and the plots; None
+        when the schedule ends before any drop (--epochs 1). paper: epochs // 2 + 1; challenge: the evaluator
+        drops after finishing epoch index epochs // 2 + 1, i.e. from epoch epochs // 2 + 3 (1000 epochs: 502
+        at 0.01, then 499 at 0.001)."""
+        first = self.epochs // 2 + 3 if self.protocol == "challenge" else self.epochs // 2 + 1
+        return first if 1 < first <= self.epochs_run else None
 
     @property
     def dsa_ops(self) -> tuple[str, ...]:
@@ -347,6 +351,18 @@ class RunConfig:
         "--out is a local path that is the same shared mount (NFS, ...) on every node; without it a local "
         "--out on a cluster of several nodes is refused, since each node would write to its own disk.",
     )
+    track: Track = opt(
+        "none",
+        "mlflow = log the run to MLflow when it ends (params, per-epoch and final metrics, per-class accuracy, "
+        "fingerprints, report.html...; needs `pip install 'gdd-ray[track]'`); none = log nothing. A tracking "
+        "failure is one line, never a failed run.",
+    )
+    track_uri: str | None = opt(
+        None,
+        "MLflow tracking URI for --track mlflow: a server (http://host:5000) for a team, sqlite:///file.db, or a "
+        "folder (FOLDER/mlflow.db). Default: $MLFLOW_TRACKING_URI, else OUT/mlflow.db (./mlflow.db for s3:// OUT).",
+    )
+    track_experiment: str = opt("gdd-ray", "MLflow experiment the run is logged under (--track mlflow).")
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     clip: SelectConfig = field(default_factory=SelectConfig)  # the select stage (not `select`: --select is train's)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -445,6 +461,8 @@ def validate(cfg: RunConfig) -> None:
                 "--time-budget with --select-by clip is not supported yet: generate with the budget first, "
                 "or give --ipc without a budget"
             )
+    if cfg.track == "none" and (cfg.track_uri is not None or cfg.track_experiment != "gdd-ray"):
+        raise UserError("--track-uri and --track-experiment say where to log: add --track mlflow")
     if "select" in cfg.stages and cfg.clip.select_by == "none":
         raise UserError("--stages select needs something to select by: add --select-by clip")
     if cfg.clip.overgenerate != 1.0 and cfg.clip.select_by == "none":

@@ -12,6 +12,13 @@
                  folders are class ids, whose sorted order is the dataset's label order for CIFAR,
                  Tiny-ImageNet and ImageNet-1K, so torchvision's ImageFolder gives the same labels
 
+No export replaces anything in silence: an existing destination (the challenge file, DEST and its two
+companions for `pt`, a non-empty ImageFolder root, any file a submission folder holds besides the other
+dataset's submission file) is refused in one line unless --overwrite, and --overwrite replaces only what an
+export writes (a user's other files are never deleted). Every export prints the digest of what it wrote
+(gdd_ray.digest: the rule of results.json's `train_set.digest`) and whether it is the set the run's train
+stage trained on.
+
 Images are taken in the order (label, index, variant). With --per-class n, `pt` picks the n of each class
 by the train stage's rule (gdd_ray.selection, the run's --select unless given: originals by default, i.e.
 n distinct generated images before any variant), `imagefolder` the first n. Shards are read one at a time
@@ -20,6 +27,7 @@ n distinct generated images before any variant), `imagefolder` the first n. Shar
     python -m gdd_ray export --run OUT --format challenge --dest submission/
     python -m gdd_ray export --run OUT --format pt --dest distilled.pt --per-class 10 [--select spread]
     python -m gdd_ray export --run OUT --format imagefolder --dest OUT/imagefolder
+    ... --overwrite                       replace an earlier export at DEST
 """
 
 from __future__ import annotations
@@ -35,10 +43,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from gdd_ray import challenge, selection, shards, storage
+from gdd_ray import results as results_doc
 from gdd_ray.classes import MEAN_STD, folder_names
 from gdd_ray.config import RunConfig
+from gdd_ray.digest import SetDigest
 from gdd_ray.errors import UserError
 from gdd_ray.run import RUN_FILE, RunDir
 
@@ -175,15 +186,20 @@ def _mean_std(
     return list(m), list(s)
 
 
-def normalised_tensor(run: str, source: str, table: pa.Table, mean: list[float], std: list[float]):
+def normalised_tensor(
+    run: str, source: str, table: pa.Table, mean: list[float], std: list[float], digest: SetDigest | None = None
+):
     """The images of `table`'s rows, in its order, as one float tensor N x 3 x H x W: (pixel / 255 - mean) / std,
-    the arithmetic of the train stage's own upload (train.loop.to_device_images)."""
+    the arithmetic of the train stage's own upload (train.loop.to_device_images). `digest` is fed the pixels."""
     import torch
 
     x = None
     mean_t, std_t = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     for pos, png in iter_images(run, source, table):
-        px = torch.from_numpy(np.array(shards.decode_png(png))).permute(2, 0, 1).float().div_(255)
+        pixels = np.array(shards.decode_png(png))
+        if digest is not None:
+            digest.add(pos, pixels)
+        px = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
         if x is None:
             x = torch.empty((table.num_rows, *px.shape), dtype=torch.float32)
         elif px.shape != x.shape[1:]:
@@ -192,6 +208,48 @@ def normalised_tensor(run: str, source: str, table: pa.Table, mean: list[float],
             )
         x[pos] = (px - mean_t) / std_t
     return x
+
+
+def _labels_of(table: pa.Table) -> np.ndarray:
+    return table.column("label").to_numpy().astype(np.int64)
+
+
+def trained_digest(run: str, record: dict[str, Any]) -> str | None:
+    """The digest of the set the run's train stage trained on (its current results.json), None if untrained."""
+    fp = (record.get("fingerprints") or {}).get("train")
+    res = results_doc.read(RunDir.open(run).eval, fp) if fp else None
+    return ((res or {}).get("train_set") or {}).get("digest")
+
+
+def _verdict(run: str, record: dict[str, Any], digest: str) -> dict[str, Any]:
+    trained = trained_digest(run, record)
+    return {"digest": digest, "trained_digest": trained, "trained_on": None if trained is None else trained == digest}
+
+
+def digest_line(out: dict[str, Any]) -> str:
+    """'digest D: the set the train stage trained on' (or why it is not)."""
+    d, trained = out["digest"], out.get("trained_digest")
+    if trained is None:
+        return f"digest {d}; the run has no current results.json to compare with (not trained)"
+    if out["trained_on"]:
+        return f"digest {d}: the set the train stage trained on (results.json train_set.digest)"
+    return f"digest {d}: NOT the set the train stage trained on ({trained}): this set was never evaluated"
+
+
+def _entries(loc: storage.Location) -> dict[str, bool]:
+    """Everything directly in a folder, hidden names included: name -> is a folder ({} when it does not exist;
+    Location.list sees files only, and an ImageFolder root holds folders)."""
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.NotFound:
+        return {}
+    if info.type != pafs.FileType.Directory:
+        raise UserError(f"{loc.uri} is a file, not a folder")
+    found = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+    return {e.path.rstrip("/").rsplit("/", 1)[-1]: e.type == pafs.FileType.Directory for e in found}
+
+
+def _refuse(dest: str, what: str) -> None:
+    raise UserError(f"--dest {dest}: {what}; add --overwrite to replace it (an export never overwrites in silence)")
 
 
 def train_source(record: dict[str, Any]) -> str:
@@ -206,7 +264,28 @@ def train_source(record: dict[str, Any]) -> str:
     return "augmented" if "augment" in fps else "selected" if "select" in fps else "generated"
 
 
-def export_challenge(run: str, dest: str, select: str | None = None, source: str | None = None) -> dict[str, Any]:
+def _check_submission_folder(dest: str, name: str, overwrite: bool) -> list[str]:
+    """A submission folder may already hold the other dataset's file (the two make one submission); anything
+    else (this dataset's file, a user's notes) is refused unless --overwrite, which replaces only `name`.
+    Returns the other files DEST holds."""
+    try:
+        present = sorted(_entries(storage.Location(dest)))
+    except UserError as e:
+        raise UserError(f"--dest {dest} is a file; --format challenge writes into a submission folder") from e
+    others = [n for n in present if n != name]
+    companions = {f for f, _, _ in challenge.FILES.values()} - {name}
+    foreign = [n for n in others if n not in companions]
+    if not overwrite:
+        if name in present:
+            _refuse(dest, f"{name} exists already")
+        if foreign:
+            _refuse(dest, f"the folder holds {', '.join(foreign[:5])}, which is no submission file")
+    return others
+
+
+def export_challenge(
+    run: str, dest: str, select: str | None = None, source: str | None = None, overwrite: bool = False
+) -> dict[str, Any]:
     """Write exactly DEST/cifar100.pt or DEST/tinyimagenet.pt: the 10 images per class the train stage takes
     under --protocol challenge, as the evaluator loads them. Everything is checked before the one write."""
     if dest.rstrip("/").endswith(".pt"):
@@ -220,6 +299,7 @@ def export_challenge(run: str, dest: str, select: str | None = None, source: str
         raise UserError(f"{storage.join(run, RUN_FILE)} does not exist or holds no config: no run at {run}")
     cfg = RunConfig.from_dict(record["config"])
     name = challenge.submission_file(cfg.dataset)
+    others = _check_submission_folder(dest, name, overwrite)
     choice = selection.for_training(cfg.replace(**{"train.protocol": "challenge"}), select)  # type: ignore[arg-type]
     source = source or train_source(record)
     listed = list_images(run, source)
@@ -230,7 +310,8 @@ def export_challenge(run: str, dest: str, select: str | None = None, source: str
     if table.num_rows != want[0] or not np.array_equal(labels, challenge.position_labels(want[0] // 10).numpy()):
         raise UserError(f"the run offers {table.num_rows} images in class-major order; the evaluator needs {want[0]}")
     m, s = _mean_std(cfg.dataset, None, None)
-    x = normalised_tensor(run, source, table, m, s)
+    digest = SetDigest(labels)
+    x = normalised_tensor(run, source, table, m, s, digest)
     if tuple(x.shape) != want:
         raise UserError(
             f"the selected images form a {tuple(x.shape)} tensor; the evaluator asserts {want} "
@@ -243,6 +324,8 @@ def export_challenge(run: str, dest: str, select: str | None = None, source: str
         "per_class": selection.CHALLENGE_IPC,
         "source": source,
         "selection": choice.describe(),
+        "also_in_dest": others,
+        **_verdict(run, record, digest.hexdigest()),
     }
 
 
@@ -255,6 +338,7 @@ def export_pt(
     std: list[float] | None = None,
     source: str = "augmented",
     select: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write DEST (images), DEST_labels.pt and DEST_classes.txt; returns what was written. With `per_class`,
     the rows are chosen by `select` (default: the run's --select), as the train stage chooses them."""
@@ -262,6 +346,13 @@ def export_pt(
 
     if not dest.endswith(".pt"):
         raise UserError(f"--dest for --format pt must be a .pt file name, got '{dest}'")
+    parent, name = _split(dest)
+    stem = name[: -len(".pt")]
+    loc = storage.Location(parent)
+    written = [name, f"{stem}_labels.pt", f"{stem}_classes.txt"]
+    existing = [n for n in written if loc.exists(n)] if loc.exists() else []
+    if existing and not overwrite:
+        _refuse(dest, f"{', '.join(storage.join(parent, n) for n in existing)} exist(s) already")
     if select is not None and select not in selection.CHOICES:
         raise UserError(f"--select must be one of {', '.join(selection.CHOICES)}, got '{select}'")
     record = run_record(run)
@@ -269,12 +360,10 @@ def export_pt(
     how = select or RunConfig.from_dict(record.get("config") or {}).train.select
     table, n = select_per_class(list_images(run, source), per_class, num_classes, how)
     m, s = _mean_std(dataset or record.get("config", {}).get("dataset"), mean, std)
-    x = normalised_tensor(run, source, table, m, s)
-    labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
+    digest = SetDigest(_labels_of(table))
+    x = normalised_tensor(run, source, table, m, s, digest)
+    labels = torch.from_numpy(_labels_of(table))
 
-    parent, name = _split(dest)
-    stem = name[: -len(".pt")]
-    loc = storage.Location(parent)
     loc.write_bytes(name, _torch_bytes(x))
     loc.write_bytes(f"{stem}_labels.pt", _torch_bytes(labels))
     classes = _class_lines(table)
@@ -288,10 +377,27 @@ def export_pt(
         "classes": len(classes),
         "mean": m,
         "std": s,
+        **_verdict(run, record, digest.hexdigest()),
     }
 
 
-def export_imagefolder(run: str, dest: str, per_class: int | None = None, source: str = "augmented") -> dict[str, Any]:
+def _earlier_export(final: storage.Location, dest: str) -> list[str]:
+    """The PNG files of an earlier ImageFolder export at DEST (class folders of .png files, nothing else);
+    anything else there is a user's and is refused even with --overwrite."""
+    found = []
+    for entry, is_dir in sorted(_entries(final).items()):
+        if not is_dir:
+            raise UserError(f"--dest {dest} holds {entry}, which no export writes; give another folder")
+        for name, sub_dir in sorted(_entries(final.child(entry)).items()):
+            if sub_dir or not name.endswith(".png"):
+                raise UserError(f"--dest {dest} holds {entry}/{name}, which no export writes; give another folder")
+            found.append(f"{entry}/{name}")
+    return found
+
+
+def export_imagefolder(
+    run: str, dest: str, per_class: int | None = None, source: str = "augmented", overwrite: bool = False
+) -> dict[str, Any]:
     """Write DEST/<class id>/<label>_<index>_v<variant>.png (the stored PNG bytes)."""
     record = run_record(run)
     num_classes = len(record["classes"]) if record.get("classes") else None
@@ -299,11 +405,19 @@ def export_imagefolder(run: str, dest: str, per_class: int | None = None, source
     ids = table.column("class_id").to_pylist()
     folders = folder_names(list(dict.fromkeys(ids)))  # refuses '..', '.', separators, case clashes
     final = storage.Location(dest)
-    if final.exists() and final.list(include_hidden=True):
-        raise UserError(f"--dest {dest} exists and is not empty; give a new folder (an export never mixes into one)")
+    earlier: list[str] = []
+    if _entries(final):
+        if not overwrite:
+            _refuse(dest, "the folder exists and is not empty")
+        earlier = _earlier_export(final, dest)
     # Local disks: write into a hidden sibling folder, renamed to DEST once whole (no partial tree is left
     # under DEST's name). Object stores have no folders to rename: each PNG is one atomic PUT there.
     root = storage.Location(_staging(dest)) if final.local else final
+    if earlier and not final.local:  # no folder to swap: the earlier export's objects go first
+        for path in earlier:
+            folder, name = path.split("/", 1)
+            final.child(folder).delete(name)
+    digest = SetDigest(_labels_of(table))
     labels = table.column("label").to_pylist()
     index = table.column("index").to_pylist()
     variant = table.column("variant").to_pylist()
@@ -312,6 +426,7 @@ def export_imagefolder(run: str, dest: str, per_class: int | None = None, source
     def write(item: tuple[int, bytes]) -> None:
         i, png = item
         locs[folders[ids[i]]].write_bytes(f"{labels[i]:05d}_{index[i]:06d}_v{variant[i]}.png", png)
+        digest.add(i, shards.decode_png(png))
 
     # Each file is committed with an fsync (disk) or a PUT (object store): both wait, so write in parallel,
     # one shard's images at a time.
@@ -321,7 +436,13 @@ def export_imagefolder(run: str, dest: str, per_class: int | None = None, source
             for items in iter_shards(run, source, table):
                 written += sum(1 for _ in pool.map(write, items))
         if root is not final:
-            os.replace(root.path, final.path)  # an empty DEST folder is replaced; a non-empty one was refused
+            if earlier:  # --overwrite: the earlier export steps aside, the new tree takes its name, then it goes
+                old = storage.Location(_staging(dest))
+                os.replace(final.path, old.path)
+                os.replace(root.path, final.path)
+                old.delete_tree()
+            else:
+                os.replace(root.path, final.path)  # an empty DEST folder is replaced; a non-empty one was refused
     finally:
         if root is not final:
             root.delete_tree()  # what is left of the staging folder after a failure (nothing after success)
@@ -332,6 +453,8 @@ def export_imagefolder(run: str, dest: str, per_class: int | None = None, source
         "per_class": n,
         "classes": len(order),
         "sorted_folders_match_labels": order == sorted(order),
+        "replaced": len(earlier),
+        **_verdict(run, record, digest.hexdigest()),
     }
 
 
@@ -407,6 +530,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="challenge, and pt with --per-class: which images per class (originals, first, spread); default the "
         "run's --select, so the exported set is the one its train stage takes under --protocol challenge.",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an earlier export at --dest (the challenge file, the .pt and its companions, or an ImageFolder "
+        "tree); without it an existing destination is refused. A user's other files are never deleted.",
+    )
     p.add_argument("--dataset", default=None, help="pt: whose mean/std to normalise with; default the run's dataset.")
     p.add_argument("--mean", type=_floats, default=None, help="pt: per-channel mean r,g,b instead of the dataset's.")
     p.add_argument("--std", type=_floats, default=None, help="pt: per-channel std r,g,b instead of the dataset's.")
@@ -426,24 +555,30 @@ def _run(args: argparse.Namespace) -> int:
                 "--format challenge takes 10 per class and the dataset's mean/std: drop --per-class/"
                 "--dataset/--mean/--std"
             )
-        out = export_challenge(args.run, args.dest, args.select, args.source_given)
+        out = export_challenge(args.run, args.dest, args.select, args.source_given, args.overwrite)
         print(f"[export] {tuple(out['shape'])} challenge tensor ({out['selection']['how']}) -> {out['file']}")
+        if out["also_in_dest"]:
+            print(f"[export] {args.dest} also holds {', '.join(out['also_in_dest'])} (left as it was)")
+        print(f"[export] {digest_line(out)}")
         return 0
     if args.select is not None and (args.format != "pt" or args.per_class is None):
         raise UserError("--select applies to --format challenge, and to --format pt with --per-class")
     args.source = args.source_given or "augmented"
     if args.format == "pt":
         out = export_pt(
-            args.run, args.dest, args.per_class, args.dataset, args.mean, args.std, args.source, args.select
-        )
+            args.run, args.dest, args.per_class, args.dataset, args.mean, args.std, args.source, args.select,
+            args.overwrite,
+        )  # fmt: skip
         print(
             f"[export] {out['shape'][0]} images {tuple(out['shape'])} ({out['per_class']} per class) -> {out['images']}"
         )
     else:
         if args.mean is not None or args.std is not None or args.dataset is not None:
             raise UserError("--dataset/--mean/--std apply to --format pt only (ImageFolder keeps the PNGs as stored)")
-        out = export_imagefolder(args.run, args.dest, args.per_class, args.source)
-        print(f"[export] {out['images']} PNGs in {out['classes']} class folders -> {out['root']}")
+        out = export_imagefolder(args.run, args.dest, args.per_class, args.source, args.overwrite)
+        replaced = f" (replacing an earlier export of {out['replaced']} PNGs)" if out["replaced"] else ""
+        print(f"[export] {out['images']} PNGs in {out['classes']} class folders -> {out['root']}{replaced}")
         if not out["sorted_folders_match_labels"]:
             print("[export] note: the sorted folder names do not follow the label order; ImageFolder will relabel")
+    print(f"[export] {digest_line(out)}")
     return 0

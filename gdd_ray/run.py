@@ -10,6 +10,7 @@ reusing or refusing what is there.
 
 A run may read a stage's output from a folder outside OUT (`stage_dirs`, kept in run.json): a sweep's
 points share one generation and one PDA, each folder keyed by its fingerprint and written by one run only.
+A sweep point's run.json also names its sweep, point and grid values (`sweep_point`).
 
 Each stage has a fingerprint of everything that decides its output (downstream stages include the
 upstream fingerprint). An existing output with another fingerprint is never silently mixed with new
@@ -114,11 +115,13 @@ def stage_summary(
 
 
 class RunDir:
-    def __init__(self, uri: str, stage_dirs: dict[str, str] | None = None):
-        """`stage_dirs`: stage -> the folder holding its output when that is not under OUT (shared)."""
+    def __init__(self, uri: str, stage_dirs: dict[str, str] | None = None, sweep_point: dict[str, Any] | None = None):
+        """`stage_dirs`: stage -> the folder holding its output when that is not under OUT (shared).
+        `sweep_point`: the sweep this run is a point of (its root, name and grid values), kept in run.json."""
         self.uri = uri
         self.root = storage.Location(uri)
         self.shared = dict(stage_dirs or {})
+        self.sweep_point = sweep_point
         self.generated = self.stage_dir("generate")
         self.selected = self.stage_dir("select")
         self.augmented = self.stage_dir("augment")
@@ -295,6 +298,8 @@ class RunDir:
         }
         if self.shared:
             new_record["stage_dirs"] = self.shared
+        if self.sweep_point:
+            new_record["sweep_point"] = self.sweep_point
         self.write_record(new_record)
 
 

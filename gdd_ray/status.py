@@ -224,11 +224,17 @@ def run_status(out: str, verify: bool = False) -> dict[str, Any]:
         raise UserError(f"{storage.join(out, RUN_FILE)} holds no readable config ({e})") from e
     check_plan_size(cfg, len(record.get("classes", [])))  # a run.json edited by hand: before any plan is built
     ctx = _context(run_dir, record, cfg)
+    trained = cfg.train.train_ipc if cfg.train.train_ipc is not None and "train" in stages else None
     result = {
         "run": out,
         "dataset": cfg.dataset or cfg.classes,
         "classes": len(record.get("classes", [])),
-        "ipc": cfg.ipc,
+        # what this run trains on (a sweep point: its own IPC); generated_ipc: what its generation holds
+        "ipc": min(trained, cfg.ipc) if trained is not None else cfg.ipc,
+        "generated_ipc": cfg.ipc,
+        "variants": _trained_variants(cfg, stages),
+        "sweep_point": record.get("sweep_point"),
+        "stage_dirs": dict(record.get("stage_dirs") or {}),  # the shared folders a sweep point reads
         "created": record.get("created"),
         "updated": record.get("updated"),
         "stages": [_stage_status(ctx, s, record, verify) for s in stages],
@@ -243,6 +249,14 @@ def run_status(out: str, verify: bool = False) -> dict[str, Any]:
     return result
 
 
+def _trained_variants(cfg: RunConfig, stages: list[str]) -> int | None:
+    """K the run trains on (variants per image besides the original); None without an augment stage."""
+    if "augment" not in stages:
+        return None
+    k = cfg.augment.pda_variants
+    return min(cfg.train.train_variants, k) if cfg.train.train_variants is not None and "train" in stages else k
+
+
 def _set_aside(loc: storage.Location, corrupt: list[dict[str, Any]]) -> list[str]:
     """Move each shard holding a corrupt image to NAME.corrupt, the manifest first: from then on the stage is
     not complete for any reader, and a rerun redoes the shards as missing ones. Returns the names moved."""
@@ -255,10 +269,18 @@ def _set_aside(loc: storage.Location, corrupt: list[dict[str, Any]]) -> list[str
 
 
 def format_status(st: dict[str, Any]) -> str:
+    generated = st.get("generated_ipc", st["ipc"])
+    what = f"IPC {st['ipc']}" + (f", K {st['variants']}" if st.get("variants") is not None else "")
     lines = [
-        f"{st['run']}: {st['dataset']}, {st['classes']} classes, IPC {st['ipc']} "
-        f"(created {st['created']}, updated {st['updated']})"
+        f"{st['run']}: {st['dataset']}, {st['classes']} classes, {what} (created {st['created']}, updated {st['updated']})"
     ]
+    point = st.get("sweep_point")
+    if point:
+        lines.append(f"  sweep point {point.get('name')} of {point.get('sweep')}: {json.dumps(point.get('values'))}")
+    if generated != st["ipc"]:
+        lines.append(f"  trains on images 0..{st['ipc'] - 1} of each class of a generation at IPC {generated}")
+    for stage, folder in (st.get("stage_dirs") or {}).items():
+        lines.append(f"  {stage}: shared with other runs, read from {folder}")
     if st.get("driver"):
         lines.append(f"  driver: {st['driver']}")
     for s in st["stages"]:
@@ -278,7 +300,7 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append("  " + "  ".join(c for c in cols if c is not None).rstrip())
         if s["state"] == BUDGET_REACHED:
             lines.append(
-                f"      every class at IPC {s['ipc_reached']} of {st['ipc']} within the time budget; a rerun with "
+                f"      every class at IPC {s['ipc_reached']} of {generated} within the time budget; a rerun with "
                 "--time-budget grows it"
             )
         lines.extend(f"      redo {f}" for f in s["failures"][:10])

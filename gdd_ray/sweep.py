@@ -17,12 +17,19 @@ evaluation (fingerprints), and the Tune experiment of the same grid is restored.
 
     ROOT/data/<generate fp>/              generated/ at the largest IPC of the points that read it
     ROOT/data/<generate fp>/pda-<augment fp>/   augmented/ at the largest K of the points that read it
-    ROOT/points/<point>/         run.json (stage_dirs: the shared folders), eval/, report.html
+    ROOT/points/<point>/         run.json (stage_dirs: the shared folders; sweep_point: root, name, values),
+                                 eval/, report.html: a run of its own, whose page and status speak of the point
     ROOT/tune-<grid hash>/       Ray Tune's experiment (one trial per point)
-    ROOT/leaderboard.csv, .md    one row per point: its values, accuracy mean +- std, images per class trained,
-                                 generation GPU-seconds and images/s of its group
+    ROOT/leaderboard.csv, .md    one row per point: its values, accuracy mean +- std (to 0.01 %), images per class
+                                 trained, render GPU-seconds of its images, images per render-second, the
+                                 shared generation's wall time, and whether it is at the challenge's settings
     ROOT/report.html             the leaderboard (sortable, linking each point's report.html) and the plots
-    ROOT/accuracy_vs_ipc.png     one line per --pda-variants;  ROOT/accuracy_vs_cost.png: the compute frontier
+    ROOT/accuracy_vs_ipc.png     one line per --pda-variants, +-1 std error bars;  ROOT/accuracy_vs_cost.png:
+                                 every point labelled, the frontier of the non-dominated ones
+
+Before any image is generated, every point is checked as the whole run it stands for (preflight_points): a
+grid with a point that cannot run is refused in one line naming it. `--track mlflow` logs the sweep as a
+parent MLflow run with one child per point (gdd_ray.tracking).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from gdd_ray import storage
 from gdd_ray.config_loader import build_config, load_yaml, options
 from gdd_ray.errors import UserError
 from gdd_ray.logs import say
-from gdd_ray.report_page.run_page import generation_cost
+from gdd_ray.report_page.run_page import generation_cost, generation_share
 from gdd_ray.report_page.sweep_page import write_sweep_page
 from gdd_ray.run import RunDir
 
@@ -75,6 +82,9 @@ def load_sweep(path: str) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     for reserved in ("out", "stages", "train_ipc", "train_variants"):
         if reserved in base or reserved in grid:
             raise UserError(f"{path}: '{reserved}' is set by the sweep itself")
+    for reserved in ("track", "track_uri", "track_experiment"):
+        if reserved in base or reserved in grid:
+            raise UserError(f"{path}: '{reserved}' is an option of the sweep command (--{reserved.replace('_', '-')})")
     return base, grid
 
 
@@ -149,6 +159,31 @@ def _fingerprints(values: dict[str, Any]) -> dict[str, str]:
     return fps
 
 
+def point_identity(point: dict[str, Any], root: str) -> dict[str, Any]:
+    """What a point's run.json says of it (`sweep_point`): its sweep, name and grid values."""
+    return {"sweep": root, "name": point["name"], "values": point["values"]}
+
+
+def point_run_dir(point: dict[str, Any], root: str) -> RunDir:
+    return RunDir(point["run"]["out"], point["stage_dirs"], point_identity(point, root))
+
+
+def preflight_points(planned: list[dict[str, Any]], root: str) -> None:
+    """Every point's checks as the whole run it stands for (generate, augment and train: model, recipe,
+    network, test set, image size, label alignment, its own folder), before anything is generated: a grid with
+    a point that cannot run is refused in one line naming that point."""
+    from gdd_ray import pipeline  # the stage modules: loaded where a sweep runs, not for --help
+
+    for p in planned:
+        try:
+            cfg = build_config({**p["run"], "stages": "generate,augment,train"})
+            pipeline.checked_context(cfg, point_run_dir(p, root))
+        except UserError as e:
+            raise UserError(
+                f"sweep point {p['name']} ({json.dumps(p['values'])}) cannot run: {e}; nothing was generated"
+            ) from e
+
+
 def _evaluate(config: dict[str, Any]) -> None:
     """One Tune trial: the point's train stage (skipped when its results exist with the same fingerprint)."""
     from ray import tune
@@ -157,7 +192,8 @@ def _evaluate(config: dict[str, Any]) -> None:
     cfg = build_config(point["run"])
     from gdd_ray import pipeline  # the stages (torch, Ray Data...) load where a run needs them, not for --help
 
-    res = pipeline.run(cfg, RunDir(cfg.out, point["stage_dirs"]))["train"]
+    root = point["run"]["out"][: -len(f"/points/{point['name']}")]  # the sweep's root, as plan_sweep named it
+    res = pipeline.run(cfg, point_run_dir(point, root))["train"]
     tune.report({"accuracy_mean": res.get("accuracy_mean") or 0.0, "accuracy_std": res.get("accuracy_std") or 0.0})
 
 
@@ -184,22 +220,38 @@ def run_evaluations(planned: list[dict[str, Any]], root: str, concurrent: int) -
         raise UserError(f"{len(errors)} evaluation(s) failed; rerun the sweep to resume. First: {errors[0]}")
 
 
+# Rounded to what was measured: accuracy to the 0.01 % the pages print (a test set of 10,000 images counts in
+# steps of 0.01 %), clock readings to the millisecond, rates to 3 significant decimals.
+ACCURACY_DECIMALS = 4
+SECONDS_DECIMALS = 3
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
 def leaderboard_rows(planned: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per point. Cost columns mean one thing each: `generation_gpu_s` = render GPU-seconds of the
+    images this point trains on (its share of the shared generation), `generation_images_per_gpu_s` = images
+    per render-second, `shared_generation_wall_s` = wall time of the whole shared generation (all its points)."""
     rows = []
     for p in planned:
         res = _read_json(storage.Location(p["run"]["out"]).child("eval"), "results.json") or {}
         gen = _read_json(storage.Location(p["stage_dirs"]["generate"]), "_summary.json")
         cost = generation_cost(gen)
         classes = (res.get("train_set") or {}).get("classes") or 0
-        gpu_s = cost["gpu_s_per_image"] * p["run"]["train_ipc"] * classes if cost["gpu_s_per_image"] else None
+        gpu_s = generation_share(gen, p["run"]["train_ipc"] * classes) if classes else None
         rows.append({
             "point": p["name"], **p["values"],
             "protocol": (res.get("protocol") or {}).get("name"),
-            "accuracy_mean": res.get("accuracy_mean"), "accuracy_std": res.get("accuracy_std"),
+            "accuracy_mean": _round(res.get("accuracy_mean"), ACCURACY_DECIMALS),
+            "accuracy_std": _round(res.get("accuracy_std"), ACCURACY_DECIMALS),
             "runs": len(res.get("accuracies") or []),
             "images_per_class": (res.get("train_set") or {}).get("images_per_class"),
-            "generation_gpu_s": round(gpu_s, 3) if gpu_s is not None else None,
-            "generation_images_per_s": cost["images_per_s"],
+            "generation_gpu_s": _round(gpu_s, SECONDS_DECIMALS),
+            "generation_images_per_gpu_s": _round(cost["images_per_gpu_s"], 3),
+            "shared_generation_wall_s": _round(cost["wall_s"], SECONDS_DECIMALS),
+            "official": res.get("official"),
         })  # fmt: skip
     return sorted(rows, key=lambda r: -(r["accuracy_mean"] if r["accuracy_mean"] is not None else -1.0))
 
@@ -232,11 +284,19 @@ def _read_json(loc: storage.Location, name: str) -> dict[str, Any] | None:
         return None
 
 
-def sweep(path: str, root: str, concurrent: int = 1) -> list[dict[str, Any]]:
-    """Run (or resume) the sweep of `path` under `root`; returns the leaderboard rows."""
+def sweep(
+    path: str, root: str, concurrent: int = 1, track: str = "none", track_uri: str | None = None,
+    track_experiment: str = "gdd-ray",
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Run (or resume) the sweep of `path` under `root`; returns the leaderboard rows. `track`: "mlflow" logs
+    the sweep as a parent run with one child per point (gdd_ray.tracking)."""
     from gdd_ray import pipeline
     from gdd_ray.ray_utils import held_ray, init_ray
 
+    if track == "mlflow":
+        from gdd_ray import tracking
+
+        tracking.check_available()
     base, grid = load_sweep(path)
     planned = plan_sweep(base, grid, root)
     for p in planned:  # every config is checked before any work: a bad value is one line
@@ -245,6 +305,7 @@ def sweep(path: str, root: str, concurrent: int = 1) -> list[dict[str, Any]]:
     augmentations = {p["pda"]: p["augmentation"] for p in planned}
     say("sweep", f"{len(planned)} points, {len(generations)} generation(s), {len(augmentations)} PDA(s) -> {root}")
     with held_ray():  # one Ray for the generations and Tune's evaluations, shut down once (if ours)
+        preflight_points(planned, root)  # every point, every stage, before the first image
         init_ray()
         for gen in generations.values():
             pipeline.run(build_config(gen))
@@ -256,6 +317,12 @@ def sweep(path: str, root: str, concurrent: int = 1) -> list[dict[str, Any]]:
         write_leaderboard(root, rows)
         write_sweep_page(root, rows, f"gdd-ray sweep: {len(rows)} points over {', '.join(grid)}")
     say("sweep", f"done: {storage.join(root, LEADERBOARD + '.md')}")
+    if track == "mlflow":
+        from gdd_ray import tracking
+
+        values = {**{f"base.{k}": v for k, v in base.items()}, **{f"grid.{k}": v for k, v in grid.items()}}
+        dirs = [RunDir.open(p["run"]["out"]) for p in planned]
+        tracking.track_sweep(root, rows, dirs, values, track_uri, track_experiment)
     return rows
 
 
@@ -266,12 +333,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="The sweep YAML: base: {option: value}, grid: {option: [values]}.")
     p.add_argument("--out", required=True, help="The sweep's root folder (local path or s3://...).")
     p.add_argument("--concurrent", type=int, default=1, help="Evaluations at once (Tune trials); default 1.")
+    p.add_argument(
+        "--track",
+        choices=("none", "mlflow"),
+        default="none",
+        help="mlflow = log the sweep to MLflow when it ends: a parent run (grid, leaderboard, page) with one "
+        "child run per point; needs `pip install 'gdd-ray[track]'`.",
+    )
+    p.add_argument(
+        "--track-uri",
+        default=None,
+        help="MLflow tracking URI (server, sqlite:///file.db or a folder); default $MLFLOW_TRACKING_URI, else "
+        "ROOT/mlflow.db.",
+    )
+    p.add_argument("--track-experiment", default="gdd-ray", help="MLflow experiment; default gdd-ray.")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     if args.concurrent < 1:
         raise UserError(f"--concurrent must be at least 1, got {args.concurrent}")
+    if args.track == "none" and (args.track_uri is not None or args.track_experiment != "gdd-ray"):
+        raise UserError("--track-uri and --track-experiment say where to log: add --track mlflow")
     out = args.out if "://" in args.out else os.path.abspath(args.out)
-    rows = sweep(args.config, out, args.concurrent)
+    rows = sweep(args.config, out, args.concurrent, args.track, args.track_uri, args.track_experiment)
     print(storage.Location(out).read_bytes(f"{LEADERBOARD}.md").decode(), end="")
     return 0 if rows else 1

@@ -171,3 +171,53 @@ def images_of(objects: dict[str, bytes]) -> dict[tuple[int, int], bytes]:
                 assert (label, index) not in out, f"duplicate {(label, index)} in {key}"
                 out[(label, index)] = img["bytes"]
     return out
+
+
+def trained_run(out, test_dir, ipc: int = 2, k: int = 1, num_classes: int = 3, **train):
+    """A small CIFAR-10 run (its first `num_classes` classes) taken through the train stage's own pieces in this
+    process, no Ray: synthetic generated + augmented shards, the rows the stage reads (load_shards), each
+    evaluation run trained by train_run on a synthetic CIFAR-format test set read by the real reader, then
+    results.json, metrics.jsonl, curve.png and the run's page as the stage and pipeline write them. Seconds.
+    `train`: train options (epochs 2, eval-runs 2, net-width 8 unless given). Returns the RunDir."""
+    import torch
+
+    from gdd_ray import pipeline, report_page, selection, synthetic
+    from gdd_ray.augment.samples import write_sample_grid
+    from gdd_ray.plan import eval_run_seed
+    from gdd_ray.run import now_iso
+    from gdd_ray.train import report, testsets
+    from gdd_ray.train.data import load_shards, mean_std
+    from gdd_ray.train.loop import to_device_images, train_run
+
+    values = {"epochs": 2, "eval_runs": 2, "net_width": 8, "train_batch_size": 8, **train}
+    run_dir, classes = augmented_run(out, "cifar10", ipc, k, num_classes, image_size=16, **values)
+    if not Path(test_dir).exists():
+        pats = synthetic.patterns(num_classes, 16, seed=0)
+        names = [c.class_id for c in classes]
+        synthetic.write_cifar(str(test_dir), *synthetic.sample(pats, 3, seed=2), names, kind="cifar10")
+    cfg = build_config({"out": str(out), "dataset": "cifar10", "ipc": ipc, "unit_size": 2, "pda_variants": k,
+                        "image_size": 16, "eval_data": str(test_dir), **values, "stages": "train"})  # fmt: skip
+    fps, inputs, _ = pipeline.stage_inputs(cfg, classes, run_dir)
+    run_dir.prepare(cfg, [vars(c) for c in classes], fps, inputs)
+    names = shards.read_manifest(run_dir.augmented, fps["augment"]).names
+    write_sample_grid(run_dir, classes, names, k)  # as the augment stage does
+    distilled = load_shards(run_dir.augmented, names, selection.for_training(cfg), num_classes)
+    ms = mean_std("cifar10")
+    test = testsets.load(str(test_dir), 16, ms)
+    runs, history = [], []
+    for r in range(cfg.train.eval_runs):
+        seed = eval_run_seed(cfg.train.eval_seed, r)
+        res = train_run(
+            train_x=to_device_images(distilled.images, *ms, "cpu"), train_y=torch.as_tensor(distilled.labels),
+            test_x_u8=torch.as_tensor(test.images), test_y=torch.as_tensor(test.labels), config=cfg.train,
+            num_classes=num_classes, seed=seed, mean=ms[0], std=ms[1], tag={"run": r, "seed": seed},
+        )  # fmt: skip
+        history += res.pop("history")
+        runs.append({**res, "run": r, "fingerprint": fps["train"]})
+    results = report.results_document(
+        cfg, fps["train"], run_dir.augmented.uri, distilled, test, runs, ms, classes,
+        workers=1, use_gpu=False, started=now_iso(), wall_s=1.0,
+    )  # fmt: skip
+    report.write_outputs(run_dir.eval, results, history)
+    report_page.write_run_page(run_dir)
+    return run_dir

@@ -156,3 +156,69 @@ def test_fingerprint_follows_what_decides_the_pixels():
     )
     k0 = cfg.replace(**{"augment.pda_variants": 0})
     assert fp(k0) == fp(k0.replace(**{"augment.pda_ops": {"gamma": {}}}))  # pass-through: the recipe decides nothing
+
+
+def _generated_table(n: int, size: int = 12):
+    """One generated shard's rows (class 0, images 0..n-1) of pattern pictures, as the generate stage writes them."""
+    from gdd_ray import shards, synthetic
+    from gdd_ray.plan import WorkUnit, image_seed
+
+    unit = WorkUnit(0, 0, n)
+    seeds = [image_seed(0, 0, i) for i in range(n)]
+    pngs = [shards.encode_png(synthetic.pattern_image(s, size)) for s in seeds]
+    return shards.generated_table(unit, "c0", "zero", ["zero"] * n, seeds, pngs)
+
+
+def _variants(table):
+    from gdd_ray import shards
+
+    out: dict[int, list] = {}
+    for img, i in zip(table.column("image").to_pylist(), table.column("index").to_pylist()):
+        out.setdefault(i, []).append(shards.decode_png(img["bytes"]))
+    return out
+
+
+def test_no_variant_repeats_its_image_and_the_redraw_is_deterministic():
+    """A draw that leaves an image unchanged (here: p = 0.5 flips and a 0.5 chance of a turn, so 1 draw in 8
+    changes nothing) or equal to an earlier variant is drawn again from a derived seed; the shard records it."""
+    from gdd_ray import shards
+    from gdd_ray.augment import shard as aug_shard
+
+    recipe = recipes.resolve_ops({"hflip": {"p": 0.5}, "vflip": {"p": 0.5}, "rotate": {"p": 0.5, "degrees": 30}})
+    table = _generated_table(24)
+    first = ops.augment(
+        torch.from_numpy(np.stack([v[0] for v in _variants(table).values()])).permute(0, 3, 1, 2),
+        [variant_seed(s, 1) for s in table.column("seed").to_pylist()],
+        recipe,
+    )
+    originals = torch.from_numpy(np.stack([v[0] for v in _variants(table).values()])).permute(0, 3, 1, 2)
+    assert (first == originals).flatten(1).all(1).any()  # without the redraw some variant 1 is its original
+
+    out = aug_shard.augment_table(table, 3, recipe)
+    for i, imgs in _variants(out).items():
+        assert len(imgs) == 4
+        for a in range(4):
+            for b in range(a):
+                assert not np.array_equal(imgs[a], imgs[b]), (i, a, b)
+    assert aug_shard.augment_table(table, 3, recipe).equals(out)  # deterministic
+    small = aug_shard.augment_table(table, 1, recipe)  # a smaller K is still a prefix of a larger one
+    rows = [r for r in out.to_pylist() if r["variant"] <= 1]
+    assert [r["image"]["bytes"] for r in rows] == [r["image"]["bytes"] for r in small.to_pylist()]
+    # variant_seed is the seed each variant was drawn from: redrawing it from there gives its pixels
+    seeds, variants = out.column("variant_seed").to_pylist(), out.column("variant").to_pylist()
+    firsts = {variant_seed(x, v) for x in table.column("seed").to_pylist() for v in (1, 2, 3)}
+    assert any(v and s not in firsts for s, v in zip(seeds, variants))  # some variants came from a redraw
+    drawn = [r for r in out.to_pylist() if r["variant"]]
+    src = originals[[r["index"] for r in drawn]]
+    again = ops.augment(src, [r["variant_seed"] for r in drawn], recipe).permute(0, 2, 3, 1).numpy()
+    for r, img in zip(drawn, again):
+        assert np.array_equal(img, shards.decode_png(r["image"]["bytes"]))
+
+
+def test_a_recipe_that_changes_nothing_keeps_its_repeats():
+    from gdd_ray.augment import shard as aug_shard
+
+    table = _generated_table(3)
+    out = aug_shard.augment_table(table, 2, recipes.resolve_ops({"rotate": {"p": 1.0, "degrees": 0.0}}))
+    imgs = _variants(out)
+    assert all(np.array_equal(v[0], v[k]) for v in imgs.values() for k in (1, 2))  # no endless redraw

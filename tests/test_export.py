@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
-from gen_helpers import augmented_run
+from gen_helpers import augmented_run, tree_digest
 
 from gdd_ray import export, shards
 from gdd_ray.augment import stage
@@ -186,3 +189,75 @@ def test_generated_source_and_tiny_imagenet_stats(tmp_path):
     info = export.export_imagefolder(run_dir.uri, str(tmp_path / "if"), source="generated")
     assert sorted(p.name for p in (tmp_path / "if").iterdir()) == sorted(c.class_id for c in classes)
     assert stage.SAMPLES_FILE == "samples.png"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 3-class run (IPC 2, K 1) with the train stage's results.json: the digest of the very set it trains on
+    (the paper protocol: every row), as the train stage computes it."""
+    from gdd_ray import pipeline, selection
+    from gdd_ray.config_loader import build_config
+    from gdd_ray.train.data import load_shards
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    run_dir, classes = augmented_run(out, "cifar100", 2, 1, 3)
+    cfg = build_config({"out": str(out), "dataset": "cifar100", "ipc": 2, "unit_size": 2, "pda_variants": 1,
+                        "stages": "train"})  # fmt: skip
+    fps, inputs, _ = pipeline.stage_inputs(cfg, classes, run_dir)  # the run's own 3 classes
+    run_dir.prepare(cfg, [vars(c) for c in classes], fps, inputs)
+    names = shards.read_manifest(run_dir.augmented, fps["augment"]).names
+    distilled = load_shards(run_dir.augmented, names, selection.for_training(cfg), 3)  # what the stage reads
+    results = {"fingerprint": fps["train"], "train_set": {"digest": distilled.digest()}}
+    run_dir.eval.write_bytes("results.json", json.dumps(results).encode())
+    return str(out), distilled.digest()
+
+
+def test_exports_never_overwrite_in_silence_and_print_their_digest(trained, tmp_path, capsys):
+    run, digest = trained
+
+    def export_(*args):
+        code = cli_main(["export", "--run", run, *args])
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    # pt: the digest of what it wrote is the train stage's; a second export onto it is refused, --overwrite replaces
+    dest = str(tmp_path / "d.pt")
+    code, out = export_("--format", "pt", "--dest", dest)
+    assert code == 0 and f"digest {digest}: the set the train stage trained on" in out
+    before = tree_digest(tmp_path)
+    code, out = export_("--format", "pt", "--dest", dest)
+    assert code == 2 and "exist(s) already; add --overwrite" in out and out.count("\n") == 1
+    assert tree_digest(tmp_path) == before  # nothing touched
+    (tmp_path / "e_labels.pt").write_bytes(b"mine")  # a companion file alone is refused too
+    assert export_("--format", "pt", "--dest", str(tmp_path / "e.pt"))[0] == 2
+    code, out = export_("--format", "pt", "--dest", dest, "--per-class", "2", "--select", "first", "--overwrite")
+    assert code == 0 and "NOT the set the train stage trained on" in out and digest in out
+
+    # imagefolder: a second export is refused; --overwrite replaces an earlier export, never a user's files
+    folder = str(tmp_path / "if")
+    assert export_("--format", "imagefolder", "--dest", folder)[0] == 0
+    code, out = export_("--format", "imagefolder", "--dest", folder)
+    assert code == 2 and "not empty; add --overwrite" in out
+    code, out = export_("--format", "imagefolder", "--dest", folder, "--per-class", "1", "--overwrite")
+    assert code == 0 and "replacing an earlier export of 12 PNGs" in out
+    assert sum(len(os.listdir(os.path.join(folder, d))) for d in os.listdir(folder)) == 3
+    (tmp_path / "if" / "notes.txt").write_text("mine")
+    code, out = export_("--format", "imagefolder", "--dest", folder, "--overwrite")
+    assert code == 2 and "holds notes.txt, which no export writes" in out
+    assert (tmp_path / "if" / "notes.txt").read_text() == "mine"
+
+    # challenge: the submission folder may hold the other dataset's file, nothing else without --overwrite
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "cifar100.pt").write_bytes(b"earlier")
+    code, out = export_("--format", "challenge", "--dest", str(sub))
+    assert code == 2 and "cifar100.pt exists already; add --overwrite" in out
+    (sub / "cifar100.pt").unlink()
+    (sub / "notes.txt").write_text("mine")
+    code, out = export_("--format", "challenge", "--dest", str(sub))
+    assert code == 2 and "holds notes.txt, which is no submission file" in out
+    (sub / "notes.txt").unlink()
+    (sub / "tinyimagenet.pt").write_bytes(b"the other half")
+    code, out = export_("--format", "challenge", "--dest", str(sub))  # past the folder check: the 3-class run's shape
+    assert code == 2 and "10 images per class are needed" in out
+    assert sorted(os.listdir(sub)) == ["tinyimagenet.pt"]

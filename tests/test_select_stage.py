@@ -118,6 +118,13 @@ def test_keeps_exactly_ipc_per_class_the_best_scored(tmp_path, local_ray):
     assert stats["classes"] == summary["per_class"] and set(stats["overall"]) >= {"score_mean", "top1", "diversity"}
     assert run_dir.read_record()["stages"]["select"]["status"] == "done"
     assert stage.run(ctx) == summary  # nothing to do: the stored summary comes back
+    from gdd_ray import report_page  # the run's page shows the stage's figures: kept vs every candidate
+
+    report_page.write_run_page(run_dir)
+    page = run_dir.root.read_bytes("report.html").decode()
+    o = stats["overall"]
+    assert "CLIP selection (kept vs all candidates)" in page and f"Per class ({len(stats['classes'])})" in page
+    assert f"<td class='num'>{o['score_mean']:.4f}</td><td class='num'>{o['score_mean_all']:.4f}</td>" in page
 
 
 @pytest.mark.slow  # ~45 s on 2 busy cores

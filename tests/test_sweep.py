@@ -6,6 +6,7 @@ import csv
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,40 @@ def test_sweep_file_refusals(tmp_path):
         sweep.load_sweep(str(bad))
 
 
+def test_a_grid_with_a_point_that_cannot_train_is_refused_before_any_image(tmp_path):
+    """Every point's preflight (generate, augment and train) runs before the first generation: a point whose
+    --image-size does not match the test set is named in one line, and nothing is generated."""
+    names = [c.class_id for c in dataset_classes("cifar10")]
+    pats = synthetic.patterns(10, 16, seed=0)
+    synthetic.write_cifar(str(tmp_path / "test"), *synthetic.sample(pats, 1, seed=2), names, kind="cifar10")
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(
+        f"base: {{dataset: cifar10, model: sdxl-random, gen-resolution: 64, eval-data: {tmp_path / 'test'}}}\n"
+        "grid: {image-size: [16, 32], ipc: [2]}\n"
+    )
+    root = tmp_path / "sweep"
+    with pytest.raises(UserError) as e:
+        sweep.sweep(str(spec), str(root))
+    msg = str(e.value)
+    assert msg.startswith("sweep point imagesize32-ipc2 (") and "32" in msg and "nothing was generated" in msg
+    assert not (root / "data").exists() and not (root / "points").exists()  # not one image, not one run.json
+
+
+def test_leaderboard_numbers_are_rounded_and_the_frontier_holds_non_dominated_points_only():
+    from gdd_ray.report_page.sweep_page import frontier, pooled
+
+    # At equal cost the better point is on the frontier, the worse one is not (it used to join it).
+    pts = [(1.0, 30.0, "a"), (1.0, 50.0, "b"), (2.0, 40.0, "c"), (3.0, 60.0, "d"), (3.0, 60.0, "e")]
+    assert [p[2] for p in frontier(pts)] == ["b", "d"]
+    # Error bars pool every run of the points at one (IPC, K): two seeds of one run each at 10 % and 20 %.
+    mean, std = pooled([{"accuracy_mean": 0.1, "accuracy_std": 0.0, "runs": 1},
+                        {"accuracy_mean": 0.2, "accuracy_std": 0.0, "runs": 1}])  # fmt: skip
+    assert (mean, std) == pytest.approx((0.15, 0.05))
+    mean, std = pooled([{"accuracy_mean": 0.5, "accuracy_std": 0.1, "runs": 3}])
+    assert (mean, std) == pytest.approx((0.5, 0.1))
+    assert sweep._round(0.030000000000000006, sweep.ACCURACY_DECIMALS) == 0.03
+
+
 def test_sweep_page_links_every_point_and_draws_the_plots(tmp_path):
     import re
 
@@ -202,7 +237,7 @@ def test_tiny_sweep_is_killed_resumes_without_redoing_finished_points_and_report
     assert aug_sum["totals"]["images"] == 10 * 4 * 3  # one PDA at K 2
     shared = {"generated": tree_digest(data / "generated"), "augmented": tree_digest(pda / "augmented")}
 
-    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    second = subprocess.run([*cmd, "--track", "mlflow"], cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming the Tune experiment" in second.stdout + second.stderr
     assert "8 points, 1 generation(s), 1 PDA(s)" in second.stdout + second.stderr
@@ -227,3 +262,57 @@ def test_tiny_sweep_is_killed_resumes_without_redoing_finished_points_and_report
     for plot in ("accuracy_vs_ipc.png", "accuracy_vs_cost.png"):
         assert (root / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Worst classes" in (root / "points" / rows[0]["point"] / "report.html").read_text()
+    _check_points_speak_of_themselves(root, rows)
+    _check_sweep_in_mlflow(root, rows)
+
+
+def _check_points_speak_of_themselves(root, rows):
+    """The ipc-2, K-0 point's run.json, page and status say IPC 2 and K 0, and its share of the generation;
+    `compare` reads two points."""
+    from gdd_ray.status import format_status, run_status
+
+    name = "ipc2-pdavariants0-evalseed0"
+    point = root / "points" / name
+    record = json.loads((point / "run.json").read_text())
+    assert record["sweep_point"] == {"sweep": str(root), "name": name,
+                                     "values": {"ipc": 2, "pda_variants": 0, "eval_seed": 0}}  # fmt: skip
+    assert record["config"]["ipc"] == 4 and record["config"]["train"]["train_ipc"] == 2  # a prefix of the shared one
+    page = (point / "report.html").read_text()
+    assert f"<title>gdd-ray sweep point {name}: cifar10, IPC 2, K 0</title>" in page
+    row = next(r for r in rows if r["point"] == name)
+    assert f"<b>{float(row['generation_gpu_s']):.3f} render GPU-s</b>, its share" in page
+    assert "20 of the 40 images" in page and "this run trains on K = 0" in page  # no v1/v2 samples for K = 0
+    st = run_status(str(point))
+    text = format_status(st)
+    assert st["ipc"] == 2 and ": cifar10, 10 classes, IPC 2, K 0 (" in text.splitlines()[0]
+    assert f"sweep point {name} of {root}" in text and "a generation at IPC 4" in text
+    for r in rows:  # numbers as measured, cost columns of one meaning each
+        assert all(len(r[k].split(".")[-1]) <= 4 for k in ("accuracy_mean", "accuracy_std", "generation_gpu_s"))
+        assert r["generation_images_per_gpu_s"] and r["shared_generation_wall_s"]
+    out = subprocess.run(
+        [sys.executable, "-m", "gdd_ray", "compare", str(point), str(root / "points" / "ipc4-pdavariants2-evalseed0"),
+         "--html", str(root / "compare.html")], cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"trained IPC\s+2\s+4", out.stdout) and re.search(r"trained K\s+0\s+2", out.stdout)
+    assert (root / "compare.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def _check_sweep_in_mlflow(root, rows):
+    """--track mlflow: one parent run for the sweep, one child per point, read back from the local store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "gdd-ray"]
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].data.params["sweep.grid.ipc"] == "[2, 4]"
+    assert "leaderboard.csv" in {f.path for f in client.list_artifacts(parents[0].info.run_id)}
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(c.info.run_name for c in children) == sorted(r["point"] for r in rows)
+    for c in children:
+        res = json.loads((root / "points" / c.info.run_name / "eval" / "results.json").read_text())
+        assert c.data.params["trained.ipc"] == str(res["train_set"]["selection"]["index_below"])
+        assert c.data.metrics["accuracy_mean"] == pytest.approx(res["accuracy_mean"])
+        assert c.data.tags["train_set.digest"] == res["train_set"]["digest"]
+        assert {"report.html", "results.json"} <= {f.path for f in client.list_artifacts(c.info.run_id)}

@@ -67,14 +67,17 @@ def test_selection_refuses_short_or_missing_classes():
 
 def test_challenge_schedule_is_the_evaluators():
     # The evaluator: for epoch in range(epochs + 1), lr x0.1 after epoch index epochs // 2 + 1.
-    for epochs in (4, 7, 1000):
+    # Our schedule counts epochs from 1 (as metrics.jsonl and the plots do): lr_drop_epoch is the first at 0.001.
+    for epochs in (1, 2, 3, 4, 7, 1000):
         t = TrainConfig(epochs=epochs, protocol="challenge")
         lrs = [0.01 if e <= epochs // 2 + 1 else 0.001 for e in range(epochs + 1)]
-        ours = [0.01 if e < t.lr_drop_epoch else 0.001 for e in range(t.epochs_run)]
+        ours = [0.01 if t.lr_drop_epoch is None or e + 1 < t.lr_drop_epoch else 0.001 for e in range(t.epochs_run)]
         assert ours == lrs
+        assert (t.lr_drop_epoch is None) == (0.001 not in lrs)  # no drop announced that does not happen
     t = TrainConfig(epochs=1000, protocol="challenge")
-    assert (t.epochs_run, t.lr_drop_epoch) == (1001, 502)  # 502 epochs at 0.01, then 499 at 0.001
-    assert (TrainConfig(epochs=1000).epochs_run, TrainConfig(epochs=1000).lr_drop_epoch) == (1000, 500)
+    assert (t.epochs_run, t.lr_drop_epoch) == (1001, 503)  # epochs 1..502 at 0.01, then 503..1001 at 0.001
+    assert (TrainConfig(epochs=1000).epochs_run, TrainConfig(epochs=1000).lr_drop_epoch) == (1000, 501)
+    assert TrainConfig(epochs=1).lr_drop_epoch is None and TrainConfig(epochs=2).lr_drop_epoch == 2
 
 
 def make_run(out, dataset="cifar100", num_classes=None, **train):
@@ -135,14 +138,19 @@ def test_challenge_protocol_trains_on_the_exported_submission(ray_cluster, tmp_p
     _, distilled, _, ms = stage.load_data(ctx)
     assert torch.equal(images, to_device_images(distilled.images, *ms, "cpu"))
     assert torch.equal(labels, torch.as_tensor(distilled.labels))
-    assert res["train_set"]["digest"] == distilled.digest()
+    assert res["train_set"]["digest"] == distilled.digest() == info["digest"] and info["trained_on"] is True
+    with pytest.raises(UserError, match="cifar100.pt exists already; add --overwrite"):
+        export.export_challenge(cfg.out, str(sub))  # the same export twice: refused, not replaced in silence
+    assert export.export_challenge(cfg.out, str(sub), overwrite=True)["digest"] == info["digest"]
     other = export.export_challenge(cfg.out, str(tmp_path / "other"), select="first")
-    assert other["selection"]["how"] == "first"
+    assert other["selection"]["how"] == "first" and other["trained_on"] is False  # a set never evaluated
     assert not torch.equal(torch.load(str(tmp_path / "other" / "cifar100.pt")), images)
 
     # results.json names the protocol, the rows and carries per-class accuracy and the confusion matrix.
     on_disk = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
     assert on_disk["protocol"]["name"] == "challenge" and on_disk["protocol"]["epochs_run"] == 5
+    assert on_disk["protocol"]["lr_drop_epoch"] == 5 and on_disk["protocol"]["epochs_counted_from"] == 1
+    assert on_disk["official"] is False and "epochs 4 (official 1000)" in on_disk["official_differences"]
     assert on_disk["train_set"]["images_per_class"] == 10 and on_disk["train_set"]["images"] == 1000
     assert on_disk["train_set"]["selection"] == {
         "index_below": 4,
@@ -163,24 +171,62 @@ def test_challenge_protocol_trains_on_the_exported_submission(ray_cluster, tmp_p
     # The run's page came with it.
     page = (tmp_path / "run" / "report.html").read_text()
     assert "challenge" in page and "Worst classes" in page and "data:image/png;base64," in page
+    assert "lr x0.1 from epoch 5" in page and "not the official evaluator&#x27;s: " in page
 
 
-def test_combined_score_needs_both_datasets_under_the_challenge_protocol(tmp_path, capsys):
-    def fake_run(name, dataset, protocol, acc):
+def _results(protocol="challenge", acc=0.5, epochs=1000, runs=3, width=128, ipc=10, size=32, test_images=10_000):
+    """A results.json as the train stage writes it, at the given settings (the official evaluator's by default)."""
+    return {
+        "evaluated": True, "accuracy_mean": acc, "accuracies": [acc] * runs,
+        "protocol": {"name": protocol, "epochs": epochs, "batch_size": 256, "lr": 0.01, "momentum": 0.9,
+                     "weight_decay": 0.0005, "dsa_strategy": "color_crop_cutout_flip_scale_rotate"},
+        "model": {"depth": 3, "width": width, "norm": "instance", "act": "relu", "pool": "avg"},
+        "train_set": {"images_per_class": ipc, "image_size": size}, "test_set": {"images": test_images},
+    }  # fmt: skip
+
+
+def test_score_is_the_challenges_only_at_the_evaluators_settings(tmp_path, capsys):
+    def fake_run(name, dataset, **settings):
         run = tmp_path / name
         (run / "eval").mkdir(parents=True)
         (run / "run.json").write_text(json.dumps({"config": {"dataset": dataset}}))
-        (run / "eval" / "results.json").write_text(json.dumps({"protocol": {"name": protocol}, "accuracy_mean": acc}))
+        (run / "eval" / "results.json").write_text(json.dumps(_results(**settings)))
         return str(run)
 
-    c100, tiny = fake_run("c", "cifar100", "challenge", 0.5), fake_run("t", "tiny-imagenet", "challenge", 0.25)
+    c100, tiny = fake_run("c", "cifar100", acc=0.5), fake_run("t", "tiny-imagenet", acc=0.25, size=64)
     assert cli_main(["score", c100, tiny]) == 0
-    assert json.loads(capsys.readouterr().out) == {"score": 0.375, "cifar100": 0.5, "tiny-imagenet": 0.25}
-    paper = fake_run("p", "tiny-imagenet", "paper", 0.9)
+    assert json.loads(capsys.readouterr().out) == {
+        "score": 0.375, "cifar100": 0.5, "tiny-imagenet": 0.25, "official": True
+    }  # fmt: skip
+
+    # The issue's runs: 4 epochs / 1 run, and 1 epoch / 1 run / width 32: refused, every difference named.
+    short = fake_run("s", "cifar100", epochs=4, runs=1)
+    narrow = fake_run("n", "tiny-imagenet", epochs=1, runs=1, width=32, size=64, test_images=400)
+    assert cli_main(["score", short, narrow]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not the challenge's settings" in err and "--unofficial" in err
+    for words in ("epochs 4 (official 1000)", "runs (--eval-runs) 1 (official 3)", "epochs 1 (official 1000)",
+                  "net-width 32 (official 128)", "test images 400 (official: the full test set, 10000)"):  # fmt: skip
+        assert words in err, words
+    assert cli_main(["score", short, narrow, "--unofficial"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["official"] is False and out["score"] == 0.5
+    assert out["differences"]["cifar100"] == ["epochs 4 (official 1000)", "runs (--eval-runs) 1 (official 3)"]
+    assert "net-width 32 (official 128)" in out["differences"]["tiny-imagenet"]
+
+    paper = fake_run("p", "tiny-imagenet", protocol="paper", size=64)
     assert cli_main(["score", c100, paper]) == 2
-    assert "not trained under --protocol challenge" in capsys.readouterr().err
-    assert cli_main(["score", c100, c100]) == 2  # two CIFAR-100 runs: no score
-    assert challenge.combined_score({"cifar100": {"protocol": {"name": "challenge"}, "accuracy_mean": 0.5}}) is None
+    assert "protocol paper (official challenge)" in capsys.readouterr().err
+    # Two runs of one dataset: the real problem, named.
+    other = fake_run("c2", "cifar100")
+    assert cli_main(["score", c100, other]) == 2
+    assert f"{c100} and {other} are both cifar100 runs" in capsys.readouterr().err
+    assert cli_main(["score", c100, c100, "--unofficial"]) == 2
+    assert "are both cifar100 runs" in capsys.readouterr().err
+    assert challenge.combined_score({"cifar100": 0.5}) is None
+    # results.json and the page carry the same verdict as `score`
+    assert challenge.official(_results(), "cifar100") == {"official": True, "differences": []}
+    assert challenge.official(_results(runs=1), "cifar100")["differences"] == ["runs (--eval-runs) 1 (official 3)"]
 
 
 def test_report_page_of_a_partial_run_shows_what_exists(tmp_path):

@@ -57,6 +57,7 @@ def test_short_run_learns_well_above_chance(data):
     assert res["test_acc"] >= 0.6, res["test_acc"]  # chance is 0.10
     assert h[-1]["train_loss"] < h[0]["train_loss"]
     assert [r["lr"] for r in h[:12]] == [0.01] * 12 and all(abs(r["lr"] - 0.001) < 1e-12 for r in h[12:])
+    assert proto.lr_drop_epoch == h[12]["epoch"] == 13  # one epoch count: the first at lr x0.1, as logged
     assert [r["epoch"] for r in h if "test_acc" in r] == [5, 10, 15, 20, 25]
 
 

@@ -28,7 +28,7 @@ SAMPLES_FILE = "samples.png"
 # Shards per Ray task: a 10-image CIFAR shard takes ~10 ms to augment, so a task per shard would be
 # mostly scheduling overhead; 8 keeps tasks around 100 ms while a crash still loses at most one shard.
 SHARDS_PER_TASK = 8
-VERSION = 1  # bump when ops.py or recipe.py changes pixels for the same recipe
+VERSION = 2  # bump when ops.py, recipe.py or shard.py change pixels for the same recipe (2: repeats redrawn)
 # What decides the augmented pixels (with the generated images and the resolved recipe below): not
 # batch or worker counts.
 OUTPUT_FIELDS = ("augment.pda_variants",)

@@ -2,9 +2,11 @@
 samples.png, eval/results.json, eval/curve.png), so it shows whatever exists: the pipeline rewrites it
 after every stage, and a run stopped half way has a page of what it finished.
 
-Sections: accuracy with its protocol, the stages (images, images/s, generation GPU-seconds), the sample
-grid, a per-class gallery of the images trained on, training curves, per-class accuracy bars, the worst
-classes with their prompt and images, and the config with every fingerprint.
+Sections: accuracy with its protocol (and whether it is at the challenge evaluator's settings), the stages
+(images, images/s, generation GPU-seconds and this run's share of them, the folders shared with other runs),
+the select stage's CLIP figures, the sample grid, a per-class gallery of the images trained on, training
+curves, per-class accuracy bars, the worst classes with their prompt and images, and the config with every
+fingerprint. A sweep point's page speaks of the point: its IPC and K, its share of the shared generation.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from gdd_ray import selection, shards, storage
+from gdd_ray import challenge, selection, shards, storage
+from gdd_ray import results as results_doc
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
 from gdd_ray.logs import say
@@ -46,15 +49,27 @@ def read_file(loc: storage.Location, name: str) -> bytes | None:
 
 
 def generation_cost(summary: dict[str, Any] | None) -> dict[str, float | None]:
-    """GPU-seconds per generated image (the workers' render time; CPU seconds on a CPU-only run) and images/s."""
+    """The generation's cost, each figure one thing: render GPU-seconds per image (the workers' render time;
+    CPU seconds on a CPU-only run), images per render-second, and the stage's wall time (model load, queueing
+    and encoding included) apart."""
     if not summary:
-        return {"gpu_s_per_image": None, "images_per_s": None}
-    made = summary.get("totals", {}).get("images_made") or 0
+        return {"gpu_s_per_image": None, "images_per_gpu_s": None, "wall_s": None, "images_per_s": None}
+    totals = summary.get("totals", {})
+    made = totals.get("images_made") or 0
     render = sum(w.get("render_s", 0.0) for w in (summary.get("per_worker") or {}).values())
     return {
         "gpu_s_per_image": render / made if made and render else None,
-        "images_per_s": summary.get("totals", {}).get("images_per_s"),
+        "images_per_gpu_s": made / render if made and render else None,
+        "wall_s": totals.get("wall_s"),
+        "images_per_s": totals.get("images_per_s"),  # wall-clock: images made over the stage's work time
     }
+
+
+def generation_share(summary: dict[str, Any] | None, images_used: int) -> float | None:
+    """Render GPU-seconds of the `images_used` generated images a run trains on (a sweep point reads a prefix
+    of a larger shared generation: its share, not the whole)."""
+    per_image = generation_cost(summary)["gpu_s_per_image"]
+    return per_image * images_used if per_image else None
 
 
 class RunFiles:
@@ -69,6 +84,29 @@ class RunFiles:
         self.summaries = {s: run_dir.read_summary(s) for s in STAGES if s in self.fingerprints}
         results = read_json(run_dir.eval, RESULTS)
         self.results = results if results and results.get("fingerprint") == self.fingerprints.get("train") else None
+        self.point: dict[str, Any] | None = self.record.get("sweep_point")
+        self.shared: dict[str, str] = dict(self.record.get("stage_dirs") or {})
+
+    @property
+    def trained_ipc(self) -> int | None:
+        """Images per class (before PDA) the run trains on: its --train-ipc prefix (a sweep point's IPC), else
+        --ipc (or the IPC a time budget reached)."""
+        if self.cfg is None:
+            return None
+        ipc = self.cfg.ipc
+        gen = self.summaries.get("generate") or {}
+        if isinstance(gen.get("ipc_reached"), int) and gen.get("fingerprint") == self.fingerprints.get("generate"):
+            ipc = min(ipc, gen["ipc_reached"])
+        t = self.cfg.train
+        return min(t.train_ipc, ipc) if t.train_ipc is not None and "train" in self.fingerprints else ipc
+
+    @property
+    def trained_k(self) -> int | None:
+        """PDA variants per image the run trains on; None without an augment stage."""
+        if self.cfg is None or "augment" not in self.fingerprints:
+            return None
+        k, t = self.cfg.augment.pda_variants, self.cfg.train
+        return min(t.train_variants, k) if t.train_variants is not None and "train" in self.fingerprints else k
 
     def stage_state(self, stage: str) -> str:
         summary = self.summaries.get(stage)
@@ -134,9 +172,15 @@ def _accuracy_section(f: RunFiles) -> str:
     else:
         head = f"<p class='big' id='accuracy'>{h.percent(res['accuracy_mean'], res['accuracy_std'])}</p>"
     ipc = t.get("images_per_class")
+    verdict = challenge.official(res, f.cfg.dataset if f.cfg else None)
+    if verdict["official"]:
+        settings = "the official evaluator's: this accuracy is what `score` takes"
+    else:
+        settings = "not the official evaluator's: " + "; ".join(verdict["differences"])
     rows = [
-        ("protocol", f"{p.get('name', 'paper')}: {p.get('epochs_run', p['epochs'])} epochs, lr x0.1 from epoch "
-         f"{p['lr_drop_epoch']}, accuracy of the {p.get('reported', 'last epoch')}"),
+        ("protocol", f"{results_doc.schedule(p)} (epochs counted from 1), accuracy of the "
+         f"{p.get('reported', 'last epoch')}"),
+        ("challenge settings", settings),
         ("images per class trained", ipc if isinstance(ipc, int) else f"{min(ipc)}..{max(ipc)}"),
         ("selection", json.dumps(t.get("selection"))),
         ("images trained on", f"{t['images']} ({t['classes']} classes, {t['image_size']} px), digest {t.get('digest')}"),
@@ -159,12 +203,77 @@ def _stages_section(f: RunFiles) -> str:
         cost = generation_cost(s) if stage == "generate" else {}
         gpu = cost.get("gpu_s_per_image")
         made = totals.get("images_made") or 0
+        where = f"shared: {f.shared[stage]}" if stage in f.shared else "this run's"
         rows.append([
-            stage, f.stage_state(stage), totals.get("images", ""), totals.get("images_per_s") or "",
-            totals.get("wall_s", ""), round(gpu * made, 2) if gpu else "", f.fingerprints[stage],
+            stage, f.stage_state(stage), where, totals.get("images", ""), totals.get("images_per_s") or "",
+            totals.get("wall_s", ""), round(gpu * made, 3) if gpu else "", f.fingerprints[stage],
         ])  # fmt: skip
-    headers = ["stage", "state", "images", "images/s", "wall s", "GPU-s (generation)", "fingerprint"]
-    return h.section("Stages", h.table(headers, rows, numeric=[False, False, True, True, True, True, False]))
+    headers = ["stage", "state", "output", "images", "images/s", "wall s", "render GPU-s", "fingerprint"]
+    table = h.table(headers, rows, numeric=[False, False, False, True, True, True, True, False])
+    return h.section("Stages", table + _share_note(f))
+
+
+def _share_note(f: RunFiles) -> str:
+    """What the run's own images cost when it trains on fewer than its generation holds (a sweep point)."""
+    gen = f.summaries.get("generate")
+    ipc = f.trained_ipc
+    if not gen or ipc is None or gen.get("fingerprint") != f.fingerprints.get("generate"):
+        return ""
+    used = ipc * len(f.classes)
+    total = (gen.get("totals") or {}).get("images") or 0
+    share = generation_share(gen, used)
+    if share is None:
+        return ""
+    whole = generation_share(gen, total) if total else None
+    if used >= total or whole is None:
+        return f"<p>Generation cost of this run: {share:.3f} render GPU-s ({used} images).</p>"
+    return (
+        f"<p>Generation cost of this run: <b>{share:.3f} render GPU-s</b>, its share: it trains on images "
+        f"0..{ipc - 1} of each class, {used} of the {total} images the generation holds ({whole:.3f} GPU-s in all, "
+        "shared with the runs that read it).</p>"
+    )
+
+
+def _select_section(f: RunFiles) -> str:
+    """The select stage's figures (OUT/selected/clip_stats.json): kept vs every candidate, overall and per class."""
+    if "select" not in f.fingerprints:
+        return ""
+    stats = read_json(f.run_dir.selected, "clip_stats.json")
+    if not stats or stats.get("fingerprint") != f.fingerprints["select"]:
+        return h.section("CLIP selection", h.missing("the select stage has not finished: no figures yet"))
+
+    def num(v: Any, pct: bool = False) -> Any:
+        if v is None:
+            return "—"
+        return f"{100 * v:.1f} %" if pct else f"{v:.4f}"
+
+    o = stats.get("overall") or {}
+    overall = h.table(
+        ["", "kept", "all candidates"],
+        [
+            ["CLIP score (image vs its class prompt, mean)", num(o.get("score_mean")), num(o.get("score_mean_all"))],
+            ["zero-shot top-1 (its prompt is the closest)", num(o.get("top1"), True), num(o.get("top1_all"), True)],
+            ["diversity (mean pairwise cosine distance)", num(o.get("diversity")), num(o.get("diversity_all"))],
+        ],
+        numeric=[False, True, True],
+    )
+    per_class = []
+    for c in stats.get("classes") or []:
+        per_class.append([
+            c.get("label"), c.get("name"), c.get("candidates"), c.get("kept"),
+            (num(c.get("score_mean")), c.get("score_mean") or 0), (num(c.get("score_mean_all")), c.get("score_mean_all") or 0),
+            (num(c.get("top1"), True), c.get("top1") or 0), (num(c.get("top1_all"), True), c.get("top1_all") or 0),
+            (num(c.get("diversity")), c.get("diversity") or 0), (num(c.get("diversity_all")), c.get("diversity_all") or 0),
+        ])  # fmt: skip
+    headers = ["label", "class", "candidates", "kept", "score kept", "score all", "top-1 kept", "top-1 all",
+               "diversity kept", "diversity all"]  # fmt: skip
+    table = h.table(headers, per_class, sortable=True, numeric=[True, False] + [True] * 8)
+    intro = (
+        f"<p class='muted'>{h.esc(stats.get('clip_model'))}: every generated candidate scored against every class "
+        "prompt; the IPC best-scored kept per class.</p>"
+    )
+    inner = intro + overall + f"<details><summary>Per class ({len(per_class)})</summary>{table}</details>"
+    return h.section("CLIP selection (kept vs all candidates)", inner, "select-section")
 
 
 def _samples_section(f: RunFiles) -> str:
@@ -172,6 +281,14 @@ def _samples_section(f: RunFiles) -> str:
     data = read_file(loc, name)
     if data is None:
         return ""
+    made_k = (f.summaries.get("augment") or {}).get("variants")
+    if f.trained_k is not None and made_k is not None and f.trained_k < made_k:
+        note = (
+            f"The PDA this run reads made K = {made_k} variants per image; this run trains on K = {f.trained_k} "
+            "(variants 0..K), so its sample grid would show images it never trained on: the gallery below shows "
+            "what it trained on."
+        )
+        return h.section("Sample grid", f"<p class='muted'>{h.esc(note)}</p>")
     return h.section("Sample grid (originals and their PDA variants)", h.png(data, "sample grid", "plot"))
 
 
@@ -234,8 +351,13 @@ def _config_section(f: RunFiles) -> str:
     fps = h.key_values(sorted(f.fingerprints.items()))
     cfg = json.dumps(f.record.get("config"), indent=2)
     shared = ""
-    if f.record.get("stage_dirs"):
-        shared = "<h3>Shared stage folders</h3>" + h.key_values(sorted(f.record["stage_dirs"].items()))
+    if f.shared:
+        shared = "<h3>Sources: stage folders shared with other runs</h3>" + h.key_values(sorted(f.shared.items()))
+    if f.point:
+        shared += "<h3>Sweep point</h3>" + h.key_values([
+            ("sweep", f.point.get("sweep")), ("point", f.point.get("name")),
+            *((k, json.dumps(v)) for k, v in (f.point.get("values") or {}).items()),
+        ])  # fmt: skip
     inner = (
         f"<h3>Fingerprints</h3>{fps}{shared}<details><summary>Resolved config (run.json)</summary>"
         f"<pre class='mono'>{h.esc(cfg)}</pre></details>"
@@ -253,14 +375,21 @@ def run_page(run_dir: RunDir) -> str:
     )[:WORST]]  # fmt: skip
     images = f.class_images(sorted(set(labels) | set(worst)), GALLERY_IMAGES)
     what = (cfg.dataset or cfg.classes) if cfg else "?"
-    title = f"gdd-ray run: {what}, IPC {cfg.ipc if cfg else '?'}"
+    ident = f"IPC {f.trained_ipc if cfg else '?'}" + (f", K {f.trained_k}" if f.trained_k is not None else "")
+    if f.point:
+        title = f"gdd-ray sweep point {f.point.get('name')}: {what}, {ident}"
+    else:
+        title = f"gdd-ray run: {what}, {ident}"
     subtitle = f"{run_dir.uri} · {len(f.classes)} classes · updated {f.record.get('updated', '?')}"
+    if f.point:
+        subtitle += f" · a point of the sweep {f.point.get('sweep')}"
     return h.page(
         title,
         subtitle,
         [
             _accuracy_section(f),
             _stages_section(f),
+            _select_section(f),
             _samples_section(f),
             _gallery_section(f, images),
             _curves_section(f),

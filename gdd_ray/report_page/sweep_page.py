@@ -37,35 +37,75 @@ def _scored(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("accuracy_mean") is not None]
 
 
+def pooled(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """Mean and population std over every run of `rows` (each a point's mean, std and run count): the points
+    at one (IPC, K) that differ in eval seed or training options are one sample of runs."""
+    n = [max(1, int(r.get("runs") or 1)) for r in rows]
+    m = [r["accuracy_mean"] for r in rows]
+    sd = [r.get("accuracy_std") or 0.0 for r in rows]
+    total = sum(n)
+    mean = sum(k * x for k, x in zip(n, m)) / total
+    second = sum(k * (s * s + x * x) for k, s, x in zip(n, sd, m)) / total
+    return mean, max(0.0, second - mean * mean) ** 0.5
+
+
 def plot_accuracy_vs_ipc(rows: list[dict[str, Any]]) -> bytes:
-    """Accuracy (mean over the points' runs and other grid values) against IPC, one line per K."""
+    """Accuracy against IPC, one line per K: the mean over every run of the points at (IPC, K), error bars
+    one std over those runs (eval seeds and runs alike)."""
     plt, fig, ax = _figure()
-    by_k: dict[Any, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    by_k: dict[Any, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in _scored(rows):
-        by_k[r.get("pda_variants", "-")][int(r.get("ipc", 0))].append(100 * r["accuracy_mean"])
+        by_k[r.get("pda_variants", "-")][int(r.get("ipc", 0))].append(r)
     for k, points in sorted(by_k.items(), key=lambda kv: str(kv[0])):
         xs = sorted(points)
-        ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=f"K = {k}")
-    ax.set(xlabel="images per class generated (IPC)", ylabel="test accuracy (%)", title="Accuracy vs IPC")
+        stats = [pooled(points[x]) for x in xs]
+        ax.errorbar(
+            xs, [100 * m for m, _ in stats], yerr=[100 * sd for _, sd in stats], marker="o", capsize=3, label=f"K = {k}"
+        )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="images per class (IPC)", ylabel="test accuracy (%), ± 1 std over runs", title="Accuracy vs IPC")
     if by_k:
         ax.legend()
     return _png(plt, fig)
 
 
+def frontier(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The non-dominated (cost, accuracy, name) points: none cheaper-or-equal is at least as accurate. Sorted by
+    cost, the best first at equal cost, a point joins only when it beats every cheaper one."""
+    out: list[tuple[float, float, str]] = []
+    best = float("-inf")
+    for cost, acc, name in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            out.append((cost, acc, name))
+            best = acc
+    return out
+
+
 def plot_accuracy_vs_cost(rows: list[dict[str, Any]]) -> bytes:
-    """Every point at (generation GPU-seconds, accuracy), the best-so-far frontier drawn through them."""
+    """Every point at (its generation GPU-seconds, accuracy), labelled with its name; the frontier of the
+    non-dominated points drawn through them."""
     plt, fig, ax = _figure()
-    pts = sorted((r["generation_gpu_s"], 100 * r["accuracy_mean"]) for r in _scored(rows) if r.get("generation_gpu_s"))
+    pts = [
+        (r["generation_gpu_s"], 100 * r["accuracy_mean"], str(r["point"]))
+        for r in _scored(rows)
+        if r.get("generation_gpu_s")
+    ]
     if pts:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts])
-        frontier, best = [], float("-inf")
-        for cost, acc in pts:
-            if acc > best:
-                frontier.append((cost, acc))
-                best = acc
-        ax.step([p[0] for p in frontier], [p[1] for p in frontier], where="post", color="C1", label="frontier")
-        ax.legend()
-    ax.set(xlabel="generation GPU-seconds", ylabel="test accuracy (%)", title="Accuracy per unit of generation")
+        names: dict[tuple[float, float], list[str]] = defaultdict(list)
+        for cost, acc, name in pts:  # points at one place share one label, not a pile of overprinted ones
+            names[(cost, acc)].append(name)
+        for (cost, acc), group in names.items():
+            ax.annotate("\n".join(group), (cost, acc), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        front = frontier(pts)
+        xs, ys = [p[0] for p in front], [p[1] for p in front]
+        ax.step(xs, ys, where="post", color="C1")
+        ax.plot(xs, ys, "o", mfc="none", mec="C1", ms=11, label="frontier (non-dominated)")
+        ax.legend(fontsize=7)
+    ax.set(xlabel="render GPU-seconds of the images trained on", ylabel="test accuracy (%)",
+           title="Accuracy per unit of generation")  # fmt: skip
     return _png(plt, fig)
 
 

@@ -6,7 +6,6 @@ memory; this module reads the shards once on the driver, which puts the arrays i
 
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import numpy as np
 
 from gdd_ray import shards, storage
 from gdd_ray.classes import MEAN_STD, ClassInfo
+from gdd_ray.digest import set_digest
 from gdd_ray.errors import UserError
 from gdd_ray.plan import parse_shard_name
 from gdd_ray.selection import RowChoice, choose
@@ -47,9 +47,7 @@ class DistilledSet:
 
     def digest(self) -> str:
         """Hash of exactly what is trained on (pixels, labels, order): the same set gives the same digest."""
-        h = hashlib.sha256(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
-        h.update(np.ascontiguousarray(self.images).tobytes())
-        return h.hexdigest()[:16]
+        return set_digest(self.labels, self.images)  # the rule an export's digest follows too
 
 
 def load_shards(

@@ -156,10 +156,12 @@ def run(ctx: RunContext) -> dict[str, Any]:
     eval_loc.remove_stale_temporaries()
     done = report.finished_runs(eval_loc, fp, t.eval_runs, digest)
     pending = [r for r in range(t.eval_runs) if r not in done]
+    drop = f"lr x0.1 from epoch {t.lr_drop_epoch}" if t.lr_drop_epoch else "no lr drop"
     say(
         "train",
         f"{len(distilled.labels)} images ({len(ctx.classes)} classes, {distilled.image_size}px) from {src_loc.uri}, "
-        f"{t.protocol} protocol; {t.eval_runs} runs x {t.epochs_run} epochs: {len(done)} done, {len(pending)} to do",
+        f"{t.protocol} protocol; {t.eval_runs} runs x {t.epochs_run} epochs ({drop}): {len(done)} done, "
+        f"{len(pending)} to do",
     )
     workers, use_gpu = 0, False
     if pending:

@@ -113,7 +113,7 @@ def write_generated(cfg, classes, *args, **kw) -> list[str]:
 def augmented_run(out, dataset: str, ipc: int, k: int, num_classes: int | None = None, **values):
     """Generated + augmented shards written by the real per-shard worker (serially, no Ray needed), with the
     manifests the stages write last; `values`: more config (train fields). Returns (run_dir, classes)."""
-    from gdd_ray import pipeline, synthetic
+    from gdd_ray import pipeline
     from gdd_ray.augment.recipe import resolve_ops
     from gdd_ray.augment.shard import augment_shard
     from gdd_ray.classes import load_classes

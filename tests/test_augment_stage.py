@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from gen_helpers import write_generated
 import ray
+from gen_helpers import write_generated
 
-from gdd_ray import pipeline, shards, storage, synthetic
+from gdd_ray import pipeline, shards, storage
 from gdd_ray.augment import shard as aug_shard
 from gdd_ray.augment import stage
 from gdd_ray.augment.recipe import resolve_ops

@@ -10,7 +10,7 @@ import pytest
 import ray
 from gen_helpers import read_images, tiny_config
 
-from gdd_ray import pipeline, shards, storage, sweep, synthetic
+from gdd_ray import pipeline, shards, storage, sweep
 from gdd_ray.classes import dataset_classes
 from gdd_ray.errors import UserError
 from gdd_ray.generate import runtime

@@ -94,7 +94,9 @@ def test_training_takes_every_kept_image_of_every_class(overgenerated):
         kept.update(table.column("label").to_pylist())
         assert max(table.column("index").to_pylist()) < cfg.ipc  # positions among the kept
     assert kept == {label: 4 for label in range(10)}  # 4 kept of 8 candidates, whatever their generated index
-    sources = [shards.read_shard(ctx.run_dir.selected, n, ["source_index"]) for n in ctx.run_dir.selected.list(".parquet")]
+    sources = [
+        shards.read_shard(ctx.run_dir.selected, n, ["source_index"]) for n in ctx.run_dir.selected.list(".parquet")
+    ]
     assert max(max(t.column("source_index").to_pylist()) for t in sources) >= cfg.ipc  # the case that lost images
 
     source = train.lifecycle.read_source(ctx, "train")
@@ -110,7 +112,9 @@ def test_every_export_writes_the_set_that_trains(overgenerated, tmp_path):
 
     dest = tmp_path / "pt" / "set.pt"
     info = export.export_pt(ctx.run_dir.uri, str(dest))
-    assert info["shape"][0] == 80 and torch.load(tmp_path / "pt" / "set_labels.pt").tolist() == distilled.labels.tolist()
+    assert (
+        info["shape"][0] == 80 and torch.load(tmp_path / "pt" / "set_labels.pt").tolist() == distilled.labels.tolist()
+    )
     listed = export.list_images(ctx.run_dir.uri, "augmented")
     exported = set(zip(*(listed.column(c).to_pylist() for c in ("label", "index", "variant"))))
     assert exported == trained
@@ -182,7 +186,10 @@ def test_a_manifest_missing_a_shard_never_deletes_its_data(finished, tmp_path, c
 
     only_augment = cfg.replace(stages=("augment",))
     assert main(["status", str(out)]) == 1
-    assert "its manifest lacks 1 of the 6 shards of the plan (first: c00000-i000002-000004.parquet)" in capsys.readouterr().out
+    assert (
+        "its manifest lacks 1 of the 6 shards of the plan (first: c00000-i000002-000004.parquet)"
+        in capsys.readouterr().out
+    )
     with pytest.raises(UserError, match="lacks 1 of the 6 shards of the plan.*run the generate stage again"):
         pipeline.check(only_augment)
     assert tree_digest(out / "augmented") == before  # refused before anything was touched

@@ -10,10 +10,10 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from gen_helpers import write_generated
 import ray
+from gen_helpers import write_generated
 
-from gdd_ray import pipeline, shards, storage, synthetic
+from gdd_ray import pipeline, shards, storage
 from gdd_ray.classes import load_classes
 from gdd_ray.config_loader import build_config
 from gdd_ray.errors import UserError

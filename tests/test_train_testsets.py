@@ -7,8 +7,8 @@ import pickle
 
 import numpy as np
 import pytest
-from gen_helpers import write_generated
 import torch
+from gen_helpers import write_generated
 from PIL import Image
 
 from gdd_ray import pipeline, storage, synthetic

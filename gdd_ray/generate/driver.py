@@ -20,7 +20,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from gdd_ray.errors import UserError
+from gdd_ray.errors import UserError, last_line
 from gdd_ray.generate.budget import TimeBudget
 from gdd_ray.generate.generator import GenerationJob, UnitGenerator, UnitResult
 from gdd_ray.logs import Progress, quiet_libraries, say
@@ -58,16 +58,6 @@ def unit_failed(message: str, error: BaseException | None) -> UnitFailed:
     if details:
         say("generate", f"last attempt's traceback:\n{details.rstrip()}")
     return UnitFailed(message, details)
-
-
-def last_line(err: BaseException | str) -> str:
-    """The useful line of an error (Ray wraps causes in long tracebacks)."""
-    text = str(err).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if not ln.startswith(("File ", "^", "~", "During handling", "Traceback", "The above exception")):
-            return ln[:400]
-    return type(err).__name__ if not isinstance(err, str) else text[:400]
 
 
 def run_serial(

@@ -102,7 +102,7 @@ def fetch_on_nodes(model: str, revision: str, needs_gpu: bool) -> dict[str, str]
     from ray.exceptions import RayError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from gdd_ray.generate.driver import last_line
+    from gdd_ray.errors import last_line
 
     key = "GPU" if needs_gpu else "CPU"
     nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"] and n["Resources"].get(key, 0) > 0}

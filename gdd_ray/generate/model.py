@@ -61,11 +61,6 @@ def tiny_model_path(name: str = TINY) -> Path:
     return cache_dir() / f"{tiny_models.FOLDERS[name]}-{TINY_VERSION}"
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """The random-weight SDXL-Turbo twin (`--model tiny`), see tiny_models."""
-    return tiny_models.build(TINY, seed)
-
-
 def build_random_sdxl(device: str = "cpu", dtype=None, seed: int = 0):
     """SDXL-Turbo's exact architecture from its public configs, random weights, built on `device`.
 

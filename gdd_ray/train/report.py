@@ -140,12 +140,6 @@ def per_class_results(
     return out
 
 
-def worst_classes(results: dict[str, Any], n: int = 5) -> list[dict[str, Any]]:
-    """The n classes with the lowest test accuracy (ties: label order)."""
-    rows = [r for r in results.get("per_class") or [] if r.get("accuracy") is not None]
-    return sorted(rows, key=lambda r: (r["accuracy"], r["label"]))[:n]
-
-
 def json_text(obj: Any) -> str:
     """Indented JSON with each list of numbers on one line (a 200 x 200 confusion matrix stays readable)."""
     text = json.dumps(obj, indent=2)

@@ -21,7 +21,7 @@ import socket
 import uuid
 from pathlib import Path
 
-from gdd_ray.errors import UserError
+from gdd_ray.errors import UserError, last_line
 
 # What AutoPipelineForText2Image.from_pretrained(..., variant="fp16") reads: model_index.json and every
 # component's config (*.json), the tokenizers (vocab.json, merges.txt; *.model for sentencepiece ones) and the
@@ -101,8 +101,6 @@ def fetch_on_nodes(model: str, revision: str, needs_gpu: bool) -> dict[str, str]
     import ray
     from ray.exceptions import RayError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from gdd_ray.errors import last_line
 
     key = "GPU" if needs_gpu else "CPU"
     nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"] and n["Resources"].get(key, 0) > 0}

@@ -34,3 +34,50 @@ def tiny_model(gdd_cache) -> Path:
     from gdd_ray.generate.model import ensure_tiny_model
 
     return ensure_tiny_model()
+
+
+class RayPool:
+    """One local Ray for the whole session, shared by every test that needs a plain local Ray (Ray's own suite
+    shares `ray_start_regular_shared` the same way): starting one costs seconds, and the suite used to start
+    about twenty. A test that needs another shape (fake GPUs, an object store's endpoint in the workers'
+    environment) gets it by asking for it: the pool restarts Ray only when the shape changes, and a test that
+    starts its own cluster asks for none (`no_ray`). Only what the pool started is ever stopped."""
+
+    def __init__(self) -> None:
+        self.shape: dict | None = None
+
+    def use(self, **shape) -> None:
+        import ray
+
+        shape = {"num_cpus": 2, "num_gpus": 0, **shape}
+        if ray.is_initialized() and self.shape == shape:
+            return
+        self.stop()
+        ray.init(include_dashboard=False, configure_logging=False, **shape)
+        self.shape = shape
+
+    def stop(self) -> None:
+        import ray
+
+        if self.shape is not None and ray.is_initialized():
+            ray.shutdown()
+        self.shape = None
+
+
+@pytest.fixture(scope="session")
+def ray_pool():
+    pool = RayPool()
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture
+def local_ray(ray_pool) -> None:
+    """A plain local Ray (2 CPUs, no GPU), shared with the other tests of the session."""
+    ray_pool.use()
+
+
+@pytest.fixture
+def no_ray(ray_pool) -> None:
+    """No Ray in this process: for a test that starts (and stops) a cluster of its own."""
+    ray_pool.stop()

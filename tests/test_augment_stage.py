@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 from gen_helpers import write_generated
 
 from gdd_ray import pipeline, shards, storage
@@ -23,13 +22,6 @@ from gdd_ray.config_loader import build_config
 from gdd_ray.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 def make_cfg(out, **kw):

@@ -167,14 +167,9 @@ def test_other_config_on_gcs_is_refused_and_nothing_changes(gcs_server, tiny_mod
 
 
 @pytest.fixture(scope="module")
-def ray_gcs(gcs_server):
+def ray_gcs(gcs_server, ray_pool):
     """A local Ray whose workers see the same GCS endpoint."""
-    import ray
-
-    env = {"STORAGE_EMULATOR_HOST": gcs_server}
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, runtime_env={"env_vars": env})
-    yield
-    ray.shutdown()
+    ray_pool.use(runtime_env={"env_vars": {"STORAGE_EMULATOR_HOST": gcs_server}})
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-import ray
 from gen_helpers import generator_actor_pids, read_images, tiny_config
 
 from gdd_ray import storage
@@ -20,11 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def fake_gpu_cluster(gdd_cache, tiny_model):
+def fake_gpu_cluster(gdd_cache, tiny_model, ray_pool):
     # Two fake GPUs: actors ask for num_gpus=1 each, exactly as on a real GPU node, and run on the CPU.
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
+    ray_pool.use(num_cpus=4, num_gpus=2)
 
 
 def test_actor_asks_for_one_gpu():

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import ray
 from gen_helpers import read_images, tiny_config
 
 from gdd_ray import pipeline, shards, storage, sweep
@@ -171,13 +170,6 @@ def test_sweep_over_models_makes_one_generation_per_model(tmp_path):
     planned = sweep.plan_sweep(base, {"model": ["tiny", "tiny-sd-turbo"], "eval_seed": [0, 1]}, str(tmp_path))
     groups = {p["group"]: p["generation"]["model"] for p in planned}
     assert len(planned) == 4 and sorted(groups.values()) == ["tiny", "tiny-sd-turbo"]
-
-
-@pytest.fixture
-def local_ray(gdd_cache):
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ network: a fake hub (GDD_RAY_FAKE_HUB, see gdd_ray/generate/fetch.py) holding th
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
@@ -63,27 +64,25 @@ def test_a_fetch_takes_the_fp16_files_and_configs_once_and_the_pipeline_loads_fr
 
 
 @pytest.mark.slow  # ~60 s on 2 cores: two generate runs on Ray, each starting two actors
-def test_one_fetch_per_node_then_offline_actors_and_a_missing_revision_is_one_line(fake_hub, tmp_path):
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, configure_logging=False)
-    try:
-        with pytest.raises(UserError, match=r"--model org/tiny at revision d{40}: the download to node \w{12} "):
-            fetch.fetch_on_nodes("org/tiny", OTHER, needs_gpu=False)
-        cfg = tiny_config(tmp_path / "run", model="org/tiny", ipc=2, workers=2)
-        ctx = pipeline.check(cfg)
-        assert ctx.inputs["generate"]["model_revision"] == SHA
-        summary = gen_stage.run(ctx)
-        assert len(read_images(tmp_path / "run" / "generated")) == 20
-        assert summary["driver"]["model_fetch"]["nodes"] == 1
-        assert fetches(fake_hub) == 1  # one node, one fetch; two actors loaded without one
-        # The hub goes away: a new run still loads the node's snapshot (the actors never ask the hub).
-        shutil.rmtree(fake_hub / "org")
-        gen_stage.run(pipeline.check(cfg.replace(out=str(tmp_path / "run2"))))
-        assert len(read_images(tmp_path / "run2" / "generated")) == 20 and fetches(fake_hub) == 1
-        # The run pinned SHA: a resume at another commit is refused, naming the change (nothing is mixed).
-        with pytest.raises(UserError, match="generate"):
-            pipeline.check(cfg.replace(**{"generate.model_revision": OTHER}))
-    finally:
-        ray.shutdown()
+def test_one_fetch_per_node_then_offline_actors_and_a_missing_revision_is_one_line(fake_hub, tmp_path, ray_pool):
+    names = ("GDD_RAY_FAKE_HUB", "HF_HUB_CACHE", "HF_HUB_OFFLINE")  # the workers see this test's hub and cache
+    ray_pool.use(runtime_env={"env_vars": {k: os.environ[k] for k in names}})
+    with pytest.raises(UserError, match=r"--model org/tiny at revision d{40}: the download to node \w{12} "):
+        fetch.fetch_on_nodes("org/tiny", OTHER, needs_gpu=False)
+    cfg = tiny_config(tmp_path / "run", model="org/tiny", ipc=2, workers=2)
+    ctx = pipeline.check(cfg)
+    assert ctx.inputs["generate"]["model_revision"] == SHA
+    summary = gen_stage.run(ctx)
+    assert len(read_images(tmp_path / "run" / "generated")) == 20
+    assert summary["driver"]["model_fetch"]["nodes"] == 1
+    assert fetches(fake_hub) == 1  # one node, one fetch; two actors loaded without one
+    # The hub goes away: a new run still loads the node's snapshot (the actors never ask the hub).
+    shutil.rmtree(fake_hub / "org")
+    gen_stage.run(pipeline.check(cfg.replace(out=str(tmp_path / "run2"))))
+    assert len(read_images(tmp_path / "run2" / "generated")) == 20 and fetches(fake_hub) == 1
+    # The run pinned SHA: a resume at another commit is refused, naming the change (nothing is mixed).
+    with pytest.raises(UserError, match="generate"):
+        pipeline.check(cfg.replace(**{"generate.model_revision": OTHER}))
 
 
 def test_local_and_built_in_models_fetch_nothing(tiny_model, tmp_path, monkeypatch):
@@ -95,7 +94,7 @@ def test_local_and_built_in_models_fetch_nothing(tiny_model, tmp_path, monkeypat
 
 
 @pytest.mark.slow  # ~30 s: a three-node Ray cluster on one machine
-def test_each_gpu_node_fetches_into_its_own_cache_once(fake_hub, tmp_path, monkeypatch):
+def test_each_gpu_node_fetches_into_its_own_cache_once(fake_hub, tmp_path, monkeypatch, no_ray):
     """A CPU head and two GPU nodes, each with its own Hugging Face cache: one fetch on each GPU node (where
     the actors go), none on the head; a second call finds both complete."""
     from ray.cluster_utils import Cluster

@@ -145,14 +145,10 @@ def test_unwritable_bucket_is_a_clear_error(s3_server):
 
 
 @pytest.fixture(scope="module")
-def ray_s3(s3_server):
+def ray_s3(s3_server, ray_pool):
     """A local Ray whose workers see the same S3 endpoint and credentials."""
-    import ray
-
     _, env = s3_server
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, runtime_env={"env_vars": env})
-    yield
-    ray.shutdown()
+    ray_pool.use(runtime_env={"env_vars": env})
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 from gen_helpers import write_generated
 
 from gdd_ray import pipeline, shards, storage
@@ -22,13 +21,6 @@ from gdd_ray.select.choose import diversity, rank
 from gdd_ray.select.scorer import ScoreJob, ShardScorer, embeddings_of, read_scores
 
 CLASSES = "cat\ndog\nship\ntruck\n"
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 def make_cfg(tmp_path, **kw):

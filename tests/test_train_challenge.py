@@ -105,17 +105,8 @@ def test_challenge_export_refusals_write_nothing(tmp_path, capsys):
     assert not dest.exists()
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_challenge_protocol_trains_on_the_exported_submission(ray_cluster, tmp_path):
+def test_challenge_protocol_trains_on_the_exported_submission(local_ray, tmp_path):
     classes = load_classes("cifar100", None)
     pats = synthetic.patterns(100, 32, seed=0)
     tx, ty = synthetic.sample(pats, 2, seed=2)

@@ -22,15 +22,6 @@ CLASSES = dataset_classes("cifar10")
 NAMES = [c.class_id for c in CLASSES]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def make_run(tmp_path, **kw):
     pats = synthetic.patterns(10, SIZE, seed=0)
     x, y = synthetic.sample(pats, 6, seed=1)
@@ -48,7 +39,7 @@ def make_run(tmp_path, **kw):
 
 
 @pytest.mark.slow
-def test_train_stage_runs_in_parallel_writes_outputs_skips_and_resumes(ray_cluster, tmp_path):
+def test_train_stage_runs_in_parallel_writes_outputs_skips_and_resumes(local_ray, tmp_path):
     cfg, run_dir = make_run(tmp_path)
     ctx = pipeline.check(cfg)
     res = stage.run(ctx)
@@ -88,7 +79,7 @@ def test_train_stage_runs_in_parallel_writes_outputs_skips_and_resumes(ray_clust
 
 
 @pytest.mark.slow
-def test_train_stage_without_test_set_says_nothing_was_evaluated(ray_cluster, tmp_path, capsys):
+def test_train_stage_without_test_set_says_nothing_was_evaluated(local_ray, tmp_path, capsys):
     cfg, run_dir = make_run(tmp_path, eval_data=None, eval_runs=1, epochs=2)
     res = stage.run(pipeline.check(cfg))
     assert res["evaluated"] is False and res["accuracy_mean"] is None and res["runs"][0]["test_acc"] is None

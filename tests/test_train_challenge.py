@@ -126,7 +126,7 @@ def test_challenge_protocol_trains_on_the_exported_submission(local_ray, tmp_pat
 
     # ...is, tensor for tensor, the set the train stage trained on.
     ctx = pipeline.check(cfg)
-    _, distilled, _, ms = stage.load_data(ctx)
+    distilled, _, ms = stage.load_data(ctx, stage.lifecycle.read_source(ctx, "train"))
     assert torch.equal(images, to_device_images(distilled.images, *ms, "cpu"))
     assert torch.equal(labels, torch.as_tensor(distilled.labels))
     assert res["train_set"]["digest"] == distilled.digest() == info["digest"] and info["trained_on"] is True

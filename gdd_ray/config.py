@@ -347,7 +347,7 @@ class TrainConfig:
         8.0,
         "--eval-full-data holds the whole real training set (uint8) on the driver, in the object store and on each "
         "training device; a bigger set is refused before anything starts.",
-        low=0.001,
+        low=1e-6,
         high=4096.0,
     )
     eval_nets: tuple[str, ...] = opt(

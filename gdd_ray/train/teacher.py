@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -26,12 +27,15 @@ def _err(path: str, what: str) -> UserError:
     return UserError(f"--teacher {path}: {what}")
 
 
-def _is_torchscript(path: str) -> bool:
+def _is_torchscript(source) -> bool:
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(source) as z:
             return any("/code/" in n for n in z.namelist())  # torch.save archives hold data.pkl, no code/
     except (zipfile.BadZipFile, OSError):
         return False
+    finally:
+        if hasattr(source, "seek"):
+            source.seek(0)
 
 
 def resnet_from_state_dict(state: dict[str, torch.Tensor], path: str = "") -> nn.Module:
@@ -60,31 +64,32 @@ def resnet_from_state_dict(state: dict[str, torch.Tensor], path: str = "") -> nn
     return model
 
 
-def load_teacher(path: str, num_classes: int, device: torch.device | str) -> nn.Module:
-    """The teacher in eval mode on `device`, its output classes checked against the run's."""
-    if not os.path.isfile(path):
-        raise _err(path, "does not exist")
-    if _is_torchscript(path):
+def load_teacher(source: str | BinaryIO, device: torch.device | str, shown: str | None = None) -> nn.Module:
+    """The teacher in eval mode on `device`, from its path or its bytes (the driver ships them to workers)."""
+    shown = shown or str(source)
+    if isinstance(source, str) and not os.path.isfile(source):
+        raise _err(shown, "does not exist")
+    if _is_torchscript(source):
         try:
-            model = torch.jit.load(path, map_location=device)
+            model = torch.jit.load(source, map_location=device)
         except Exception as e:  # torch raises many types for a bad file; all mean the same to the user
-            raise _err(
-                path, f"not a loadable TorchScript file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            ) from e
+            raise _err(shown, f"not a loadable TorchScript file ({type(e).__name__}: {_first(e)})") from e
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise _err(
-                path, f"not a weights-only torch file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            ) from e
+            raise _err(shown, f"not a weights-only torch file ({type(e).__name__}: {_first(e)})") from e
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise _err(path, "holds no state dict of tensors")
-        model = resnet_from_state_dict(state, path).to(device)
+            raise _err(shown, "holds no state dict of tensors")
+        model = resnet_from_state_dict(state, shown).to(device)
     model.eval()
     return model
+
+
+def _first(e: Exception) -> str:
+    return (str(e).splitlines() or [""])[0][:200]
 
 
 def check_classes(teacher: nn.Module, num_classes: int, image_size: int, device, path: str) -> None:
@@ -93,14 +98,3 @@ def check_classes(teacher: nn.Module, num_classes: int, image_size: int, device,
         out = teacher(torch.zeros(2, 3, image_size, image_size, device=device))
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise _err(path, f"gives outputs of shape {tuple(out.shape)}; the run has {num_classes} classes")
-
-
-def digest(path: str) -> str:
-    """Hash of the teacher file: the soft-label results depend on its weights, not on its path."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]

@@ -146,8 +146,8 @@ def test_soft_labels_keep_teacher_outputs_on_the_device(data, runs):
                      **kw)  # fmt: skip
     batches = 4  # 32 images, batches of 8
     assert teacher.devices == {x.device}
-    # One read per run per epoch (the epoch's summed loss), not one per batch (3 epochs x 4 batches).
-    assert HostReads.reads == 3 * runs < 3 * batches * runs
+    # One read per epoch (every run's summed loss at once), not one per batch (3 epochs x 4 batches).
+    assert HostReads.reads == 3 < 3 * batches
     assert [h["lr"] for h in res[0]["history"]][0] == pytest.approx(0.001)  # AdamW, cosine from --soft-lr
     assert res[0]["history"][-1]["lr"] < res[0]["history"][1]["lr"] < 0.001
 

@@ -51,9 +51,14 @@ class StackedConvNet(nn.Module):
     def _p(self, name: str) -> torch.Tensor:
         return self.stacked[_key(name)]
 
-    def forward(self, xs: torch.Tensor) -> torch.Tensor:
-        r, b = xs.shape[0], xs.shape[1]
-        h = xs.transpose(0, 1).reshape(b, r * xs.shape[2], *xs.shape[3:])
+    def forward(self, xs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """xs: R batches ([R, B, C, H, W] or a list of R [B, C, H, W]) -> [R, B, classes]."""
+        if isinstance(xs, (list, tuple)):  # stacked on the channel axis directly: one copy, not two
+            r, b = len(xs), xs[0].shape[0]
+            h = torch.stack(xs, dim=1).reshape(b, r * xs[0].shape[1], *xs[0].shape[2:])
+        else:
+            r, b = xs.shape[0], xs.shape[1]
+            h = xs.transpose(0, 1).reshape(b, r * xs.shape[2], *xs.shape[3:])
         for i, (kind, mod) in enumerate(self.template):
             name = f"features.{i}"
             if kind is nn.Conv2d:

@@ -149,7 +149,7 @@ class Models:
         return list(self.module.parameters()) if self.runs == 1 else self.module.ordered_parameters()
 
     def logits(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        return self.module(xs[0]).unsqueeze(0) if self.runs == 1 else self.module(torch.stack(xs))
+        return self.module(xs[0]).unsqueeze(0) if self.runs == 1 else self.module(xs)
 
     def state(self, run: int) -> dict[str, torch.Tensor]:
         return self.module.state_dict() if self.runs == 1 else self.module.run_state_dict(run)
@@ -281,8 +281,8 @@ def train_runs(
     for epoch in range(start_epoch, schedule.epochs):
         lr, optimizer = schedule.at_epoch(epoch, lr, optimizer, params)
         te = time.perf_counter()
-        loss_sums = [torch.zeros((), device=device) for _ in seeds]
-        corrects = [torch.zeros((), dtype=torch.long, device=device) for _ in seeds]
+        loss_sums = torch.zeros(runs, device=device)
+        corrects = torch.zeros(runs, dtype=torch.long, device=device)
         perms = [torch.randperm(n, device=device, generator=g) for g in shuffles]
         for i in range(0, n, bs):
             idx = [perm[i : i + bs] for perm in perms]
@@ -300,20 +300,20 @@ def train_runs(
             loss.backward()
             optimizer.step()
             # Accumulated on the device: one host sync per epoch instead of one per batch.
-            for r in range(runs):
-                loss_sums[r] += losses[r].detach() * len(ys[r])
-                corrects[r] += (outs[r].argmax(1) == ys[r]).sum()
+            loss_sums += losses.detach() * ys.shape[1]
+            corrects += (outs.detach().argmax(2) == ys).sum(1)
         epoch_s = round(time.perf_counter() - te, 4)
         last = epoch + 1 == schedule.epochs
         tested = test_x_u8 is not None and (last or (epoch + 1) % p.eval_every == 0)
         counts = models.confusions(test_x_u8, test_y, num_classes, mean, std, max(bs, 1024)) if tested else None
+        sums, hits = loss_sums.tolist(), corrects.tolist()  # the epoch's one read back to the host
         for r in range(runs):
             row: dict[str, Any] = dict(tags[r])
             row.update(
                 epoch=epoch + 1,
                 lr=lr,
-                train_loss=loss_sums[r].item() / n,
-                train_acc=corrects[r].item() / n,
+                train_loss=sums[r] / n,
+                train_acc=hits[r] / n,
                 epoch_s=epoch_s,
             )
             if counts is not None:

@@ -167,15 +167,21 @@ def run_tasks(job: TrainJob, tasks: list[Task], device, rank: int = 0) -> None:
     if any(task.labels == "soft" for task in tasks):
         teacher = load_teacher(io.BytesIO(ray.get(job.teacher_ref)), device, job.teacher_name)
     groups = _groups(job, tasks, device)
-    epochs = sum(len(g) * (t.soft_epochs if g[0][0].labels == "soft" else t.epochs_run) for g in groups)
-    progress = Progress("train", epochs, epochs, unit_name=f"run-epochs (rank {rank})")
+    epochs = {id(g): t.soft_epochs if g[0][0].labels == "soft" else t.epochs_run for g in groups}
+    sizes = {id(g): len(data.for_task(g[0][0])[1]) for g in groups}  # the runs of a group: one size
+    progress = Progress(
+        "train",
+        sum(len(g) * epochs[id(g)] for g in groups),
+        sum(len(g) * epochs[id(g)] * sizes[id(g)] for g in groups),
+        unit_name=f"run-epochs (rank {rank})",
+    )
     for group in groups:
         first = group[0][0]
         xs, ys = zip(*(data.for_task(task) for task, _ in group))
         runs = [task.run for task, _ in group]
 
-        def on_epoch(row: dict[str, Any], first: Task = first) -> None:
-            progress.add(1, 1)
+        def on_epoch(row: dict[str, Any], first: Task = first, size: int = len(ys[0])) -> None:
+            progress.add(1, size)
             if row.get("test_acc") is not None:
                 say(
                     "train",
@@ -199,7 +205,8 @@ def run_tasks(job: TrainJob, tasks: list[Task], device, rank: int = 0) -> None:
             teacher=teacher,
             checkpointers=[ckpt for _, ckpt in group],
             on_epoch=on_epoch,
-            tags=[{"run": r, "seed": s, **({} if task.primary else {"cell": task.cell})} for (task, _), r, s in zip(group, runs, seeds)],
+            tags=[{"run": task.run, "seed": s, **({} if task.primary else {"cell": task.cell})}
+                  for (task, _), s in zip(group, seeds)],
         )  # fmt: skip
         for (task, _), result in zip(group, results):
             result.pop("history")

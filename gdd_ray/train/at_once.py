@@ -8,10 +8,11 @@ come from its own generators (train.loop does that part), and its parameters are
 SGD and AdamW update element by element, so run r computes what it computes alone up to float rounding
 (grouped kernels add in another order; tests/test_train_at_once.py states the tolerance).
 
-Why grouped convolutions and not torch.func.vmap: measured on this project's CPU (2 cores), vmap over
-functional_call was 0.8-1.5x the speed of the runs one after another, the grouped model 1.0-2.5x (the
-overhead of R small steps is paid once); on a GPU the point is the same, fewer and larger kernels.
-`train_runs_at_once` is the entry point without Ray (benchmarks, jobs/gpu_bench.sh).
+Why grouped convolutions and not torch.func.vmap: in a one-off timing of single training steps on this
+project's CPU (2 cores), vmap over functional_call was 0.8-1.5x the speed of the runs one after another, the
+grouped model 1.0-2.5x (the overhead of R small steps is paid once); on a GPU the point is the same, fewer
+and larger kernels. Whole runs: bench_results/train_at_once.json (docs/evaluation.md). `train_runs_at_once`
+is the entry point without Ray (benchmarks, jobs/gpu_bench.sh).
 """
 
 from __future__ import annotations

@@ -101,6 +101,16 @@ def test_baselines_soft_labels_scores_resume_and_sharing(ray_cluster, real_data,
     # Rerunning does nothing.
     assert stage.run(pipeline.check(cfg)) == res
 
+    # Another run of the same protocol (another distilled set) shares every baseline: only its own are to do.
+    other = make_run(tmp_path / "other", real_data, **kw, seed=5)
+    ctx = pipeline.check(other)
+    _, distilled, _, _ = stage.load_data(ctx)
+    plan = evaluation.make_plan(ctx, distilled)
+    assert {c.cell.name for c, _ in plan.pending()} == {"distilled-convnet-hard", "distilled-convnet-soft"}
+    assert {c.loc.uri for c in plan.cells if c.cell.data != "distilled"} == {
+        c["folder"] for c in cells.values() if c["data"] != "distilled"
+    }
+
     # A lost baseline run is all there is to redo (from its start: its checkpoint went too), on the same subset.
     random_hard = cells["random-convnet-hard"]["folder"]
     os.unlink(os.path.join(random_hard, "runs", "run01.json"))
@@ -112,16 +122,6 @@ def test_baselines_soft_labels_scores_resume_and_sharing(ray_cluster, real_data,
     assert plan.real.describe()["random_subsets"] == subsets
     task = evaluation.tasks(plan, plan.pending(), {1: np.arange(20)}, 0)[0]
     assert task.extra["subset_digest"] == subsets[1]["digest"] and task.loc_uri == random_hard
-
-    # Another run of the same protocol (another distilled set) shares every baseline: only its own are to do.
-    other = make_run(tmp_path / "other", real_data, **kw, seed=5)
-    ctx = pipeline.check(other)
-    _, distilled, _, _ = stage.load_data(ctx)
-    plan = evaluation.make_plan(ctx, distilled)
-    assert {c.cell.name for c, _ in plan.pending()} == {"distilled-convnet-hard", "distilled-convnet-soft"}
-    assert {c.loc.uri for c in plan.cells if c.cell.data != "distilled"} == {
-        c["folder"] for c in cells.values() if c["data"] != "distilled"
-    }
 
 
 def test_defaults_keep_the_train_fingerprint_and_new_options_change_it(real_data, tmp_path):

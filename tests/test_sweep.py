@@ -263,3 +263,18 @@ def test_leaderboard_columns_of_the_protocols(tmp_path):
     assert "| ResNet-18 hard |" in md.splitlines()[0] and "| 40.00 % |" in md and "| 20.00 % |" in md
     with open(tmp_path / "leaderboard.csv") as fh:
         assert [r["ior"] for r in csv.DictReader(fh)] == ["0.2", ""]
+
+
+def test_shared_baselines_are_trained_once_before_the_points(tmp_path, monkeypatch):
+    base = {"dataset": "cifar10", "model": "sdxl-random", "ipc": 4, "eval_data": "test", "real_train_data": "train"}
+    grid = {"eval_seed": [0, 1], "eval_every": [5, 10]}  # --eval-every decides no number: shared baselines
+    planned = sweep.plan_sweep(base, grid, str(tmp_path))
+    ran = []
+    monkeypatch.setattr(
+        pipeline, "run", lambda cfg, run_dir=None: ran.append((cfg.train.eval_seed, cfg.train.eval_every))
+    )
+    assert sweep.run_shared_baselines(planned) == 2
+    # The first point of each seed's baselines, once; the other point of that seed finds them done (in Tune).
+    assert ran == [(0, 5), (1, 5)]
+    plain = sweep.plan_sweep({k: v for k, v in base.items() if k != "real_train_data"}, grid, str(tmp_path / "p"))
+    assert sweep.run_shared_baselines(plain) == 0  # no baselines: nothing runs before Tune

@@ -134,6 +134,9 @@ def test_defaults_keep_the_train_fingerprint_and_new_options_change_it(real_data
     a = stage.resolved_inputs(cfg.replace(**{"train.eval_nets": ("ResNet-18-BN",)}))
     b = stage.resolved_inputs(cfg.replace(**{"train.eval_nets": ("resnet18bn",)}))
     assert a == b
+    # What decides nothing stays out: ConvNet-3 is the default network, a temperature without soft labels.
+    same = {"train.eval_nets": ("ConvNet-3",), "train.temperature": 2.0, "train.runs_at_once": 3}
+    assert set(stage.resolved_inputs(cfg.replace(**same))) == {"rows"}
 
 
 def test_protocol_refusals_are_one_line_and_write_nothing(real_data, tmp_path):

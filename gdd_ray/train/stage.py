@@ -79,6 +79,9 @@ PROTOCOL_FIELDS = (
 )
 
 
+SOFT_FIELDS = ("teacher", "temperature", "soft_epochs", "soft_lr", "soft_weight_decay")
+
+
 def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
     """The rows trained on, resolved: the prefix (index < IPC, variant <= K) and, under the challenge
     protocol, the 10-per-class selection. IPC is here because the source's fingerprint does not hold it.
@@ -89,11 +92,15 @@ def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
     if choice.per_class is None:
         rows["how"] = None  # every row of the prefix: --select decides nothing
     out: dict[str, Any] = {"rows": rows}
-    default = TrainConfig()
+    default, t = TrainConfig(), cfg.train
     for name in PROTOCOL_FIELDS:
-        value = getattr(cfg.train, name)
-        if value != getattr(default, name):
-            out[f"train.{name}"] = [net_key(n) for n in value] if name == "eval_nets" else value
+        value, usual = getattr(t, name), getattr(default, name)
+        if name == "eval_nets":  # by key: ConvNet-3 is convnet
+            value, usual = [net_key(n) for n in value], [net_key(n) for n in usual]
+        if t.labels == "hard" and name in SOFT_FIELDS:
+            continue  # hard labels only: the soft-label options decide nothing
+        if value != usual:
+            out[f"train.{name}"] = value
     if cfg.train.labels != "hard" and cfg.train.teacher:
         try:
             out["teacher_digest"] = protocols.file_digest(cfg.train.teacher)

@@ -2,6 +2,8 @@
 
 OUT/eval/results.json     accuracy of each run, mean, std, the protocol, the rows trained on, per-class
                           accuracy and the confusion matrix, every hyperparameter, wall time (written last)
+                          + every evaluation (set x network x labels: `evaluations`), `cross_architecture`,
+                          the real `baselines` (random subsets) and DD-Ranking's `scores` (IOR, HLR, LRS)
 OUT/eval/metrics.jsonl    one line per (run, epoch): lr, train loss/acc, test acc every --eval-every
 OUT/eval/curve.png        training curves of every run
 """

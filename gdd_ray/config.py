@@ -30,6 +30,7 @@ Engine = Literal["auto", "fast", "diffusers"]
 VaeDtype = Literal["auto", "fp32", "bf16", "fp16"]
 Decoder = Literal["vae", "taesdxl"]
 Track = Literal["none", "mlflow"]
+Labels = Literal["hard", "soft", "both"]
 
 STAGES: tuple[str, ...] = typing.get_args(Stage)
 # What runs when --stages is not given: every stage, the select stage only when there is something to
@@ -38,6 +39,32 @@ DEFAULT_STAGES: tuple[str, ...] = tuple(s for s in STAGES if s != "select")
 DATASETS: tuple[str, ...] = typing.get_args(Dataset)
 # The size stored when --image-size is not given: the resolution of the real dataset it stands in for.
 DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "tiny-imagenet": 64, "imagenet-1k": 224}
+
+
+# --eval-nets: our key -> the name DD-Ranking reports it under (DC-bench writes ResNet18BN, VGG11BN, AlexNetBN).
+# Every key but convnet is the DC/DSA/MTT `networks.py` definition; convnet is the --net-* ConvNet (ConvNet-3).
+NETS = {
+    "convnet": "ConvNet-3",
+    "convnet-bn": "ConvNet-3-BN",
+    "resnet18": "ResNet-18",
+    "resnet18-bn": "ResNet-18-BN",
+    "vgg11": "VGG-11",
+    "vgg11-bn": "VGG-11-BN",
+    "alexnet": "AlexNet",
+    "alexnet-bn": "AlexNet-BN",
+}
+
+
+def net_key(name: str) -> str:
+    """'ResNet-18-BN', 'resnet18bn', 'ResNet18BN', 'ConvNetD3' -> our key; UserError for anything else."""
+    flat = name.strip().lower().replace("-", "").replace("_", "")
+    aliases = {k.replace("-", ""): k for k in NETS}
+    aliases.update(
+        {"convnet3": "convnet", "convnetd3": "convnet", "convnet3bn": "convnet-bn", "convnetd3bn": "convnet-bn"}
+    )
+    if flat not in aliases:
+        raise UserError(f"--eval-nets: unknown network '{name}'; choose from {', '.join(NETS)} (or DD-Ranking's names)")
+    return aliases[flat]
 
 
 MAX_TIME_BUDGET_S = 7 * 24 * 3600
@@ -306,6 +333,68 @@ class TrainConfig:
         high=1000,
     )
 
+    real_train_data: str | None = opt(
+        None,
+        "The real training set (CIFAR python folder, Tiny-ImageNet's folder, or an ImageNet-style folder of class "
+        "folders): adds a random real subset with as many images per class as the distilled set, trained under "
+        "exactly this protocol (network, seeds, epochs), and IOR = distilled - random (DD-Ranking).",
+    )
+    eval_full_data: bool = opt(
+        False,
+        "With --real-train-data: also train on the whole real training set (same protocol), and report "
+        "HLR = full - distilled (DD-Ranking). Costs as much as training on the real dataset.",
+    )
+    full_data_max_gib: float = opt(
+        8.0,
+        "--eval-full-data holds the whole real training set (uint8) on the driver, in the object store and on each "
+        "training device; a bigger set is refused before anything starts.",
+        low=1e-6,
+        high=4096.0,
+    )
+    eval_nets: tuple[str, ...] = opt(
+        ("convnet",),
+        "Networks to train on the set, comma separated (cross-architecture evaluation): convnet (the --net-* "
+        "ConvNet, ConvNet-3 by default), resnet18, vgg11, alexnet, each also as -bn (batch norm; DC-bench's "
+        "ResNet18BN, DD-Ranking's ResNet-18-BN). The first is the one the headline accuracy reports.",
+    )
+    labels: Labels = opt(
+        "hard",
+        "hard: cross-entropy on the class labels (the DD protocol). soft: a --teacher relabels every augmented "
+        "batch, KL divergence at --temperature, AdamW + cosine for --soft-epochs (SRe2L/RDED-style). both: hard "
+        "and soft, and DD-Ranking's label-robust score (LRS) when the baselines are there.",
+    )
+    teacher: str | None = opt(
+        None,
+        "The teacher for --labels soft/both: a torchvision ResNet state dict (.pt/.pth, loaded with "
+        "weights_only; adapted to 32/64 px as SRe2L/RDED do: 3x3 stem, no max-pool) or a TorchScript file "
+        "(torch.jit.save). Its output classes must be the run's, in label order. A random teacher gives noise.",
+    )
+    temperature: float = opt(4.0, "Soft labels: the KL divergence's temperature.", low=0.01, high=1000.0)
+    soft_epochs: int = opt(300, "Soft labels: training epochs (its own schedule).", low=1, high=1_000_000)
+    soft_lr: float = opt(0.001, "Soft labels: AdamW learning rate (cosine decay to 0 over --soft-epochs).")
+    soft_weight_decay: float = opt(0.01, "Soft labels: AdamW weight decay.", low=0.0, high=10.0)
+    runs_at_once: int | None = opt(
+        None,
+        "Evaluation runs of one network trained together on one device (stacked into grouped convolutions; each "
+        "keeps its own seed, shuffling and DSA draws). Default: all of a GPU worker's runs, 1 on a CPU worker. "
+        "ConvNet only; other networks train one run at a time. Changes numbers by float rounding only.",
+        low=1,
+        high=1024,
+    )
+    baselines_dir: str | None = opt(
+        None,
+        "Where random-real and full-data results are kept, each under a key of everything that decides it, so "
+        "runs and sweep points with the same protocol share them (default OUT/eval/baselines; sweeps set it).",
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eval_nets, list):  # run.json keeps the tuple as a JSON list
+            object.__setattr__(self, "eval_nets", tuple(self.eval_nets))
+
+    @property
+    def label_modes(self) -> tuple[str, ...]:
+        return ("hard", "soft") if self.labels == "both" else (self.labels,)
+
     @property
     def epochs_run(self) -> int:
         """Epochs actually trained: the challenge evaluator loops `range(epochs + 1)`."""
@@ -480,6 +569,17 @@ def validate(cfg: RunConfig) -> None:
             f"--engine fast is the one-step path without guidance: it needs --steps 1 and --guidance <= 1 "
             f"(got --steps {g.steps} --guidance {g.guidance}); use --engine auto or diffusers"
         )
+    if t.eval_full_data and t.real_train_data is None:
+        raise UserError("--eval-full-data trains on the real training set: give it with --real-train-data PATH")
+    if t.labels != "hard" and t.teacher is None:
+        raise UserError(f"--labels {t.labels} relabels every batch with a teacher: give --teacher PATH")
+    if not t.eval_nets:
+        raise UserError("--eval-nets: give at least one network, e.g. convnet")
+    keys = [net_key(n) for n in t.eval_nets]
+    if len(set(keys)) != len(keys):
+        raise UserError(f"--eval-nets names a network twice: {', '.join(t.eval_nets)}")
+    if not 0 < t.soft_lr <= 10:
+        raise UserError(f"--soft-lr must be > 0 and at most 10, got {t.soft_lr}")
     if not 0 < t.lr <= 10:
         raise UserError(f"--lr must be > 0 and at most 10, got {t.lr}")
     choices = typing.get_args(DsaOp)

@@ -56,7 +56,9 @@ OWN_FILES: dict[str, dict[str, list[str]]] = {
         "eval/checkpoints": ["run[0-9]*.pt", ".*.tmp-*"],
     },
 }
-OWN_TREES = {"train": ["eval/_ray_train"]}  # folders that only Ray Train writes into, under a name of ours
+# Folders only Ray Train, or the train stage's other evaluations, write into, under names of ours (a
+# --baselines-dir outside OUT is shared, and never deleted by one run's --overwrite).
+OWN_TREES = {"train": ["eval/_ray_train", "eval/cells", "eval/baselines"]}
 
 
 def now_iso() -> str:

@@ -12,13 +12,16 @@ generation at the largest IPC and ONE PDA at the largest K, each point training 
 --train-variants). Generations are keyed by the generate stage's fingerprint: points that differ in pixels
 (model, steps, prompt template, seed, ...) get their own, and points whose pixels agree share one whatever else
 differs. PDAs are keyed by the augment stage's fingerprint: points that differ only in --pda-ops get their own
-PDA over the same generation. Everything is a resumable run: rerunning the sweep skips every finished stage and
+PDA over the same generation. Networks (eval-nets), labels and baselines (real-train-data, eval-full-data) are
+training options, so axes like any other; the baselines of points of one protocol are trained once. Everything is a resumable run: rerunning the sweep skips every finished stage and
 evaluation (fingerprints), and the Tune experiment of the same grid is restored.
 
     ROOT/data/<generate fp>/              generated/ at the largest IPC of the points that read it
     ROOT/data/<generate fp>/pda-<augment fp>/   augmented/ at the largest K of the points that read it
     ROOT/points/<point>/         run.json (stage_dirs: the shared folders; sweep_point: root, name, values),
                                  eval/, report.html: a run of its own, whose page and status speak of the point
+    ROOT/baselines/              random-real and full-data evaluations (--real-train-data), keyed by what decides
+                                 them, shared by every point of the same protocol and computed once, first
     ROOT/tune-<grid hash>/       Ray Tune's experiment (one trial per point)
     ROOT/leaderboard.csv, .md    one row per point: its values, accuracy mean +- std (to 0.01 %), images per class
                                  trained, render GPU-seconds of its images, images per render-second, the
@@ -49,7 +52,7 @@ from gdd_ray.config_loader import build_config, load_yaml, options
 from gdd_ray.errors import UserError
 from gdd_ray.logs import say
 from gdd_ray.report_page.run_page import generation_cost, generation_share
-from gdd_ray.report_page.sweep_page import write_sweep_page
+from gdd_ray.report_page.sweep_page import PERCENT_COLUMNS, write_sweep_page
 from gdd_ray.run import RunDir
 
 LEADERBOARD = "leaderboard"
@@ -79,7 +82,7 @@ def load_sweep(path: str) -> tuple[dict[str, Any], dict[str, list[Any]]]:
         raise UserError(f"{path}: unknown section(s) {', '.join(unknown)}; a sweep file holds base: and grid:")
     if not grid or any(not isinstance(v, list) or not v for v in grid.values()):
         raise UserError(f"{path}: grid: must map each option to a non-empty list of values")
-    for reserved in ("out", "stages", "train_ipc", "train_variants"):
+    for reserved in ("out", "stages", "train_ipc", "train_variants", "baselines_dir"):
         if reserved in base or reserved in grid:
             raise UserError(f"{path}: '{reserved}' is set by the sweep itself")
     for reserved in ("track", "track_uri", "track_experiment"):
@@ -141,6 +144,8 @@ def plan_sweep(base: dict[str, Any], grid: dict[str, list[Any]], root: str) -> l
                 "train_variants": count(points[i], "pda_variants"),
                 "out": storage.join(root, "points", name),
                 "stages": "train",
+                # Random-real and full-data results are keyed by what decides them: one folder for every point.
+                "baselines_dir": storage.join(root, "baselines"),
             }
             planned.append({
                 "index": i, "name": name, "values": values, "group": gfp, "pda": afp,
@@ -195,6 +200,43 @@ def _evaluate(config: dict[str, Any]) -> None:
     root = point["run"]["out"][: -len(f"/points/{point['name']}")]  # the sweep's root, as plan_sweep named it
     res = pipeline.run(cfg, point_run_dir(point, root))["train"]
     tune.report({"accuracy_mean": res.get("accuracy_mean") or 0.0, "accuracy_std": res.get("accuracy_std") or 0.0})
+
+
+def baseline_keys(cfg) -> frozenset[str]:
+    """The keys of a point's random-real and full-data evaluations (train.protocols), from its config alone."""
+    from gdd_ray import selection
+    from gdd_ray.classes import load_classes
+    from gdd_ray.train import protocols
+
+    t = cfg.train
+    if not t.real_train_data:
+        return frozenset()
+    classes = load_classes(cfg.dataset, cfg.classes)
+    per = selection.for_training(cfg).per_class or selection.rows_per_class(
+        selection.for_training(cfg), cfg.ipc, cfg.augment.pda_variants
+    )
+    tdig = protocols.file_digest(t.teacher) if t.labels != "hard" and t.teacher else None
+    cells = [c for c in protocols.cells(t) if c.data != "distilled"]
+    return frozenset(protocols.baseline_key(cfg, classes, c, [per] * len(classes), tdig)[0] for c in cells)
+
+
+def run_shared_baselines(planned: list[dict[str, Any]]) -> int:
+    """Evaluate, one after another, the first point of each set of baselines not yet covered, so that every
+    random-real and full-data evaluation is trained once, before Tune runs the points in parallel (they then
+    find them done). Returns how many points ran here."""
+    from gdd_ray import pipeline
+
+    seen: set[str] = set()
+    ran = 0
+    for p in planned:
+        cfg = build_config(p["run"])
+        keys = baseline_keys(cfg)
+        if keys and not keys <= seen:
+            say("sweep", f"point {p['name']}: its {len(keys - seen)} baseline evaluation(s) first (shared)")
+            pipeline.run(cfg, RunDir(cfg.out, p["stage_dirs"]))
+            seen |= keys
+            ran += 1
+    return ran
 
 
 def run_evaluations(planned: list[dict[str, Any]], root: str, concurrent: int) -> None:
@@ -252,15 +294,35 @@ def leaderboard_rows(planned: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "generation_images_per_gpu_s": _round(cost["images_per_gpu_s"], 3),
             "shared_generation_wall_s": _round(cost["wall_s"], SECONDS_DECIMALS),
             "official": res.get("official"),
+            **protocol_columns(res),
         })  # fmt: skip
     return sorted(rows, key=lambda r: -(r["accuracy_mean"] if r["accuracy_mean"] is not None else -1.0))
 
 
+def protocol_columns(res: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation protocols of a point (train.protocols): its headline network's random-real and full-data
+    accuracy and DD-Ranking's scores, and one column per other network and label mode (cross-architecture)."""
+    evaluations = res.get("evaluations") or []
+    if len(evaluations) < 2:
+        return {}
+    first = evaluations[0]
+    out: dict[str, Any] = {}
+    for e in evaluations[1:]:
+        if e["data"] == "distilled":
+            out[f"{e['net_name']} {e['labels']}"] = e["accuracy_mean"]
+        elif e["net"] == first["net"] and e["labels"] in (first["labels"], "hard"):
+            out.setdefault("random_real" if e["data"] == "random" else "full_data", e["accuracy_mean"])
+    for s in res.get("scores") or []:
+        if (s["net"], s["labels"]) == (first["net"], first["labels"]):
+            out.update({k: (s[k] or {}).get("mean") for k in ("ior", "hlr", "lrs")})
+    return out
+
+
 def write_leaderboard(root: str, rows: list[dict[str, Any]]) -> None:
     loc = storage.Location(root)
-    fields = list(rows[0]) if rows else ["point"]
+    fields = list(dict.fromkeys(k for r in rows for k in r)) if rows else ["point"]  # points may differ in nets
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="")
     writer.writeheader()
     writer.writerows(rows)
     loc.write_bytes(f"{LEADERBOARD}.csv", buf.getvalue().encode())
@@ -269,7 +331,10 @@ def write_leaderboard(root: str, rows: list[dict[str, Any]]) -> None:
         if f == "accuracy_mean":
             m, s = r["accuracy_mean"], r["accuracy_std"]
             return "—" if m is None else f"{100 * m:.2f} ± {100 * (s or 0):.2f} %"
-        return "" if r[f] is None else str(r[f])
+        v = r.get(f)
+        if isinstance(v, float) and (f in PERCENT_COLUMNS or " " in f):  # accuracies and scores, as fractions
+            return f"{100 * v:.2f} %"
+        return "" if v is None else str(v)
 
     shown = [f for f in fields if f != "accuracy_std"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
@@ -312,6 +377,7 @@ def sweep(
         for aug in augmentations.values():
             values = {k: v for k, v in aug.items() if k != "stage_dirs"}
             pipeline.run(build_config(values), RunDir(values["out"], aug["stage_dirs"]))
+        run_shared_baselines(planned)
         run_evaluations(planned, root, concurrent)
         rows = leaderboard_rows(planned)
         write_leaderboard(root, rows)

@@ -89,8 +89,12 @@ def sample(pats: np.ndarray, per_class: int, seed: int, noise: float = 0.15) -> 
     return (np.clip(x, 0, 1) * 255).round().astype(np.uint8), labels.astype(np.int64)
 
 
-def write_cifar(root: str, images: np.ndarray, labels: np.ndarray, names: list[str], kind: str = "cifar100") -> str:
-    """A CIFAR python-version test set (`cifar-100-python/{test,meta}` or `cifar-10-batches-py/...`); returns it."""
+def write_cifar(
+    root: str, images: np.ndarray, labels: np.ndarray, names: list[str], kind: str = "cifar100", split: str = "test"
+) -> str:
+    """A CIFAR python-version test set (`cifar-100-python/{test,meta}` or `cifar-10-batches-py/...`), or with
+    split="train" its training set (`train`, or CIFAR-10's `data_batch_1..5`, the images dealt over 5 batches)
+    next to it; returns the folder."""
     folder = os.path.join(root, "cifar-100-python" if kind == "cifar100" else "cifar-10-batches-py")
     os.makedirs(folder, exist_ok=True)
     data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # rows of R plane, G plane, B plane
@@ -106,8 +110,17 @@ def write_cifar(root: str, images: np.ndarray, labels: np.ndarray, names: list[s
         test[b"filenames"] = filenames
         meta = {b"label_names": [n.encode() for n in names], b"num_cases_per_batch": 10000, b"num_vis": 3072}
         test_name, meta_name = "test_batch", "batches.meta"
-    with open(os.path.join(folder, test_name), "wb") as fh:
-        pickle.dump(test, fh, protocol=2)
+    if split == "train" and kind == "cifar100":
+        test[b"batch_label"], test_name = b"training batch 1 of 1", "train"
+    if split == "train" and kind != "cifar100":
+        for b, part in enumerate(np.array_split(np.arange(len(images)), 5), 1):
+            batch = {k: ([v[i] for i in part] if isinstance(v, list) else v) for k, v in test.items()}
+            batch[b"data"], batch[b"batch_label"] = data[part], f"training batch {b} of 5".encode()
+            with open(os.path.join(folder, f"data_batch_{b}"), "wb") as fh:
+                pickle.dump(batch, fh, protocol=2)
+    else:
+        with open(os.path.join(folder, test_name), "wb") as fh:
+            pickle.dump(test, fh, protocol=2)
     with open(os.path.join(folder, meta_name), "wb") as fh:
         pickle.dump(meta, fh, protocol=2)
     return folder

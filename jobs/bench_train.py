@@ -12,6 +12,16 @@ load from other processes hits both alike. The first epoch of each is a warm-up 
     python jobs/bench_train.py --smoke-test                      # seconds, CPU: checks it runs
     python jobs/bench_train.py                                   # CPU default: CIFAR-100 shape, IPC 3
     python jobs/bench_train.py --device cuda --ipc 50 --epochs 10  # a GPU: CIFAR-100 IPC 50
+
+Runs at once (--runs-at-once N): N evaluation runs of one ConvNet trained together on one device
+(train.at_once.train_runs_at_once: grouped convolutions, each run with its own seed, shuffling and DSA draws)
+vs the same N runs one after another (train.loop.train_run), whole protocol runs (DSA, lr drop, test at the
+end), timed alternately; the JSON says how far each run's numbers are from its run alone.
+
+    python jobs/bench_train.py --runs-at-once 3 --smoke-test
+    python jobs/bench_train.py --runs-at-once 3 --append [--classes C --ipc I --image-size S --width W --epochs E]
+                                                                 # CPU: one row of bench_results/train_at_once.json
+    python jobs/bench_train.py --runs-at-once 3 --device cuda --classes 100 --ipc 10 --width 128 --epochs 1001
 """
 
 from __future__ import annotations
@@ -171,7 +181,119 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (1: stable timings on a shared box).")
     p.add_argument("--out", default="bench_results/train.json", help="Where the JSON results go.")
     p.add_argument("--smoke-test", action="store_true", help="Tiny sizes, 1 epoch: checks the script runs.")
+    p.add_argument(
+        "--runs-at-once", type=int, default=0, help="Bench N runs trained together vs one after another instead."
+    )
+    p.add_argument("--repeats", type=int, default=2, help="Runs at once: timings per mode (the fastest is kept).")
+    p.add_argument("--figure", default="docs/train_at_once.png", help="Runs at once: the bar chart (empty: none).")
+    p.add_argument("--append", action="store_true", help="Runs at once: add a row to --out's rows (one per size).")
     return p.parse_args(argv)
+
+
+def bench_at_once(a) -> dict:
+    """N runs at once vs one after another: wall seconds of each (best of --repeats) and the numbers' agreement."""
+    from gdd_ray.config import TrainConfig
+    from gdd_ray.plan import eval_run_seed
+    from gdd_ray.train.at_once import train_runs_at_once
+    from gdd_ray.train.loop import train_run
+
+    n = a.runs_at_once
+    device = torch.device(a.device)
+    mean, std = mean_std("cifar100")
+    pats = synthetic.patterns(a.classes, a.image_size)
+    images, labels = synthetic.sample(pats, a.ipc, seed=0)
+    test_images, test_labels = synthetic.sample(pats, 5, seed=1)
+    cfg = TrainConfig(
+        epochs=a.epochs, net_width=a.width, train_batch_size=a.batch_size, eval_every=a.epochs, protocol="challenge"
+    )
+    x = to_device_images(images, mean, std, device)
+    y = torch.as_tensor(labels, device=device)
+    tx, ty = torch.as_tensor(test_images, device=device), torch.as_tensor(test_labels, device=device)
+
+    def one_after_another():
+        return [
+            train_run(train_x=x, train_y=y, test_x_u8=tx, test_y=ty, config=cfg, num_classes=a.classes,
+                      seed=eval_run_seed(cfg.eval_seed, r), mean=mean, std=std)
+            for r in range(n)
+        ]  # fmt: skip
+
+    def at_once():
+        return train_runs_at_once(images, labels, test_images, test_labels, cfg, a.classes, list(range(n)), mean,
+                                  std, device)  # fmt: skip
+
+    times: dict[str, list[float]] = {"one_after_another": [], "at_once": []}
+    results = {}
+    for _ in range(a.repeats):
+        for name, fn in (("one_after_another", one_after_another), ("at_once", at_once)):
+            _sync(device)
+            t0 = time.perf_counter()
+            results[name] = fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    seq, together = min(times["one_after_another"]), min(times["at_once"])
+    loss_diff = max(
+        abs(h1["train_loss"] - h2["train_loss"])
+        for r1, r2 in zip(results["one_after_another"], results["at_once"])
+        for h1, h2 in zip(r1["history"], r2["history"])
+    )
+    same_acc = [r1["test_acc"] == r2["test_acc"] for r1, r2 in zip(results["one_after_another"], results["at_once"])]
+    return {
+        "benchmark": f"{n} evaluation runs at once (grouped ConvNet) vs one after another, same seeds",
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "cpu_count": os.cpu_count(),
+        "runs": n,
+        "images": int(len(labels)),
+        "classes": a.classes,
+        "ipc": a.ipc,
+        "image_size": a.image_size,
+        "model": {"depth": 3, "width": a.width},
+        "batch_size": a.batch_size,
+        "epochs_per_run": cfg.epochs_run,
+        "protocol": "challenge (epochs + 1, lr drop, DSA, test after the last epoch)",
+        "seconds": {"one_after_another": round(seq, 3), "at_once": round(together, 3)},
+        "all_seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
+        "speedup": round(seq / together, 3),
+        "same_numbers": {
+            "max_train_loss_difference": loss_diff,
+            "same_test_accuracy": same_acc,
+            "test_acc": {k: [r["test_acc"] for r in v] for k, v in results.items()},
+        },
+        "smoke_test": a.smoke_test,
+    }
+
+
+def plot_at_once(rows: list[dict], path: str) -> None:
+    """One bar per row: how many times faster the runs trained at once were (1 = no gain), with both times."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 0.5 + 0.55 * len(rows)))
+    labels = [
+        f"{r['classes']} cl. x IPC {r['ipc']}, {r['image_size']} px, width {r['model']['width']}, "
+        f"{r['epochs_per_run']} ep."
+        for r in rows
+    ]
+    ys = list(range(len(rows)))
+    colors = ["C2" if r["speedup"] >= 1 else "C3" for r in rows]
+    ax.barh(ys, [r["speedup"] for r in rows], 0.6, color=colors)
+    for y, r in zip(ys, rows):
+        s = r["seconds"]
+        ax.text(r["speedup"], y, f"  {r['speedup']:.2f}x ({s['one_after_another']:.1f} s -> {s['at_once']:.1f} s)",
+                va="center", fontsize=8)  # fmt: skip
+    ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.set_xlim(0, max(r["speedup"] for r in rows) * 1.6)
+    ax.set_xlabel(f"speed-up of {rows[0]['runs']} runs at once over one after another ({rows[0]['device']})")
+    ax.set_title("Evaluation runs at once on one device (same seeds and numbers)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None) -> dict:
@@ -179,6 +301,26 @@ def main(argv=None) -> dict:
     if a.smoke_test:
         a.classes, a.ipc, a.image_size, a.width, a.epochs = 10, 4, 16, 16, 1
     torch.set_num_threads(a.threads)
+    if a.runs_at_once:
+        if a.out == "bench_results/train.json":
+            a.out = "bench_results/train_at_once.json"
+        result = bench_at_once(a)
+        rows = []
+        if a.append and os.path.exists(a.out):
+            with open(a.out) as fh:
+                rows = json.load(fh).get("rows", [])
+        rows.append(result)
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as fh:
+            json.dump({"rows": rows}, fh, indent=2)
+        if a.figure:
+            plot_at_once(rows, a.figure)
+        print(
+            f"{a.runs_at_once} runs x {result['epochs_per_run']} epochs on {result['device']}: one after another "
+            f"{result['seconds']['one_after_another']:.2f} s, at once {result['seconds']['at_once']:.2f} s "
+            f"({result['speedup']:.2f}x); max train-loss difference {result['same_numbers']['max_train_loss_difference']:.2e} -> {a.out}"
+        )
+        return result
     device = torch.device(a.device)
     mean, std = mean_std("cifar100")
     images, labels = synthetic.sample(synthetic.patterns(a.classes, a.image_size), a.ipc, seed=0)

@@ -316,3 +316,54 @@ def _check_sweep_in_mlflow(root, rows):
         assert c.data.metrics["accuracy_mean"] == pytest.approx(res["accuracy_mean"])
         assert c.data.tags["train_set.digest"] == res["train_set"]["digest"]
         assert {"report.html", "results.json"} <= {f.path for f in client.list_artifacts(c.info.run_id)}
+
+
+def test_networks_labels_and_baselines_are_axes_and_points_of_one_protocol_share_their_baselines(tmp_path):
+    base = {"dataset": "cifar10", "model": "sdxl-random", "ipc": 4, "eval_data": "test", "real_train_data": "train",
+            "eval_full_data": True}  # fmt: skip
+    grid = {"eval_nets": ["convnet", "convnet,resnet18"], "pda_variants": [0, 1]}
+    planned = sweep.plan_sweep(base, grid, str(tmp_path))
+    assert {p["run"]["baselines_dir"] for p in planned} == {os.path.join(str(tmp_path), "baselines")}
+    assert len({p["group"] for p in planned}) == 1  # networks decide no pixels: one generation
+    keys = {tuple(p["values"].values()): sweep.baseline_keys(build_config(p["run"])) for p in planned}
+    # Another K is another IPC of random images (4 x (K + 1)); the full set is the same: shared.
+    assert len(keys[("convnet", 0)]) == 2 and keys[("convnet", 0)] & keys[("convnet", 1)]
+    assert keys[("convnet", 0)] != keys[("convnet", 1)]
+    # Adding ResNet-18 adds its own baselines and shares ConvNet's.
+    assert keys[("convnet", 0)] < keys[("convnet,resnet18", 0)] and len(keys[("convnet,resnet18", 0)]) == 4
+
+
+def test_leaderboard_columns_of_the_protocols(tmp_path):
+    def ev(data, net, name, labels, acc):
+        return {"data": data, "net": net, "net_name": name, "labels": labels, "accuracy_mean": acc}
+
+    res = {
+        "evaluations": [ev("distilled", "convnet", "ConvNet-3", "hard", 0.5), ev("distilled", "resnet18", "ResNet-18",
+               "hard", 0.4), ev("random", "convnet", "ConvNet-3", "hard", 0.3), ev("full", "convnet", "ConvNet-3",
+               "hard", 0.9)],
+        "scores": [{"net": "convnet", "labels": "hard", "ior": {"mean": 0.2}, "hlr": {"mean": 0.4}, "lrs": {"mean": 0.33}}],
+    }  # fmt: skip
+    cols = sweep.protocol_columns(res)
+    assert cols == {"ResNet-18 hard": 0.4, "random_real": 0.3, "full_data": 0.9, "ior": 0.2, "hlr": 0.4, "lrs": 0.33}
+    rows = [{"point": "a", "accuracy_mean": 0.5, "accuracy_std": 0.0, **cols}, {"point": "b", "accuracy_mean": 0.4,
+            "accuracy_std": 0.0}]  # fmt: skip
+    sweep.write_leaderboard(str(tmp_path), rows)
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "| ResNet-18 hard |" in md.splitlines()[0] and "| 40.00 % |" in md and "| 20.00 % |" in md
+    with open(tmp_path / "leaderboard.csv") as fh:
+        assert [r["ior"] for r in csv.DictReader(fh)] == ["0.2", ""]
+
+
+def test_shared_baselines_are_trained_once_before_the_points(tmp_path, monkeypatch):
+    base = {"dataset": "cifar10", "model": "sdxl-random", "ipc": 4, "eval_data": "test", "real_train_data": "train"}
+    grid = {"eval_seed": [0, 1], "eval_every": [5, 10]}  # --eval-every decides no number: shared baselines
+    planned = sweep.plan_sweep(base, grid, str(tmp_path))
+    ran = []
+    monkeypatch.setattr(
+        pipeline, "run", lambda cfg, run_dir=None: ran.append((cfg.train.eval_seed, cfg.train.eval_every))
+    )
+    assert sweep.run_shared_baselines(planned) == 2
+    # The first point of each seed's baselines, once; the other point of that seed finds them done (in Tune).
+    assert ran == [(0, 5), (1, 5)]
+    plain = sweep.plan_sweep({k: v for k, v in base.items() if k != "real_train_data"}, grid, str(tmp_path / "p"))
+    assert sweep.run_shared_baselines(plain) == 0  # no baselines: nothing runs before Tune

@@ -28,3 +28,19 @@ def test_bench_train_smoke(tmp_path):
     assert res["init_checksum"]["ours"] == res["init_checksum"]["baseline"]
     assert set(res["final_loss"]) == {"ours", "baseline"}
     assert all(math.isfinite(v) and v > 0 for v in res["final_loss"].values())
+
+
+def test_bench_runs_at_once_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out, fig = tmp_path / "at_once.json", tmp_path / "at_once.png"
+    args = ["--runs-at-once", "3", "--smoke-test", "--out", str(out), "--figure", str(fig), "--device", "cpu"]
+    res = bench.main([*args, "--repeats", "1"])
+    bench.main([*args, "--repeats", "1", "--append"])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and rows[0] == res and fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert res["runs"] == 3 and res["seconds"]["at_once"] > 0 and res["seconds"]["one_after_another"] > 0
+    # The same numbers: each run trained with the others is the run alone, up to float rounding.
+    assert res["same_numbers"]["max_train_loss_difference"] < 1e-4
+    assert all(res["same_numbers"]["same_test_accuracy"])

@@ -2,11 +2,13 @@
 samples.png, eval/results.json, eval/curve.png), so it shows whatever exists: the pipeline rewrites it
 after every stage, and a run stopped half way has a page of what it finished.
 
-Sections: accuracy with its protocol (and whether it is at the challenge evaluator's settings), the stages
-(images, images/s, generation GPU-seconds and this run's share of them, the folders shared with other runs),
-the select stage's CLIP figures, the sample grid, a per-class gallery of the images trained on, training
-curves, per-class accuracy bars, the worst classes with their prompt and images, and the config with every
-fingerprint. A sweep point's page speaks of the point: its IPC and K, its share of the shared generation.
+Sections: accuracy with its protocol (and whether it is at the challenge evaluator's settings), the
+cross-architecture and baseline table (networks, labels, random-real and full-data accuracy, DD-Ranking's
+IOR/HLR/LRS), the stages (images, images/s, generation GPU-seconds and this run's share of them, the folders
+shared with other runs), the select stage's CLIP figures, the sample grid, a per-class gallery of the images
+trained on, training curves, per-class accuracy bars, the worst classes with their prompt and images, and the
+config with every fingerprint. A sweep point's page speaks of the point: its IPC and K, its share of the shared
+generation.
 """
 
 from __future__ import annotations
@@ -179,7 +181,9 @@ def _accuracy_section(f: RunFiles) -> str:
         settings = "not the official evaluator's: " + "; ".join(verdict["differences"])
     rows = [
         ("protocol", f"{results_doc.schedule(p)} (epochs counted from 1), accuracy of the "
-         f"{p.get('reported', 'last epoch')}"),
+         f"{p.get('reported', 'last epoch')}" if p.get("hard_labels", True) else
+         f"soft labels: {p['soft']['epochs']} epochs, AdamW + cosine, KL at T = {p['soft']['temperature']}, "
+         f"teacher {p['soft']['teacher']}, accuracy of the {p.get('reported', 'last epoch')}"),
         ("challenge settings", settings),
         ("images per class trained", ipc if isinstance(ipc, int) else f"{min(ipc)}..{max(ipc)}"),
         ("selection", json.dumps(t.get("selection"))),
@@ -191,6 +195,43 @@ def _accuracy_section(f: RunFiles) -> str:
         cs = res["challenge_score"]
         rows.append(("challenge score", f"{h.percent(cs['score'])} (mean of CIFAR-100 and Tiny-ImageNet)"))
     return h.section("Accuracy", head + h.key_values(rows), "accuracy-section")
+
+
+def _protocols_section(f: RunFiles) -> str:
+    """Every network and label mode on the distilled set and its real baselines, with DD-Ranking's scores."""
+    res = f.results or {}
+    evaluations = res.get("evaluations") or []
+    if len(evaluations) < 2:
+        return ""
+    acc = {(e["data"], e["net"], e["labels"]): e for e in evaluations}
+    scores = {(s["net"], s["labels"]): s for s in res.get("scores") or []}
+    rows = []
+    for e in evaluations:
+        if e["data"] != "distilled":
+            continue
+        key = (e["net"], e["labels"])
+
+        def cell(data: str, labels: str, key=key) -> str:
+            got = acc.get((data, key[0], labels))
+            return h.percent(got["accuracy_mean"], got["accuracy_std"]) if got else ""
+
+        s = scores.get(key) or {}
+        score = [h.percent(s[k]["mean"], s[k]["std"]) if s.get(k) else "" for k in ("ior", "hlr", "lrs")]
+        rows.append([e["net_name"], e["labels"], f"{e['parameters']:,}", cell("distilled", e["labels"]),
+                     cell("random", e["labels"]), cell("full", "hard"), *score])  # fmt: skip
+    headers = ["network", "labels", "parameters", "distilled", "random real", "full real (hard)", "IOR", "HLR", "LRS"]
+    note = ""
+    if res.get("scores_definition"):
+        note = f"<p class='muted'>{h.esc(res['scores_definition'])}</p>"
+    base = res.get("baselines")
+    if base:
+        subsets = ", ".join(
+            f"run {s['run']}: {s['images']} images, digest {s['digest']}" for s in base["random_subsets"]
+        )
+        note += f"<p class='muted'>real training set {h.esc(base['real_train_data'])} ({base['images']} images); "
+        note += f"random subsets {h.esc(subsets)}</p>"
+    table = h.table(headers, rows, numeric=[False, False, True, True, True, True, True, True, True])
+    return h.section("Cross-architecture and baselines", table + note, "protocols")
 
 
 def _stages_section(f: RunFiles) -> str:
@@ -388,6 +429,7 @@ def run_page(run_dir: RunDir) -> str:
         subtitle,
         [
             _accuracy_section(f),
+            _protocols_section(f),
             _stages_section(f),
             _select_section(f),
             _samples_section(f),

@@ -109,14 +109,20 @@ def plot_accuracy_vs_cost(rows: list[dict[str, Any]]) -> bytes:
     return _png(plt, fig)
 
 
+# Leaderboard columns of the evaluation protocols (sweep.protocol_columns) shown as percentages, besides the
+# per-network accuracies ("ResNet-18 hard"...).
+PERCENT_COLUMNS = ("random_real", "full_data", "ior", "hlr", "lrs")
+
+
 def write_sweep_page(root: str, rows: list[dict[str, Any]], title: str = "") -> str:
     """Write ROOT/report.html and the two plots beside it; returns the page's path."""
     loc = storage.Location(root)
     plots = {PLOT_IPC: plot_accuracy_vs_ipc(rows), PLOT_COST: plot_accuracy_vs_cost(rows)}
     for name, data in plots.items():
         loc.write_bytes(name, data)
-    fields = [f for f in (rows[0] if rows else {}) if f not in ("point", "accuracy_std")]
-    numeric = [False] + [isinstance(rows[0][f], (int, float)) or f == "accuracy_mean" for f in fields]
+    # Points may differ in their columns (networks, baselines): the union, in first-seen order.
+    fields = [f for f in dict.fromkeys(k for r in rows for k in r) if f not in ("point", "accuracy_std")]
+    numeric = [False] + [any(isinstance(r.get(f), (int, float)) for r in rows) or f == "accuracy_mean" for f in fields]
 
     def cells(r: dict[str, Any]) -> list[Any]:
         link = f"<a href='points/{h.esc(r['point'])}/{PAGE}'>{h.esc(r['point'])}</a>"
@@ -125,8 +131,10 @@ def write_sweep_page(root: str, rows: list[dict[str, Any]], title: str = "") -> 
             if f == "accuracy_mean":
                 value = r[f] if r[f] is not None else -1
                 out.append((h.esc(h.percent(r[f], r.get("accuracy_std"))), value))
+            elif isinstance(r.get(f), float) and (f in PERCENT_COLUMNS or " " in f):  # accuracies and scores
+                out.append((h.esc(h.percent(r[f])), r[f]))
             else:
-                out.append("" if r[f] is None else r[f])
+                out.append("" if r.get(f) is None else r[f])
         return out
 
     table = h.table(["point", *fields], (cells(r) for r in rows), sortable=True, ident="leaderboard", numeric=numeric)

@@ -2,6 +2,8 @@
 
 OUT/eval/results.json     accuracy of each run, mean, std, the protocol, the rows trained on, per-class
                           accuracy and the confusion matrix, every hyperparameter, wall time (written last)
+                          + every evaluation (set x network x labels: `evaluations`), `cross_architecture`,
+                          the real `baselines` (random subsets) and DD-Ranking's `scores` (IOR, HLR, LRS)
 OUT/eval/metrics.jsonl    one line per (run, epoch): lr, train loss/acc, test acc every --eval-every
 OUT/eval/curve.png        training curves of every run
 """
@@ -19,6 +21,7 @@ from gdd_ray import challenge, selection, storage
 from gdd_ray.classes import ClassInfo
 from gdd_ray.config import RunConfig
 from gdd_ray.run import eval_run_name, now_iso
+from gdd_ray.train import protocols, scores
 from gdd_ray.train.data import DistilledSet
 from gdd_ray.train.testsets import TestSet
 
@@ -41,11 +44,13 @@ def results_document(
     wall_s: float,
 ) -> dict[str, Any]:
     """results.json: every run, the mean and std of their last-epoch accuracy, per class, and what produced them."""
-    from gdd_ray.train.convnet import ConvNet, num_parameters  # torch: not for reading results
+    from gdd_ray.train.convnet import num_parameters  # torch: not for reading results
+    from gdd_ray.train.nets import build, display_name
 
     t = cfg.train
+    first = protocols.cells(t)[0]
     accs = [r["test_acc"] for r in runs] if test is not None else []
-    net = ConvNet.from_config(t, len(distilled.class_ids), distilled.image_size)
+    net = build(first.net, t, len(distilled.class_ids), distilled.image_size)
     per_class = distilled.per_class
     counts = _summed_confusion(runs)
     doc: dict[str, Any] = {
@@ -80,6 +85,8 @@ def results_document(
             else None
         ),
         "model": {
+            "net": first.net,
+            "name": display_name(first.net, t),
             "depth": t.net_depth,
             "width": t.net_width,
             "norm": t.net_norm,
@@ -100,11 +107,13 @@ def results_document(
             "dsa_strategy": t.dsa_strategy,
             "lr_drop_epoch": t.lr_drop_epoch,  # the first epoch at lr x0.1, or None: no drop within the run
             "epochs_counted_from": 1,  # as metrics.jsonl, the logs and the plots count
-            "hard_labels": True,
+            "hard_labels": first.labels == "hard",
+            "labels": first.labels,
+            **({"soft": soft_protocol(t)} if first.labels == "soft" else {}),
             "reported": "last epoch",
         },  # fmt: skip
         "normalization": {"mean": mean_std[0], "std": mean_std[1]},
-        "config": {"dataset": cfg.dataset, "ipc": cfg.ipc, **vars(t)},
+        "config": {"dataset": cfg.dataset, "ipc": cfg.ipc, **json.loads(json.dumps(vars(t)))},  # as read back
         "workers": workers,
         "use_gpu": use_gpu,
         "started": started,
@@ -115,6 +124,93 @@ def results_document(
     verdict = challenge.official(doc, cfg.dataset)
     doc["official"], doc["official_differences"] = verdict["official"], verdict["differences"]
     return doc
+
+
+def soft_protocol(t) -> dict[str, Any]:
+    return {
+        "epochs": t.soft_epochs, "optimizer": "AdamW", "lr": t.soft_lr, "weight_decay": t.soft_weight_decay,
+        "schedule": "cosine per epoch", "temperature": t.temperature, "loss": "KL(teacher || student) x T^2",
+        "teacher": t.teacher,
+    }  # fmt: skip
+
+
+def _acc_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    accs = [r.get("test_acc") for r in runs]
+    if not accs or any(a is None for a in accs):
+        return {"accuracies": [], "accuracy_mean": None, "accuracy_std": None}
+    return {"accuracies": accs, "accuracy_mean": float(np.mean(accs)), "accuracy_std": float(np.std(accs))}
+
+
+def protocol_results(cfg: RunConfig, plan, distilled: DistilledSet, evaluated: bool) -> dict[str, Any]:
+    """results.json's evaluations beyond the headline one: every cell (training set x network x labels) with
+    its accuracy, the cross-architecture table, the real baselines and DD-Ranking's scores (train.scores)."""
+    from gdd_ray.train.convnet import num_parameters
+    from gdd_ray.train.nets import build, display_name
+
+    t = cfg.train
+    params = {
+        c.cell.net: num_parameters(build(c.cell.net, t, len(distilled.class_ids), distilled.image_size))
+        for c in plan.cells
+    }
+    cells = []
+    by: dict[tuple[str, str, str], list[float] | None] = {}
+    for c in plan.cells:
+        runs = [c.done[r] for r in range(plan.runs)]
+        stats = _acc_stats(runs) if evaluated else _acc_stats([])
+        by[(c.cell.data, c.cell.net, c.cell.labels)] = stats["accuracies"] or None
+        cells.append({
+            "name": c.cell.name, "data": c.cell.data, "net": c.cell.net, "net_name": display_name(c.cell.net, t),
+            "labels": c.cell.labels, "parameters": params[c.cell.net], **stats,
+            "epochs": runs[0].get("epochs") if runs else None, "folder": c.loc.uri, "key": c.key,
+        })  # fmt: skip
+    cross = []
+    score_rows = []
+    for net in dict.fromkeys(c.cell.net for c in plan.cells):
+        row: dict[str, Any] = {"net": net, "net_name": display_name(net, t), "parameters": params[net]}
+        for c in cells:
+            if c["net"] == net and c["data"] == "distilled":
+                row[c["labels"]] = {"mean": c["accuracy_mean"], "std": c["accuracy_std"]}
+        cross.append(row)
+        for labels in t.label_modes:
+            distilled_accs = by.get(("distilled", net, labels))
+            if distilled_accs is None:
+                continue
+            s = scores.scores(
+                distilled_accs, by.get(("random", net, labels)), by.get(("full", net, "hard")),
+                by.get(("distilled", net, "hard")) or distilled_accs,
+            )  # fmt: skip
+            score_rows.append({"net": net, "net_name": display_name(net, t), "labels": labels, **s})
+    out: dict[str, Any] = {"evaluations": cells, "cross_architecture": cross}
+    if t.labels != "hard":
+        out["soft_protocol"] = soft_protocol(t)
+    if plan.real is not None:
+        out["baselines"] = {
+            "real_train_data": t.real_train_data, "full_data": t.eval_full_data, **plan.real.describe(),
+        }  # fmt: skip
+        out["scores"] = score_rows
+        out["scores_definition"] = scores.CITATION
+    elif t.labels == "both":
+        out["scores"] = score_rows
+        out["scores_definition"] = scores.CITATION + " (IOR, HLR and LRS need --real-train-data --eval-full-data)"
+    return out
+
+
+def protocol_lines(results: dict[str, Any]) -> list[str]:
+    """One log line per evaluation beyond the headline, and the scores."""
+    lines = []
+    for c in (results.get("evaluations") or [])[1:]:
+        if c["accuracy_mean"] is not None:
+            lines.append(
+                f"{c['data']} {c['net_name']} {c['labels']} labels: {100 * c['accuracy_mean']:.2f} +- "
+                f"{100 * c['accuracy_std']:.2f} %"
+            )
+    for s in results.get("scores") or []:
+        parts = [
+            f"{k.upper()} {100 * s[k]['mean']:.2f} +- {100 * s[k]['std']:.2f}" for k in ("ior", "hlr", "lrs") if s[k]
+        ]
+        if parts:
+            lines.append(f"{s['net_name']} {s['labels']} labels (DD-Ranking): " + ", ".join(parts))
+    return lines
 
 
 def _summed_confusion(runs: list[dict[str, Any]]) -> np.ndarray | None:
@@ -172,14 +268,16 @@ def read_results(eval_loc: storage.Location) -> dict[str, Any] | None:
         return None
 
 
-def merge_metrics(eval_loc: storage.Location, n_runs: int) -> list[dict[str, Any]]:
-    """Every run's metrics (eval/metrics/runNN.jsonl) as one list, run by run."""
+def merge_metrics(eval_loc: storage.Location, n_runs: int, others: list | None = None) -> list[dict[str, Any]]:
+    """Every run's metrics (eval/metrics/runNN.jsonl) as one list, run by run, then those of the other cells
+    (their rows carry the cell's name)."""
     rows = []
-    metrics = eval_loc.child("metrics")
-    for r in range(n_runs):
-        name = f"{eval_run_name(r)}.jsonl"
-        if metrics.exists(name):
-            rows += [json.loads(line) for line in metrics.read_bytes(name).decode().splitlines() if line.strip()]
+    for loc in [eval_loc, *(c.loc for c in others or [])]:
+        metrics = loc.child("metrics")
+        for r in range(n_runs):
+            name = f"{eval_run_name(r)}.jsonl"
+            if metrics.exists(name):
+                rows += [json.loads(line) for line in metrics.read_bytes(name).decode().splitlines() if line.strip()]
     return rows
 
 
@@ -187,13 +285,16 @@ def write_outputs(eval_loc: storage.Location, results: dict[str, Any], history: 
     """metrics.jsonl, curve.png, then results.json last: its presence means the evaluation is done."""
     eval_loc.write_bytes("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
     accs = results["accuracies"]
+    history = [h for h in history if "cell" not in h]  # the headline evaluation's curves
+    model = results["model"]
+    name = model.get("name") or f"ConvNet depth {model['depth']} width {model['width']}"
     title = (
-        f"ConvNet depth {results['model']['depth']} width {results['model']['width']} on "
+        f"{name} on "
         f"{results['train_set']['images']} images, {len(results['runs'])} runs, {results['protocol']['name']} protocol"
     )
     if accs:
         title += f": test accuracy {100 * np.mean(accs):.2f} +- {100 * np.std(accs):.2f} % (last epoch)"
-    lr_drop = results["protocol"]["lr_drop_epoch"]  # counted from 1, as history's epochs
+    lr_drop = results["protocol"]["lr_drop_epoch"] if results["protocol"].get("hard_labels", True) else None
     eval_loc.write_bytes("curve.png", plot_curves(history, len(results["runs"]), lr_drop, title))
     eval_loc.write_bytes(RESULTS, json_text(results).encode())
 

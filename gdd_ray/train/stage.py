@@ -10,6 +10,9 @@ driver   gather the runs; train.report writes results.json, metrics.jsonl and cu
 OUT/eval/runs/run00.json        a finished run (a rerun skips it)
 OUT/eval/metrics/run00.jsonl    a run's metrics so far (rewritten at each checkpoint)
 OUT/eval/checkpoints/run00.pt   a run's latest checkpoint (every --checkpoint-every epochs; a rerun resumes)
+OUT/eval/cells/<net>-<labels>/  the same for every other network and label mode (--eval-nets, --labels)
+OUT/eval/baselines/<cell>-<key>/  the same for the random-real and full-data baselines (--real-train-data),
+                                under --baselines-dir when given (train.protocols says what is where)
 """
 
 from __future__ import annotations
@@ -19,17 +22,18 @@ import time
 from typing import Any
 
 from gdd_ray import lifecycle, selection, shards, storage
-from gdd_ray.config import RunConfig
+from gdd_ray.config import RunConfig, TrainConfig, net_key
 from gdd_ray.errors import UserError
 from gdd_ray.logs import say
 from gdd_ray.run import RunContext, RunDir, now_iso, stage_summary
-from gdd_ray.train import report, testsets
+from gdd_ray.train import evaluation, protocols, report, testsets
 from gdd_ray.train.data import DistilledSet, check_alignment, load_shards, mean_std
 
 VERSION = 3  # 3: the set is class-major (selection.choose); per-class results; protocols
 # What decides the numbers a run computes. Not eval_runs, eval_workers, checkpoint_every or eval_every:
-# resume is exact, so changing those reuses finished work. --select is in resolved_inputs (the rows
-# trained on), since it decides nothing under the paper protocol.
+# resume is exact, so changing those reuses finished work (nor runs_at_once: float rounding only, nor
+# baselines_dir, full_data_max_gib: where and whether, not what). --select is in resolved_inputs (the rows
+# trained on), since it decides nothing under the paper protocol; so are the evaluation protocols' fields.
 OUTPUT_FIELDS = (
     "dataset",
     "classes",
@@ -60,14 +64,49 @@ def source(cfg: RunConfig, run_dir: RunDir) -> str:
     return "select" if cfg.clip.select_by == "clip" else "generate"
 
 
+# The evaluation protocols' fields (baselines, networks, soft labels): in the fingerprint when set, absent at
+# their defaults, so runs made before they existed keep their fingerprint (as generate's prompt_templates).
+PROTOCOL_FIELDS = (
+    "real_train_data",
+    "eval_full_data",
+    "eval_nets",
+    "labels",
+    "teacher",
+    "temperature",
+    "soft_epochs",
+    "soft_lr",
+    "soft_weight_decay",
+)
+
+
+SOFT_FIELDS = ("teacher", "temperature", "soft_epochs", "soft_lr", "soft_weight_decay")
+
+
 def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
     """The rows trained on, resolved: the prefix (index < IPC, variant <= K) and, under the challenge
-    protocol, the 10-per-class selection. IPC is here because the source's fingerprint does not hold it."""
+    protocol, the 10-per-class selection. IPC is here because the source's fingerprint does not hold it.
+    Then the evaluation protocols' fields that differ from their defaults (networks by their key), and the
+    teacher's bytes (its digest) rather than its path alone."""
     choice = selection.for_training(cfg)
     rows = choice.describe()
     if choice.per_class is None:
         rows["how"] = None  # every row of the prefix: --select decides nothing
-    return {"rows": rows}
+    out: dict[str, Any] = {"rows": rows}
+    default, t = TrainConfig(), cfg.train
+    for name in PROTOCOL_FIELDS:
+        value, usual = getattr(t, name), getattr(default, name)
+        if name == "eval_nets":  # by key: ConvNet-3 is convnet
+            value, usual = [net_key(n) for n in value], [net_key(n) for n in usual]
+        if t.labels == "hard" and name in SOFT_FIELDS:
+            continue  # hard labels only: the soft-label options decide nothing
+        if value != usual:
+            out[f"train.{name}"] = value
+    if cfg.train.labels != "hard" and cfg.train.teacher:
+        try:
+            out["teacher_digest"] = protocols.file_digest(cfg.train.teacher)
+        except OSError:
+            out["teacher_digest"] = None  # preflight says why in one line
+    return out
 
 
 def _variants_available(ctx: RunContext) -> int:
@@ -103,6 +142,7 @@ def preflight(ctx: RunContext) -> None:
         ConvNet.from_config(cfg.train, len(ctx.classes), cfg.image_size)
     except ValueError as e:
         raise UserError(f"--net-depth/--net-pool: {e}") from e
+    evaluation.preflight(ctx)
     if cfg.train.eval_data is None:
         return
     info = testsets.describe(cfg.train.eval_data)
@@ -154,40 +194,41 @@ def run(ctx: RunContext) -> dict[str, Any]:
     src_loc, digest = source.loc, source.manifest.digest
     eval_loc.makedirs()
     eval_loc.remove_stale_temporaries()
-    done = report.finished_runs(eval_loc, fp, t.eval_runs, digest)
-    pending = [r for r in range(t.eval_runs) if r not in done]
+    plan = evaluation.make_plan(ctx, distilled, digest)
+    pending = plan.pending()
     drop = f"lr x0.1 from epoch {t.lr_drop_epoch}" if t.lr_drop_epoch else "no lr drop"
     say(
         "train",
         f"{len(distilled.labels)} images ({len(ctx.classes)} classes, {distilled.image_size}px) from {src_loc.uri}, "
-        f"{t.protocol} protocol; {t.eval_runs} runs x {t.epochs_run} epochs ({drop}): {len(done)} done, "
-        f"{len(pending)} to do",
+        f"{t.protocol} protocol ({drop}); {len(plan.cells)} evaluation(s) x {t.eval_runs} runs: "
+        f"{len(plan.cells) * t.eval_runs - len(pending)} done, {len(pending)} to do",
     )
     workers, use_gpu = 0, False
     if pending:
-        workers, use_gpu = _train_pending(ctx, pending, distilled, test, ms, digest)
-        done = report.finished_runs(eval_loc, fp, t.eval_runs, digest)
-        missing = [r for r in range(t.eval_runs) if r not in done]
-        if missing:  # never report a mean over fewer runs than asked
-            raise RuntimeError(f"runs {missing} finished without writing their result under {eval_loc.uri}/runs")
+        workers, use_gpu = _train_pending(ctx, plan, pending, distilled, test, ms)
+        plan.refresh()
+        if plan.missing():  # never report a mean over fewer runs than asked
+            raise RuntimeError(f"{', '.join(plan.missing())} finished without writing their result")
     eval_loc.remove_stale_temporaries()
 
-    runs = [done[r] for r in range(t.eval_runs)]
+    first = plan.cells[0]
+    runs = [first.done[r] for r in range(t.eval_runs)]
     results = report.results_document(
         cfg, fp, src_loc.uri, distilled, test, runs, ms, ctx.classes,
         workers=workers, use_gpu=use_gpu, started=started, wall_s=time.perf_counter() - t0,
     )  # fmt: skip
     results["read"] = source.record()
+    results.update(report.protocol_results(cfg, plan, distilled, test is not None))
     accs = results["accuracies"]
     summary = stage_summary(
         "train", fp, started, time.perf_counter() - t0,
-        units=t.eval_runs, units_run=len(pending), images=int(len(distilled.labels)), images_made=0,
+        units=len(plan.cells) * t.eval_runs, units_run=len(pending), images=int(len(distilled.labels)), images_made=0,
         evaluated=results["evaluated"], accuracy_mean=results["accuracy_mean"],
         accuracy_std=results["accuracy_std"], results=report.RESULTS, protocol=t.protocol,
         images_per_class=results["train_set"]["images_per_class"],
     )  # fmt: skip
     ctx.run_dir.write_summary("train", summary)
-    report.write_outputs(eval_loc, results, report.merge_metrics(eval_loc, t.eval_runs))
+    report.write_outputs(eval_loc, results, report.merge_metrics(eval_loc, t.eval_runs, plan.cells[1:]))
     ctx.run_dir.update_stage(
         "train", status="done", finished=results["finished"], accuracy_mean=results["accuracy_mean"]
     )
@@ -199,11 +240,13 @@ def run(ctx: RunContext) -> dict[str, Any]:
             f"done: test accuracy {100 * results['accuracy_mean']:.2f} +- {100 * results['accuracy_std']:.2f} % "
             f"over {len(accs)} runs (last epoch, {t.protocol} protocol) -> {storage.join(eval_loc.uri, report.RESULTS)}",
         )
+        for line in report.protocol_lines(results):
+            say("train", line)
     return results
 
 
 def _train_pending(
-    ctx: RunContext, pending: list[int], distilled: DistilledSet, test: testsets.TestSet | None, ms, digest: str
+    ctx: RunContext, plan: evaluation.EvalPlan, pending: list, distilled: DistilledSet, test, ms
 ) -> tuple[int, bool]:
     """Put the data in the object store once and train the pending runs on a Ray Train worker group."""
     import ray
@@ -212,19 +255,28 @@ def _train_pending(
     from gdd_ray.train.worker import TrainJob, default_workers, fit
 
     init_ray()  # only now: a rerun over finished runs starts nothing
-    workers, use_gpu = default_workers(len(pending), ctx.cfg.train.eval_workers)
+    t = ctx.cfg.train
+    real, positions = evaluation.real_arrays(ctx, plan, pending)
+    evaluation.record_cells(plan)
+    tasks = evaluation.tasks(plan, pending, positions, t.eval_seed)
+    workers, use_gpu = default_workers(len(tasks), t.eval_workers)
+    data = {"distilled": ray.put((distilled.images, distilled.labels))}
+    if real is not None:
+        data["real"] = ray.put(real)
+    teacher_ref = None
+    if any(task.labels == "soft" for task in tasks):
+        with open(t.teacher, "rb") as fh:  # shipped: a worker on another node need not see the driver's disk
+            teacher_ref = ray.put(fh.read())
     job = TrainJob(
-        config=ctx.cfg.train,
-        runs=pending,
+        config=t,
+        tasks=tasks,
         num_classes=len(ctx.classes),
         mean=ms[0],
         std=ms[1],
-        fingerprint=ctx.fingerprint("train"),
-        source_manifest=digest,
-        eval_uri=ctx.run_dir.eval.uri,
-        train_ref=ray.put((distilled.images, distilled.labels)),
+        data=data,
         test_ref=ray.put((test.images, test.labels)) if test is not None else None,
-        images=int(len(distilled.labels)),
+        teacher_ref=teacher_ref,
+        teacher_name=t.teacher or "",
     )
     fit(job, ctx.run_dir.eval.child("_ray_train"), workers, use_gpu)
     return workers, use_gpu

@@ -1,4 +1,5 @@
-"""Real test sets in their own published formats, with their own class lists for the label-alignment check.
+"""Real test (and training) sets in their own published formats, with their own class lists for the
+label-alignment check.
 
     CIFAR-10/100      cifar-10-batches-py/{test_batch,batches.meta}, cifar-100-python/{test,meta} (python pickles)
     Tiny-ImageNet     tiny-imagenet-200/{wnids.txt,words.txt,val/val_annotations.txt,val/images/*.JPEG}
@@ -8,6 +9,10 @@
 `describe()` is cheap (class list, size, count: for preflight); `load()` returns every image as uint8 NHWC.
 Labels follow each dataset's own order: CIFAR's `meta`, sorted wnids for Tiny-ImageNet (torchvision's
 ImageFolder over train/), sorted folder names for a folder tree.
+
+Training sets (--real-train-data, for the random-real and full-data baselines): CIFAR's train batches
+(`cifar-100-python/train`, `cifar-10-batches-py/data_batch_1..5`), Tiny-ImageNet's `train/<wnid>/images/`,
+or a folder of class folders (`train/<class>/` below the path, else the path itself), in the same label order.
 """
 
 from __future__ import annotations
@@ -322,3 +327,126 @@ def check_size(info: TestSetInfo, image_size: int, shown: str) -> None:
             f"{info.kind} test images are {info.image_size}px but the shards are {image_size}px; "
             f"generate at --image-size {info.image_size} (or evaluate on a matching test set)",
         )
+
+
+# ---- real training sets (--real-train-data) ---------------------------------------------------------
+
+TRAIN_FLAG = "--real-train-data"
+
+
+def _as_train_error(e: UserError) -> UserError:
+    """The readers above word their errors for --eval-data; the same reader failing on a training set names
+    the flag the user gave."""
+    return UserError(str(e).replace("--eval-data ", f"{TRAIN_FLAG} ", 1))
+
+
+def _find_train(path: str) -> tuple[str, str] | None:
+    """(kind, root) of the training set at or just below `path` (the same layouts as the test sets')."""
+    if not os.path.isdir(path):
+        return None
+    for root in (path, os.path.join(path, "cifar-100-python"), os.path.join(path, "cifar-10-batches-py")):
+        if os.path.isfile(os.path.join(root, "train")) and os.path.isfile(os.path.join(root, "meta")):
+            return "cifar100", root
+        if os.path.isfile(os.path.join(root, "data_batch_1")) and os.path.isfile(os.path.join(root, "batches.meta")):
+            return "cifar10", root
+    for root in (path, os.path.join(path, "tiny-imagenet-200")):
+        if os.path.isfile(os.path.join(root, "wnids.txt")) and os.path.isdir(os.path.join(root, "train")):
+            return "tiny-imagenet", root
+    for root in (os.path.join(path, "train"), path):
+        if os.path.isdir(root) and _class_folders(root):
+            return "folder", root
+    return None
+
+
+def _cifar_train(kind: str, root: str, shown: str) -> tuple[TestSetInfo, np.ndarray, np.ndarray]:
+    meta_file, names_key, labels_key = (
+        ("meta", b"fine_label_names", b"fine_labels")
+        if kind == "cifar100"
+        else ("batches.meta", b"label_names", b"labels")
+    )
+    meta = _unpickle(os.path.join(root, meta_file), shown)
+    if names_key not in meta:
+        raise _err(shown, f"{meta_file} has no {names_key.decode()} (corrupt or not CIFAR)")
+    names = _decode_names(meta[names_key])
+    files = ["train"] if kind == "cifar100" else sorted(f for f in os.listdir(root) if f.startswith("data_batch_"))
+    datas, labels = [], []
+    for f in files:
+        batch = _unpickle(os.path.join(root, f), shown)
+        if b"data" not in batch or labels_key not in batch:
+            raise _err(shown, f"{f} lacks b'data' or {labels_key!r} (corrupt or not CIFAR)")
+        datas.append(np.asarray(batch[b"data"]))
+        labels.append(np.asarray(batch[labels_key], dtype=np.int64))
+    data, lab = np.concatenate(datas), np.concatenate(labels)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] % 3 or len(data) != len(lab):
+        raise _err(shown, f"b'data' is {data.dtype} {data.shape}, expected uint8 N x 3*H*W (corrupt)")
+    side = int(round((data.shape[1] // 3) ** 0.5))
+    if 3 * side * side != data.shape[1] or (len(lab) and (lab.min() < 0 or lab.max() >= len(names))):
+        raise _err(shown, "rows are not square RGB images or labels lie outside the class list (corrupt)")
+    info = TestSetInfo(kind, root, names, names, len(lab), side)
+    return info, data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1), lab
+
+
+def _tiny_train(root: str, shown: str) -> tuple[TestSetInfo, list[str], np.ndarray]:
+    with open(os.path.join(root, "wnids.txt")) as fh:
+        wnids = sorted(ln.strip() for ln in fh if ln.strip())
+    files, labels = [], []
+    for i, w in enumerate(wnids):
+        folder = os.path.join(root, "train", w, "images")
+        if not os.path.isdir(folder):
+            raise _err(shown, f"train/{w}/images is missing (incomplete unpacking?)")
+        for f in _images_in(folder):
+            files.append(os.path.join(folder, f))
+            labels.append(i)
+    if not files:
+        raise _err(shown, "train/ holds no images")
+    words = {}
+    words_file = os.path.join(root, "words.txt")
+    if os.path.isfile(words_file):
+        with open(words_file) as fh:
+            for line in fh:
+                wnid, _, name = line.rstrip("\n").partition("\t")
+                words[wnid] = name.split(",")[0].strip()
+    size = _image_size(files[0], shown)
+    info = TestSetInfo("tiny-imagenet", root, wnids, [words.get(w, w) for w in wnids], len(files), size)
+    return info, files, np.array(labels, dtype=np.int64)
+
+
+def _train_index(path: str) -> tuple[TestSetInfo, list[str] | np.ndarray, np.ndarray]:
+    """(info, the files or the pixels (CIFAR), labels) of the training set at `path`."""
+    if not os.path.exists(path):
+        raise _err(path, f"does not exist; {HOW_TO_GET}")
+    found = _find_train(path)
+    if found is None:
+        raise _err(path, f"not a training set this stage reads (CIFAR's train batches, Tiny-ImageNet's train/, "
+                         f"or a folder of class folders); {HOW_TO_GET}")  # fmt: skip
+    kind, root = found
+    if kind in ("cifar10", "cifar100"):
+        return _cifar_train(kind, root, path)
+    if kind == "tiny-imagenet":
+        return _tiny_train(root, path)
+    return _folder(root)
+
+
+def describe_train(path: str) -> tuple[TestSetInfo, np.ndarray]:
+    """The training set's class list, size and count, and every image's label (to draw subsets from)."""
+    try:
+        info, _, labels = _train_index(path)
+    except UserError as e:
+        raise _as_train_error(e) from None
+    return info, labels
+
+
+def load_train(path: str, image_size: int, rows: np.ndarray | None = None) -> TestSet:
+    """The training images `rows` (default all, in the set's order) as uint8 at `image_size`; only those are
+    decoded (a random subset of an ImageNet-style tree reads its own files only)."""
+    try:
+        info, source, labels = _train_index(path)
+        check_size(info, image_size, path)
+        rows = np.arange(len(labels)) if rows is None else np.asarray(rows, dtype=np.int64)
+        if isinstance(source, np.ndarray):
+            images = np.ascontiguousarray(source[rows])
+        else:
+            images = _read_images([source[i] for i in rows], image_size, path, resize=info.image_size is None)
+    except UserError as e:
+        raise _as_train_error(e) from None
+    return TestSet(info, images, labels[rows])

@@ -39,7 +39,7 @@ FAST_FAILURE = {
 
 
 @pytest.fixture
-def cluster(gdd_cache, tiny_model):
+def cluster(gdd_cache, tiny_model, ray_pool):
     """A CPU-only head and three worker nodes with one fake GPU each; a fresh one per test, since the
     tests remove, drain and add nodes.
 
@@ -47,6 +47,7 @@ def cluster(gdd_cache, tiny_model):
     plain ray.init() anywhere else on this machine must not find (and join) this test's cluster."""
     from ray.cluster_utils import Cluster
 
+    ray_pool.stop()  # this process joins the test's cluster instead
     tmp = tempfile.mkdtemp(prefix="gddmn", dir="/tmp")  # short: Ray's socket paths live under it
     saved = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = tmp

@@ -71,17 +71,8 @@ def test_parameter_counts_match_the_reference_definitions(classes):
     assert resnet18(10) == 11_173_962
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_eval_nets_trains_all_four_and_the_page_shows_the_table(ray_cluster, tmp_path):
+def test_eval_nets_trains_all_four_and_the_page_shows_the_table(local_ray, tmp_path):
     classes = dataset_classes("cifar10")
     pats = synthetic.patterns(10, 32, seed=0)
     synthetic.write_cifar(str(tmp_path / "test"), *synthetic.sample(pats, 1, seed=2), [c.class_id for c in classes])

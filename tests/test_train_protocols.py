@@ -19,15 +19,6 @@ CLASSES = dataset_classes("cifar10")
 NAMES = [c.class_id for c in CLASSES]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 class TinyTeacher(torch.nn.Module):
     def __init__(self, classes: int):
         super().__init__()
@@ -64,7 +55,7 @@ def make_run(out, real, **kw):
 
 
 @pytest.mark.slow
-def test_baselines_soft_labels_scores_resume_and_sharing(ray_cluster, real_data, tmp_path):
+def test_baselines_soft_labels_scores_resume_and_sharing(local_ray, real_data, tmp_path):
     shared = str(tmp_path / "baselines")
     kw = dict(
         real_train_data=str(real_data / "cifar"), eval_full_data=True, labels="both",

@@ -38,8 +38,10 @@ class DistillCommand:
 
     @staticmethod
     def run_from_args(args: argparse.Namespace) -> int:
+        from gdd_ray import schema
         from gdd_ray.config_loader import build_config
 
+        schema.check_environment()
         values = {k: v for k, v in vars(args).items() if k not in ("config", "command", "_command")}
         cfg = build_config(values, args.config)  # a bad flag is one line before torch or Ray is imported
         from gdd_ray import pipeline

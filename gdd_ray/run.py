@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from gdd_ray import logs, storage
+from gdd_ray import logs, schema, storage
 from gdd_ray.classes import ClassInfo
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
@@ -35,7 +35,6 @@ from gdd_ray.plan import Plan
 RUN_FILE = "run.json"
 SUMMARY_FILE = "_summary.json"
 STAGE_DIRS = {"generate": "generated", "select": "selected", "augment": "augmented", "train": "eval"}
-MAX_RUN_FILE_BYTES = 64 * 2**20
 # What each stage writes, by folder (relative to OUT) and name pattern: --overwrite deletes these and
 # nothing else (a user's notes in OUT/generated/ stay). A stage that writes a new kind of file adds it here.
 SHARD_GLOB = "c[0-9]*-i[0-9]*-[0-9]*.parquet"
@@ -144,24 +143,19 @@ class RunDir:
     # ---- run.json -----------------------------------------------------------------------------
 
     def read_record(self) -> dict[str, Any] | None:
+        """run.json, checked by its schema (every field a reader uses has its type); None when there is none."""
         try:
             if not self.root.exists(RUN_FILE):
                 return None
         except OSError as e:  # the store itself: endpoint, bucket, credentials
             raise storage.Unreachable(f"cannot read {self.uri} ({storage.reason(e)})") from e
+        where = storage.join(self.uri, RUN_FILE)
         try:
-            data = self.root.read_bytes(RUN_FILE)
-            if len(data) > MAX_RUN_FILE_BYTES:
-                raise ValueError(f"{len(data)} bytes, more than any run record")
-            record = json.loads(data)
-        except (OSError, ValueError, RecursionError) as e:
-            raise UserError(
-                f"{storage.join(self.uri, RUN_FILE)} is unreadable ({storage.reason(e)}); fix it or use --overwrite"
-            ) from e
-        shapes = {"fingerprints": dict, "inputs": dict, "stages": dict, "config": dict, "classes": list}
-        if not isinstance(record, dict) or any(not isinstance(record.get(k, t()), t) for k, t in shapes.items()):
-            raise UserError(f"{storage.join(self.uri, RUN_FILE)} is not a run record; fix it or use --overwrite")
-        return record
+            return schema.run_record(self.root.read_bytes(RUN_FILE), where)
+        except OSError as e:
+            raise UserError(f"{where} is unreadable ({storage.reason(e)}); fix it or use --overwrite") from e
+        except schema.Invalid as e:
+            raise schema.Invalid(f"{e}; {where} is not a run record gdd-ray wrote: fix it or use --overwrite") from e
 
     def write_record(self, record: dict[str, Any]) -> None:
         record["updated"] = now_iso()
@@ -180,11 +174,8 @@ class RunDir:
         self.write_record(record)
 
     def read_summary(self, stage: str) -> dict[str, Any] | None:
-        loc = self.stage_dir(stage)
-        try:
-            return json.loads(loc.read_bytes(SUMMARY_FILE)) if loc.exists(SUMMARY_FILE) else None
-        except (OSError, ValueError):
-            return None
+        """The stage's summary; None when it is missing or damaged (the stage rewrites it when it next finishes)."""
+        return schema.read_or_none(self.stage_dir(stage), SUMMARY_FILE, schema.SUMMARY)
 
     def write_summary(self, stage: str, summary: dict[str, Any]) -> None:
         self.stage_dir(stage).write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2).encode())

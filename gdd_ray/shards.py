@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from gdd_ray import storage
+from gdd_ray import schema, storage
 from gdd_ray.plan import SHARD_SUFFIX, WorkUnit, parse_shard_name
 
 MANIFEST_FILE = "_manifest.json"
@@ -291,11 +291,9 @@ def read_manifest(loc: storage.Location, fingerprint: str | None = None) -> Mani
     try:
         if not loc.exists(MANIFEST_FILE):
             return None
-        d = json.loads(loc.read_bytes(MANIFEST_FILE))
+        d = schema.load(loc.read_bytes(MANIFEST_FILE), schema.MANIFEST, storage.join(loc.uri, MANIFEST_FILE))
         manifest = Manifest(d["stage"], d["fingerprint"], list(d["shards"]), d.get("written", ""))
-        if not all({"name", "rows"} <= set(s) for s in manifest.shards):
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):  # schema.Invalid is a ValueError: a damaged manifest means "not complete"
         return None
     if fingerprint is not None and manifest.fingerprint != fingerprint:
         return None

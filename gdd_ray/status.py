@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from gdd_ray import lease, shards, storage
+from gdd_ray import lease, schema, shards, storage
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
 from gdd_ray.generate.budget import budgeted
@@ -155,7 +155,7 @@ def train_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify
         if name not in present:
             continue
         try:
-            res = json.loads(runs_loc.read_bytes(name))
+            res = schema.read(runs_loc, name, schema.EVAL_RUN) or {}
         except (OSError, ValueError) as e:
             failures.append(f"runs/{name}: unreadable ({type(e).__name__})")
             continue
@@ -214,10 +214,7 @@ def run_status(out: str, verify: bool = False) -> dict[str, Any]:
         raise UserError(f"{storage.join(out, RUN_FILE)} does not exist: no run was started at {out}")
     run_dir = RunDir(out, record.get("stage_dirs"))  # a sweep point reads shared generate/augment folders
     stages = [s for s in STAGES if s in record.get("fingerprints", {})]
-    try:
-        cfg = RunConfig.from_dict(record.get("config") or {})
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{storage.join(out, RUN_FILE)} holds no readable config ({e})") from e
+    cfg = RunConfig.from_dict(record.get("config") or {}, storage.join(out, RUN_FILE))  # schema.Invalid: one line
     check_plan_size(cfg, len(record.get("classes", [])))  # a run.json edited by hand: before any plan is built
     result = {
         "run": out,

@@ -33,7 +33,7 @@ def resolve_ops(pda_ops: dict[str, Any] | None) -> Recipe:
         raise UserError(f"pda-ops must be a mapping of op name -> parameters, got {pda_ops!r}")
     recipe: Recipe = []
     for name, given in pda_ops.items():
-        if name not in DEFAULT_OPS:
+        if not isinstance(name, str) or name not in DEFAULT_OPS:
             raise UserError(f"pda-ops: unknown op '{name}'; choose from {', '.join(DEFAULT_OPS)}")
         given = {} if given is None else given
         if not isinstance(given, dict):
@@ -62,7 +62,7 @@ def _check(name: str, params: dict[str, Any]) -> None:
         number("contrast", 0.0, 1.0)
     elif name == "rotate":
         number("degrees", 0.0, 180.0)
-        if params["border"] not in BORDERS:
+        if not isinstance(params["border"], str) or params["border"] not in BORDERS:
             raise UserError(f"pda-ops: rotate.border must be one of {', '.join(BORDERS)}, got {params['border']!r}")
     elif name == "gamma":
         low, high = number("low", 0.01, 10.0), number("high", 0.01, 10.0)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from gdd_ray import selection, storage
+from gdd_ray import schema, selection, storage
 from gdd_ray.classes import ClassInfo
 from gdd_ray.config import RunConfig
 from gdd_ray.run import eval_run_name, now_iso
@@ -153,21 +153,14 @@ def finished_runs(eval_loc: storage.Location, fp: str, wanted: int) -> dict[int,
     runs = eval_loc.child("runs")
     for r in range(wanted):
         name = f"{eval_run_name(r)}.json"
-        try:
-            if runs.exists(name):
-                res = json.loads(runs.read_bytes(name))
-                if res.get("fingerprint") == fp:
-                    done[r] = res
-        except (OSError, ValueError):
-            pass  # unreadable = not finished; the run is redone from its checkpoint
+        res = schema.read_or_none(runs, name, schema.EVAL_RUN)  # unreadable = not finished: redone from its checkpoint
+        if res is not None and res["fingerprint"] == fp:
+            done[r] = res
     return done
 
 
 def read_results(eval_loc: storage.Location) -> dict[str, Any] | None:
-    try:
-        return json.loads(eval_loc.read_bytes(RESULTS)) if eval_loc.exists(RESULTS) else None
-    except (OSError, ValueError):
-        return None
+    return schema.read_or_none(eval_loc, RESULTS, schema.RESULTS)
 
 
 def merge_metrics(eval_loc: storage.Location, n_runs: int) -> list[dict[str, Any]]:
@@ -177,7 +170,13 @@ def merge_metrics(eval_loc: storage.Location, n_runs: int) -> list[dict[str, Any
     for r in range(n_runs):
         name = f"{eval_run_name(r)}.jsonl"
         if metrics.exists(name):
-            rows += [json.loads(line) for line in metrics.read_bytes(name).decode().splitlines() if line.strip()]
+            for line in metrics.read_bytes(name).decode(errors="replace").split("\n"):
+                if not line.strip():
+                    continue
+                try:  # a damaged line (the file is rewritten whole at each checkpoint) loses that row only
+                    rows.append(schema.load(line, schema.METRICS_ROW, name, limit=2**20))
+                except ValueError:
+                    continue
     return rows
 
 

@@ -35,6 +35,14 @@ def one_error_line(capsys) -> str:
     return lines[0]
 
 
+def exit_code(argv: list[str]) -> int:
+    """main's exit code, a flag the parser refuses (SystemExit(2) after its one line) included."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
 ALIAS_BOMB = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
     f"{c}: &{c} [{','.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")
 )
@@ -51,7 +59,7 @@ TEMPLATES = [
     ("a photo", "must contain {name}"),
     ("{{name}}", "must contain {name}"),
     ("x" * 1001 + "{name}", "at most 1000"),
-    ("{name}\nfoo", "control characters"),
+    ("{name}\nfoo", "control or format characters"),
 ]
 
 NUMBERS = [
@@ -67,6 +75,14 @@ NUMBERS = [
     (["--seed", str(2**64)], "--seed must be at most"),
     (["--workers", "100000"], "--workers must be at most"),
     (["--image-size", "100000"], "--image-size must be between"),
+    (["--ipc", "\u0663"], "'ipc' must be an integer"),  # ARABIC-INDIC DIGIT THREE: int() would take it
+    (["--ipc", "1_000"], "'ipc' must be an integer"),
+    (["--lr", "1e999"], "'lr' must be a finite number"),
+    (["--guidance", "\uff11"], "'guidance' must be a finite number"),  # FULLWIDTH DIGIT ONE
+    (["--pda-ops", "[" * 5000 + "]" * 5000], "nests deeper than 32 levels"),
+    (["--pda-ops", '{"hflip": {"p": NaN}}'], "not valid JSON"),
+    (["--pda-ops", '{"hflip": {"p": 2}}'], "pda-ops: hflip.p must be a number in [0.0, 1.0]"),  # at start, no augment
+    (["--model", "x" * 5000], "at most 4096 characters"),
 ]
 
 YAMLS = [
@@ -78,6 +94,21 @@ YAMLS = [
     ("stages: 5\n", "comma-separated list"),
     ("ipc: 1\nipc: 2\n" + "#" * (2**20), "larger than 1 MiB"),
     ("ipc: 1\nbogus-key: 3\n", "unknown option(s) bogus-key"),
+    ("ipc: 2\nipc: 3\n", "the key 'ipc' is given twice (line 2)"),
+    (
+        "prompt-template: '{name}'\nprompt_template: 'a {name}'\n",
+        "'prompt-template' and 'prompt_template' are the same option",
+    ),
+    ("pda-ops: {hflip: {p: 0.5}, hflip: {p: 0.1}}\n", "the key 'hflip' is given twice"),
+    ("prompt_templates: [['{name}']]\n", "'prompt-templates' must be a list of at most 256 strings"),
+    ("stages: [[generate]]\n", "'stages' must be a list of at most 256 strings"),
+    ("pda-ops: " + "[" * 40 + "]" * 40 + "\n", "nests deeper than 32 levels"),
+    ("ipc: 1\npda-ops: {hflip: {p: [1]}}\n", "pda-ops: hflip.p must be a number in [0.0, 1.0]"),
+    ("ipc: 1\npda-ops: {rotate: {border: [1]}}\n", "rotate.border must be one of"),
+    ("ipc: 1\npda-ops: {1: {}}\n", "pda-ops: unknown op '1'"),
+    ("pda-ops: [hflip]\n", "'pda-ops' must be a mapping"),
+    ("guidance: .nan\n", "'guidance' must be a finite number"),
+    ("model: [tiny]\n", "'model' must be a string"),
 ]
 
 CLASS_FILES = [
@@ -94,6 +125,30 @@ CLASS_FILES = [
     (b"caf\xe9\n", "not a UTF-8 text file"),
     (b"x" * 300 + b"\tcat\n", "longer than 200 characters"),
     (b"# only a comment\n\n", "lists no classes"),
+    # Lines are split at \n only: each of these would have been a line break for str.splitlines.
+    (
+        "cat\u2028dog\nbird\n".encode(),
+        "line 1: the class id 'cat\\u2028dog' contains a control or format character (U+2028 LINE SEPARATOR)",
+    ),
+    ("cat\x85dog\n".encode(), "(U+0085"),
+    (b"cat\x0bdog\n", "(U+000B"),
+    (b"cat\x0cdog\n", "(U+000C"),
+    (b"cat\x1cdog\n", "(U+001C"),
+    (b"cat\rdog\n", "(U+000D"),  # a lone CR (a CRLF's CR is the line's end)
+    (b"cat\x7f\n", "(U+007F"),  # DEL
+    ("ca\u200bt\n".encode(), "(U+200B ZERO WIDTH SPACE)"),
+    ("cat\u202egod\n".encode(), "(U+202E RIGHT-TO-LEFT OVERRIDE)"),
+    ("n01\tca\u200dt\n".encode(), "the class name must be at most 300 printable characters (U+200D ZERO WIDTH JOINER"),
+    ("n01\tcat\ta \u202e b\n".encode(), "the class description must be at most 300 printable characters (U+202E"),
+    ("caf\u00e9\ncafe\u0301\n".encode(), "line 2: duplicate class 'cafe\u0301' (first on line 1)"),  # NFC, NFD
+    (b"cat.\n", "'cat.' ends in a dot or space"),
+    (b"...\n", "'...' ends in a dot or space"),
+    (b"CON\n", "is a device name Windows reserves"),
+    (b"nul\n", "is a device name Windows reserves"),
+    (b"aux\tAux\n", "is a device name Windows reserves"),
+    (b"com1.txt\n", "is a device name Windows reserves"),
+    (b"a:b\n", "contains a character folder names cannot hold"),
+    (b"what?\n", "contains a character folder names cannot hold"),
 ]
 
 
@@ -192,7 +247,7 @@ def test_run_records_that_are_not_one(record, command, existing_run, tmp_path, c
         (["cat", ".."], "relative folder name"),
         (["."], "relative folder name"),
         (["a/b"], "path separator"),
-        (["a\x00"], "control character"),
+        (["a\x00"], "control or format character"),
         (["x" * 5000], "longer than"),
         (["dog ", "cat"], "ends in a dot or space"),
         (["Cat", "cat"], "differ only in case"),
@@ -258,3 +313,77 @@ def test_export_refuses_an_inconsistent_run(damage, small_export_run, tmp_path, 
     assert message in one_error_line(capsys)
     assert tree_digest(out) == before and not dest.exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no staging folder left
+
+
+def test_class_files_that_hold(tmp_path):
+    """CRLF line ends, letters of any script, spaces and a BOM are a class list like any other."""
+    from gdd_ray.classes import load_classes
+
+    classes = tmp_path / "classes.txt"
+    classes.write_bytes("\ufeffn01\tcrème brûlée\r\nn02\tчай\r\n  n03\t日本茶 \r\n".encode())
+    got = [(c.label, c.class_id, c.name) for c in load_classes(None, str(classes))]
+    assert got == [(0, "n01", "crème brûlée"), (1, "n02", "чай"), (2, "n03", "日本茶")]
+
+
+def test_names_one_tokenizer_reads_alike_are_one_prompt(existing_run, tmp_path, capsys):
+    """NFC and NFD spellings of a name give CLIP identical tokens: two labels for one prompt are refused."""
+    classes = tmp_path / "classes.txt"
+    classes.write_text("n01\tcaf\u00e9\nn02\tcafe\u0301\n")
+    before = tree_digest(existing_run)
+    assert main(["distill", "--classes", str(classes), *BASE, "--out", str(existing_run)]) == 2
+    assert "line 1 (label 0) and line 2 (label 1) give" in one_error_line(capsys)
+    assert tree_digest(existing_run) == before
+
+
+def test_negative_zero_is_zero(tmp_path):
+    """`--guidance -0.0` is the value 0.0: the same fingerprint, so a rerun resumes instead of being refused."""
+    from gdd_ray import pipeline
+    from gdd_ray.classes import load_classes
+    from gdd_ray.config_loader import build_config
+    from gdd_ray.run import RunDir
+
+    def fingerprint(guidance: str) -> str:
+        cfg = build_config({"dataset": "cifar10", "ipc": 1, "out": str(tmp_path), "model": "tiny", "guidance": guidance,
+                            "stages": "generate", "engine": "diffusers", "vae_dtype": "fp32"})  # fmt: skip
+        assert str(cfg.generate.guidance) == "0.0"
+        return pipeline.stage_inputs(cfg, load_classes("cifar10", None), RunDir(cfg.out))[0]["generate"]
+
+    assert fingerprint("-0.0") == fingerprint("0.0") == fingerprint("0")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--mean", "nan,0,0", "--std", "1,1,1"], "three finite comma-separated numbers, got 'nan,0,0'"),
+        (["--mean", "0,0,0", "--std", "inf,1,1"], "three finite comma-separated numbers, got 'inf,1,1'"),
+        (["--mean", "0,0", "--std", "1,1,1"], "three finite comma-separated numbers, got '0,0'"),
+        (["--mean", "0,0,0", "--std", "0,1,1"], "three finite numbers each (std > 0)"),
+    ],
+)
+def test_export_mean_and_std_are_finite(flags, message, small_export_run, tmp_path, capsys):
+    before = tree_digest(small_export_run.root.path)
+    dest = tmp_path / "x.pt"
+    assert exit_code(["export", "--run", small_export_run.uri, "--format", "pt", "--dest", str(dest), *flags]) == 2
+    assert message in one_error_line(capsys)
+    assert not dest.exists() and tree_digest(small_export_run.root.path) == before
+
+
+SWEEPS = [
+    ("base: [1, 2]\ngrid: {ipc: [1]}\n", "base: must be a mapping of option: value, got [1, 2]"),
+    ("base: {}\ngrid: [ipc]\n", "grid: must be a mapping"),
+    ("grid: {ipc: 5}\n", "grid: must map each option to a non-empty list"),
+    ("grid: {ipc: [1], ipc: [2]}\n", "the key 'ipc' is given twice"),
+    ("grid: {ipc: [" + ",".join(map(str, range(1, 41))) + "], seed: [" + ",".join(map(str, range(40))) + "], "
+     "eval-seed: [" + ",".join(map(str, range(40))) + "]}\n", "the grid has 64,000 points; at most 1,000"),
+    ("grid: {ipc: [1]}\nextra: 1\n", "unknown section(s) extra"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text, message", SWEEPS, ids=[m[:30] for _, m in SWEEPS])
+def test_sweep_files(text, message, tmp_path, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(text)
+    out = tmp_path / "root"
+    assert main(["sweep", "--config", str(sweep), "--out", str(out)]) == 2
+    assert message in one_error_line(capsys)
+    assert not out.exists()

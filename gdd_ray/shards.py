@@ -195,10 +195,13 @@ class Check:
     corrupt: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # decode=True: name -> its bad images
 
 
-def check_folder(loc: storage.Location, specs: list[ShardSpec], decode: bool = False) -> Check:
+def check_folder(
+    loc: storage.Location, specs: list[ShardSpec], decode: bool = False, candidates: int | None = None
+) -> Check:
     """List the folder once, read the footers of the expected shards in parallel, judge each. With `decode`,
-    a shard whose footer passes is also read whole and every image decoded (`status --verify`): a footer
-    cannot vouch for the bytes under it, so this is the one check that finds a damaged image."""
+    a shard whose footer passes is also read whole and every image and row checked (`status --verify`,
+    `corrupt_images`; `candidates`: the shards hold kept images, see there): a footer cannot vouch for the
+    bytes under it, so this is the one check that finds a damaged image."""
     present = set(loc.list(SHARD_SUFFIX))
     wanted = {s.name: s for s in specs}
     metas = storage.footers(loc, sorted(present & set(wanted)))
@@ -207,7 +210,7 @@ def check_folder(loc: storage.Location, specs: list[ShardSpec], decode: bool = F
     if decode:
         passed = [n for n in metas if n not in problems]
         with ThreadPoolExecutor(max_workers=min(8, len(passed) or 1)) as pool:  # PIL decodes without the GIL
-            for name, bad in zip(passed, pool.map(lambda n: corrupt_images(loc, n), passed)):
+            for name, bad in zip(passed, pool.map(lambda n: corrupt_images(loc, n, candidates), passed)):
                 if bad:
                     corrupt[name] = bad
                     more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
@@ -218,27 +221,63 @@ def check_folder(loc: storage.Location, specs: list[ShardSpec], decode: bool = F
     return Check(done, todo, problems, foreign, corrupt)
 
 
-def corrupt_images(loc: storage.Location, name: str) -> list[dict[str, Any]]:
-    """The images of one shard that do not decode, each as {row, label, index, variant, why} (row None: the
-    shard's data pages themselves are unreadable, whatever its footer says)."""
+def corrupt_images(loc: storage.Location, name: str, candidates: int | None = None) -> list[dict[str, Any]]:
+    """The rows of one shard that are not what its name and footer say, each as {row, label, index, variant,
+    why} (row None: the shard's data pages themselves are unreadable, whatever its footer says):
+
+    - the image: PNG bytes, RGB, of the footer's image size (format, mode and size are read from the header,
+      so a 50-MP picture is refused before a pixel of it is decoded), then every pixel decoded;
+    - the row: its label is its unit's class, its index within the unit's range (`candidates`: the shard holds
+      kept images, which keep their generated index among the class's first `candidates`), its variant within
+      the footer's count, and no (index, variant) twice."""
     try:
+        kv = storage.footer_metadata(storage.read_parquet_footer(loc, name))
         table = read_shard(loc, name, ["image", "label", "index", "variant"])
+        cols = {c: table.column(c).to_pylist() for c in ("label", "index", "variant")}
+        pngs = png_bytes(table)
     except Exception as e:  # a torn or overwritten data page under a valid footer
         return [{"row": None, "label": None, "index": None, "variant": None, "why": f"unreadable ({type(e).__name__})"}]
-    cols = {c: table.column(c).to_pylist() for c in ("label", "index", "variant")}
+    unit = parse_shard_name(name)
+    size = schema.footer_int(kv, IMAGE_SIZE, 1, 1 << 16)
+    variants = schema.footer_int(kv, VARIANTS, 0, 1 << 16) or 0
+    low, high = (0, candidates) if candidates is not None else (unit.start, unit.stop) if unit else (0, 1 << 31)
+    seen: set[tuple[int, int]] = set()
     bad = []
-    for row, data in enumerate(png_bytes(table)):
-        why = _decode_problem(data)
+    for row, data in enumerate(pngs):
+        label, index, variant = (cols[c][row] for c in ("label", "index", "variant"))
+        why = _row_problem(unit, label, index, variant, low, high, variants, seen) or _image_problem(data, size)
         if why is not None:
-            bad.append({"row": row, **{c: v[row] for c, v in cols.items()}, "why": why})
+            bad.append({"row": row, "label": label, "index": index, "variant": variant, "why": why})
     return bad
 
 
-def _decode_problem(data: bytes | None) -> str | None:
+def _row_problem(
+    unit: WorkUnit | None, label, index, variant, low: int, high: int, variants: int, seen: set[tuple[int, int]]
+) -> str | None:
+    if unit is not None and label != unit.label:
+        return f"label {label} in a shard of class {unit.label}"
+    if index is None or not low <= index < high:
+        return f"index {index} outside the unit's {low}..{high - 1}"
+    if variant is None or not 0 <= variant <= variants:
+        return f"variant {variant} outside 0..{variants}"
+    if (index, variant) in seen:
+        return f"index {index}, variant {variant} a second time"
+    seen.add((index, variant))
+    return None
+
+
+def _image_problem(data: bytes | None, size: int | None) -> str | None:
+    """Why stored bytes are not one of our images (None = they are): a PNG, RGB, size x size, every pixel decoding."""
     if not data:
         return "no bytes"
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.format != "PNG":
+                return f"{im.format or 'unknown'} bytes, not a PNG"
+            if size is not None and im.size != (size, size):
+                return f"{im.size[0]}x{im.size[1]} px, not the footer's {size}x{size}"
+            if im.mode != "RGB":
+                return f"mode {im.mode}, not RGB"
             im.load()  # decodes every pixel: a header that opens can still hide a broken stream
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error... for damaged data
         return f"{type(e).__name__}: {e}"[:200]

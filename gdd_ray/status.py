@@ -12,8 +12,10 @@ manifest (written last) is current.
 
     python -m gdd_ray status runs/c100 --verify
 
-also decodes every stored image (footers cannot vouch for the bytes under them) and names each one that does
-not decode (shard, row, label, index). Such a shard is set aside as NAME.corrupt (kept for a look, outside
+also checks every stored image and row (footers cannot vouch for the bytes under them): each image must be a
+PNG, RGB, of the footer's image size, and decode; each row's label must be its unit's class and its index in
+the unit's range (kept images: among the class's generated ones), no (index, variant) twice. Each one that is
+not is named (shard, row, label, index, why). Such a shard is set aside as NAME.corrupt (kept for a look, outside
 every reader's `*.parquet`) and its stage's manifest dropped, so the stage is "not complete" everywhere and
 the next run redoes exactly those shards, by the missing-shard rule every stage already has. Under a live
 driver nothing is moved (that driver may be rewriting them); the report stands and the exit code is 1.
@@ -32,7 +34,7 @@ from gdd_ray import lease, schema, shards, storage
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
 from gdd_ray.generate.budget import budgeted
-from gdd_ray.plan import check_plan_size, plan_run
+from gdd_ray.plan import check_plan_size, generated_per_class, plan_run
 from gdd_ray.run import RUN_FILE, RunDir, eval_run_name
 
 # A stage is `complete` when every unit is done and its summary (written last) is current; `incomplete`
@@ -69,11 +71,17 @@ def _rate(images_by_name: dict[str, int], mtimes: dict[str, datetime], started: 
 
 
 def _shard_stage(
-    run_dir: RunDir, stage: str, record: dict[str, Any], specs: list[shards.ShardSpec], verify: bool
+    run_dir: RunDir,
+    stage: str,
+    record: dict[str, Any],
+    specs: list[shards.ShardSpec],
+    verify: bool,
+    candidates: int | None = None,
 ) -> dict[str, Any]:
-    """Status of a stage made of one shard per unit, judged against the specs its own run would use."""
+    """Status of a stage made of one shard per unit, judged against the specs its own run would use.
+    `candidates`: its shards hold kept images (indices among the class's first `candidates` generated ones)."""
     loc = run_dir.stage_dir(stage)
-    check = shards.check_folder(loc, specs, decode=verify)
+    check = shards.check_folder(loc, specs, decode=verify, candidates=candidates)
     done = {s.name: s.rows for s in check.done}
     info = record.get("stages", {}).get(stage, {})
     summary = run_dir.read_summary(stage) or {}
@@ -126,7 +134,8 @@ def select_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verif
     """Units are the kept shards (IPC per class); the score files are the stage's own bookkeeping."""
     fp = record["fingerprints"]["select"]
     plan = plan_run(cfg, len(record["classes"]))
-    return _shard_stage(run_dir, "select", record, [shards.selected_spec(u, fp) for u in plan.kept], verify)
+    specs = [shards.selected_spec(u, fp) for u in plan.kept]
+    return _shard_stage(run_dir, "select", record, specs, verify, generated_per_class(cfg))
 
 
 def augment_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify: bool = False) -> dict[str, Any]:
@@ -139,7 +148,8 @@ def augment_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, veri
     rows_in = manifest.rows if manifest else {u.shard_name: u.size for u in (plan.kept or plan.units)}
     k = cfg.augment.pda_variants
     specs = [shards.augmented_spec(n, r, k, fps["augment"]) for n, r in rows_in.items()]
-    return _shard_stage(run_dir, "augment", record, specs, verify)
+    kept = generated_per_class(cfg) if src == "select" else None
+    return _shard_stage(run_dir, "augment", record, specs, verify, kept)
 
 
 def train_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify: bool = False) -> dict[str, Any]:
@@ -298,8 +308,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="Also decode every stored image; shards with one that does not decode are named (shard, row, label, "
-        "index), set aside as NAME.corrupt and redone by the next run. Reads every shard in full.",
+        help="Also check every stored image (a PNG, RGB, of the run's size, decoding) and row (label and index those of "
+        "its unit); shards with one that is not are named (shard, row, label, index, why), set aside as "
+        "NAME.corrupt and redone by the next run. Reads every shard in full.",
     )
 
 

@@ -7,8 +7,9 @@ Each case ends one of three ways, and says which:
 - repaired: the rerun rewrites the damaged bookkeeping file from the shards, and every shard is byte-identical
   (nothing lost, nothing duplicated: the shards are never rewritten).
 
-The run is a finished generation of the tiny model's config (3 classes x IPC 2, one image a shard) written by
-gdd_ray.synthetic and finished by the real generate stage (summary, manifest): no Ray, no model call.
+The run is a finished generation by the tiny model (3 classes x IPC 2, one shard a class, 8 px) made once by the
+real generate stage in this process (its serial runner: no Ray); a repair that regenerates a shard runs the
+same stage the same way, so its images are byte-identical to the first ones.
 """
 
 from __future__ import annotations
@@ -21,21 +22,19 @@ import time
 import pytest
 from gen_helpers import three_class_config, tree_digest
 
-from gdd_ray import lease, pipeline, storage, synthetic
+from gdd_ray import lease, pipeline, storage
 from gdd_ray.cli import main
 from gdd_ray.generate import stage as gen_stage
 
 IPC = 2
-CONFIG = dict(ipc=IPC, unit_size=1, image_size=8)
+CONFIG = dict(ipc=IPC, unit_size=2, image_size=8)
+SHARD = "c00000-i000000-000002.parquet"
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model):
     out = tmp_path_factory.mktemp("hostile") / "run"
-    cfg = three_class_config(out, **CONFIG)
-    ctx = pipeline.check(cfg)
-    synthetic.write_generated(cfg, ctx.classes)
-    gen_stage.run(ctx, serial=True)  # nothing to render: writes the summary and the manifest, as a finished run has
+    gen_stage.run(pipeline.check(three_class_config(out, **CONFIG)), serial=True)
     return out
 
 
@@ -53,7 +52,7 @@ def shard_digest(out) -> dict[str, str]:
 
 def distill_argv(out) -> list[str]:
     classes = str(out.parent / "three_classes.txt")
-    flags = ["--ipc", str(IPC), "--unit-size", "1", "--image-size", "8", "--gen-resolution", "64", "--batch-size", "2"]
+    flags = ["--ipc", str(IPC), "--unit-size", "2", "--image-size", "8", "--gen-resolution", "64", "--batch-size", "2"]
     return ["distill", "--classes", classes, "--model", "tiny", *flags, "--stages", "generate", "--out", str(out)]
 
 
@@ -304,7 +303,7 @@ def test_a_lease_under_another_spelling_is_not_a_lease(run):
 def test_a_footer_that_is_not_text_is_a_shard_to_redo(run, tmp_path, capsys):
     import pyarrow.parquet as pq
 
-    name = "c00000-i000000-000001.parquet"
+    name = SHARD
     path = run / "generated" / name
     table = pq.read_table(path)
     meta = {k: v for k, v in (table.schema.metadata or {}).items()}
@@ -346,3 +345,104 @@ def test_storage_emulator_host_that_is_not_an_endpoint(value, monkeypatch, capsy
                                                   "--dest", "gs://bucket/x.pt"]):  # fmt: skip
         code, _, err = cli(argv, capsys)
         assert code == 2 and "STORAGE_EMULATOR_HOST" in one_error_line(err)
+
+
+# ---- status --verify: images that decode but are wrong, rows that are not their unit's --------------------
+
+
+def png_of(mode: str, size: tuple[int, int], fmt: str = "PNG") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, 0 if mode in ("1", "L", "P") else (0, 0, 0)[: len(mode)]).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+VERIFY = [  # (case, column, value of row 1, what status --verify says of it)
+    ("17x23", "image", lambda: png_of("RGB", (17, 23)), "17x23 px, not the footer's 8x8"),
+    ("64x64", "image", lambda: png_of("RGB", (64, 64)), "64x64 px, not the footer's 8x8"),
+    ("50 MP", "image", lambda: png_of("1", (7072, 7072)), "7072x7072 px, not the footer's 8x8"),  # header only
+    ("JPEG", "image", lambda: png_of("RGB", (8, 8), "JPEG"), "JPEG bytes, not a PNG"),
+    ("greyscale", "image", lambda: png_of("L", (8, 8)), "mode L, not RGB"),
+    ("RGBA", "image", lambda: png_of("RGBA", (8, 8)), "mode RGBA, not RGB"),
+    ("palette", "image", lambda: png_of("P", (8, 8)), "mode P, not RGB"),
+    ("no bytes", "image", lambda: b"", "no bytes"),
+    ("relabelled", "label", lambda: 1, "label 1 in a shard of class 0"),
+    ("index past the unit", "index", lambda: 7, "index 7 outside the unit's 0..1"),
+    ("index twice", "index", lambda: 0, "index 0, variant 0 a second time"),
+]
+
+
+def rewrite_row(path, column: str, value) -> None:
+    """Row 1 of a shard changed in one column, the footer (fingerprint, unit, image size) kept as written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gdd_ray import shards
+
+    table = pq.read_table(path)
+    values = table.column(column).to_pylist()
+    values[1] = {"bytes": value, "path": values[1]["path"]} if column == "image" else value
+    i = table.schema.get_field_index(column)
+    table = table.set_column(i, table.schema.field(i), pa.array(values, table.schema.field(i).type))
+    assert table.schema.metadata[shards.IMAGE_SIZE.encode()] == b"8"
+    pq.write_table(table, path, compression="none")
+
+
+@pytest.mark.parametrize("column, value, why", [c[1:] for c in VERIFY], ids=[c[0] for c in VERIFY])
+def test_verify_flags_each_wrong_but_decodable_image_and_the_rerun_rebuilds_it(column, value, why, run, capsys):
+    from gen_helpers import read_images
+
+    gen = run / "generated"
+    original = read_images(gen)
+    rewrite_row(gen / SHARD, column, value())
+    code, out, _ = cli(["status", str(run)], capsys)
+    assert code == 0  # the footer passes: only --verify reads the rows
+    code, out, _ = cli(["status", str(run), "--verify"], capsys)
+    label, index = (1 if column == "label" else 0), (value() if column == "index" else 1)
+    assert code == 1 and f"corrupt {SHARD} row 1 (label {label}, index {index}): {why}" in out, out
+    assert (gen / f"{SHARD}.corrupt").exists() and not (gen / "_manifest.json").exists()
+    assert "set aside 1 shard(s)" in out
+    code, out, _ = cli(["status", str(run)], capsys)
+    assert code == 1 and "2/3 shards" in out  # the shard is now one the next run makes
+    if why not in (VERIFY[0][3], VERIFY[8][3]):  # one image case and one row case are rebuilt (10 s each here)
+        return
+
+    gen_stage.run(pipeline.check(three_class_config(run, **CONFIG)), serial=True)  # the rerun redoes it
+    assert read_images(gen) == original  # every image once, byte-identical
+    code, out, _ = cli(["status", str(run), "--verify"], capsys)
+    assert code == 0 and "corrupt" not in out.replace(".corrupt", "")
+
+
+def test_verify_holds_augmented_and_kept_shards(tmp_path):
+    """What --verify must not flag: augmented shards (variants 0..K of each image, K in the footer), and kept
+    shards whose rows keep their generated index, outside the kept unit's range but among the candidates."""
+    import numpy as np
+    import pyarrow as pa
+
+    from gdd_ray import shards
+    from gdd_ray.plan import WorkUnit
+
+    loc = storage.Location(str(tmp_path / "shards"))
+    png = shards.encode_png(np.zeros((8, 8, 3), np.uint8))
+    unit = WorkUnit(0, 0, 2)
+    base = shards.generated_table(unit, "c", "c", ["c"] * 2, [1, 2], [png] * 2)
+    rows = pa.concat_tables([base] * 3)  # images 0, 1 as variants 0, 1, 2
+    augmented = rows.append_column("variant", pa.array([0, 0, 1, 1, 2, 2], pa.int32()))
+    augmented = augmented.append_column("variant_seed", pa.array(range(6), pa.int64()))
+    footer = {shards.FINGERPRINT: "fp", shards.SOURCE: unit.shard_name, shards.VARIANTS: "2", shards.IMAGE_SIZE: "8"}
+    shards.write_shard(loc, unit.shard_name, augmented, footer)
+    assert shards.corrupt_images(loc, unit.shard_name) == []
+    shards.write_shard(loc, unit.shard_name, augmented, {**footer, shards.VARIANTS: "1"})
+    assert {b["why"] for b in shards.corrupt_images(loc, unit.shard_name)} == {"variant 2 outside 0..1"}
+
+    kept = shards.generated_table(WorkUnit(0, 3, 5), "c", "c", ["c"] * 2, [1, 2], [png] * 2)  # generated 3 and 5
+    kept = kept.set_column(6, "index", pa.array([3, 5], pa.int32()))
+    shards.write_shard(loc, unit.shard_name, kept, shards.generated_footer(unit, "fp", 8))
+    assert shards.corrupt_images(loc, unit.shard_name, candidates=6) == []
+    assert [b["why"] for b in shards.corrupt_images(loc, unit.shard_name, candidates=4)] == [
+        "index 5 outside the unit's 0..3"
+    ]
+    assert shards.corrupt_images(loc, unit.shard_name)[0]["why"] == "index 3 outside the unit's 0..1"

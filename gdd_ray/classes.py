@@ -96,7 +96,7 @@ def template_fields(template: str, flag: str = "--prompt-template") -> set[str]:
             shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
             raise UserError(
                 f"{flag} {template!r}: {shown} is not allowed; use only {allowed} "
-                "(no attribute or index access, no format specs), and {{{{ }}}} for literal braces"
+                "(no attribute or index access, no format specs), and {{ }} for literal braces"
             )
         used.add(name)
     if not used:
@@ -130,10 +130,13 @@ def check_prompts(classes: list[ClassInfo], templates: str | tuple[str, ...], so
     shown = "; ".join(" and ".join(who(c, t) for c, _, t in g[:3]) + f" give '{g[0][1]}'" for g in groups[:5])
     more = f" (and {len(groups) - 5} more)" if len(groups) > 5 else ""
     which = f"--prompt-template '{templates[0]}'" if len(templates) == 1 else f"{len(templates)} prompt templates"
+    if all("desc" in template_fields(t) for t in templates):  # {desc} is in use: the descriptions are what collide
+        fix = "give each class its own description (third column; the name stands in for a missing one)"
+    else:
+        fix = "give each class its own name, or a description (third column) and use {desc}"
     raise UserError(
         f"{source}: {len(groups)} prompt(s) shared by several classes with {which}: "
-        f"{shown}{more}; give each class its own name, or a description (third column) and use {{desc}}, "
-        "or pass --allow-duplicate-prompts"
+        f"{shown}{more}; {fix}, or pass --allow-duplicate-prompts"
     )
 
 
@@ -273,6 +276,8 @@ def parse_class_file(text: str, source: str) -> list[ClassInfo]:
             raise UserError(f"{where} has a name but no id (id<TAB>name)")
         if not name:
             raise UserError(f"{where} ('{raw[:60]}') has an id but no name")
+        if not _readable(name).strip():  # `_` reads as a space: the prompt would hold no name at all
+            raise UserError(f"{where}: the class name {name!r} is blank once underscores are read as spaces")
         why = id_problem(cid)
         if why:
             raise UserError(f"{where}: the class id {cid[:60]!r} {why}")

@@ -6,7 +6,7 @@ import logging
 import os
 from contextlib import contextmanager
 
-from gdd_ray.errors import UserError
+from gdd_ray.errors import UserError, stop_on_sigterm, stopping_on_sigterm
 
 _started_here = False
 _holders = 0  # callers that run several pipelines on one Ray (a sweep): no inner run shuts it down
@@ -33,7 +33,10 @@ def init_ray() -> None:
     # placement-group cleaner polls every second (without it, each poll logs a warning for the whole
     # train stage), and it lets `ray status`/`ray list actors` look at a running job.
     kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if _started_here else {}
+    ours = stopping_on_sigterm()
     ray.init(log_to_driver=True, configure_logging=False, **kwargs)
+    if ours:  # ray.init replaced it with sys.exit(15) from wherever the main thread is
+        stop_on_sigterm()
 
 
 def cluster_address() -> str | None:

@@ -290,15 +290,34 @@ class RunDir:
 
 
 def _describe_change(record: dict[str, Any] | None, inputs: dict[str, dict[str, Any]], stage: str) -> str:
-    """'steps 1 -> 2, seed 0 -> 1': the first few values deciding `stage` that differ from the stored run."""
+    """'steps 1 -> 2, seed 0 -> 1': the first few values deciding `stage` that differ from the stored run, a value
+    given only before or only now included ('prompt-templates [...] -> (none)'). The class list comes last: a
+    changed template or flag can change how it is recorded, and the option is what the user changed."""
     old = (record or {}).get("inputs", {}).get(stage, {})
     new = inputs.get(stage, {})
-    diffs = []
-    for key, value in new.items():
-        if key in old and old[key] != value:
-            name = key.rsplit(".", 1)[-1].replace("_", "-")
-            diffs.append("class list changed" if key == "classes" else f"{name} {old[key]!r} -> {value!r}")
+    diffs, classes = [], False
+    for key in [*new, *(k for k in old if k not in new)]:
+        if old.get(key, _ABSENT) == new.get(key, _ABSENT):
+            continue
+        if key == "classes":
+            classes = True
+            continue
+        name = key.rsplit(".", 1)[-1].replace("_", "-")
+        before, after = (_shown(d.get(key, _ABSENT)) for d in (old, new))
+        diffs.append(f"{name} {before} -> {after}")
+    if classes:
+        diffs.append("class list changed")
     return ", ".join(diffs[:4]) or "its input or the code version changed"
+
+
+_ABSENT = object()
+
+
+def _shown(value: Any) -> str:
+    if value is _ABSENT:
+        return "(none)"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)

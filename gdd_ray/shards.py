@@ -167,6 +167,14 @@ def selected_spec(unit: WorkUnit, fingerprint: str) -> ShardSpec:
     return generated_spec(unit, fingerprint)
 
 
+SCORES_DIR = "scores"  # the select stage's score files, OUT/selected/scores/: one per generated shard
+
+
+def score_spec(unit: WorkUnit, fingerprint: str) -> ShardSpec:
+    """A select stage's score file: named after its generated shard, one row per image, this fingerprint."""
+    return ShardSpec(unit.shard_name, unit.size, ((SOURCE, unit.shard_name), (FINGERPRINT, fingerprint)))
+
+
 def augmented_spec(source: str, source_rows: int, variants: int, fingerprint: str) -> ShardSpec:
     return ShardSpec(source, source_rows * (variants + 1), ((SOURCE, source), (FINGERPRINT, fingerprint)))
 

@@ -135,7 +135,15 @@ def select_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verif
     fp = record["fingerprints"]["select"]
     plan = plan_run(cfg, len(record["classes"]))
     specs = [shards.selected_spec(u, fp) for u in plan.kept]
-    return _shard_stage(run_dir, "select", record, specs, verify, generated_per_class(cfg))
+    st = _shard_stage(run_dir, "select", record, specs, verify, generated_per_class(cfg))
+    if st["state"] != "complete":  # the kept shards come last, after every score file: say how far scoring is
+        scores = shards.check_folder(
+            run_dir.selected.child(shards.SCORES_DIR), [shards.score_spec(u, fp) for u in plan.units]
+        )
+        st["scored"] = [len(scores.done), len(plan.units)]
+        if scores.done or scores.problems:
+            st["state"] = "incomplete"  # work is on disk: stopped or running, not "not started"
+    return st
 
 
 def augment_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify: bool = False) -> dict[str, Any]:
@@ -276,6 +284,8 @@ def format_status(st: dict[str, Any]) -> str:
         elif s.get("checkpoints"):
             extra = f"{s['checkpoints']} checkpoints"
         fails = f"{len(s['failures'])} to redo" if s["failures"] else ""
+        if s.get("scored"):
+            extra = f"{s['scored'][0]}/{s['scored'][1]} generated shards scored"
         cols = [f"{s['stage']:<9}", f"{done:<16}", f"{images:<22}", f"{rate:<14}", s["state"], fails, extra]
         lines.append("  " + "  ".join(c for c in cols if c is not None).rstrip())
         if s["state"] == BUDGET_REACHED:

@@ -387,3 +387,95 @@ def test_sweep_files(text, message, tmp_path, capsys):
     assert main(["sweep", "--config", str(sweep), "--out", str(out)]) == 2
     assert message in one_error_line(capsys)
     assert not out.exists()
+
+
+# ---- messages that must not mislead -------------------------------------------------------------------------
+
+
+def test_dropping_prompt_templates_on_resume_names_them(tmp_path, capsys, tiny_model):
+    """run._describe_change compares every value of either run: one given only before is named, and the class
+    list (recorded with descriptions while a template used {desc}) comes after the option that changed it."""
+    from gdd_ray import pipeline
+    from tests.gen_helpers import three_class_config
+
+    templates = ["a photo of a {name}", "{desc}, close-up"]
+    cfg = three_class_config(tmp_path / "run", ipc=1, prompt_templates=templates)
+    pipeline.check(cfg)
+    (tmp_path / "run" / "generated").mkdir()
+    (tmp_path / "run" / "generated" / "c00000-i000000-000001.parquet").write_bytes(b"made by the first run")
+    before = tree_digest(tmp_path / "run")
+    argv = ["distill", "--classes", cfg.classes, "--ipc", "1", "--model", "tiny", "--gen-resolution", "64",
+            "--image-size", "16", "--unit-size", "2", "--batch-size", "2", "--stages", "generate",
+            "--out", cfg.out]  # fmt: skip
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert f"(prompt-templates {templates!r} -> (none), class list changed)" in line, line
+    assert tree_digest(tmp_path / "run") == before
+
+
+def test_a_format_spec_in_a_template_shows_the_braces_to_write(existing_run, capsys):
+    argv = ["distill", "--dataset", "cifar10", *BASE, "--prompt-template", "{name:>10}", "--out", str(existing_run)]
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert "{name:>10} is not allowed" in line and "and {{ }} for literal braces" in line and "{{{{" not in line
+
+
+@pytest.mark.parametrize("line", ["n01\t_", "n01\t__ _", "_"])
+def test_a_class_whose_name_is_blank_once_read(line, existing_run, tmp_path, capsys):
+    classes = tmp_path / "classes.txt"
+    classes.write_text(f"{line}\nn02\tcat\n")
+    before = tree_digest(existing_run)
+    assert main(["distill", "--classes", str(classes), *BASE, "--out", str(existing_run)]) == 2
+    assert "is blank once underscores are read as spaces" in one_error_line(capsys)
+    assert tree_digest(existing_run) == before
+
+
+def test_the_collision_hint_follows_the_template(existing_run, tmp_path, capsys):
+    """With {desc} in use the colliding descriptions are to fix; with {name} only, a description and {desc}."""
+    classes = tmp_path / "classes.txt"
+    classes.write_text("n01\tkite\ta bird\nn02\tcrane\ta bird\n")
+    argv = ["distill", "--classes", str(classes), *BASE, "--out", str(existing_run)]
+    assert main([*argv, "--prompt-template", "a photo of {desc}"]) == 2
+    line = one_error_line(capsys)
+    assert "give each class its own description (third column" in line and "and use {desc}" not in line
+    classes.write_text("n01\tkite\nn02\tKite\n")
+    assert main([*argv, "--prompt-template", "a photo of a {name}"]) == 2
+    assert "give each class its own name, or a description (third column) and use {desc}" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("second", ["A  {name}", "a {name} ", "\u0061 {name}", "A\t{name}"])
+def test_templates_clip_reads_alike_are_one(second, existing_run, tmp_path, capsys):
+    templates = tmp_path / "templates.txt"
+    templates.write_text(f"a {{name}}\n{second}\n")
+    argv = ["distill", "--dataset", "cifar10", *BASE, "--prompt-templates", str(templates), "--out", str(existing_run)]
+    assert main(argv) == 2
+    assert "line 2 repeats the template 'a {name}'" in one_error_line(capsys)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"ipc: 1\nprompt_templates: ['a {{name}}', '{second}']\n")
+    assert main(["distill", "--dataset", "cifar10", "--config", str(config), "--out", str(existing_run)]) == 2
+    assert "item 2 repeats the template 'a {name}'" in one_error_line(capsys)
+
+
+def test_status_of_a_select_stage_counts_its_score_files(tmp_path, capsys):
+    """The kept shards are written after every score file: status says how far scoring is (6 of 10 here)."""
+    from gdd_ray import pipeline, shards, storage, synthetic
+    from gdd_ray.classes import load_classes
+    from gdd_ray.config_loader import build_config
+    from gdd_ray.run import RunDir
+
+    cfg = build_config({"dataset": "cifar10", "ipc": 1, "out": str(tmp_path / "run"), "unit_size": 1,
+                        "select_by": "clip", "clip_model": "tiny", "stages": "generate,select"})  # fmt: skip
+    classes = load_classes("cifar10", None)
+    fps, inputs, _ = pipeline.stage_inputs(cfg, classes, RunDir(cfg.out))
+    RunDir(cfg.out).prepare(cfg, [vars(c) for c in classes], fps, inputs)
+    synthetic.write_generated(cfg, classes)
+    scores = storage.Location(str(tmp_path / "run" / "selected" / shards.SCORES_DIR))
+    plan = pipeline.plan_run(cfg, len(classes))
+    for unit in plan.units[:6]:
+        table = shards.generated_table(unit, "c", "c", ["p"], [0], [b"x"])
+        footer = {shards.SOURCE: unit.shard_name, shards.FINGERPRINT: fps["select"]}
+        storage.Location(scores.uri).write_bytes(unit.shard_name, storage.parquet_bytes(table, footer))
+    assert main(["status", cfg.out]) == 1
+    out = capsys.readouterr().out
+    select = [ln for ln in out.splitlines() if ln.strip().startswith("select")][0]
+    assert "0/10 shards" in select and "6/10 generated shards scored" in select and "incomplete" in select

@@ -37,7 +37,7 @@ VERSION = 1  # bump when scoring or the choice changes for the same config
 # prompts, seeds...) and the counts below; the batch shape moves scores by rounding (scorer.py), the
 # actor count does not.
 OUTPUT_FIELDS = ("clip.select_by", "clip.clip_model", "clip.clip_batch_size")
-SCORES_DIR = "scores"
+SCORES_DIR = shards.SCORES_DIR
 STATS_FILE = "clip_stats.json"
 CLASSES_PER_TASK = 8  # a class's choice reads its score files only (no pixels) unless it writes
 

@@ -446,3 +446,68 @@ def test_verify_holds_augmented_and_kept_shards(tmp_path):
         "index 5 outside the unit's 0..3"
     ]
     assert shards.corrupt_images(loc, unit.shard_name)[0]["why"] == "index 3 outside the unit's 0..1"
+
+
+# ---- checkpoints: never unpickled as code ---------------------------------------------------------------------
+
+
+class _Planted:
+    """What an attacker who can write the run folder plants: unpickling it calls open(marker, "w")."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("planted", ["foreign object", "not a pickle", "a list"])
+def test_a_checkpoint_that_is_not_ours_is_refused_and_never_run(planted, tmp_path):
+    """The train stage reads every pending run's checkpoint with torch's weights-only unpickler before a worker
+    starts: a planted object is refused in one line (no code runs: the marker file is never made), the file left."""
+    import io
+
+    import torch
+
+    from gdd_ray.errors import UserError
+    from gdd_ray.train import stage as train_stage
+    from tests.gen_helpers import bucket_train_config
+
+    cfg = bucket_train_config(str(tmp_path / "run"), tmp_path / "test")
+    ctx = pipeline.check(cfg)
+    marker = tmp_path / "code-ran"
+    buf = io.BytesIO()
+    if planted == "foreign object":
+        torch.save({"epoch": 1, "model": _Planted(str(marker))}, buf)
+    elif planted == "a list":
+        torch.save([1, 2], buf)
+    else:
+        buf.write(b"\x00not a pickle")
+    checkpoints = tmp_path / "run" / "eval" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "run00.pt").write_bytes(buf.getvalue())
+    with pytest.raises(UserError, match=r"run00.pt is not a checkpoint gdd-ray wrote") as e:
+        train_stage.run(ctx)
+    assert "\n" not in str(e.value) and not marker.exists()
+    assert (checkpoints / "run00.pt").read_bytes() == buf.getvalue()
+    assert not (tmp_path / "run" / "eval" / "runs").exists()  # no run trained
+
+
+def test_a_cifar_test_set_is_unpickled_without_running_code(tmp_path):
+    """--eval-data's CIFAR pickles are read by an unpickler that builds numpy arrays and nothing else."""
+    import pickle
+
+    import numpy as np
+
+    from gdd_ray import synthetic
+    from gdd_ray.errors import UserError
+    from gdd_ray.train import testsets
+
+    folder = synthetic.write_cifar(str(tmp_path), np.zeros((4, 8, 8, 3), np.uint8), np.arange(4) % 2, ["a", "b"])
+    assert testsets.load(str(tmp_path / "cifar-100-python"), 8, ([0.5] * 3, [0.5] * 3)).labels.tolist() == [0, 1, 0, 1]
+    marker = tmp_path / "code-ran"
+    with open(f"{folder}/meta", "wb") as fh:
+        pickle.dump({b"fine_label_names": [b"a", b"b"], b"x": _Planted(str(marker))}, fh, protocol=2)
+    with pytest.raises(UserError, match=r"meta is not a readable CIFAR pickle .*it names io.open"):
+        testsets.load(str(tmp_path / "cifar-100-python"), 8, ([0.5] * 3, [0.5] * 3))
+    assert not marker.exists()

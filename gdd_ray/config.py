@@ -146,7 +146,7 @@ class GenerateConfig:
     compile: bool = opt(
         False,
         "torch.compile the denoiser and decoder with static shapes, in each worker's start-up before it takes "
-        "work (minutes on a GPU, cached per node); faster steady state.",
+        "work (minutes on a GPU, cached per user or pod); faster steady state.",
     )
     engine: Engine = opt(
         "auto",

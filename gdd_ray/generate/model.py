@@ -40,14 +40,16 @@ def cache_dir() -> Path:
 
 def use_compile_cache() -> tuple[str, bool]:
     """Point torch.compile's on-disk caches (Inductor's FX-graph and AOTAutograd caches, its Triton kernels
-    under `triton/`) at one folder per node, kept across runs, before anything compiles; returns (folder,
-    whether it already held entries).
+    under `triton/`) at one folder, kept across runs, before anything compiles; returns (folder, whether it
+    already held entries).
 
-    TORCHINDUCTOR_CACHE_DIR when set (the KubeRay manifests point it at a node-local hostPath volume), else
+    TORCHINDUCTOR_CACHE_DIR when set (the KubeRay manifests point it at the pod's own emptyDir volume), else
     `$GDD_RAY_CACHE/torch-compile` (Inductor's own default is under /tmp, which a container loses when it
-    restarts). A node's later workers (a replacement actor, a resumed run, the next sweep point) then load
-    what an earlier one compiled instead of compiling again. Inductor keys every entry by torch version,
-    device and graph and writes through temporary files, so concurrent workers on a node share it safely."""
+    restarts). Later workers of that user or pod (a replacement actor, a resumed run, the next sweep point)
+    then load what an earlier one compiled instead of compiling again. Inductor keys every entry by torch
+    version, device and graph and writes through temporary files, so concurrent workers share it safely. What
+    is cached is loaded as code: the folder must be writable by that user or pod only (never a hostPath shared
+    across jobs; docs/security.md)."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")

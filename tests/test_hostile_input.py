@@ -479,3 +479,13 @@ def test_status_of_a_select_stage_counts_its_score_files(tmp_path, capsys):
     out = capsys.readouterr().out
     select = [ln for ln in out.splitlines() if ln.strip().startswith("select")][0]
     assert "0/10 shards" in select and "6/10 generated shards scored" in select and "incomplete" in select
+
+
+def test_negative_zero_in_pda_ops_is_zero():
+    from gdd_ray.augment.recipe import resolve_ops
+    from gdd_ray.fingerprints import digest
+
+    minus = resolve_ops({"rotate": {"degrees": -0.0}, "hflip": {"p": -0.0}})
+    plus = resolve_ops({"rotate": {"degrees": 0.0}, "hflip": {"p": 0.0}})
+    assert digest(minus) == digest(plus) and str(minus[0][1]["degrees"]) == "0.0"
+    assert resolve_ops({"rotate": {"degrees": 30}})[0][1]["degrees"] == 30  # other spellings kept as given

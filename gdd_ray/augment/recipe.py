@@ -43,6 +43,8 @@ def resolve_ops(pda_ops: dict[str, Any] | None) -> Recipe:
             raise UserError(
                 f"pda-ops: '{name}' has no parameter(s) {', '.join(unknown)}; it takes {', '.join(DEFAULT_OPS[name])}"
             )
+        # -0.0 is 0.0: one value, one fingerprint (other numbers keep their spelling, and so their fingerprint)
+        given = {k: 0.0 if isinstance(v, float) and v == 0 else v for k, v in given.items()}
         params = {**DEFAULT_OPS[name], **given}
         _check(name, params)
         recipe.append((name, params))

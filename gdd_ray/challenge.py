@@ -149,7 +149,7 @@ def combined_score(accuracies: dict[str, float]) -> dict[str, Any] | None:
 
 def read_results(run: str) -> tuple[str, dict[str, Any]]:
     """(dataset, results.json) of the run at `run`, from its run.json and OUT/eval/results.json."""
-    from gdd_ray import storage
+    from gdd_ray import schema, storage
     from gdd_ray.run import RunDir
 
     run_dir = RunDir.open(run)
@@ -159,8 +159,10 @@ def read_results(run: str) -> tuple[str, dict[str, Any]]:
     name = "results.json"
     if not run_dir.eval.exists(name):
         raise UserError(f"{storage.join(run_dir.eval.uri, name)} does not exist: run the train stage first")
-    dataset = (record.get("config") or {}).get("dataset")
-    return dataset, json.loads(run_dir.eval.read_bytes(name))
+    from gdd_ray.config import RunConfig
+
+    dataset = RunConfig.from_dict(record.get("config") or {}, storage.join(run, "run.json")).dataset
+    return dataset, schema.read(run_dir.eval, name, schema.RESULTS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,9 @@ tokenizer does) would be two labels for one set of images: `check_prompts` refus
 
 from __future__ import annotations
 
+import re
 import string
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
@@ -76,8 +78,9 @@ def template_fields(template: str, flag: str = "--prompt-template") -> set[str]:
     the one `str.format` uses, so what passes here formats. `flag` names the template in messages."""
     if len(template) > MAX_TEMPLATE_CHARS:
         raise UserError(f"{flag} is {len(template)} characters long; at most {MAX_TEMPLATE_CHARS}")
-    if any(ord(ch) < 32 and ch not in "\t" for ch in template):
-        raise UserError(f"{flag} must not contain control characters (newlines, NUL, ...)")
+    bad = unprintable(template, allow="\t")
+    if bad:
+        raise UserError(f"{flag} must not contain control or format characters (newlines, NUL, bidi, ...): {bad}")
     allowed = ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)
     try:
         parsed = list(string.Formatter().parse(template))
@@ -93,7 +96,7 @@ def template_fields(template: str, flag: str = "--prompt-template") -> set[str]:
             shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
             raise UserError(
                 f"{flag} {template!r}: {shown} is not allowed; use only {allowed} "
-                "(no attribute or index access, no format specs), and {{{{ }}}} for literal braces"
+                "(no attribute or index access, no format specs), and {{ }} for literal braces"
             )
         used.add(name)
     if not used:
@@ -116,7 +119,7 @@ def check_prompts(classes: list[ClassInfo], templates: str | tuple[str, ...], so
                 text = c.prompt(template)
             except (KeyError, IndexError, ValueError, AttributeError) as e:
                 raise UserError(f"prompt template '{template}' cannot be filled in ({type(e).__name__}: {e})") from e
-            seen.setdefault(" ".join(text.casefold().split()), {}).setdefault(c.label, (c, text, template))
+            seen.setdefault(same_text(text), {}).setdefault(c.label, (c, text, template))
     groups = [sorted(g.values(), key=lambda x: x[0].label) for g in seen.values() if len(g) > 1]
     if not groups:
         return
@@ -127,10 +130,13 @@ def check_prompts(classes: list[ClassInfo], templates: str | tuple[str, ...], so
     shown = "; ".join(" and ".join(who(c, t) for c, _, t in g[:3]) + f" give '{g[0][1]}'" for g in groups[:5])
     more = f" (and {len(groups) - 5} more)" if len(groups) > 5 else ""
     which = f"--prompt-template '{templates[0]}'" if len(templates) == 1 else f"{len(templates)} prompt templates"
+    if all("desc" in template_fields(t) for t in templates):  # {desc} is in use: the descriptions are what collide
+        fix = "give each class its own description (third column; the name stands in for a missing one)"
+    else:
+        fix = "give each class its own name, or a description (third column) and use {desc}"
     raise UserError(
         f"{source}: {len(groups)} prompt(s) shared by several classes with {which}: "
-        f"{shown}{more}; give each class its own name, or a description (third column) and use {{desc}}, "
-        "or pass --allow-duplicate-prompts"
+        f"{shown}{more}; {fix}, or pass --allow-duplicate-prompts"
     )
 
 
@@ -138,13 +144,16 @@ def parse_templates(text: str, source: str) -> tuple[str, ...]:
     """A prompt-template file: one template a line; blank lines and lines starting with # are skipped. Each
     template passes the one template check (`template_fields`), its mistakes naming the line."""
     out: list[str] = []
-    for lineno, raw in enumerate(text.splitlines(), 1):
+    for lineno, raw in enumerate(text_lines(text), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         template_fields(line, f"{source}: line {lineno}:")
-        if line in out:
-            raise UserError(f"{source}: line {lineno} repeats the template {line!r}")
+        repeated = [t for t in out if same_text(t) == same_text(line)]
+        if repeated:
+            raise UserError(
+                f"{source}: line {lineno} repeats the template {repeated[0]!r} (as CLIP reads it: {line!r})"
+            )
         if len(out) == MAX_TEMPLATES:
             raise UserError(f"{source}: more than {MAX_TEMPLATES} templates")
         out.append(line)
@@ -157,10 +166,13 @@ def check_templates(templates: tuple[str, ...], flag: str = "--prompt-templates"
     """The checks of a template list given inline (a YAML list, run.json): each template, bounds, no repeats."""
     if len(templates) > MAX_TEMPLATES:
         raise UserError(f"{flag}: {len(templates)} templates; at most {MAX_TEMPLATES}")
+    seen: dict[str, str] = {}
     for i, template in enumerate(templates):
         template_fields(template, f"{flag} item {i + 1}:")
-        if template in templates[:i]:
-            raise UserError(f"{flag}: item {i + 1} repeats the template {template!r}")
+        key = same_text(template)
+        if key in seen:
+            raise UserError(f"{flag}: item {i + 1} repeats the template {seen[key]!r} (as CLIP reads it: {template!r})")
+        seen[key] = template
 
 
 def load_templates(path: str) -> tuple[str, ...]:
@@ -192,17 +204,55 @@ def dataset_classes(dataset: str) -> list[ClassInfo]:
     return [ClassInfo(i, w, by_wnid[w].name, by_wnid[w].description, i + 1) for i, w in enumerate(wnids)]
 
 
+# Unicode categories no class id, name, description or template may hold: controls (C0, DEL, C1), format
+# characters (bidi overrides, zero-width joiners and spaces, soft hyphen...), line and paragraph separators,
+# surrogates, private use and unassigned code points. Each can shift what a line is, hide text, or spoof a name.
+_UNPRINTABLE = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
+# Names Windows reserves for devices, with or without an extension (`CON`, `nul.txt`, `COM1`): a folder of that
+# name cannot be made there. Exports name folders after ids, and ids must be folder names on every filesystem.
+_RESERVED = re.compile(r"(CON|PRN|AUX|NUL|CONIN\$|CONOUT\$|(COM|LPT)[0-9\u00b9\u00b2\u00b3])(\..*)?", re.IGNORECASE)
+_PATH_CHARACTERS = '<>:"/\\|?*'
+
+
+def unprintable(text: str, allow: str = "") -> str | None:
+    """The first character of `text` that is not printable text (see _UNPRINTABLE), named, or None."""
+    for ch in text:
+        if ch not in allow and unicodedata.category(ch) in _UNPRINTABLE:
+            name = unicodedata.name(ch, "")
+            return f"U+{ord(ch):04X}" + (f" {name}" if name else "")
+    return None
+
+
+def same_text(text: str) -> str:
+    """A text as CLIP's tokenizers see it (NFC, case folded, whitespace collapsed): two texts equal here are one
+    prompt (or one class id, one template) whatever their bytes."""
+    return " ".join(unicodedata.normalize("NFC", text).casefold().split())
+
+
 def id_problem(class_id: str) -> str | None:
     """Why a class id cannot be a folder name on every filesystem (exports name folders after ids), or None."""
     if class_id in (".", ".."):
         return "is a relative folder name"
     if any(ch in class_id for ch in "/\\"):
         return "contains a path separator"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in class_id):
-        return "contains a control character"
+    bad = unprintable(class_id)
+    if bad:
+        return f"contains a control or format character ({bad})"
     if len(class_id) > MAX_ID_CHARS:
         return f"is longer than {MAX_ID_CHARS} characters"
+    if class_id.rstrip(" .") != class_id:
+        return "ends in a dot or space (Windows drops them: two ids would share a folder)"
+    if _RESERVED.fullmatch(class_id):
+        return "is a device name Windows reserves (CON, PRN, AUX, NUL, COM1-9, LPT1-9)"
+    if any(ch in _PATH_CHARACTERS for ch in class_id):
+        return f"contains a character folder names cannot hold on every filesystem (one of {_PATH_CHARACTERS})"
     return None
+
+
+def text_lines(text: str) -> list[str]:
+    """Lines split at \\n (a \\r\\n's \\r dropped) and nowhere else: str.splitlines also breaks at U+2028, U+0085,
+    \\x0b, \\x0c, \\x1c..., so a name holding one would shift every later label by a line."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def parse_class_file(text: str, source: str) -> list[ClassInfo]:
@@ -211,12 +261,13 @@ def parse_class_file(text: str, source: str) -> list[ClassInfo]:
     Linear in the file's size; every mistake names its line."""
     out: list[ClassInfo] = []
     first_line: dict[str, int] = {}
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip() or raw.strip().startswith("#"):
+    for lineno, raw in enumerate(text_lines(text), 1):
+        if not raw.strip(" \t") or raw.strip(" \t").startswith("#"):
             continue
-        line = raw.strip(" \r\n")  # a leading tab is an empty id column, not indentation
+        line = raw.strip(" ")  # a leading tab is an empty id column, not indentation
         where = f"{source}: line {lineno}"
-        parts = [p.strip() for p in line.split("\t")]
+        # Spaces only: str.strip would also drop U+2028, \x0b... silently; they are refused below instead.
+        parts = [p.strip(" ") for p in line.split("\t")]
         if len(parts) > 3:
             raise UserError(f"{where} has {len(parts)} tab-separated columns; at most 3 (id, name, description)")
         cid, name = (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
@@ -225,15 +276,22 @@ def parse_class_file(text: str, source: str) -> list[ClassInfo]:
             raise UserError(f"{where} has a name but no id (id<TAB>name)")
         if not name:
             raise UserError(f"{where} ('{raw[:60]}') has an id but no name")
+        if not _readable(name).strip():  # `_` reads as a space: the prompt would hold no name at all
+            raise UserError(f"{where}: the class name {name!r} is blank once underscores are read as spaces")
         why = id_problem(cid)
         if why:
             raise UserError(f"{where}: the class id {cid[:60]!r} {why}")
         for what, text_ in (("name", name), ("description", desc)):
-            if len(text_) > MAX_NAME_CHARS or any(ord(ch) < 32 for ch in text_):
-                raise UserError(f"{where}: the class {what} must be at most {MAX_NAME_CHARS} printable characters")
-        if cid in first_line:
-            raise UserError(f"{where}: duplicate class {cid!r} (first on line {first_line[cid]})")
-        first_line[cid] = lineno
+            bad = unprintable(text_)
+            if len(text_) > MAX_NAME_CHARS or bad:
+                raise UserError(
+                    f"{where}: the class {what} must be at most {MAX_NAME_CHARS} printable characters"
+                    + (f" ({bad} is not one)" if bad else "")
+                )
+        key = unicodedata.normalize("NFC", cid)  # `café` typed two ways is one id (and one folder on macOS)
+        if key in first_line:
+            raise UserError(f"{where}: duplicate class {cid!r} (first on line {first_line[key]})")
+        first_line[key] = lineno
         if len(out) == MAX_CLASSES:
             raise UserError(f"{source}: more than {MAX_CLASSES} classes")
         out.append(ClassInfo(len(out), cid, _readable(name), desc, lineno))

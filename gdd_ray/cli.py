@@ -8,17 +8,26 @@ the thin `jobs/*.py` wrappers (for `ray job submit`) all land in `main`.
 
 A command is a module with `add_arguments(parser)` and `run_from_args(args) -> int`. User errors end as one
 line `error: ...` on stderr with exit code 2; anything else is a bug: its traceback goes to stderr (the job
-log), then one summary line `internal error: ...` last, and the exit code is 1.
+log), then one summary line `internal error: ...` last, and the exit code is 1. Ctrl-C and SIGTERM (`ray job
+stop`, Kubernetes) end in one line `interrupted...`, exit 130 and 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 from collections.abc import Callable
 
-from gdd_ray.errors import UserError
+from gdd_ray.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    Terminated,
+    UserError,
+    sigterm_received,
+    stop_on_sigterm,
+)
 from gdd_ray.logs import quiet_libraries
 
 DISTILL_DOC = """Generative dataset distillation: class names -> SDXL-Turbo images -> PDA -> ConvNet accuracy.
@@ -39,8 +48,10 @@ class DistillCommand:
 
     @staticmethod
     def run_from_args(args: argparse.Namespace) -> int:
+        from gdd_ray import schema
         from gdd_ray.config_loader import build_config
 
+        schema.check_environment()
         values = {k: v for k, v in vars(args).items() if k not in ("config", "command", "_command")}
         cfg = build_config(values, args.config)  # a bad flag is one line before torch or Ray is imported
         from gdd_ray import pipeline
@@ -112,9 +123,14 @@ def guarded(fn: Callable[[], int | None]) -> int:
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr, flush=True)
-        return 130
+    except (KeyboardInterrupt, SystemExit) as e:
+        # SystemExit(15): SIGTERM while ray.init runs, whose own handler is sys.exit(15) (ours is back after it)
+        if isinstance(e, SystemExit) and e.code != signal.SIGTERM:
+            raise
+        terminated = not isinstance(e, KeyboardInterrupt) or isinstance(e, Terminated) or sigterm_received()
+        why = " (SIGTERM)" if terminated else ""
+        print(f"interrupted{why}: run the same command again to resume", file=sys.stderr, flush=True)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except Exception as e:
         traceback.print_exc(file=sys.stderr)
         summary = one_line(f"{type(e).__name__}: {e}", 500)
@@ -127,6 +143,7 @@ def guarded(fn: Callable[[], int | None]) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "gdd-ray") -> int:
+    stop_on_sigterm()  # SIGTERM ends a command like Ctrl-C: one line, exit 143 (errors.Terminated)
     quiet_libraries()
     args = build_parser(prog).parse_args(argv)
     return guarded(lambda: args._command.run_from_args(args))

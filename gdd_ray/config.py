@@ -174,7 +174,7 @@ class GenerateConfig:
     compile: bool = opt(
         False,
         "torch.compile the denoiser and decoder with static shapes, in each worker's start-up before it takes "
-        "work (minutes on a GPU, cached per node); faster steady state.",
+        "work (minutes on a GPU, cached per user or pod); faster steady state.",
     )
     engine: Engine = opt(
         "auto",
@@ -477,18 +477,13 @@ class RunConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        """The config saved in run.json (keys this version does not know are ignored)."""
+    def from_dict(cls, d: dict[str, Any], where: str = "run.json") -> RunConfig:
+        """The config saved in run.json, checked as strictly as flags are (each value coerced to its field's
+        type, then `validate`): schema.Invalid naming `where` and the first wrong value. Keys this version does
+        not know are ignored."""
+        from gdd_ray.config_loader import config_from_record
 
-        def known(klass: type, values: dict[str, Any]) -> dict[str, Any]:
-            names = {f.name for f in dataclasses.fields(klass)}
-            return {k: v for k, v in values.items() if k in names and k not in SECTIONS}
-
-        top = known(cls, d)
-        if "stages" in top:
-            top["stages"] = tuple(top["stages"])
-        sections = {s: klass(**known(klass, d.get(s) or {})) for s, klass in SECTIONS.items()}
-        return cls(**top, **sections)
+        return config_from_record(d, where)
 
     def replace(self, **changes: Any) -> RunConfig:
         """Copy with top-level or `section.field` changes: cfg.replace(ipc=5, **{'generate.batch_size': 4})."""
@@ -543,6 +538,10 @@ def validate(cfg: RunConfig) -> None:
         check_templates(g.prompt_templates)
         if g.prompt_template != "{name}":
             raise UserError("give either --prompt-template (one) or --prompt-templates (several), not both")
+    if cfg.augment.pda_ops is not None:  # checked at start, not when the augment stage comes to it
+        from gdd_ray.augment.recipe import resolve_ops
+
+        resolve_ops(cfg.augment.pda_ops)
     if g.time_budget is not None:
         parse_duration(g.time_budget, "--time-budget")
         if cfg.clip.select_by != "none":

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
+import re
 import types
 import typing
 from typing import Any
 
+from gdd_ray import schema
 from gdd_ray.config import SECTIONS, STAGES, RunConfig, validate
 from gdd_ray.errors import UserError
 
@@ -61,6 +62,13 @@ def _choice(opt: Option, value: Any, choices: tuple[str, ...], noun: str) -> str
     return value
 
 
+MAX_LIST_ITEMS = 256
+MAX_STRING = 4096  # paths, URIs, model ids: a value longer than this is a mistake
+MAX_MAPPING_BYTES = 64 * 1024  # --pda-ops given as JSON
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
+
+
 def coerce(opt: Option, value: Any) -> Any:
     """A flag's string or a YAML value -> the field's type; UserError naming the option otherwise."""
     if value is None:
@@ -75,7 +83,11 @@ def coerce(opt: Option, value: Any) -> Any:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
             raise UserError(f"config: '{key}' must be a comma-separated list, got {value!r}")
-        items = tuple(str(s).strip() for s in items if str(s).strip())
+        if len(items) > MAX_LIST_ITEMS or not all(isinstance(s, str) for s in items):
+            raise UserError(
+                f"config: '{key}' must be a list of at most {MAX_LIST_ITEMS} strings, got {schema.shown(value)}"
+            )
+        items = tuple(s.strip() for s in items if s.strip())
         if typing.get_origin(item) is typing.Literal:
             bad = [s for s in items if s not in typing.get_args(item)]
             if bad:
@@ -97,21 +109,30 @@ def coerce(opt: Option, value: Any) -> Any:
         if tp is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
+            if isinstance(value, str) and not _INTEGER.fullmatch(value.strip()):  # no '1_000', no non-ASCII digits
+                raise ValueError(value)
             return int(value)
         if tp is float:
+            if isinstance(value, str) and not _NUMBER.fullmatch(value.strip()):
+                raise ValueError(value)
             number = float(value)
             if not math.isfinite(number):
                 raise ValueError(value)
-            return number
+            return number + 0.0  # -0.0 is 0.0: one value, one fingerprint
         if tp is dict:
             if isinstance(value, str):
-                value = json.loads(value)
+                value = schema.parse_json(value, f"--{key}", limit=MAX_MAPPING_BYTES)
             if not isinstance(value, dict):
                 raise ValueError(value)
             return value
         if not isinstance(value, (str, int, float)):
             raise ValueError(value)
-        return str(value)
+        text = str(value)
+        if len(text) > MAX_STRING or "\x00" in text:
+            raise UserError(f"config: '{key}' must be text of at most {MAX_STRING} characters without NUL bytes")
+        return text
+    except schema.Invalid:
+        raise
     except (TypeError, ValueError, OverflowError) as e:
         what = {bool: "true or false", int: "an integer", float: "a finite number", dict: "a mapping"}.get(
             tp, "a string"
@@ -131,45 +152,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(), help=helptext)
 
 
-MAX_YAML_BYTES = 1 * 2**20  # a config is a few dozen keys; anything near this is not one
-
-
 def load_yaml(path: str) -> dict[str, Any]:
-    """A YAML config, read safely: bounded in size, and without aliases (`&a` / `*a`), which a config never
-    needs and which let a few hundred bytes expand into unbounded memory (an alias bomb)."""
-    import yaml
+    """A YAML config, read by the one YAML reader (schema.read_yaml: bounded, no aliases, no key twice)."""
+    return schema.read_yaml(path, "--config")
 
+
+def config_from_record(d: Any, where: str) -> RunConfig:
+    """A RunConfig from run.json's `config` (RunConfig.to_dict's shape: top-level fields, one mapping per
+    section), through the same coercion and checks as flags; schema.Invalid naming `where` otherwise."""
+    if not isinstance(d, dict):
+        raise schema.Invalid(f"{where}: the config must be a mapping, got {schema.shown(d)}")
+    values: dict[str, Any] = {}
+    for opt in options():
+        section = d.get(opt.section, {}) if opt.section else d
+        if not isinstance(section, dict):
+            raise schema.Invalid(f"{where}: config.{opt.section} must be a mapping, got {schema.shown(section)}")
+        if section.get(opt.name) is not None:
+            values[opt.name] = section[opt.name]
+    if isinstance(values.get("prompt_templates"), str):  # a record holds the templates, never a file to read
+        raise schema.Invalid(f"{where}: config.generate.prompt_templates must be a list of templates")
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_YAML_BYTES + 1)
-    except OSError as e:
-        raise UserError(f"--config {path}: cannot read it ({e.strerror})") from e
-    if len(raw) > MAX_YAML_BYTES:
-        raise UserError(f"--config {path}: larger than {MAX_YAML_BYTES // 2**20} MiB; not a config file")
-    try:
-        text = raw.decode("utf-8-sig")
-        # Events are a linear scan of the text: an alias is refused before anything is expanded.
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent):
-                raise UserError(
-                    f"--config {path}: YAML aliases (*name) are not allowed in a config; write the value out"
-                )
-        data = yaml.safe_load(text) or {}
-    except UnicodeDecodeError as e:
-        raise UserError(f"--config {path}: not a UTF-8 text file (byte {e.start})") from e
-    except yaml.YAMLError as e:
-        raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from e
-    if not isinstance(data, dict):
-        raise UserError(f"--config {path}: expected a mapping of option: value")
-    return data
+        return build_config(values)
+    except UserError as e:
+        raise schema.Invalid(f"{where} holds an invalid config: {e}") from e
 
 
 def build_config(values: dict[str, Any], yaml_path: str | None = None) -> RunConfig:
     """Merge defaults < YAML < given values (None = not given) into a validated RunConfig."""
     merged: dict[str, Any] = {}
     if yaml_path:
+        spelled: dict[str, str] = {}
         for k, v in load_yaml(yaml_path).items():
-            merged[str(k).replace("-", "_")] = v
+            name = str(k).replace("-", "_")
+            if name in spelled:  # `prompt-template:` and `prompt_template:` are one option given twice
+                raise UserError(f"--config {yaml_path}: '{spelled[name]}' and '{k}' are the same option; keep one")
+            spelled[name] = str(k)
+            merged[name] = v
     merged.update({k.replace("-", "_"): v for k, v in values.items() if v is not None})
 
     known = {opt.name: opt for opt in options()}

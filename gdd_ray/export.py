@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
+import math
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -59,14 +59,16 @@ META_COLUMNS = ["label", "class_id", "class_name", "index", "variant"]
 
 
 def run_record(run: str) -> dict[str, Any]:
-    root = storage.Location(run)
-    try:
-        record = json.loads(root.read_bytes(RUN_FILE)) if root.exists(RUN_FILE) else {}
-    except (OSError, ValueError, RecursionError) as e:
-        raise UserError(f"{storage.join(run, RUN_FILE)} is unreadable ({storage.reason(e)})") from e
-    if not isinstance(record, dict) or not isinstance(record.get("fingerprints", {}), dict):
-        raise UserError(f"{storage.join(run, RUN_FILE)} is not a run record")
+    """The run's run.json, checked by its schema (RunDir.read_record) and its config as strictly as flags are
+    (whichever format reads it): {} when there is none."""
+    record = RunDir(run).read_record() or {}
+    if record.get("config"):
+        _config(run, record)
     return record
+
+
+def _config(run: str, record: dict[str, Any]) -> RunConfig:
+    return RunConfig.from_dict(record["config"], storage.join(run, RUN_FILE))
 
 
 def _source(run: str, source: str) -> tuple[storage.Location, list[str]]:
@@ -175,8 +177,9 @@ def _mean_std(
     if (mean is None) != (std is None):
         raise UserError("give both --mean and --std, or neither")
     if mean is not None and std is not None:
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise UserError(f"--mean and --std take three numbers each (std > 0), got {mean} and {std}")
+        finite = all(math.isfinite(v) for v in (*mean, *std))
+        if len(mean) != 3 or len(std) != 3 or not finite or min(std) <= 0:
+            raise UserError(f"--mean and --std take three finite numbers each (std > 0), got {mean} and {std}")
         return list(mean), list(std)
     if dataset not in MEAN_STD:
         raise UserError(
@@ -297,7 +300,7 @@ def export_challenge(
     record = run_record(run)
     if not record.get("config"):
         raise UserError(f"{storage.join(run, RUN_FILE)} does not exist or holds no config: no run at {run}")
-    cfg = RunConfig.from_dict(record["config"])
+    cfg = _config(run, record)
     name = challenge.submission_file(cfg.dataset)
     others = _check_submission_folder(dest, name, overwrite)
     choice = selection.for_training(cfg.replace(**{"train.protocol": "challenge"}), select)  # type: ignore[arg-type]
@@ -357,7 +360,7 @@ def export_pt(
         raise UserError(f"--select must be one of {', '.join(selection.CHOICES)}, got '{select}'")
     record = run_record(run)
     num_classes = len(record["classes"]) if record.get("classes") else None
-    how = select or RunConfig.from_dict(record.get("config") or {}).train.select
+    how = select or (_config(run, record).train.select if record.get("config") else "originals")
     table, n = select_per_class(list_images(run, source), per_class, num_classes, how)
     m, s = _mean_std(dataset or record.get("config", {}).get("dataset"), mean, std)
     digest = SetDigest(_labels_of(table))
@@ -492,9 +495,12 @@ def _torch_bytes(obj: Any) -> bytes:
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got '{text}'") from e
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected three finite comma-separated numbers, got '{text}'")
+    return values
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from gdd_ray import storage
+from gdd_ray import schema, storage
 from gdd_ray.errors import UserError
 from gdd_ray.logs import say
 
-LEASE_PATTERN = re.compile(r"^_lease-(\d{6})\.json$")
+# Any sequence number (six digits or more); only the name lease_name writes for it counts, so one number never
+# has two files (a planted `_lease-0000001.json` is not generation 1's lease, and is ignored like any stranger).
+LEASE_PATTERN = re.compile(r"^_lease-(\d{6,18})\.json$")
 DEFAULT_EXPIRY_S = 120.0  # a dead driver's run can be taken over this long after its last heartbeat
 EXPIRY_ENV = "GDD_RAY_LEASE_EXPIRY_S"  # tests (and impatient users) shorten it
 
@@ -47,13 +49,7 @@ def lease_name(generation: int) -> str:
 
 
 def expiry_s() -> float:
-    try:
-        value = float(os.environ.get(EXPIRY_ENV, DEFAULT_EXPIRY_S))
-    except ValueError as e:
-        raise UserError(f"{EXPIRY_ENV} must be a number of seconds, got {os.environ[EXPIRY_ENV]!r}") from e
-    if not 1.0 <= value <= 86400.0:
-        raise UserError(f"{EXPIRY_ENV} must be between 1 and 86400 seconds, got {value}")
-    return value
+    return schema.env_number(EXPIRY_ENV, DEFAULT_EXPIRY_S, 1.0, 86400.0)
 
 
 # ---- who is holding it ------------------------------------------------------------------------------
@@ -90,8 +86,10 @@ def ray_job() -> str | None:
     """The Ray job this driver runs as: the submission id under `ray job submit`, else the connected job id."""
     config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if config:
+        spec = schema.Fields(optional={"metadata": schema.Fields(optional={"job_submission_id": schema.Str(200)})})
         try:
-            submission = json.loads(config).get("metadata", {}).get("job_submission_id")
+            submission = schema.load(config, spec, "RAY_JOB_CONFIG_JSON_ENV_VAR", limit=2**20)
+            submission = submission.get("metadata", {}).get("job_submission_id")
             if submission:
                 return submission
         except ValueError:
@@ -143,16 +141,17 @@ def holder_gone(record: dict[str, Any]) -> bool:
     return start is None or (h.get("pid_start") is not None and start != h.get("pid_start"))
 
 
-def state(record: dict[str, Any] | None, now: float | None = None) -> tuple[str, float]:
-    """('live' | 'expired' | 'gone', seconds since the last heartbeat) of a lease record."""
+def state(record: dict[str, Any] | None, now: float | None = None, written: float | None = None) -> tuple[str, float]:
+    """('live' | 'expired' | 'gone', seconds since the last heartbeat) of a lease record (checked by its schema).
+
+    `written`: when the store says the file was last written. A heartbeat is never younger than its write, so
+    a heartbeat stamped in the future (a holder's clock far ahead, or a planted file) ages from the write and
+    expires after the normal window; without a write time it counts as written now."""
     if not record:
         return "expired", float("inf")
     now = _now() if now is None else now
-    try:
-        age = now - float(record["heartbeat_t"])
-        expiry = float(record.get("expiry_s", DEFAULT_EXPIRY_S))
-    except (KeyError, TypeError, ValueError):
-        return "expired", float("inf")
+    beat = min(float(record["heartbeat_t"]), now if written is None else written)
+    age, expiry = now - beat, float(record["expiry_s"])
     if holder_gone(record):
         return "gone", age
     return ("live" if age < expiry else "expired"), age
@@ -166,16 +165,19 @@ def generations(root: storage.Location) -> list[int]:
         names = root.list(include_hidden=True)
     except FileNotFoundError:
         return []
-    return sorted(int(m.group(1)) for n in names if (m := LEASE_PATTERN.match(n)))
+    return sorted(g for n in names if (m := LEASE_PATTERN.match(n)) and n == lease_name(g := int(m.group(1))))
 
 
 def read(root: storage.Location, generation: int) -> dict[str, Any] | None:
-    """A lease record; None if it vanished (released) or cannot be read as one."""
+    """A lease record (checked by its schema); None if it vanished (released) or cannot be read as one."""
+    return schema.read_or_none(root, lease_name(generation), schema.LEASE, limit=64 * 1024)
+
+
+def written(root: storage.Location, generation: int) -> float | None:
     try:
-        record = json.loads(root.read_bytes(lease_name(generation)))
-    except (OSError, ValueError):
+        return root.mtime(lease_name(generation))
+    except OSError:
         return None
-    return record if isinstance(record, dict) else None
 
 
 def current(root: storage.Location) -> dict[str, Any] | None:
@@ -186,7 +188,7 @@ def current(root: storage.Location) -> dict[str, Any] | None:
     record = read(root, gens[-1])
     if record is None:
         return None
-    st, age = state(record)
+    st, age = state(record, written=written(root, gens[-1]))
     return {**record, "state": st, "heartbeat_age_s": round(age, 1)}
 
 
@@ -279,9 +281,9 @@ def acquire(root: storage.Location, expiry: float | None = None, attempts: int =
             if record is None and root.exists(lease_name(gens[-1])):
                 takeover = "its lease file is unreadable"
             elif record is not None:
-                st, age = state(record)
+                st, age = state(record, written=written(root, gens[-1]))
                 if st == "live":
-                    left = float(record.get("expiry_s", DEFAULT_EXPIRY_S)) - age
+                    left = float(record["expiry_s"]) - age
                     raise UserError(
                         f"{root.uri} is in use by another driver ({describe(record)}, heartbeat {age:.0f} s ago); "
                         f"wait for it to end or stop it (ray job stop), or use another --out; if it is dead, "

@@ -6,6 +6,8 @@ import logging
 import os
 from contextlib import contextmanager
 
+from gdd_ray.errors import UserError, stop_on_sigterm, stopping_on_sigterm
+
 _started_here = False
 _holders = 0  # callers that run several pipelines on one Ray (a sweep): no inner run shuts it down
 
@@ -20,12 +22,21 @@ def init_ray() -> None:
         return
     # Inside `ray job submit` RAY_ADDRESS is set and ray.init() joins that cluster, as it does on a node
     # where `ray start` ran; otherwise plain `python jobs/distill.py` starts a local one, ours to shut down.
-    _started_here = cluster_address() is None
+    address = cluster_address()
+    if address is not None:  # Ray's client would retry a dead or silent address for many minutes
+        from gdd_ray import reach, schema
+
+        host, port = schema.host_port(address.removeprefix("ray://"), "RAY_ADDRESS")
+        reach.check_grpc(host, port, f"the Ray cluster at {address}")
+    _started_here = address is None
     # A local Ray gets its dashboard, on loopback only: it serves the State API, which Ray Train's
     # placement-group cleaner polls every second (without it, each poll logs a warning for the whole
     # train stage), and it lets `ray status`/`ray list actors` look at a running job.
     kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if _started_here else {}
+    ours = stopping_on_sigterm()
     ray.init(log_to_driver=True, configure_logging=False, **kwargs)
+    if ours:  # ray.init replaced it with sys.exit(15) from wherever the main thread is
+        stop_on_sigterm()
 
 
 def cluster_address() -> str | None:
@@ -33,10 +44,17 @@ def cluster_address() -> str | None:
     None = it would start a local, single-node Ray. Uses Ray's own lookup, so the two never disagree."""
     from ray._private.services import canonicalize_bootstrap_address
 
+    from gdd_ray import schema
+
+    given = os.environ.get("RAY_ADDRESS", "").strip()
+    if given:
+        schema.ray_address(given)  # one line for a malformed one, before Ray tries it
+        if given.startswith("ray://"):
+            return given
     try:
         return canonicalize_bootstrap_address(None)
-    except Exception:  # a malformed RAY_ADDRESS: ray.init() will say what is wrong with it
-        return os.environ.get("RAY_ADDRESS") or None
+    except Exception as e:  # e.g. a host name that does not resolve
+        raise UserError(f"RAY_ADDRESS={given}: not a reachable Ray address ({e}); unset it to start a local Ray") from e
 
 
 def alive_nodes() -> int:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from gdd_ray import logs, storage
+from gdd_ray import logs, schema, storage
 from gdd_ray.classes import ClassInfo
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
@@ -36,7 +36,6 @@ from gdd_ray.plan import Plan
 RUN_FILE = "run.json"
 SUMMARY_FILE = "_summary.json"
 STAGE_DIRS = {"generate": "generated", "select": "selected", "augment": "augmented", "train": "eval"}
-MAX_RUN_FILE_BYTES = 64 * 2**20
 # What each stage writes, by folder (relative to OUT) and name pattern: --overwrite deletes these and
 # nothing else (a user's notes in OUT/generated/ stay). A stage that writes a new kind of file adds it here.
 SHARD_GLOB = "c[0-9]*-i[0-9]*-[0-9]*.parquet"
@@ -149,24 +148,19 @@ class RunDir:
     # ---- run.json -----------------------------------------------------------------------------
 
     def read_record(self) -> dict[str, Any] | None:
+        """run.json, checked by its schema (every field a reader uses has its type); None when there is none."""
         try:
             if not self.root.exists(RUN_FILE):
                 return None
         except OSError as e:  # the store itself: endpoint, bucket, credentials
             raise storage.Unreachable(f"cannot read {self.uri} ({storage.reason(e)})") from e
+        where = storage.join(self.uri, RUN_FILE)
         try:
-            data = self.root.read_bytes(RUN_FILE)
-            if len(data) > MAX_RUN_FILE_BYTES:
-                raise ValueError(f"{len(data)} bytes, more than any run record")
-            record = json.loads(data)
-        except (OSError, ValueError, RecursionError) as e:
-            raise UserError(
-                f"{storage.join(self.uri, RUN_FILE)} is unreadable ({storage.reason(e)}); fix it or use --overwrite"
-            ) from e
-        shapes = {"fingerprints": dict, "inputs": dict, "stages": dict, "config": dict, "classes": list}
-        if not isinstance(record, dict) or any(not isinstance(record.get(k, t()), t) for k, t in shapes.items()):
-            raise UserError(f"{storage.join(self.uri, RUN_FILE)} is not a run record; fix it or use --overwrite")
-        return record
+            return schema.run_record(self.root.read_bytes(RUN_FILE), where)
+        except OSError as e:
+            raise UserError(f"{where} is unreadable ({storage.reason(e)}); fix it or use --overwrite") from e
+        except schema.Invalid as e:
+            raise schema.Invalid(f"{e}; {where} is not a run record gdd-ray wrote: fix it or use --overwrite") from e
 
     def write_record(self, record: dict[str, Any]) -> None:
         record["updated"] = now_iso()
@@ -178,11 +172,8 @@ class RunDir:
         self.write_record(record)
 
     def read_summary(self, stage: str) -> dict[str, Any] | None:
-        loc = self.stage_dir(stage)
-        try:
-            return json.loads(loc.read_bytes(SUMMARY_FILE)) if loc.exists(SUMMARY_FILE) else None
-        except (OSError, ValueError):
-            return None
+        """The stage's summary; None when it is missing or damaged (the stage rewrites it when it next finishes)."""
+        return schema.read_or_none(self.stage_dir(stage), SUMMARY_FILE, schema.SUMMARY)
 
     def write_summary(self, stage: str, summary: dict[str, Any]) -> None:
         self.stage_dir(stage).write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
@@ -306,15 +297,34 @@ class RunDir:
 
 
 def _describe_change(record: dict[str, Any] | None, inputs: dict[str, dict[str, Any]], stage: str) -> str:
-    """'steps 1 -> 2, seed 0 -> 1': the first few values deciding `stage` that differ from the stored run."""
+    """'steps 1 -> 2, seed 0 -> 1': the first few values deciding `stage` that differ from the stored run, a value
+    given only before or only now included ('prompt-templates [...] -> (none)'). The class list comes last: a
+    changed template or flag can change how it is recorded, and the option is what the user changed."""
     old = (record or {}).get("inputs", {}).get(stage, {})
     new = inputs.get(stage, {})
-    diffs = []
-    for key, value in new.items():
-        if key in old and old[key] != value:
-            name = key.rsplit(".", 1)[-1].replace("_", "-")
-            diffs.append("class list changed" if key == "classes" else f"{name} {old[key]!r} -> {value!r}")
+    diffs, classes = [], False
+    for key in [*new, *(k for k in old if k not in new)]:
+        if old.get(key, _ABSENT) == new.get(key, _ABSENT):
+            continue
+        if key == "classes":
+            classes = True
+            continue
+        name = key.rsplit(".", 1)[-1].replace("_", "-")
+        before, after = (_shown(d.get(key, _ABSENT)) for d in (old, new))
+        diffs.append(f"{name} {before} -> {after}")
+    if classes:
+        diffs.append("class list changed")
     return ", ".join(diffs[:4]) or "its input or the code version changed"
+
+
+_ABSENT = object()
+
+
+def _shown(value: Any) -> str:
+    if value is _ABSENT:
+        return "(none)"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from gdd_ray import storage
+from gdd_ray import schema, storage
 from gdd_ray.plan import SHARD_SUFFIX, WorkUnit, parse_shard_name
 
 MANIFEST_FILE = "_manifest.json"
@@ -171,6 +171,14 @@ def selected_spec(unit: WorkUnit, fingerprint: str) -> ShardSpec:
     return generated_spec(unit, fingerprint)
 
 
+SCORES_DIR = "scores"  # the select stage's score files, OUT/selected/scores/: one per generated shard
+
+
+def score_spec(unit: WorkUnit, fingerprint: str) -> ShardSpec:
+    """A select stage's score file: named after its generated shard, one row per image, this fingerprint."""
+    return ShardSpec(unit.shard_name, unit.size, ((SOURCE, unit.shard_name), (FINGERPRINT, fingerprint)))
+
+
 def augmented_spec(source: str, source_rows: int, variants: int, fingerprint: str) -> ShardSpec:
     return ShardSpec(source, source_rows * (variants + 1), ((SOURCE, source), (FINGERPRINT, fingerprint)))
 
@@ -201,13 +209,17 @@ class Check:
 
 
 def check_folder(
-    loc: storage.Location, specs: list[ShardSpec], decode: bool = False, manifest: Manifest | None = None
+    loc: storage.Location,
+    specs: list[ShardSpec],
+    decode: bool = False,
+    manifest: Manifest | None = None,
 ) -> Check:
     """List the folder once, read the footers of the expected shards in parallel, judge each. With `decode`,
-    a shard whose footer passes is also read whole and every image decoded (`status --verify`): a footer
-    cannot vouch for the bytes under it, so this is the one check that finds a damaged image. With the
-    stage's `manifest`, a shard whose size differs from the one recorded when it was written has been changed
-    since, whatever its footer says: it is redone too."""
+    a shard whose footer passes is also read whole and every image and row checked (`status --verify`,
+    `corrupt_images`): a footer cannot vouch for the
+    bytes under it, so this is the one check that finds a damaged image. With the stage's `manifest`, a shard
+    whose size differs from the one recorded when it was written has been changed since, whatever its footer
+    says: it is redone too."""
     sizes = loc.sizes(SHARD_SUFFIX)
     present = set(sizes)
     wanted = {s.name: s for s in specs}
@@ -234,26 +246,61 @@ def check_folder(
 
 
 def corrupt_images(loc: storage.Location, name: str) -> list[dict[str, Any]]:
-    """The images of one shard that do not decode, each as {row, label, index, variant, why} (row None: the
-    shard's data pages themselves are unreadable, whatever its footer says)."""
+    """The rows of one shard that are not what its name and footer say, each as {row, label, index, variant,
+    why} (row None: the shard's data pages themselves are unreadable, whatever its footer says):
+
+    - the image: PNG bytes, RGB, of the footer's image size (format, mode and size are read from the header,
+      so a 50-MP picture is refused before a pixel of it is decoded), then every pixel decoded;
+    - the row: its label is its unit's class, its index within the unit's range (a kept image's index is its
+      position among the kept), its variant within the footer's count, and no (index, variant) twice."""
     try:
+        kv = storage.footer_metadata(storage.read_parquet_footer(loc, name))
         table = read_shard(loc, name, ["image", "label", "index", "variant"])
+        cols = {c: table.column(c).to_pylist() for c in ("label", "index", "variant")}
+        pngs = png_bytes(table)
     except Exception as e:  # a torn or overwritten data page under a valid footer
         return [{"row": None, "label": None, "index": None, "variant": None, "why": f"unreadable ({type(e).__name__})"}]
-    cols = {c: table.column(c).to_pylist() for c in ("label", "index", "variant")}
+    unit = parse_shard_name(name)
+    size = schema.footer_int(kv, IMAGE_SIZE, 1, 1 << 16)
+    variants = schema.footer_int(kv, VARIANTS, 0, 1 << 16) or 0
+    low, high = (unit.start, unit.stop) if unit else (0, 1 << 31)
+    seen: set[tuple[int, int]] = set()
     bad = []
-    for row, data in enumerate(png_bytes(table)):
-        why = _decode_problem(data)
+    for row, data in enumerate(pngs):
+        label, index, variant = (cols[c][row] for c in ("label", "index", "variant"))
+        why = _row_problem(unit, label, index, variant, low, high, variants, seen) or _image_problem(data, size)
         if why is not None:
-            bad.append({"row": row, **{c: v[row] for c, v in cols.items()}, "why": why})
+            bad.append({"row": row, "label": label, "index": index, "variant": variant, "why": why})
     return bad
 
 
-def _decode_problem(data: bytes | None) -> str | None:
+def _row_problem(
+    unit: WorkUnit | None, label, index, variant, low: int, high: int, variants: int, seen: set[tuple[int, int]]
+) -> str | None:
+    if unit is not None and label != unit.label:
+        return f"label {label} in a shard of class {unit.label}"
+    if index is None or not low <= index < high:
+        return f"index {index} outside the unit's {low}..{high - 1}"
+    if variant is None or not 0 <= variant <= variants:
+        return f"variant {variant} outside 0..{variants}"
+    if (index, variant) in seen:
+        return f"index {index}, variant {variant} a second time"
+    seen.add((index, variant))
+    return None
+
+
+def _image_problem(data: bytes | None, size: int | None) -> str | None:
+    """Why stored bytes are not one of our images (None = they are): a PNG, RGB, size x size, every pixel decoding."""
     if not data:
         return "no bytes"
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.format != "PNG":
+                return f"{im.format or 'unknown'} bytes, not a PNG"
+            if size is not None and im.size != (size, size):
+                return f"{im.size[0]}x{im.size[1]} px, not the footer's {size}x{size}"
+            if im.mode != "RGB":
+                return f"mode {im.mode}, not RGB"
             im.load()  # decodes every pixel: a header that opens can still hide a broken stream
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error... for damaged data
         return f"{type(e).__name__}: {e}"[:200]
@@ -312,26 +359,14 @@ def write_manifest(
     return manifest
 
 
-MAX_MANIFEST_BYTES = 256 * 2**20  # MAX_SHARDS entries of ~100 bytes, with room: more is not a manifest of ours
-
-
 def read_manifest(loc: storage.Location, fingerprint: str | None = None) -> Manifest | None:
     """The folder's manifest; None when it is missing, unreadable, partial or (if given) of another fingerprint."""
     try:
         if not loc.exists(MANIFEST_FILE):
             return None
-        data = loc.read_bytes(MANIFEST_FILE)
-        if len(data) > MAX_MANIFEST_BYTES:
-            return None
-        d = json.loads(data)
-        ipc = d.get("ipc")
-        manifest = Manifest(str(d["stage"]), str(d["fingerprint"]), list(d["shards"]), ipc, str(d.get("written", "")))
-        if ipc is not None and (type(ipc) is not int or ipc < 0):
-            return None
-        for s in manifest.shards:
-            if not isinstance(s, dict) or not isinstance(s.get("name"), str) or type(s.get("rows")) is not int:
-                return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        d = schema.load(loc.read_bytes(MANIFEST_FILE), schema.MANIFEST, storage.join(loc.uri, MANIFEST_FILE))
+        manifest = Manifest(d["stage"], d["fingerprint"], list(d["shards"]), d.get("ipc"), d.get("written", ""))
+    except (OSError, ValueError):  # schema.Invalid is a ValueError: a damaged manifest means "not complete"
         return None
     if fingerprint is not None and manifest.fingerprint != fingerprint:
         return None

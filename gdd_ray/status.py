@@ -12,8 +12,10 @@ manifest (written last) is current.
 
     python -m gdd_ray status runs/c100 --verify
 
-also decodes every stored image (footers cannot vouch for the bytes under them) and names each one that does
-not decode (shard, row, label, index). Such a shard is set aside as NAME.corrupt (kept for a look, outside
+also checks every stored image and row (footers cannot vouch for the bytes under them): each image must be a
+PNG, RGB, of the footer's image size, and decode; each row's label must be its unit's class and its index in
+the unit's range (kept images: among the class's generated ones), no (index, variant) twice. Each one that is
+not is named (shard, row, label, index, why). Such a shard is set aside as NAME.corrupt (kept for a look, outside
 every reader's `*.parquet`) and its stage's manifest dropped, so the stage is "not complete" everywhere and
 the next run redoes exactly those shards, by the missing-shard rule every stage already has. Under a live
 driver nothing is moved (that driver may be rewriting them); the report stands and the exit code is 1.
@@ -28,7 +30,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from gdd_ray import lease, lifecycle, shards, storage
+from gdd_ray import lease, lifecycle, schema, shards, storage
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
 from gdd_ray.plan import check_plan_size, plan_run
@@ -118,6 +120,12 @@ def _shard_stage(ctx: RunContext, stage: str, record: dict[str, Any], verify: bo
         st["ipc_reached"] = budget
         if ledger is None and not st["corrupt"]:
             st["state"] = BUDGET_REACHED
+    if stage == "select" and not complete:  # the kept shards come last, after every score file: how far is scoring
+        fp, units = ctx.fingerprint("select"), ctx.plan.units
+        scores = shards.check_folder(loc.child(shards.SCORES_DIR), [shards.score_spec(u, fp) for u in units])
+        st["scored"] = [len(scores.done), len(units)]
+        if scores.done or scores.problems:
+            st["state"] = "incomplete"  # work is on disk: stopped or running, not "not started"
     return st
 
 
@@ -143,7 +151,7 @@ def train_status(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig, verify
         if name not in present:
             continue
         try:
-            res = json.loads(runs_loc.read_bytes(name))
+            res = schema.read(runs_loc, name, schema.EVAL_RUN) or {}
         except (OSError, ValueError) as e:
             failures.append(f"runs/{name}: unreadable ({type(e).__name__})")
             continue
@@ -218,10 +226,7 @@ def run_status(out: str, verify: bool = False) -> dict[str, Any]:
         raise UserError(f"{storage.join(out, RUN_FILE)} does not exist: no run was started at {out}")
     run_dir = RunDir(out, record.get("stage_dirs"))  # a sweep point reads shared generate/augment folders
     stages = [s for s in STAGES if s in record.get("fingerprints", {})]
-    try:
-        cfg = RunConfig.from_dict(record.get("config") or {})
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{storage.join(out, RUN_FILE)} holds no readable config ({e})") from e
+    cfg = RunConfig.from_dict(record.get("config") or {}, storage.join(out, RUN_FILE))  # schema.Invalid: one line
     check_plan_size(cfg, len(record.get("classes", [])))  # a run.json edited by hand: before any plan is built
     ctx = _context(run_dir, record, cfg)
     trained = cfg.train.train_ipc if cfg.train.train_ipc is not None and "train" in stages else None
@@ -296,6 +301,8 @@ def format_status(st: dict[str, Any]) -> str:
         elif s.get("checkpoints"):
             extra = f"{s['checkpoints']} checkpoints"
         fails = f"{len(s['failures'])} to redo" if s["failures"] else ""
+        if s.get("scored"):
+            extra = f"{s['scored'][0]}/{s['scored'][1]} generated shards scored"
         cols = [f"{s['stage']:<9}", f"{done:<16}", f"{images:<22}", f"{rate:<14}", s["state"], fails, extra]
         lines.append("  " + "  ".join(c for c in cols if c is not None).rstrip())
         if s["state"] == BUDGET_REACHED:
@@ -328,8 +335,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="Also decode every stored image; shards with one that does not decode are named (shard, row, label, "
-        "index), set aside as NAME.corrupt and redone by the next run. Reads every shard in full.",
+        help="Also check every stored image (a PNG, RGB, of the run's size, decoding) and row (label and index those of "
+        "its unit); shards with one that is not are named (shard, row, label, index, why), set aside as "
+        "NAME.corrupt and redone by the next run. Reads every shard in full.",
     )
 
 

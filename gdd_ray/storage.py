@@ -5,8 +5,10 @@ name in the same folder and renamed; on an object store there is no rename, but 
 multipart upload, completed only on close) makes the object appear whole or not at all.
 
 Reaching a store is bounded in time and fails in one line (`Unreachable`, a UserError): an unknown scheme
-at once, an unreachable endpoint or unknown host after the client's few retries (~6 s), gs:// without
-credentials after a look for them (~1 s) instead of the Google client's long wait for a metadata server.
+at once; an endpoint set by hand (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST) that is closed at once, one that
+is silent within GDD_RAY_TIMEOUT_S (reach.py: default 30 s), before the client is pointed at it; gs://
+without credentials after a look for them (~1 s) instead of the Google client's long wait for a metadata
+server. The clients themselves get the same timeout and few retries.
 gs:// goes to the emulator named by STORAGE_EMULATOR_HOST when that is set (what Google's own clients read).
 """
 
@@ -27,11 +29,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from gdd_ray.errors import UserError
+from gdd_ray import reach
 
 # Schemes an --out, --classes or export path may use; anything else is refused before it is tried.
 SCHEMES = ("s3", "gs", "gcs", "file")
-GCS_RETRY_S = 30  # per request: a dead endpoint fails after this instead of the client's 15 minutes
 
 # A temporary is `.<final name>.tmp-<uuid>`: hidden, and it ends in no shard suffix, so no glob for
 # `*.parquet` (ours, fsspec's, a user's) can mistake a half-written file for a shard.
@@ -51,8 +52,7 @@ def is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-class Unreachable(UserError):
-    """A store that cannot be used at all: unknown scheme, no credentials, endpoint or bucket unreachable."""
+Unreachable = reach.Unreachable  # a store that cannot be used at all: unknown scheme, no credentials, no endpoint
 
 
 class TooLarge(OSError):
@@ -77,11 +77,13 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
         if scheme not in SCHEMES:
             raise Unreachable(f"{path}: unknown storage scheme '{scheme}://'; use a local path, s3:// or gs://")
         if scheme in ("gs", "gcs"):
-            return _gcs_filesystem(_gcs_emulator()), path.split("://", 1)[1].rstrip("/")
+            return _gcs_filesystem(_gcs_emulator(), reach.timeout_s()), path.split("://", 1)[1].rstrip("/")
         try:
             fs, inner = pafs.FileSystem.from_uri(path)
         except (OSError, pa.ArrowException) as e:  # the bucket's region lookup: DNS, endpoint, credentials
             raise Unreachable(f"{path}: cannot reach the object store ({reason(e)})") from e
+        if isinstance(fs, pafs.S3FileSystem):
+            fs = _bounded_s3(fs, path)
         return fs, inner.rstrip("/")
     if path.startswith("file://"):
         path = path[len("file://") :]
@@ -89,17 +91,37 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _gcs_emulator() -> str | None:
-    host = os.environ.get("STORAGE_EMULATOR_HOST")
-    if not host:
-        return None
-    return host if "://" in host else f"http://{host}"
+    """STORAGE_EMULATOR_HOST as a URL (`host:port` or `http(s)://host:port`), checked; None when unset."""
+    from gdd_ray import schema
+
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "").strip()
+    return schema.endpoint_url(host, "STORAGE_EMULATOR_HOST") if host else None
+
+
+def _bounded_s3(fs: pafs.S3FileSystem, path: str) -> pafs.S3FileSystem:
+    """The S3 client from_uri made (its region, endpoint, credentials chain), with the timeout of every other
+    wait and three attempts a request; an endpoint set by hand (MinIO, an emulator) is asked for a first byte
+    before it is used (reach.check_http)."""
+    options = fs.__reduce__()[1][0]  # from_uri's resolved options, as the client pickles them for Ray workers
+    limit = reach.timeout_s()
+    if options.get("endpoint_override"):
+        endpoint = options["endpoint_override"]
+        url = endpoint if "://" in endpoint else f"{options.get('scheme') or 'https'}://{endpoint}"
+        bucket = path.split("://", 1)[1].split("/", 1)[0]
+        reach.check_http(url, f"s3://{bucket}")
+    options.update(
+        connect_timeout=limit, request_timeout=limit, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3)
+    )
+    return pafs.S3FileSystem(**options)
 
 
 @functools.lru_cache(maxsize=4)
-def _gcs_filesystem(emulator: str | None) -> pafs.GcsFileSystem:
-    """One client per endpoint (credentials are looked for once; a failed look is not cached)."""
-    retry = timedelta(seconds=GCS_RETRY_S)
+def _gcs_filesystem(emulator: str | None, limit: float) -> pafs.GcsFileSystem:
+    """One client per endpoint (credentials are looked for once; a failed look is not cached); every request
+    retried for at most `limit` seconds, and an emulator asked for a first byte before it is used."""
+    retry = timedelta(seconds=limit)
     if emulator:
+        reach.check_http(emulator, "STORAGE_EMULATOR_HOST")
         url = urllib.parse.urlparse(emulator)
         return pafs.GcsFileSystem(
             anonymous=True, scheme=url.scheme, endpoint_override=url.netloc, retry_time_limit=retry
@@ -308,7 +330,8 @@ def _s3_create_exclusive(fs: pafs.S3FileSystem, bucket: str, key: str, data: byt
     from botocore.config import Config
     from botocore.exceptions import ClientError
 
-    cfg = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3})
+    limit = reach.timeout_s()
+    cfg = Config(connect_timeout=limit, read_timeout=limit, retries={"max_attempts": 2, "mode": "standard"})
     client = boto3.client("s3", region_name=getattr(fs, "region", None) or None, config=cfg)
     try:
         client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
@@ -335,7 +358,7 @@ def _gcs_create_exclusive(bucket: str, key: str, data: bytes) -> bool:
         headers["Authorization"] = f"Bearer {creds.token}"
     req = urllib.request.Request(url, data=data, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=reach.timeout_s()) as r:
             json.loads(r.read() or b"{}")
         return True
     except urllib.error.HTTPError as e:
@@ -365,8 +388,9 @@ def read_parquet_footer(loc: Location, name: str) -> pq.FileMetaData:
 
 
 def footer_metadata(meta: pq.FileMetaData) -> dict[str, str]:
-    """A Parquet footer's key-value metadata as text (where our shards keep fingerprint and unit)."""
-    return {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
+    """A Parquet footer's key-value metadata as text (where our shards keep fingerprint and unit). Bytes that are
+    not UTF-8 become U+FFFD, so such a value matches nothing we wrote and the shard is redone (never a crash)."""
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (meta.metadata or {}).items()}
 
 
 def footers(loc: Location, names: Iterable[str], threads: int = 32) -> dict[str, pq.FileMetaData | Exception]:

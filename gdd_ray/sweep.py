@@ -43,11 +43,12 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import os
 import re
 from typing import Any
 
-from gdd_ray import storage
+from gdd_ray import schema, storage
 from gdd_ray.config_loader import build_config, load_yaml, options
 from gdd_ray.errors import UserError
 from gdd_ray.logs import say
@@ -56,6 +57,7 @@ from gdd_ray.report_page.sweep_page import PERCENT_COLUMNS, write_sweep_page
 from gdd_ray.run import RunDir
 
 LEADERBOARD = "leaderboard"
+MAX_POINTS = 1000  # each point is a training run (and a Tune trial): more is a typo or a job for several sweeps
 
 
 def _key(name: str) -> str:
@@ -75,13 +77,21 @@ def _slug(key: str, value: Any) -> str:
 
 def load_sweep(path: str) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     data = load_yaml(path)
-    base = {_key(k): v for k, v in (data.get("base") or {}).items()}
-    grid = {_key(k): v for k, v in (data.get("grid") or {}).items()}
-    unknown = sorted(set(data) - {"base", "grid"})
+    unknown = sorted(map(str, set(data) - {"base", "grid"}))
     if unknown:
         raise UserError(f"{path}: unknown section(s) {', '.join(unknown)}; a sweep file holds base: and grid:")
+    for section in ("base", "grid"):
+        if not isinstance(data.get(section) or {}, dict):
+            raise UserError(f"{path}: {section}: must be a mapping of option: value, got {schema.shown(data[section])}")
+    base = {_key(k): v for k, v in (data.get("base") or {}).items()}
+    grid = {_key(k): v for k, v in (data.get("grid") or {}).items()}
     if not grid or any(not isinstance(v, list) or not v for v in grid.values()):
         raise UserError(f"{path}: grid: must map each option to a non-empty list of values")
+    points = math.prod(len(v) for v in grid.values())  # before any point exists: 40 x 40 x 40 is 645 bytes of YAML
+    if points > MAX_POINTS:
+        raise UserError(
+            f"{path}: the grid has {points:,} points; at most {MAX_POINTS:,} (split it into several sweeps)"
+        )
     for reserved in ("out", "stages", "train_ipc", "train_variants", "baselines_dir"):
         if reserved in base or reserved in grid:
             raise UserError(f"{path}: '{reserved}' is set by the sweep itself")
@@ -343,10 +353,7 @@ def write_leaderboard(root: str, rows: list[dict[str, Any]]) -> None:
 
 
 def _read_json(loc: storage.Location, name: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(loc.read_bytes(name)) if loc.exists(name) else None
-    except (OSError, ValueError):
-        return None
+    return schema.read_or_none(loc, name, schema.Map(schema.Anything()))
 
 
 def sweep(
@@ -420,6 +427,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise UserError(f"--concurrent must be at least 1, got {args.concurrent}")
     if args.track == "none" and (args.track_uri is not None or args.track_experiment != "gdd-ray"):
         raise UserError("--track-uri and --track-experiment say where to log: add --track mlflow")
+    schema.check_environment()
     out = args.out if "://" in args.out else os.path.abspath(args.out)
     rows = sweep(args.config, out, args.concurrent, args.track, args.track_uri, args.track_experiment)
     print(storage.Location(out).read_bytes(f"{LEADERBOARD}.md").decode(), end="")

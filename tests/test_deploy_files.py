@@ -174,12 +174,64 @@ def _check_cluster_spec(spec: dict) -> None:
         (c,) = group["template"]["spec"]["containers"]
         assert c["image"] == IMAGE and container_gpus(c) == 1
         assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"]
-        # torch.compile's cache: a node-local folder mounted where TORCHINDUCTOR_CACHE_DIR points
+        # torch.compile's cache: the pod's own folder (an emptyDir) where TORCHINDUCTOR_CACHE_DIR points, never a
+        # node's hostPath that later pods would load code from
         env = {e["name"]: e["value"] for e in c.get("env", [])}
         mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
         (name,) = [n for n, path in mounts.items() if path == env["TORCHINDUCTOR_CACHE_DIR"]]
-        assert volumes[name]["hostPath"]["type"] == "DirectoryOrCreate"
+        assert set(volumes[name]) == {"name", "emptyDir"}
+    for template in pod_templates(spec):
+        _check_pod_security(template)
+    assert spec["enableInTreeAutoscaling"] is False or _locked_down(spec["autoscalerOptions"]["securityContext"])
+
+
+def pod_templates(spec: dict) -> list[dict]:
+    return [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+
+
+def _locked_down(ctx: dict) -> bool:
+    return (
+        ctx.get("allowPrivilegeEscalation") is False
+        and not ctx.get("privileged")
+        and ctx["capabilities"]["drop"] == ["ALL"]
+    )
+
+
+def _check_pod_security(template: dict) -> None:
+    """Non-root (the image's user), the default seccomp filter, no privilege or capability in any container, no
+    hostPath volume, and the label the NetworkPolicy lets in."""
+    pod = template["spec"]
+    ctx = pod["securityContext"]
+    assert (
+        ctx["runAsNonRoot"] is True and ctx["runAsUser"] == 1000 and ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    )
+    assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
+    for c in pod["containers"]:
+        assert _locked_down(c["securityContext"]), c["name"]
+        assert c["securityContext"].get("runAsUser", 1000) != 0
+    assert not [v for v in pod.get("volumes", []) if "hostPath" in v]
+    assert template["metadata"]["labels"] == network_policy()["spec"]["podSelector"]["matchLabels"]
+
+
+def network_policy() -> dict:
+    return load("cluster/kuberay/networkpolicy.yaml")
+
+
+def test_network_policy_lets_in_the_cluster_and_the_token_port_only():
+    """Ingress to the cluster's pods: from its own pods (any port), else only 8265 (token authentication); no
+    metrics port, no GCS, no Ray Client from anywhere else. Both KubeRay files tell to apply it first."""
+    doc = network_policy()
+    assert (doc["apiVersion"], doc["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    spec = doc["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    own = spec["podSelector"]
+    rules = spec["ingress"]
+    assert {"from": [{"podSelector": own}]} in rules
+    others = [r for r in rules if r != {"from": [{"podSelector": own}]}]
+    assert others and all(r["ports"] == [{"port": 8265, "protocol": "TCP"}] for r in others)
+    for rel in KUBERAY:
+        assert "kubectl apply -f cluster/kuberay/networkpolicy.yaml" in (REPO / rel).read_text()
 
 
 def test_raycluster_manifest():
@@ -244,6 +296,9 @@ def pip_install_targets(command: str) -> list[list[str]]:
                 targets.append(["-e", args[i + 1]])
                 i += 2
                 continue
+            if args[i] in ("-c", "--constraint"):  # an option's value, not a target
+                i += 2
+                continue
             if not args[i].startswith("-"):
                 targets.append([args[i]])
             i += 1
@@ -257,7 +312,10 @@ def test_dockerfile_base_matches_the_tested_ray_and_python():
     base = args["RAY_IMAGE"]
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     assert base == f"rayproject/ray:{ray.__version__}-{py}-gpu", base  # CI's Ray and Python, CUDA flavour
-    assert ins[[op for op, _ in ins].index("FROM")] == ("FROM", "${RAY_IMAGE}")
+    # By digest: no default tag-only build. A digest recorded as the default must be a sha256 one.
+    assert ins[[op for op, _ in ins].index("FROM")] == ("FROM", "${RAY_IMAGE}@${RAY_IMAGE_DIGEST}")
+    digest = args.get("RAY_IMAGE_DIGEST")
+    assert digest is None or re.fullmatch(r"sha256:[0-9a-f]{64}", digest), digest
     assert f"ray.__version__ == '{ray.__version__}'" in (REPO / "docker/Dockerfile").read_text()
 
 
@@ -285,3 +343,27 @@ def test_dockerfile_copies_exist_and_are_in_the_build_context():
     ignore = (REPO / "docker/Dockerfile.dockerignore").read_text().splitlines()
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert "*" in ignore and set(sources) <= allowed
+
+
+def test_the_image_installs_the_tested_versions():
+    """docker/constraints.txt pins every direct dependency of pyproject.toml exactly (within its range) and Ray at
+    the version under test; the dependency layer installs under it. (`python docker/constraints.py --check`
+    compares the whole file, 123 transitive packages, with the environment it runs in.)"""
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "docker/constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and re.fullmatch(r"[0-9A-Za-z.]+", version), line
+            pins[canonicalize_name(name)] = version
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in map(Requirement, deps):
+        assert dep.specifier.contains(pins[canonicalize_name(dep.name)]), (dep, pins.get(dep.name))
+    assert pins["ray"] == ray.__version__
+    runs = [a for op, a in dockerfile_instructions() if op == "RUN" and "pip install" in a]
+    assert "-c docker/constraints.txt -e ." in runs[0]
+    copies = [a for op, a in dockerfile_instructions() if op == "COPY"]
+    assert any("docker/constraints.txt" in c for c in copies)

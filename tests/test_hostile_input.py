@@ -35,6 +35,14 @@ def one_error_line(capsys) -> str:
     return lines[0]
 
 
+def exit_code(argv: list[str]) -> int:
+    """main's exit code, a flag the parser refuses (SystemExit(2) after its one line) included."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
 ALIAS_BOMB = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
     f"{c}: &{c} [{','.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")
 )
@@ -51,7 +59,7 @@ TEMPLATES = [
     ("a photo", "must contain {name}"),
     ("{{name}}", "must contain {name}"),
     ("x" * 1001 + "{name}", "at most 1000"),
-    ("{name}\nfoo", "control characters"),
+    ("{name}\nfoo", "control or format characters"),
 ]
 
 NUMBERS = [
@@ -67,6 +75,14 @@ NUMBERS = [
     (["--seed", str(2**64)], "--seed must be at most"),
     (["--workers", "100000"], "--workers must be at most"),
     (["--image-size", "100000"], "--image-size must be between"),
+    (["--ipc", "\u0663"], "'ipc' must be an integer"),  # ARABIC-INDIC DIGIT THREE: int() would take it
+    (["--ipc", "1_000"], "'ipc' must be an integer"),
+    (["--lr", "1e999"], "'lr' must be a finite number"),
+    (["--guidance", "\uff11"], "'guidance' must be a finite number"),  # FULLWIDTH DIGIT ONE
+    (["--pda-ops", "[" * 5000 + "]" * 5000], "nests deeper than 32 levels"),
+    (["--pda-ops", '{"hflip": {"p": NaN}}'], "not valid JSON"),
+    (["--pda-ops", '{"hflip": {"p": 2}}'], "pda-ops: hflip.p must be a number in [0.0, 1.0]"),  # at start, no augment
+    (["--model", "x" * 5000], "at most 4096 characters"),
 ]
 
 YAMLS = [
@@ -78,6 +94,21 @@ YAMLS = [
     ("stages: 5\n", "comma-separated list"),
     ("ipc: 1\nipc: 2\n" + "#" * (2**20), "larger than 1 MiB"),
     ("ipc: 1\nbogus-key: 3\n", "unknown option(s) bogus-key"),
+    ("ipc: 2\nipc: 3\n", "the key 'ipc' is given twice (line 2)"),
+    (
+        "prompt-template: '{name}'\nprompt_template: 'a {name}'\n",
+        "'prompt-template' and 'prompt_template' are the same option",
+    ),
+    ("pda-ops: {hflip: {p: 0.5}, hflip: {p: 0.1}}\n", "the key 'hflip' is given twice"),
+    ("prompt_templates: [['{name}']]\n", "'prompt-templates' must be a list of at most 256 strings"),
+    ("stages: [[generate]]\n", "'stages' must be a list of at most 256 strings"),
+    ("pda-ops: " + "[" * 40 + "]" * 40 + "\n", "nests deeper than 32 levels"),
+    ("ipc: 1\npda-ops: {hflip: {p: [1]}}\n", "pda-ops: hflip.p must be a number in [0.0, 1.0]"),
+    ("ipc: 1\npda-ops: {rotate: {border: [1]}}\n", "rotate.border must be one of"),
+    ("ipc: 1\npda-ops: {1: {}}\n", "pda-ops: unknown op '1'"),
+    ("pda-ops: [hflip]\n", "'pda-ops' must be a mapping"),
+    ("guidance: .nan\n", "'guidance' must be a finite number"),
+    ("model: [tiny]\n", "'model' must be a string"),
 ]
 
 CLASS_FILES = [
@@ -94,6 +125,30 @@ CLASS_FILES = [
     (b"caf\xe9\n", "not a UTF-8 text file"),
     (b"x" * 300 + b"\tcat\n", "longer than 200 characters"),
     (b"# only a comment\n\n", "lists no classes"),
+    # Lines are split at \n only: each of these would have been a line break for str.splitlines.
+    (
+        "cat\u2028dog\nbird\n".encode(),
+        "line 1: the class id 'cat\\u2028dog' contains a control or format character (U+2028 LINE SEPARATOR)",
+    ),
+    ("cat\x85dog\n".encode(), "(U+0085"),
+    (b"cat\x0bdog\n", "(U+000B"),
+    (b"cat\x0cdog\n", "(U+000C"),
+    (b"cat\x1cdog\n", "(U+001C"),
+    (b"cat\rdog\n", "(U+000D"),  # a lone CR (a CRLF's CR is the line's end)
+    (b"cat\x7f\n", "(U+007F"),  # DEL
+    ("ca\u200bt\n".encode(), "(U+200B ZERO WIDTH SPACE)"),
+    ("cat\u202egod\n".encode(), "(U+202E RIGHT-TO-LEFT OVERRIDE)"),
+    ("n01\tca\u200dt\n".encode(), "the class name must be at most 300 printable characters (U+200D ZERO WIDTH JOINER"),
+    ("n01\tcat\ta \u202e b\n".encode(), "the class description must be at most 300 printable characters (U+202E"),
+    ("caf\u00e9\ncafe\u0301\n".encode(), "line 2: duplicate class 'cafe\u0301' (first on line 1)"),  # NFC, NFD
+    (b"cat.\n", "'cat.' ends in a dot or space"),
+    (b"...\n", "'...' ends in a dot or space"),
+    (b"CON\n", "is a device name Windows reserves"),
+    (b"nul\n", "is a device name Windows reserves"),
+    (b"aux\tAux\n", "is a device name Windows reserves"),
+    (b"com1.txt\n", "is a device name Windows reserves"),
+    (b"a:b\n", "contains a character folder names cannot hold"),
+    (b"what?\n", "contains a character folder names cannot hold"),
 ]
 
 
@@ -192,7 +247,7 @@ def test_run_records_that_are_not_one(record, command, existing_run, tmp_path, c
         (["cat", ".."], "relative folder name"),
         (["."], "relative folder name"),
         (["a/b"], "path separator"),
-        (["a\x00"], "control character"),
+        (["a\x00"], "control or format character"),
         (["x" * 5000], "longer than"),
         (["dog ", "cat"], "ends in a dot or space"),
         (["Cat", "cat"], "differ only in case"),
@@ -265,3 +320,179 @@ def test_export_refuses_an_inconsistent_run(damage, small_export_run, tmp_path, 
     assert message in one_error_line(capsys)
     assert tree_digest(out) == before and not dest.exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no staging folder left
+
+
+def test_class_files_that_hold(tmp_path):
+    """CRLF line ends, letters of any script, spaces and a BOM are a class list like any other."""
+    from gdd_ray.classes import load_classes
+
+    classes = tmp_path / "classes.txt"
+    classes.write_bytes("\ufeffn01\tcrème brûlée\r\nn02\tчай\r\n  n03\t日本茶 \r\n".encode())
+    got = [(c.label, c.class_id, c.name) for c in load_classes(None, str(classes))]
+    assert got == [(0, "n01", "crème brûlée"), (1, "n02", "чай"), (2, "n03", "日本茶")]
+
+
+def test_names_one_tokenizer_reads_alike_are_one_prompt(existing_run, tmp_path, capsys):
+    """NFC and NFD spellings of a name give CLIP identical tokens: two labels for one prompt are refused."""
+    classes = tmp_path / "classes.txt"
+    classes.write_text("n01\tcaf\u00e9\nn02\tcafe\u0301\n")
+    before = tree_digest(existing_run)
+    assert main(["distill", "--classes", str(classes), *BASE, "--out", str(existing_run)]) == 2
+    assert "line 1 (label 0) and line 2 (label 1) give" in one_error_line(capsys)
+    assert tree_digest(existing_run) == before
+
+
+def test_negative_zero_is_zero(tmp_path):
+    """`--guidance -0.0` is the value 0.0: the same fingerprint, so a rerun resumes instead of being refused."""
+    from gdd_ray import pipeline
+    from gdd_ray.classes import load_classes
+    from gdd_ray.config_loader import build_config
+    from gdd_ray.run import RunDir
+
+    def fingerprint(guidance: str) -> str:
+        cfg = build_config({"dataset": "cifar10", "ipc": 1, "out": str(tmp_path), "model": "tiny", "guidance": guidance,
+                            "stages": "generate", "engine": "diffusers", "vae_dtype": "fp32"})  # fmt: skip
+        assert str(cfg.generate.guidance) == "0.0"
+        return pipeline.stage_inputs(cfg, load_classes("cifar10", None), RunDir(cfg.out))[0]["generate"]
+
+    assert fingerprint("-0.0") == fingerprint("0.0") == fingerprint("0")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--mean", "nan,0,0", "--std", "1,1,1"], "three finite comma-separated numbers, got 'nan,0,0'"),
+        (["--mean", "0,0,0", "--std", "inf,1,1"], "three finite comma-separated numbers, got 'inf,1,1'"),
+        (["--mean", "0,0", "--std", "1,1,1"], "three finite comma-separated numbers, got '0,0'"),
+        (["--mean", "0,0,0", "--std", "0,1,1"], "three finite numbers each (std > 0)"),
+    ],
+)
+def test_export_mean_and_std_are_finite(flags, message, small_export_run, tmp_path, capsys):
+    before = tree_digest(small_export_run.root.path)
+    dest = tmp_path / "x.pt"
+    assert exit_code(["export", "--run", small_export_run.uri, "--format", "pt", "--dest", str(dest), *flags]) == 2
+    assert message in one_error_line(capsys)
+    assert not dest.exists() and tree_digest(small_export_run.root.path) == before
+
+
+SWEEPS = [
+    ("base: [1, 2]\ngrid: {ipc: [1]}\n", "base: must be a mapping of option: value, got [1, 2]"),
+    ("base: {}\ngrid: [ipc]\n", "grid: must be a mapping"),
+    ("grid: {ipc: 5}\n", "grid: must map each option to a non-empty list"),
+    ("grid: {ipc: [1], ipc: [2]}\n", "the key 'ipc' is given twice"),
+    ("grid: {ipc: [" + ",".join(map(str, range(1, 41))) + "], seed: [" + ",".join(map(str, range(40))) + "], "
+     "eval-seed: [" + ",".join(map(str, range(40))) + "]}\n", "the grid has 64,000 points; at most 1,000"),
+    ("grid: {ipc: [1]}\nextra: 1\n", "unknown section(s) extra"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text, message", SWEEPS, ids=[m[:30] for _, m in SWEEPS])
+def test_sweep_files(text, message, tmp_path, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(text)
+    out = tmp_path / "root"
+    assert main(["sweep", "--config", str(sweep), "--out", str(out)]) == 2
+    assert message in one_error_line(capsys)
+    assert not out.exists()
+
+
+# ---- messages that must not mislead -------------------------------------------------------------------------
+
+
+def test_dropping_prompt_templates_on_resume_names_them(tmp_path, capsys, tiny_model):
+    """run._describe_change compares every value of either run: one given only before is named, and the class
+    list (recorded with descriptions while a template used {desc}) comes after the option that changed it."""
+    from gdd_ray import pipeline
+    from tests.gen_helpers import three_class_config
+
+    templates = ["a photo of a {name}", "{desc}, close-up"]
+    cfg = three_class_config(tmp_path / "run", ipc=1, prompt_templates=templates)
+    pipeline.check(cfg)
+    (tmp_path / "run" / "generated").mkdir()
+    (tmp_path / "run" / "generated" / "c00000-i000000-000001.parquet").write_bytes(b"made by the first run")
+    before = tree_digest(tmp_path / "run")
+    argv = ["distill", "--classes", cfg.classes, "--ipc", "1", "--model", "tiny", "--gen-resolution", "64",
+            "--image-size", "16", "--unit-size", "2", "--batch-size", "2", "--stages", "generate",
+            "--out", cfg.out]  # fmt: skip
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert f"(prompt-templates {templates!r} -> (none), class list changed)" in line, line
+    assert tree_digest(tmp_path / "run") == before
+
+
+def test_a_format_spec_in_a_template_shows_the_braces_to_write(existing_run, capsys):
+    argv = ["distill", "--dataset", "cifar10", *BASE, "--prompt-template", "{name:>10}", "--out", str(existing_run)]
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert "{name:>10} is not allowed" in line and "and {{ }} for literal braces" in line and "{{{{" not in line
+
+
+@pytest.mark.parametrize("line", ["n01\t_", "n01\t__ _", "_"])
+def test_a_class_whose_name_is_blank_once_read(line, existing_run, tmp_path, capsys):
+    classes = tmp_path / "classes.txt"
+    classes.write_text(f"{line}\nn02\tcat\n")
+    before = tree_digest(existing_run)
+    assert main(["distill", "--classes", str(classes), *BASE, "--out", str(existing_run)]) == 2
+    assert "is blank once underscores are read as spaces" in one_error_line(capsys)
+    assert tree_digest(existing_run) == before
+
+
+def test_the_collision_hint_follows_the_template(existing_run, tmp_path, capsys):
+    """With {desc} in use the colliding descriptions are to fix; with {name} only, a description and {desc}."""
+    classes = tmp_path / "classes.txt"
+    classes.write_text("n01\tkite\ta bird\nn02\tcrane\ta bird\n")
+    argv = ["distill", "--classes", str(classes), *BASE, "--out", str(existing_run)]
+    assert main([*argv, "--prompt-template", "a photo of {desc}"]) == 2
+    line = one_error_line(capsys)
+    assert "give each class its own description (third column" in line and "and use {desc}" not in line
+    classes.write_text("n01\tkite\nn02\tKite\n")
+    assert main([*argv, "--prompt-template", "a photo of a {name}"]) == 2
+    assert "give each class its own name, or a description (third column) and use {desc}" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("second", ["A  {name}", "a {name} ", "\u0061 {name}", "A\t{name}"])
+def test_templates_clip_reads_alike_are_one(second, existing_run, tmp_path, capsys):
+    templates = tmp_path / "templates.txt"
+    templates.write_text(f"a {{name}}\n{second}\n")
+    argv = ["distill", "--dataset", "cifar10", *BASE, "--prompt-templates", str(templates), "--out", str(existing_run)]
+    assert main(argv) == 2
+    assert "line 2 repeats the template 'a {name}'" in one_error_line(capsys)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"ipc: 1\nprompt_templates: ['a {{name}}', '{second}']\n")
+    assert main(["distill", "--dataset", "cifar10", "--config", str(config), "--out", str(existing_run)]) == 2
+    assert "item 2 repeats the template 'a {name}'" in one_error_line(capsys)
+
+
+def test_status_of_a_select_stage_counts_its_score_files(tmp_path, capsys):
+    """The kept shards are written after every score file: status says how far scoring is (6 of 10 here)."""
+    from gdd_ray import pipeline, shards, storage, synthetic
+    from gdd_ray.classes import load_classes
+    from gdd_ray.config_loader import build_config
+    from gdd_ray.run import RunDir
+
+    cfg = build_config({"dataset": "cifar10", "ipc": 1, "out": str(tmp_path / "run"), "unit_size": 1,
+                        "select_by": "clip", "clip_model": "tiny", "stages": "generate,select"})  # fmt: skip
+    classes = load_classes("cifar10", None)
+    fps, inputs, _ = pipeline.stage_inputs(cfg, classes, RunDir(cfg.out))
+    RunDir(cfg.out).prepare(cfg, [vars(c) for c in classes], fps, inputs)
+    synthetic.write_generated(cfg, classes)
+    scores = storage.Location(str(tmp_path / "run" / "selected" / shards.SCORES_DIR))
+    plan = pipeline.plan_run(cfg, len(classes))
+    for unit in plan.units[:6]:
+        table = shards.generated_table(unit, "c", "c", ["p"], [0], [b"x"])
+        footer = {shards.SOURCE: unit.shard_name, shards.FINGERPRINT: fps["select"]}
+        storage.Location(scores.uri).write_bytes(unit.shard_name, storage.parquet_bytes(table, footer))
+    assert main(["status", cfg.out]) == 1
+    out = capsys.readouterr().out
+    select = [ln for ln in out.splitlines() if ln.strip().startswith("select")][0]
+    assert "0/10 shards" in select and "6/10 generated shards scored" in select and "incomplete" in select
+
+
+def test_negative_zero_in_pda_ops_is_zero():
+    from gdd_ray.augment.recipe import resolve_ops
+    from gdd_ray.fingerprints import digest
+
+    minus = resolve_ops({"rotate": {"degrees": -0.0}, "hflip": {"p": -0.0}})
+    plus = resolve_ops({"rotate": {"degrees": 0.0}, "hflip": {"p": 0.0}})
+    assert digest(minus) == digest(plus) and str(minus[0][1]["degrees"]) == "0.0"
+    assert resolve_ops({"rotate": {"degrees": 30}})[0][1]["degrees"] == 30  # other spellings kept as given

@@ -33,7 +33,7 @@ def resolve_ops(pda_ops: dict[str, Any] | None) -> Recipe:
         raise UserError(f"pda-ops must be a mapping of op name -> parameters, got {pda_ops!r}")
     recipe: Recipe = []
     for name, given in pda_ops.items():
-        if name not in DEFAULT_OPS:
+        if not isinstance(name, str) or name not in DEFAULT_OPS:
             raise UserError(f"pda-ops: unknown op '{name}'; choose from {', '.join(DEFAULT_OPS)}")
         given = {} if given is None else given
         if not isinstance(given, dict):
@@ -43,6 +43,8 @@ def resolve_ops(pda_ops: dict[str, Any] | None) -> Recipe:
             raise UserError(
                 f"pda-ops: '{name}' has no parameter(s) {', '.join(unknown)}; it takes {', '.join(DEFAULT_OPS[name])}"
             )
+        # -0.0 is 0.0: one value, one fingerprint (other numbers keep their spelling, and so their fingerprint)
+        given = {k: 0.0 if isinstance(v, float) and v == 0 else v for k, v in given.items()}
         params = {**DEFAULT_OPS[name], **given}
         _check(name, params)
         recipe.append((name, params))
@@ -62,7 +64,7 @@ def _check(name: str, params: dict[str, Any]) -> None:
         number("contrast", 0.0, 1.0)
     elif name == "rotate":
         number("degrees", 0.0, 180.0)
-        if params["border"] not in BORDERS:
+        if not isinstance(params["border"], str) or params["border"] not in BORDERS:
             raise UserError(f"pda-ops: rotate.border must be one of {', '.join(BORDERS)}, got {params['border']!r}")
     elif name == "gamma":
         low, high = number("low", 0.01, 10.0), number("high", 0.01, 10.0)

@@ -32,19 +32,24 @@ TAESDXL = "madebyollin/taesdxl"  # the tiny decoder for SDXL latents (Autoencode
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("GDD_RAY_CACHE", Path.home() / ".cache" / "gdd_ray"))
+    """gdd-ray's cache (tiny models, the compile cache): GDD_RAY_CACHE, checked to be a folder, else ~/.cache/gdd_ray."""
+    from gdd_ray import schema
+
+    return schema.env_folder("GDD_RAY_CACHE", Path.home() / ".cache" / "gdd_ray")
 
 
 def use_compile_cache() -> tuple[str, bool]:
     """Point torch.compile's on-disk caches (Inductor's FX-graph and AOTAutograd caches, its Triton kernels
-    under `triton/`) at one folder per node, kept across runs, before anything compiles; returns (folder,
-    whether it already held entries).
+    under `triton/`) at one folder, kept across runs, before anything compiles; returns (folder, whether it
+    already held entries).
 
-    TORCHINDUCTOR_CACHE_DIR when set (the KubeRay manifests point it at a node-local hostPath volume), else
+    TORCHINDUCTOR_CACHE_DIR when set (the KubeRay manifests point it at the pod's own emptyDir volume), else
     `$GDD_RAY_CACHE/torch-compile` (Inductor's own default is under /tmp, which a container loses when it
-    restarts). A node's later workers (a replacement actor, a resumed run, the next sweep point) then load
-    what an earlier one compiled instead of compiling again. Inductor keys every entry by torch version,
-    device and graph and writes through temporary files, so concurrent workers on a node share it safely."""
+    restarts). Later workers of that user or pod (a replacement actor, a resumed run, the next sweep point)
+    then load what an earlier one compiled instead of compiling again. Inductor keys every entry by torch
+    version, device and graph and writes through temporary files, so concurrent workers share it safely. What
+    is cached is loaded as code: the folder must be writable by that user or pod only (never a hostPath shared
+    across jobs; docs/security.md)."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
@@ -226,7 +231,9 @@ def _hub_file(repo: str, filename: str, flag: str) -> str:
     reason = _hub_unreachable_reason()
     if reason is None:
         try:
-            return hf_hub_download(repo, filename, etag_timeout=10)
+            from gdd_ray.reach import timeout_s
+
+            return hf_hub_download(repo, filename, etag_timeout=timeout_s())
         except Exception as e:
             reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
     raise UserError(
@@ -258,7 +265,9 @@ def resolve_revision(model: str, revision: str | None) -> str | None:
         try:
             from huggingface_hub import HfApi
 
-            return HfApi().model_info(model, revision=wanted, timeout=10).sha
+            from gdd_ray.reach import timeout_s
+
+            return HfApi().model_info(model, revision=wanted, timeout=timeout_s()).sha
         except Exception as e:
             why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             raise UserError(f"--model {model} --model-revision {wanted}: the hub cannot resolve it ({why})") from e
@@ -274,17 +283,17 @@ def resolve_revision(model: str, revision: str | None) -> str | None:
 
 
 def _hub_unreachable_reason() -> str | None:
-    """A quick look before asking the hub, whose client retries a dead network for half a minute."""
-    import socket
-    from urllib.parse import urlparse
+    """A quick look before asking the hub, whose client retries a dead network for half a minute: the endpoint
+    (HF_ENDPOINT, else huggingface.co) must answer within GDD_RAY_TIMEOUT_S (reach.check_http)."""
+    from gdd_ray import reach, schema
 
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return "HF_HUB_OFFLINE is set"
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co"
     try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError as e:
-        return f"{host} unreachable: {e.strerror or e}"
+        reach.check_http(schema.endpoint_url(endpoint, "HF_ENDPOINT", "https"), "the hub")
+    except UserError as e:
+        return str(e)
     return None
 
 

@@ -65,10 +65,13 @@ def _stored_choices(cfg: RunConfig) -> dict[str, str]:
         record = RunDir(cfg.out).read_record()
     except UserError:  # an unreadable run.json is reported by the run's own checks
         return {}
-    if not record:
+    if not record or not record.get("config"):
         return {}
-    old = (record.get("config") or {}).get("generate") or {}
-    if any(old.get(f) != getattr(cfg.generate, f) for f in DECIDING):
+    try:
+        old = RunConfig.from_dict(record["config"]).generate
+    except UserError:  # a damaged config decides nothing: this run resolves its own choices
+        return {}
+    if any(getattr(old, f) != getattr(cfg.generate, f) for f in DECIDING):
         return {}
     return (record.get("inputs") or {}).get("generate") or {}
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from gdd_ray import challenge, selection, shards, storage
+from gdd_ray import challenge, schema, selection, shards, storage
 from gdd_ray import results as results_doc
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
@@ -37,10 +37,8 @@ LOW_ACCURACY = 0.5  # bars below this are red: which classes to look at first
 
 
 def read_json(loc: storage.Location, name: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(loc.read_bytes(name)) if loc.exists(name) else None
-    except (OSError, ValueError):
-        return None
+    """A JSON mapping the page shows (results.json, clip_stats.json); None when missing or damaged."""
+    return schema.read_or_none(loc, name, schema.Map(schema.Anything()))
 
 
 def read_file(loc: storage.Location, name: str) -> bytes | None:

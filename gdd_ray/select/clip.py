@@ -27,8 +27,9 @@ TEXT_LENGTH = 77  # CLIP's context; every prompt is padded to it, so text embedd
 
 
 def tiny_clip_path() -> Path:
-    root = Path(os.environ.get("GDD_RAY_CACHE", Path.home() / ".cache" / "gdd_ray"))
-    return root / f"tiny-clip-{TINY_VERSION}"
+    from gdd_ray.generate.model import cache_dir
+
+    return cache_dir() / f"tiny-clip-{TINY_VERSION}"
 
 
 def build_tiny_clip(seed: int = 0):

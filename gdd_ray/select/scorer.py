@@ -26,7 +26,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gdd_ray import shards, storage
-from gdd_ray.plan import WorkUnit
 
 MODEL = "gdd_ray.clip_model"  # footer key: the CLIP model the scores come from
 
@@ -43,11 +42,7 @@ class ScoreJob:
     batch_size: int
 
 
-def score_spec(unit: WorkUnit, fingerprint: str) -> shards.ShardSpec:
-    """A score file: named after its generated shard, one row per image, this fingerprint."""
-    return shards.ShardSpec(
-        unit.shard_name, unit.size, ((shards.SOURCE, unit.shard_name), (shards.FINGERPRINT, fingerprint))
-    )
+score_spec = shards.score_spec  # the contract's: `status` judges score files without importing this stage
 
 
 def score_table(labels, indices, seeds, scores, top1, embeddings: np.ndarray) -> pa.Table:

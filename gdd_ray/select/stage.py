@@ -35,7 +35,7 @@ VERSION = 2  # 2: a kept image's index is its position among the kept (source_in
 # prompts, seeds...) and the counts below; the batch shape moves scores by rounding (scorer.py), the
 # actor count does not.
 OUTPUT_FIELDS = ("clip.select_by", "clip.clip_model", "clip.clip_batch_size")
-SCORES_DIR = "scores"
+SCORES_DIR = shards.SCORES_DIR
 STATS_FILE = "clip_stats.json"
 CLASSES_PER_TASK = 8  # a class's choice reads its score files only (no pixels) unless it writes
 

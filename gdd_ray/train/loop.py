@@ -51,6 +51,27 @@ class Checkpointer:
         raise NotImplementedError
 
 
+def load_checkpoint(data: bytes, where: str) -> dict[str, Any]:
+    """A checkpoint's state, read by torch's weights-only unpickler: tensors, numbers, strings, lists and dicts,
+    never an object of another class, so a file planted in the run folder (a shared bucket) cannot run code in
+    the workers that resume from it. Anything else, or a damaged file, is a UserError: it is left as it is."""
+    import pickle
+
+    from gdd_ray.errors import UserError
+
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
+        why = " ".join(str(e).split())[:160] or type(e).__name__
+        raise UserError(
+            f"{where} is not a checkpoint gdd-ray wrote ({type(e).__name__}: {why}); it was not loaded: look at it, "
+            "then delete it to train that run from its first epoch"
+        ) from e
+    if not isinstance(state, dict):
+        raise UserError(f"{where} is not a checkpoint gdd-ray wrote (it holds a {type(state).__name__}); delete it")
+    return state
+
+
 class LocationCheckpointer(Checkpointer):
     """A checkpoint file in a storage.Location (local or object store), replaced atomically."""
 
@@ -60,7 +81,9 @@ class LocationCheckpointer(Checkpointer):
     def load(self) -> dict[str, Any] | None:
         if not self.loc.exists(self.name):
             return None
-        return torch.load(io.BytesIO(self.loc.read_bytes(self.name)), map_location="cpu", weights_only=False)
+        from gdd_ray import storage
+
+        return load_checkpoint(self.loc.read_bytes(self.name), storage.join(self.loc.uri, self.name))
 
     def save(self, state: dict[str, Any]) -> None:
         buf = io.BytesIO()

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gdd_ray import challenge, selection, storage
+from gdd_ray import challenge, schema, selection, storage
 from gdd_ray.classes import ClassInfo
 from gdd_ray.config import RunConfig
 from gdd_ray.run import eval_run_name, now_iso
@@ -251,21 +251,14 @@ def finished_runs(
     runs = eval_loc.child("runs")
     for r in range(wanted):
         name = f"{eval_run_name(r)}.json"
-        try:
-            if runs.exists(name):
-                res = json.loads(runs.read_bytes(name))
-                if res.get("fingerprint") == fp and source_manifest in (None, res.get("source_manifest")):
-                    done[r] = res
-        except (OSError, ValueError):
-            pass  # unreadable = not finished; the run is redone from its checkpoint
+        res = schema.read_or_none(runs, name, schema.EVAL_RUN)  # unreadable = not finished: redone from its checkpoint
+        if res is not None and res["fingerprint"] == fp and source_manifest in (None, res.get("source_manifest")):
+            done[r] = res
     return done
 
 
 def read_results(eval_loc: storage.Location) -> dict[str, Any] | None:
-    try:
-        return json.loads(eval_loc.read_bytes(RESULTS)) if eval_loc.exists(RESULTS) else None
-    except (OSError, ValueError):
-        return None
+    return schema.read_or_none(eval_loc, RESULTS, schema.RESULTS)
 
 
 def merge_metrics(eval_loc: storage.Location, n_runs: int, others: list | None = None) -> list[dict[str, Any]]:
@@ -276,8 +269,15 @@ def merge_metrics(eval_loc: storage.Location, n_runs: int, others: list | None =
         metrics = loc.child("metrics")
         for r in range(n_runs):
             name = f"{eval_run_name(r)}.jsonl"
-            if metrics.exists(name):
-                rows += [json.loads(line) for line in metrics.read_bytes(name).decode().splitlines() if line.strip()]
+            if not metrics.exists(name):
+                continue
+            for line in metrics.read_bytes(name).decode(errors="replace").split("\n"):
+                if not line.strip():
+                    continue
+                try:  # a damaged line (the file is rewritten whole at each checkpoint) loses that row only
+                    rows.append(schema.load(line, schema.METRICS_ROW, name, limit=2**20))
+                except ValueError:
+                    continue
     return rows
 
 

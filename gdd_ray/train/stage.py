@@ -252,8 +252,9 @@ def _train_pending(
     import ray
 
     from gdd_ray.ray_utils import init_ray
-    from gdd_ray.train.worker import TrainJob, default_workers, fit
+    from gdd_ray.train.worker import TrainJob, check_checkpoints, default_workers, fit
 
+    check_checkpoints(ctx.run_dir.eval.uri, pending, ctx.fingerprint("train"))
     init_ray()  # only now: a rerun over finished runs starts nothing
     t = ctx.cfg.train
     real, positions = evaluation.real_arrays(ctx, plan, pending)

@@ -60,10 +60,28 @@ def _err(path: str, what: str) -> UserError:
     return UserError(f"--eval-data {path}: {what}")
 
 
+# What a CIFAR python pickle holds besides dicts, lists, numbers and bytes: numpy arrays (as numpy pickles them,
+# under numpy 1 and 2 module names) and protocol 2's way of writing bytes. Nothing else is built.
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode"),
+}  # fmt: skip
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that builds only what a CIFAR file holds: a test set is a file from elsewhere, and an
+    unrestricted unpickler runs whatever code the file names."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR file never holds")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: str, shown: str) -> dict:
     try:
         with open(path, "rb") as fh:
-            obj = pickle.load(fh, encoding="bytes")
+            obj = _CifarUnpickler(fh, encoding="bytes").load()
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
         raise _err(shown, f"{os.path.basename(path)} is not a readable CIFAR pickle ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):

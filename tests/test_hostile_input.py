@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from gen_helpers import tree_digest
+from gen_helpers import tree_digest, write_generated
 
 from gdd_ray.classes import folder_names
 from gdd_ray.cli import main
@@ -465,7 +465,7 @@ def test_templates_clip_reads_alike_are_one(second, existing_run, tmp_path, caps
 
 def test_status_of_a_select_stage_counts_its_score_files(tmp_path, capsys):
     """The kept shards are written after every score file: status says how far scoring is (6 of 10 here)."""
-    from gdd_ray import pipeline, shards, storage, synthetic
+    from gdd_ray import pipeline, shards, storage
     from gdd_ray.classes import load_classes
     from gdd_ray.config_loader import build_config
     from gdd_ray.run import RunDir
@@ -475,7 +475,7 @@ def test_status_of_a_select_stage_counts_its_score_files(tmp_path, capsys):
     classes = load_classes("cifar10", None)
     fps, inputs, _ = pipeline.stage_inputs(cfg, classes, RunDir(cfg.out))
     RunDir(cfg.out).prepare(cfg, [vars(c) for c in classes], fps, inputs)
-    synthetic.write_generated(cfg, classes)
+    write_generated(cfg, classes)
     scores = storage.Location(str(tmp_path / "run" / "selected" / shards.SCORES_DIR))
     plan = pipeline.plan_run(cfg, len(classes))
     for unit in plan.units[:6]:

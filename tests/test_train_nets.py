@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gen_helpers import write_generated
 
 from gdd_ray import pipeline, synthetic
 from gdd_ray.classes import dataset_classes
@@ -81,7 +82,7 @@ def test_eval_nets_trains_all_four_and_the_page_shows_the_table(local_ray, tmp_p
         eval_data=str(tmp_path / "test"), epochs=1, net_width=8, train_batch_size=16, eval_workers=2,
         eval_nets="convnet,resnet18,vgg11,alexnet",
     ))  # fmt: skip
-    synthetic.write_generated(cfg, classes, *synthetic.sample(pats, 1, seed=1))
+    write_generated(cfg, classes, *synthetic.sample(pats, 1, seed=1))
     res = stage.run(pipeline.check(cfg))
     nets = [c["net_name"] for c in res["cross_architecture"]]
     assert nets == ["ConvNet-3", "ResNet-18", "VGG-11", "AlexNet"]

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from gen_helpers import write_generated
 
 from gdd_ray import pipeline, synthetic
 from gdd_ray.classes import dataset_classes
@@ -50,7 +51,7 @@ def make_run(out, real, **kw):
     )  # fmt: skip
     values.update(kw)
     cfg = build_config(values)
-    synthetic.write_generated(cfg, CLASSES, x, y)
+    write_generated(cfg, CLASSES, x, y)
     return cfg
 
 

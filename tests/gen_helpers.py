@@ -104,10 +104,10 @@ def generator_actor_pids(busy: bool = False) -> list[int]:
 
 def write_generated(cfg, classes, *args, **kw) -> list[str]:
     """synthetic.write_generated with the generate stage's fingerprint for `cfg` (unless one is given)."""
-    from gdd_ray import pipeline
+    from gdd_ray import pipeline, synthetic
 
     kw.setdefault("fingerprint", pipeline.generation_fingerprint(cfg, classes))
-    return write_generated(cfg, classes, *args, **kw)
+    return synthetic.write_generated(cfg, classes, *args, **kw)
 
 
 def augmented_run(out, dataset: str, ipc: int, k: int, num_classes: int | None = None, **values):

@@ -89,7 +89,7 @@ def test_points_that_differ_only_in_pda_ops_get_their_own_pda_over_one_generatio
 
 def test_protocol_only_differs_in_training(tmp_path):
     base = {"dataset": "cifar10", "model": "sdxl-random", "ipc": 10, "pda_variants": 0}
-    planned = sweep.plan_sweep(base, {"protocol": ["paper", "challenge"], "select": ["first", "spread"]}, str(tmp_path))
+    planned = sweep.plan_sweep(base, {"protocol": ["paper", "challenge"], "pick": ["first", "spread"]}, str(tmp_path))
     assert len(planned) == 4
     assert len({p["group"] for p in planned}) == 1 and len({p["pda"] for p in planned}) == 1
     assert len({json.dumps(p["augmentation"], sort_keys=True) for p in planned}) == 1  # one PDA config

@@ -20,7 +20,7 @@ import json
 from typing import Any
 
 from gdd_ray.errors import UserError
-from gdd_ray.selection import CHALLENGE_IPC
+from gdd_ray.trainset import CHALLENGE_IPC
 
 # dataset (our name) -> (the file the evaluator opens, classes, image size)
 FILES = {"cifar100": ("cifar100.pt", 100, 32), "tiny-imagenet": ("tinyimagenet.pt", 200, 64)}

@@ -25,7 +25,7 @@ Pooling = Literal["avg", "max", "none"]
 DsaOp = Literal["color", "crop", "cutout", "flip", "scale", "rotate"]
 SelectBy = Literal["none", "clip"]
 Protocol = Literal["paper", "challenge"]
-Selection = Literal["originals", "first", "spread"]
+Pick = Literal["originals", "first", "spread"]
 Engine = Literal["auto", "fast", "diffusers"]
 VaeDtype = Literal["auto", "fp32", "bf16", "fp16"]
 Decoder = Literal["vae", "taesdxl"]
@@ -310,9 +310,9 @@ class TrainConfig:
         "paper",
         "paper: train on every image of the set, --epochs epochs, lr x0.1 from epoch epochs // 2 + 1 (epochs "
         "counted from 1; the paper's evaluation). challenge: the ECCV 2024 DD challenge evaluator exactly: 10 images "
-        "per class (chosen by --select), epochs + 1 epochs, lr x0.1 from epoch epochs // 2 + 3.",
+        "per class (chosen by --pick), epochs + 1 epochs, lr x0.1 from epoch epochs // 2 + 3.",
     )
-    select: Selection = opt(
+    pick: Pick = opt(
         "originals",
         "Which 10 images per class the challenge protocol (and `export --format challenge`) takes: originals = "
         "10 distinct generated images, un-augmented (spread over variants when IPC < 10); first = the first 10 in "
@@ -414,7 +414,11 @@ class TrainConfig:
         return () if self.dsa_strategy.lower() == "none" else tuple(self.dsa_strategy.split("_"))
 
 
-SECTIONS = {"generate": GenerateConfig, "clip": SelectConfig, "augment": AugmentConfig, "train": TrainConfig}
+SECTIONS = {"generate": GenerateConfig, "select": SelectConfig, "augment": AugmentConfig, "train": TrainConfig}
+# Names an earlier release used: (flag or YAML key, or run.json section) -> today's. Accepted for one release,
+# with one line saying so; the select stage's section was `clip` and the challenge's pick `--select` then.
+RENAMED_OPTIONS = {"select": "pick"}
+RENAMED_SECTIONS = {"clip": "select"}
 
 
 @dataclass(frozen=True)
@@ -453,7 +457,7 @@ class RunConfig:
     )
     track_experiment: str = opt("gdd-ray", "MLflow experiment the run is logged under (--track mlflow).")
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-    clip: SelectConfig = field(default_factory=SelectConfig)  # the select stage (not `select`: --select is train's)
+    select: SelectConfig = field(default_factory=SelectConfig)  # the select stage
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -544,16 +548,16 @@ def validate(cfg: RunConfig) -> None:
         resolve_ops(cfg.augment.pda_ops)
     if g.time_budget is not None:
         parse_duration(g.time_budget, "--time-budget")
-        if cfg.clip.select_by != "none":
+        if cfg.select.select_by != "none":
             raise UserError(
                 "--time-budget with --select-by clip is not supported yet: generate with the budget first, "
                 "or give --ipc without a budget"
             )
     if cfg.track == "none" and (cfg.track_uri is not None or cfg.track_experiment != "gdd-ray"):
         raise UserError("--track-uri and --track-experiment say where to log: add --track mlflow")
-    if "select" in cfg.stages and cfg.clip.select_by == "none":
+    if "select" in cfg.stages and cfg.select.select_by == "none":
         raise UserError("--stages select needs something to select by: add --select-by clip")
-    if cfg.clip.overgenerate != 1.0 and cfg.clip.select_by == "none":
+    if cfg.select.overgenerate != 1.0 and cfg.select.select_by == "none":
         raise UserError(
             "--overgenerate makes more images than --ipc for the select stage to choose from: add --select-by clip"
         )

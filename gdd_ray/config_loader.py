@@ -19,8 +19,9 @@ import typing
 from typing import Any
 
 from gdd_ray import schema
-from gdd_ray.config import SECTIONS, STAGES, RunConfig, validate
+from gdd_ray.config import RENAMED_OPTIONS, RENAMED_SECTIONS, SECTIONS, STAGES, RunConfig, validate
 from gdd_ray.errors import UserError
+from gdd_ray.logs import say
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(opt.flag, dest=opt.name, action="store_true", default=None, help=helptext)
         else:
             parser.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(), help=helptext)
+    for old, new in RENAMED_OPTIONS.items():
+        parser.add_argument(
+            "--" + old.replace("_", "-"), dest=f"renamed:{old}", default=None, help=f"Old name of --{new}."
+        )
+
+
+def renamed(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Options given by the name an earlier release used, under today's name, with one line saying so (they
+    stay accepted for one release); the same option under both names is refused."""
+    out = dict(values)
+    for key in list(out):
+        old = key.removeprefix("renamed:").replace("-", "_")
+        if old not in RENAMED_OPTIONS or out[key] is None:
+            continue
+        new = RENAMED_OPTIONS[old]
+        value = out.pop(key)
+        if out.get(new) is not None:
+            raise UserError(f"{where}: --{old} is the old name of --{new}; give only --{new}")
+        say("config", f"--{old} is now --{new} ({where}); the old name goes in the next release")
+        out[new] = value
+    return out
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -163,6 +185,9 @@ def config_from_record(d: Any, where: str) -> RunConfig:
     if not isinstance(d, dict):
         raise schema.Invalid(f"{where}: the config must be a mapping, got {schema.shown(d)}")
     values: dict[str, Any] = {}
+    d = {RENAMED_SECTIONS.get(k, k): v for k, v in d.items()}  # a run of an earlier release: its section names
+    if isinstance(d.get("train"), dict) and "select" in d["train"]:
+        d["train"] = {("pick" if k == "select" else k): v for k, v in d["train"].items()}
     for opt in options():
         section = d.get(opt.section, {}) if opt.section else d
         if not isinstance(section, dict):
@@ -188,7 +213,8 @@ def build_config(values: dict[str, Any], yaml_path: str | None = None) -> RunCon
                 raise UserError(f"--config {yaml_path}: '{spelled[name]}' and '{k}' are the same option; keep one")
             spelled[name] = str(k)
             merged[name] = v
-    merged.update({k.replace("-", "_"): v for k, v in values.items() if v is not None})
+        merged = renamed(merged, f"--config {yaml_path}")
+    merged.update(renamed({k.replace("-", "_"): v for k, v in values.items() if v is not None}, "flags"))
 
     known = {opt.name: opt for opt in options()}
     unknown = sorted(set(merged) - set(known))
@@ -204,7 +230,7 @@ def build_config(values: dict[str, Any], yaml_path: str | None = None) -> RunCon
     for k, v in merged.items():
         opt = known[k]
         (sections[opt.section] if opt.section else top)[k] = coerce(opt, v)
-    if "stages" not in top and sections["clip"].get("select_by") == "clip":
+    if "stages" not in top and sections["select"].get("select_by") == "clip":
         top["stages"] = STAGES  # --select-by clip is what turns the select stage on
     # Local paths become absolute here, once: Ray workers (Train workers above all) run in other folders.
     for section, name in ((top, "out"), (top, "classes"), (sections["train"], "eval_data")):

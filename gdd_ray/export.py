@@ -4,7 +4,7 @@
                  DEST/tinyimagenet.pt is written in it (nothing else): a bare float tensor 10*C x 3 x H x W,
                  normalised, class-major (the evaluator labels by position), its shape checked before
                  writing. The 10 per class are the rows the train stage takes under --protocol challenge
-                 (gdd_ray.selection, the run's --select unless given), so the trained set is the submitted set.
+                 (gdd_ray.trainset, the run's --pick unless given), so the trained set is the submitted set.
     pt           a tensor like the challenge's: one float tensor N x 3 x H x W normalised with the dataset's
                  mean/std, class by class with the same count per class (label = position // count),
                  plus DEST_labels.pt (int64, N) and DEST_classes.txt (label, class id, name)
@@ -20,12 +20,12 @@ export writes (a user's other files are never deleted). Every export prints the 
 stage trained on.
 
 Images are taken in the order (label, index, variant). With --per-class n, `pt` picks the n of each class
-by the train stage's rule (gdd_ray.selection, the run's --select unless given: originals by default, i.e.
+by the train stage's rule (gdd_ray.trainset, the run's --pick unless given: originals by default, i.e.
 n distinct generated images before any variant), `imagefolder` the first n. Shards are read one at a time
 (the listing reads no pixels); the .pt tensor itself is built in memory (4*3*H*W bytes an image).
 
     python -m gdd_ray export --run OUT --format challenge --dest submission/
-    python -m gdd_ray export --run OUT --format pt --dest distilled.pt --per-class 10 [--select spread]
+    python -m gdd_ray export --run OUT --format pt --dest distilled.pt --per-class 10 [--pick spread]
     python -m gdd_ray export --run OUT --format imagefolder --dest OUT/imagefolder
     ... --overwrite                       replace an earlier export at DEST
 """
@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from gdd_ray import challenge, selection, shards, storage
+from gdd_ray import challenge, shards, storage, trainset
 from gdd_ray import results as results_doc
 from gdd_ray.classes import MEAN_STD, folder_names
 from gdd_ray.config import RunConfig
@@ -167,7 +167,7 @@ def select_per_class(
             f"(the smallest class has {counts.min()})"
         )
     cols = [table.column(c).to_numpy() for c in ("label", "index", "variant")]
-    take = selection.choose(*cols, selection.RowChoice(per_class=per_class, how=how))  # type: ignore[arg-type]
+    take = trainset.choose(*cols, trainset.RowChoice(per_class=per_class, how=how))  # type: ignore[arg-type]
     return table.take(pa.array(take)), per_class
 
 
@@ -287,7 +287,7 @@ def _check_submission_folder(dest: str, name: str, overwrite: bool) -> list[str]
 
 
 def export_challenge(
-    run: str, dest: str, select: str | None = None, source: str | None = None, overwrite: bool = False
+    run: str, dest: str, pick: str | None = None, source: str | None = None, overwrite: bool = False
 ) -> dict[str, Any]:
     """Write exactly DEST/cifar100.pt or DEST/tinyimagenet.pt: the 10 images per class the train stage takes
     under --protocol challenge, as the evaluator loads them. Everything is checked before the one write."""
@@ -295,19 +295,19 @@ def export_challenge(
         raise UserError(
             f"--dest for --format challenge is the submission folder (the file name is the evaluator's), got '{dest}'"
         )
-    if select is not None and select not in selection.CHOICES:
-        raise UserError(f"--select must be one of {', '.join(selection.CHOICES)}, got '{select}'")
+    if pick is not None and pick not in trainset.CHOICES:
+        raise UserError(f"--pick must be one of {', '.join(trainset.CHOICES)}, got '{pick}'")
     record = run_record(run)
     if not record.get("config"):
         raise UserError(f"{storage.join(run, RUN_FILE)} does not exist or holds no config: no run at {run}")
     cfg = _config(run, record)
     name = challenge.submission_file(cfg.dataset)
     others = _check_submission_folder(dest, name, overwrite)
-    choice = selection.for_training(cfg.replace(**{"train.protocol": "challenge"}), select)  # type: ignore[arg-type]
+    choice = trainset.for_training(cfg.replace(**{"train.protocol": "challenge"}), pick)  # type: ignore[arg-type]
     source = source or train_source(record)
     listed = list_images(run, source)
     cols = [listed.column(c).to_numpy() for c in ("label", "index", "variant")]
-    table = listed.take(pa.array(selection.choose(*cols, choice, len(record.get("classes") or []) or None)))
+    table = listed.take(pa.array(trainset.choose(*cols, choice, len(record.get("classes") or []) or None)))
     want = challenge.expected_shape(cfg.dataset)
     labels = table.column("label").to_numpy()
     if table.num_rows != want[0] or not np.array_equal(labels, challenge.position_labels(want[0] // 10).numpy()):
@@ -324,7 +324,7 @@ def export_challenge(
     return {
         "file": storage.join(dest, name),
         "shape": list(x.shape),
-        "per_class": selection.CHALLENGE_IPC,
+        "per_class": trainset.CHALLENGE_IPC,
         "source": source,
         "selection": choice.describe(),
         "also_in_dest": others,
@@ -340,11 +340,11 @@ def export_pt(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     source: str = "augmented",
-    select: str | None = None,
+    pick: str | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write DEST (images), DEST_labels.pt and DEST_classes.txt; returns what was written. With `per_class`,
-    the rows are chosen by `select` (default: the run's --select), as the train stage chooses them."""
+    the rows are chosen by `pick` (default: the run's --pick), as the train stage chooses them."""
     import torch
 
     if not dest.endswith(".pt"):
@@ -356,11 +356,11 @@ def export_pt(
     existing = [n for n in written if loc.exists(n)] if loc.exists() else []
     if existing and not overwrite:
         _refuse(dest, f"{', '.join(storage.join(parent, n) for n in existing)} exist(s) already")
-    if select is not None and select not in selection.CHOICES:
-        raise UserError(f"--select must be one of {', '.join(selection.CHOICES)}, got '{select}'")
+    if pick is not None and pick not in trainset.CHOICES:
+        raise UserError(f"--pick must be one of {', '.join(trainset.CHOICES)}, got '{pick}'")
     record = run_record(run)
     num_classes = len(record["classes"]) if record.get("classes") else None
-    how = select or (_config(run, record).train.select if record.get("config") else "originals")
+    how = pick or (_config(run, record).train.pick if record.get("config") else "originals")
     table, n = select_per_class(list_images(run, source), per_class, num_classes, how)
     m, s = _mean_std(dataset or record.get("config", {}).get("dataset"), mean, std)
     digest = SetDigest(_labels_of(table))
@@ -519,7 +519,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--per-class",
         type=int,
         default=None,
-        help="Keep N images of each class, chosen by --select (pt; imagefolder: the first N); default all.",
+        help="Keep N images of each class, chosen by --pick (pt; imagefolder: the first N); default all.",
     )
     p.add_argument(
         "--source",
@@ -530,12 +530,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "run's train stage reads).",
     )
     p.add_argument(
-        "--select",
-        choices=selection.CHOICES,
+        "--pick",
+        choices=trainset.CHOICES,
         default=None,
         help="challenge, and pt with --per-class: which images per class (originals, first, spread); default the "
-        "run's --select, so the exported set is the one its train stage takes under --protocol challenge.",
+        "run's --pick, so the exported set is the one its train stage takes under --protocol challenge.",
     )
+    p.add_argument("--select", dest="select_old", choices=trainset.CHOICES, default=None, help="Old name of --pick.")
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -555,24 +556,29 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.select_old is not None:
+        if args.pick is not None:
+            raise UserError("--select is the old name of --pick; give only --pick")
+        print("[export] --select is now --pick; the old name goes in the next release", flush=True)
+        args.pick = args.select_old
     if args.format == "challenge":
         if args.per_class is not None or args.mean is not None or args.std is not None or args.dataset is not None:
             raise UserError(
                 "--format challenge takes 10 per class and the dataset's mean/std: drop --per-class/"
                 "--dataset/--mean/--std"
             )
-        out = export_challenge(args.run, args.dest, args.select, args.source_given, args.overwrite)
+        out = export_challenge(args.run, args.dest, args.pick, args.source_given, args.overwrite)
         print(f"[export] {tuple(out['shape'])} challenge tensor ({out['selection']['how']}) -> {out['file']}")
         if out["also_in_dest"]:
             print(f"[export] {args.dest} also holds {', '.join(out['also_in_dest'])} (left as it was)")
         print(f"[export] {digest_line(out)}")
         return 0
-    if args.select is not None and (args.format != "pt" or args.per_class is None):
-        raise UserError("--select applies to --format challenge, and to --format pt with --per-class")
+    if args.pick is not None and (args.format != "pt" or args.per_class is None):
+        raise UserError("--pick applies to --format challenge, and to --format pt with --per-class")
     args.source = args.source_given or "augmented"
     if args.format == "pt":
         out = export_pt(
-            args.run, args.dest, args.per_class, args.dataset, args.mean, args.std, args.source, args.select,
+            args.run, args.dest, args.per_class, args.dataset, args.mean, args.std, args.source, args.pick,
             args.overwrite,
         )  # fmt: skip
         print(

@@ -107,7 +107,7 @@ def read_source(ctx: RunContext, consumer: str, need_ipc: int | None = None) -> 
     if need_ipc is not None and manifest.ipc < need_ipc:
         raise UserError(
             f"{loc.uri} holds {manifest.ipc} images per class but the {consumer} stage chooses from {need_ipc} "
-            f"(--overgenerate {ctx.cfg.clip.overgenerate:g} x --ipc {ctx.cfg.ipc}); run the {src} stage to make them"
+            f"(--overgenerate {ctx.cfg.select.overgenerate:g} x --ipc {ctx.cfg.ipc}); run the {src} stage to make them"
         )
     shards.require_shards(loc, manifest, src, planned_specs(ctx, src, manifest.ipc), manifest.ipc)
     return Source(src, loc, manifest)

@@ -44,7 +44,7 @@ def stage_inputs(
     inputs: dict[str, dict[str, Any]] = {}
     sources: dict[str, str | None] = {}
     for name in STAGES[: last + 1]:
-        if name == "select" and cfg.clip.select_by == "none":
+        if name == "select" and cfg.select.select_by == "none":
             continue  # no select stage in this run: nothing reads its output, so it has no fingerprint
         mod = STAGE_MODULES[name]
         src = mod.source(cfg, run_dir)

@@ -90,14 +90,14 @@ class Plan:
 
 def generated_per_class(cfg: RunConfig) -> int:
     """Images generated per class: IPC, or ceil(F x IPC) for the select stage to choose IPC from."""
-    if cfg.clip.select_by == "none":
+    if cfg.select.select_by == "none":
         return cfg.ipc
-    return math.ceil(round(cfg.ipc * cfg.clip.overgenerate, 6))  # 1.1 x 10 is 11, not 11.000000000000002
+    return math.ceil(round(cfg.ipc * cfg.select.overgenerate, 6))  # 1.1 x 10 is 11, not 11.000000000000002
 
 
 def plan_run(cfg: RunConfig, num_classes: int) -> Plan:
     units = plan_units(num_classes, generated_per_class(cfg), cfg.generate.unit_size)
-    kept = plan_units(num_classes, cfg.ipc, cfg.generate.unit_size) if cfg.clip.select_by != "none" else []
+    kept = plan_units(num_classes, cfg.ipc, cfg.generate.unit_size) if cfg.select.select_by != "none" else []
     return Plan(tuple(units), tuple(kept))
 
 

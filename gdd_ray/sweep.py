@@ -214,7 +214,7 @@ def _evaluate(config: dict[str, Any]) -> None:
 
 def baseline_keys(cfg) -> frozenset[str]:
     """The keys of a point's random-real and full-data evaluations (train.protocols), from its config alone."""
-    from gdd_ray import selection
+    from gdd_ray import trainset
     from gdd_ray.classes import load_classes
     from gdd_ray.train import protocols
 
@@ -222,8 +222,8 @@ def baseline_keys(cfg) -> frozenset[str]:
     if not t.real_train_data:
         return frozenset()
     classes = load_classes(cfg.dataset, cfg.classes)
-    per = selection.for_training(cfg).per_class or selection.rows_per_class(
-        selection.for_training(cfg), cfg.ipc, cfg.augment.pda_variants
+    per = trainset.for_training(cfg).per_class or trainset.rows_per_class(
+        trainset.for_training(cfg), cfg.ipc, cfg.augment.pda_variants
     )
     tdig = protocols.file_digest(t.teacher) if t.labels != "hard" and t.teacher else None
     cells = [c for c in protocols.cells(t) if c.data != "distilled"]

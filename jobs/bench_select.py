@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     stage.run(pipeline.check(warm))
 
     serial_dst = storage.Location(os.path.join(args.out, "serial_scores"))
-    job = ScoreJob(source, tuple(texts), run_dir.generated.uri, serial_dst.uri, "bench", cfg.clip.clip_batch_size)
-    per_call = max(1, cfg.clip.clip_batch_size // cfg.generate.unit_size)  # as the stage groups shards per call
+    job = ScoreJob(source, tuple(texts), run_dir.generated.uri, serial_dst.uri, "bench", cfg.select.clip_batch_size)
+    per_call = max(1, cfg.select.clip_batch_size // cfg.generate.unit_size)  # as the stage groups shards per call
     loop_scores: dict = {}
     stage_work_s: list[float] = []
 
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "candidates": candidates,
         "image_size": cfg.image_size,
         "clip_model": clip_label,
-        "clip_batch_size": cfg.clip.clip_batch_size,
+        "clip_batch_size": cfg.select.clip_batch_size,
         "shards": len(names),
         "device_single_process": args.device,
         "ray_cpus": cpus,

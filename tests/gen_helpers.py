@@ -181,7 +181,7 @@ def trained_run(out, test_dir, ipc: int = 2, k: int = 1, num_classes: int = 3, *
     `train`: train options (epochs 2, eval-runs 2, net-width 8 unless given). Returns the RunDir."""
     import torch
 
-    from gdd_ray import pipeline, report_page, selection, synthetic
+    from gdd_ray import pipeline, report_page, synthetic, trainset
     from gdd_ray.augment.samples import write_sample_grid
     from gdd_ray.plan import eval_run_seed
     from gdd_ray.run import now_iso
@@ -201,7 +201,7 @@ def trained_run(out, test_dir, ipc: int = 2, k: int = 1, num_classes: int = 3, *
     run_dir.prepare(cfg, [vars(c) for c in classes], fps, inputs)
     names = shards.read_manifest(run_dir.augmented, fps["augment"]).names
     write_sample_grid(run_dir, classes, names, k)  # as the augment stage does
-    distilled = load_shards(run_dir.augmented, names, selection.for_training(cfg), num_classes)
+    distilled = load_shards(run_dir.augmented, names, trainset.for_training(cfg), num_classes)
     ms = mean_std("cifar10")
     test = testsets.load(str(test_dir), 16, ms)
     runs, history = [], []

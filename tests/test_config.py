@@ -108,3 +108,24 @@ def test_every_field_is_an_option_and_no_flag_is_a_section_name():
     fields = [f.name for klass in SECTIONS.values() for f in dataclasses.fields(klass)]
     assert len(names) == len(set(names))
     assert set(fields) <= set(names) and not set(names) & set(SECTIONS)
+
+
+def test_the_names_of_the_last_release_still_work_for_one_release(tmp_path, capsys):
+    """The challenge's pick was `--select` and the select stage's config section `clip`: a flag, a YAML key or a
+    run.json of that release is read under today's name, with one line saying so; both names at once is refused."""
+    from gdd_ray.config import RunConfig
+    from gdd_ray.config_loader import config_from_args
+
+    base = ["--dataset", "cifar10", "--ipc", "2", "--out", str(tmp_path / "run")]
+    assert config_from_args([*base, "--select", "spread"]).train.pick == "spread"
+    assert "--select is now --pick" in capsys.readouterr().out
+    yaml = tmp_path / "old.yaml"
+    yaml.write_text("select: first\n")
+    assert config_from_args([*base, "--config", str(yaml)]).train.pick == "first"
+    with pytest.raises(UserError, match="--select is the old name of --pick; give only --pick"):
+        config_from_args([*base, "--select", "first", "--pick", "spread"])
+    old = config_from_args([*base, "--select-by", "clip", "--pick", "first"]).to_dict()
+    old["clip"] = old.pop("select")
+    old["train"]["select"] = old["train"].pop("pick")
+    cfg = RunConfig.from_dict(old)
+    assert cfg.select.select_by == "clip" and cfg.train.pick == "first"

@@ -59,7 +59,7 @@ def test_challenge_pt_round_trip(run5, tmp_path):
 def test_first_n_per_class_and_mean_override(run5, tmp_path):
     run_dir, _ = run5
     dest = str(tmp_path / "d10.pt")
-    info = export.export_pt(run_dir.uri, dest, per_class=4, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], select="first")
+    info = export.export_pt(run_dir.uri, dest, per_class=4, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], pick="first")
     x, labels = torch.load(dest), torch.load(str(tmp_path / "d10_labels.pt"))
     assert x.shape[0] == 20 and info["per_class"] == 4 and labels.tolist() == [c for c in range(5) for _ in range(4)]
     pix = stored_pixels(run_dir)
@@ -84,19 +84,19 @@ def exported_rows(x, run_dir, per_class):
 
 
 def test_pt_per_class_picks_by_the_train_stage_rule(run5, tmp_path):
-    """--per-class N takes each class's N through gdd_ray.selection (the run's --select unless given), not the
+    """--per-class N takes each class's N through gdd_ray.trainset (the run's --pick unless given), not the
     first N by (index, variant): by default N distinct generated images, not 2 images x their variants."""
-    from gdd_ray import selection
+    from gdd_ray import trainset
 
     run_dir, _ = run5
     table = export.list_images(run_dir.uri)
     cols = [table.column(c).to_numpy() for c in ("label", "index", "variant")]
     for how in (None, "spread", "first"):
         dest = str(tmp_path / f"{how}.pt")
-        info = export.export_pt(run_dir.uri, dest, per_class=4, select=how)
-        assert info["selection"] == (how or "originals")  # the run's --select: the default, originals
-        rule = selection.RowChoice(per_class=4, how=how or "originals")
-        want = [tuple(int(c[i]) for c in cols) for i in selection.choose(*cols, rule)]
+        info = export.export_pt(run_dir.uri, dest, per_class=4, pick=how)
+        assert info["selection"] == (how or "originals")  # the run's --pick: the default, originals
+        rule = trainset.RowChoice(per_class=4, how=how or "originals")
+        want = [tuple(int(c[i]) for c in cols) for i in trainset.choose(*cols, rule)]
         assert exported_rows(torch.load(dest), run_dir, 4) == want
     assert want[:4] == [(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 1, 0)]  # 'first': what --per-class took before
     dest = str(tmp_path / "default.pt")
@@ -105,12 +105,12 @@ def test_pt_per_class_picks_by_the_train_stage_rule(run5, tmp_path):
 
 
 def test_pt_per_class_follows_the_runs_select(tmp_path, capsys):
-    run_dir, _ = augmented_run(tmp_path / "run", "cifar100", IPC, K, 2, select="spread")
+    run_dir, _ = augmented_run(tmp_path / "run", "cifar100", IPC, K, 2, pick="spread")
     dest = str(tmp_path / "s.pt")
     assert cli_main(["export", "--run", run_dir.uri, "--format", "pt", "--dest", dest, "--per-class", "3"]) == 0
     assert exported_rows(torch.load(dest), run_dir, 3)[:3] == [(0, 0, 0), (0, 1, 1), (0, 2, 2)]  # rows 0, 4, 8 of 12
-    assert cli_main(["export", "--run", run_dir.uri, "--format", "pt", "--dest", dest, "--select", "first"]) == 2
-    assert "--select applies to --format challenge, and to --format pt with --per-class" in capsys.readouterr().err
+    assert cli_main(["export", "--run", run_dir.uri, "--format", "pt", "--dest", dest, "--pick", "first"]) == 2
+    assert "--pick applies to --format challenge, and to --format pt with --per-class" in capsys.readouterr().err
 
 
 def test_imagefolder_round_trip(run5, tmp_path):
@@ -195,7 +195,7 @@ def test_generated_source_and_tiny_imagenet_stats(tmp_path):
 def trained(tmp_path_factory):
     """A 3-class run (IPC 2, K 1) with the train stage's results.json: the digest of the very set it trains on
     (the paper protocol: every row), as the train stage computes it."""
-    from gdd_ray import pipeline, selection
+    from gdd_ray import pipeline, trainset
     from gdd_ray.config_loader import build_config
     from gdd_ray.train.data import load_shards
 
@@ -206,7 +206,7 @@ def trained(tmp_path_factory):
     fps, inputs, _ = pipeline.stage_inputs(cfg, classes, run_dir)  # the run's own 3 classes
     run_dir.prepare(cfg, [vars(c) for c in classes], fps, inputs)
     names = shards.read_manifest(run_dir.augmented, fps["augment"]).names
-    distilled = load_shards(run_dir.augmented, names, selection.for_training(cfg), 3)  # what the stage reads
+    distilled = load_shards(run_dir.augmented, names, trainset.for_training(cfg), 3)  # what the stage reads
     results = {"fingerprint": fps["train"], "train_set": {"digest": distilled.digest()}}
     run_dir.eval.write_bytes("results.json", json.dumps(results).encode())
     return str(out), distilled.digest()
@@ -230,7 +230,7 @@ def test_exports_never_overwrite_in_silence_and_print_their_digest(trained, tmp_
     assert tree_digest(tmp_path) == before  # nothing touched
     (tmp_path / "e_labels.pt").write_bytes(b"mine")  # a companion file alone is refused too
     assert export_("--format", "pt", "--dest", str(tmp_path / "e.pt"))[0] == 2
-    code, out = export_("--format", "pt", "--dest", dest, "--per-class", "2", "--select", "first", "--overwrite")
+    code, out = export_("--format", "pt", "--dest", dest, "--per-class", "2", "--pick", "first", "--overwrite")
     assert code == 0 and "NOT the set the train stage trained on" in out and digest in out
 
     # imagefolder: a second export is refused; --overwrite replaces an earlier export, never a user's files

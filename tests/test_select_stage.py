@@ -175,11 +175,11 @@ def test_fingerprints_and_config(tmp_path):
 
     base = fps(cfg)
     assert set(base) == {"generate", "select", "augment"}
-    assert fps(cfg.replace(**{"clip.select_workers": 2, "generate.batch_size": 3})) == base
-    assert fps(cfg.replace(**{"clip.clip_batch_size": 3}))["select"] != base["select"]
-    more = fps(cfg.replace(**{"clip.overgenerate": 3.0}))
+    assert fps(cfg.replace(**{"select.select_workers": 2, "generate.batch_size": 3})) == base
+    assert fps(cfg.replace(**{"select.clip_batch_size": 3}))["select"] != base["select"]
+    more = fps(cfg.replace(**{"select.overgenerate": 3.0}))
     assert more["generate"] == base["generate"] and more["select"] != base["select"]
-    assert fps(cfg.replace(**{"clip.clip_model": "/some/clip"}))["select"] != base["select"]
+    assert fps(cfg.replace(**{"select.clip_model": "/some/clip"}))["select"] != base["select"]
     sources = pipeline.stage_inputs(
         cfg.replace(stages=("generate", "select", "train")), classes, pipeline.RunDir(cfg.out)
     )[2]
@@ -201,11 +201,11 @@ def test_fingerprints_and_config(tmp_path):
 
 def test_missing_candidates_and_bad_clip_model_are_one_clear_line(tmp_path, gdd_cache):
     cfg = make_cfg(tmp_path)
-    write_generated(cfg.replace(**{"clip.overgenerate": 1.0}), load_classes(None, cfg.classes))
+    write_generated(cfg.replace(**{"select.overgenerate": 1.0}), load_classes(None, cfg.classes))
     with pytest.raises(UserError, match="select stage chooses from"):
         pipeline.check(cfg)  # generated with --overgenerate 1: too few candidates
     with pytest.raises(UserError, match="not a transformers model folder"):
-        pipeline.check(cfg.replace(**{"clip.clip_model": str(tmp_path)}))
+        pipeline.check(cfg.replace(**{"select.clip_model": str(tmp_path)}))
     assert not (tmp_path / "run" / "selected").exists()
 
 

@@ -89,11 +89,11 @@ def test_points_that_differ_only_in_pda_ops_get_their_own_pda_over_one_generatio
 
 def test_protocol_only_differs_in_training(tmp_path):
     base = {"dataset": "cifar10", "model": "sdxl-random", "ipc": 10, "pda_variants": 0}
-    planned = sweep.plan_sweep(base, {"protocol": ["paper", "challenge"], "select": ["first", "spread"]}, str(tmp_path))
+    planned = sweep.plan_sweep(base, {"protocol": ["paper", "challenge"], "pick": ["first", "spread"]}, str(tmp_path))
     assert len(planned) == 4
     assert len({p["group"] for p in planned}) == 1 and len({p["pda"] for p in planned}) == 1
     assert len({json.dumps(p["augmentation"], sort_keys=True) for p in planned}) == 1  # one PDA config
-    assert {(p["run"]["protocol"], p["run"]["select"]) for p in planned} == set(itertools.product(*[
+    assert {(p["run"]["protocol"], p["run"]["pick"]) for p in planned} == set(itertools.product(*[
         ["paper", "challenge"], ["first", "spread"]]))  # fmt: skip
     cfgs = [build_config(p["run"]) for p in planned]
     assert {c.train.protocol for c in cfgs} == {"paper", "challenge"} and {c.stages for c in cfgs} == {("train",)}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from gen_helpers import augmented_run
 
-from gdd_ray import challenge, export, pipeline, selection, synthetic
+from gdd_ray import challenge, export, pipeline, synthetic, trainset
 from gdd_ray.classes import load_classes
 from gdd_ray.cli import main as cli_main
 from gdd_ray.config import TrainConfig
@@ -35,7 +35,7 @@ def rows(ipc: int, k: int, classes: int = 2, shuffle: bool = True):
 
 def picked(made_ipc, made_k, how, **prefix):
     labels, index, variant = rows(made_ipc, made_k)
-    keep = selection.choose(labels, index, variant, selection.RowChoice(per_class=10, how=how, **prefix))
+    keep = trainset.choose(labels, index, variant, trainset.RowChoice(per_class=10, how=how, **prefix))
     assert labels[keep].tolist() == [0] * 10 + [1] * 10  # class-major: the evaluator labels by position
     return [(int(i), int(v)) for i, v in zip(index[keep][:10], variant[keep][:10])]
 
@@ -60,9 +60,9 @@ def test_selection_originals_first_spread():
 def test_selection_refuses_short_or_missing_classes():
     labels, index, variant = rows(3, 2)  # 9 rows per class
     with pytest.raises(UserError, match="10 images per class are needed but class 0 has only 9"):
-        selection.choose(labels, index, variant, selection.RowChoice(per_class=10))
+        trainset.choose(labels, index, variant, trainset.RowChoice(per_class=10))
     with pytest.raises(UserError, match="class\\(es\\) 2 have no images"):
-        selection.choose(labels, index, variant, selection.RowChoice(), num_classes=3)
+        trainset.choose(labels, index, variant, trainset.RowChoice(), num_classes=3)
 
 
 def test_challenge_schedule_is_the_evaluators():
@@ -112,7 +112,7 @@ def test_challenge_protocol_trains_on_the_exported_submission(local_ray, tmp_pat
     tx, ty = synthetic.sample(pats, 2, seed=2)
     synthetic.write_cifar(str(tmp_path / "test"), tx, ty, [c.class_id for c in classes])
     cfg, _ = make_run(
-        tmp_path / "run", protocol="challenge", select="spread", eval_data=str(tmp_path / "test"), epochs=4,
+        tmp_path / "run", protocol="challenge", pick="spread", eval_data=str(tmp_path / "test"), epochs=4,
         eval_runs=2, eval_workers=1, net_width=8, train_batch_size=256, eval_every=5,
     )  # fmt: skip
     res = pipeline.run(cfg)["train"]
@@ -133,7 +133,7 @@ def test_challenge_protocol_trains_on_the_exported_submission(local_ray, tmp_pat
     with pytest.raises(UserError, match="cifar100.pt exists already; add --overwrite"):
         export.export_challenge(cfg.out, str(sub))  # the same export twice: refused, not replaced in silence
     assert export.export_challenge(cfg.out, str(sub), overwrite=True)["digest"] == info["digest"]
-    other = export.export_challenge(cfg.out, str(tmp_path / "other"), select="first")
+    other = export.export_challenge(cfg.out, str(tmp_path / "other"), pick="first")
     assert other["selection"]["how"] == "first" and other["trained_on"] is False  # a set never evaluated
     assert not torch.equal(torch.load(str(tmp_path / "other" / "cifar100.pt")), images)
 

@@ -36,7 +36,7 @@ OUTPUT_FIELDS = ("augment.pda_variants",)
 
 def source(cfg: RunConfig, run_dir: RunDir) -> str:
     """With --select-by clip the kept images, never every candidate; else every generated image."""
-    return "select" if cfg.clip.select_by == "clip" else "generate"
+    return "select" if cfg.select.select_by == "clip" else "generate"
 
 
 def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from gdd_ray import challenge, schema, selection, shards, storage
+from gdd_ray import challenge, schema, shards, storage, trainset
 from gdd_ray import results as results_doc
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
@@ -135,7 +135,7 @@ class RunFiles:
         if source is None or self.cfg is None:
             return {}
         loc, names = source
-        choice = selection.for_training(self.cfg)
+        choice = trainset.for_training(self.cfg)
         by_label: dict[int, list[tuple[int, str]]] = {}
         for name in names:
             unit = parse_shard_name(name)
@@ -151,9 +151,9 @@ class RunFiles:
             table = pa.concat_tables(tables)
             cols = [table.column(c).to_numpy() for c in ("label", "index", "variant")]
             try:
-                keep = selection.choose(*cols, choice)[:n]
+                keep = trainset.choose(*cols, choice)[:n]
             except UserError:  # fewer rows than the protocol takes (an unfinished run): show what exists
-                keep = selection.choose(*cols, selection.RowChoice(choice.ipc, choice.variants))[:n]
+                keep = trainset.choose(*cols, trainset.RowChoice(choice.ipc, choice.variants))[:n]
             pngs = shards.png_bytes(table.take(keep))
             index, variant = cols[1][keep], cols[2][keep]
             out[label] = [(p, f"image {i}, variant {v}") for p, i, v in zip(pngs, index, variant)]

@@ -34,7 +34,7 @@ VERSION = 2  # 2: a kept image's index is its position among the kept (source_in
 # What decides which images are kept, with the generated images (the upstream fingerprint: model,
 # prompts, seeds...) and the counts below; the batch shape moves scores by rounding (scorer.py), the
 # actor count does not.
-OUTPUT_FIELDS = ("clip.select_by", "clip.clip_model", "clip.clip_batch_size")
+OUTPUT_FIELDS = ("select.select_by", "select.clip_model", "select.clip_batch_size")
 SCORES_DIR = shards.SCORES_DIR
 STATS_FILE = "clip_stats.json"
 CLASSES_PER_TASK = 8  # a class's choice reads its score files only (no pixels) unless it writes
@@ -51,14 +51,14 @@ def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
         "kept_per_class": cfg.ipc,
         "rule": "clip_score desc, index asc",
     }
-    if cfg.clip.clip_model == clip.TINY:
+    if cfg.select.clip_model == clip.TINY:
         out["tiny_clip"] = clip.TINY_VERSION
     return out
 
 
 def preflight(ctx: RunContext) -> None:
     """Checks that need no cluster and write nothing: the CLIP model loads, the generated shards are there."""
-    clip.resolve_clip_model(ctx.cfg.clip.clip_model)
+    clip.resolve_clip_model(ctx.cfg.select.clip_model)
     if "generate" not in ctx.cfg.stages:
         lifecycle.read_source(ctx, "select", need_ipc=generated_per_class(ctx.cfg))
 
@@ -96,8 +96,8 @@ class Select(lifecycle.ShardStage):
         if pending:
             t_score = Stopwatch()
             job = ScoreJob(
-                clip.resolve_clip_model(cfg.clip.clip_model), _prompts(ctx), self.source.loc.uri, self.scores.uri,
-                fp, cfg.clip.clip_batch_size,
+                clip.resolve_clip_model(cfg.select.clip_model), _prompts(ctx), self.source.loc.uri, self.scores.uri,
+                fp, cfg.select.clip_batch_size,
             )  # fmt: skip
             progress = Progress(
                 "select", len(pending), sum(s.rows for s in self.scored.todo), unit_name="shards scored"
@@ -106,7 +106,7 @@ class Select(lifecycle.ShardStage):
             score_stats = shard_map.map_shards(
                 pending, ShardScoring, {"job": job},
                 # a call scores about one CLIP batch of images: shards are small (--unit-size images), batches not
-                per_call=max(1, cfg.clip.clip_batch_size // cfg.generate.unit_size), workers=workers, gpus=gpus,
+                per_call=max(1, cfg.select.clip_batch_size // cfg.generate.unit_size), workers=workers, gpus=gpus,
                 serial=self.serial, on_result=lambda s: progress.add(1, s["rows"], workers=workers),
             )  # fmt: skip
             score_s = t_score.seconds
@@ -135,7 +135,7 @@ class Select(lifecycle.ShardStage):
         self.classes_written, self.score_s = len(to_write), score_s
         return lifecycle.Work(
             len(score_stats), sum(s["rows"] for s in score_stats), score_s, details={
-                "generate_fingerprint": ctx.fingerprint("generate"), "clip_model": cfg.clip.clip_model,
+                "generate_fingerprint": ctx.fingerprint("generate"), "clip_model": cfg.select.clip_model,
                 "candidates_per_class": generated_per_class(cfg), "kept_per_class": cfg.ipc, "workers": workers,
                 "choose_s": round(self.choose_s, 3), "classes_written": len(to_write),
                 "overall": self.stats["overall"], "per_class": self.stats["classes"], "stats": STATS_FILE,
@@ -170,7 +170,7 @@ def clip_stats(cfg: RunConfig, fp: str, classes: list[dict[str, Any]]) -> dict[s
     return {
         "stage": "select",
         "fingerprint": fp,
-        "clip_model": cfg.clip.clip_model,
+        "clip_model": cfg.select.clip_model,
         "prompt_template": cfg.generate.prompt_template,
         # score: cosine similarity of an image and its class prompt; top1: the class prompt is the most
         # similar of all classes' (zero-shot); diversity: mean pairwise cosine distance of image embeddings
@@ -184,7 +184,7 @@ def default_workers(cfg: RunConfig) -> tuple[int, float]:
     from gdd_ray.ray_utils import cluster_gpus
 
     gpus = cluster_gpus()
-    n = cfg.clip.select_workers if cfg.clip.select_workers is not None else gpus or shard_map.cluster_cpus()
+    n = cfg.select.select_workers if cfg.select.select_workers is not None else gpus or shard_map.cluster_cpus()
     return max(1, n), (1.0 if gpus else 0.0)
 
 

@@ -17,7 +17,7 @@ from gdd_ray.classes import MEAN_STD, ClassInfo
 from gdd_ray.digest import set_digest
 from gdd_ray.errors import UserError
 from gdd_ray.plan import parse_shard_name
-from gdd_ray.selection import RowChoice, choose
+from gdd_ray.trainset import RowChoice, choose
 
 
 def mean_std(dataset: str | None) -> tuple[list[float], list[float]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gdd_ray import challenge, schema, selection, storage
+from gdd_ray import challenge, schema, storage, trainset
 from gdd_ray.classes import ClassInfo
 from gdd_ray.config import RunConfig
 from gdd_ray.run import eval_run_name, now_iso
@@ -68,7 +68,7 @@ def results_document(
             "image_size": distilled.image_size,
             "shards": distilled.shards,
             "images_per_class": per_class[0] if len(set(per_class)) == 1 else per_class,
-            "selection": selection.for_training(cfg).describe(),
+            "selection": trainset.for_training(cfg).describe(),
             "digest": distilled.digest(),
         },
         "per_class": per_class_results(classes, distilled, counts, len(runs)),

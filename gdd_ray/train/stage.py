@@ -21,7 +21,7 @@ import dataclasses
 import time
 from typing import Any
 
-from gdd_ray import lifecycle, selection, shards, storage
+from gdd_ray import lifecycle, shards, storage, trainset
 from gdd_ray.config import RunConfig, TrainConfig, net_key
 from gdd_ray.errors import UserError
 from gdd_ray.logs import say
@@ -29,7 +29,7 @@ from gdd_ray.run import RunContext, RunDir, now_iso, stage_summary
 from gdd_ray.train import evaluation, protocols, report, testsets
 from gdd_ray.train.data import DistilledSet, check_alignment, load_shards, mean_std
 
-VERSION = 3  # 3: the set is class-major (selection.choose); per-class results; protocols
+VERSION = 3  # 3: the set is class-major (trainset.choose); per-class results; protocols
 # What decides the numbers a run computes. Not eval_runs, eval_workers, checkpoint_every or eval_every:
 # resume is exact, so changing those reuses finished work (nor runs_at_once: float rounding only, nor
 # baselines_dir, full_data_max_gib: where and whether, not what). --select is in resolved_inputs (the rows
@@ -61,7 +61,7 @@ def source(cfg: RunConfig, run_dir: RunDir) -> str:
     (with --select-by clip), else the generated shards."""
     if "augment" in cfg.stages or run_dir.augmented.list(shards.SHARD_SUFFIX):
         return "augment"
-    return "select" if cfg.clip.select_by == "clip" else "generate"
+    return "select" if cfg.select.select_by == "clip" else "generate"
 
 
 # The evaluation protocols' fields (baselines, networks, soft labels): in the fingerprint when set, absent at
@@ -87,7 +87,7 @@ def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
     protocol, the 10-per-class selection. IPC is here because the source's fingerprint does not hold it.
     Then the evaluation protocols' fields that differ from their defaults (networks by their key), and the
     teacher's bytes (its digest) rather than its path alone."""
-    choice = selection.for_training(cfg)
+    choice = trainset.for_training(cfg)
     rows = choice.describe()
     if choice.per_class is None:
         rows["how"] = None  # every row of the prefix: --select decides nothing
@@ -117,9 +117,9 @@ def _test_what(info: testsets.TestSetInfo) -> str:
     return f"{info.kind} at {info.root}"
 
 
-def training_rows(ctx: RunContext, source: lifecycle.Source) -> selection.RowChoice:
+def training_rows(ctx: RunContext, source: lifecycle.Source) -> trainset.RowChoice:
     """The rows trained on, never past the IPC its source covers (a time budget may have stopped short)."""
-    choice = selection.for_training(ctx.cfg)
+    choice = trainset.for_training(ctx.cfg)
     return dataclasses.replace(choice, ipc=min(choice.ipc or source.ipc, source.ipc))
 
 
@@ -129,8 +129,8 @@ def preflight(ctx: RunContext) -> None:
     ipc = cfg.ipc
     if ctx.sources["train"] not in cfg.stages:
         ipc = lifecycle.read_source(ctx, "train").ipc
-    choice = selection.for_training(cfg)
-    offered = selection.rows_per_class(choice, ipc, _variants_available(ctx))
+    choice = trainset.for_training(cfg)
+    offered = trainset.rows_per_class(choice, ipc, _variants_available(ctx))
     if choice.per_class is not None and offered < choice.per_class:
         raise UserError(
             f"--protocol challenge trains on {choice.per_class} images per class but this run offers {offered} "

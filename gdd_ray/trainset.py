@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gdd_ray.config import RunConfig, Selection
+from gdd_ray.config import Pick, RunConfig
 from gdd_ray.errors import UserError
 
-CHOICES: tuple[str, ...] = typing.get_args(Selection)
+CHOICES: tuple[str, ...] = typing.get_args(Pick)
 CHALLENGE_IPC = 10  # images per class the ECCV 2024 DD challenge evaluator trains on (its fixed-IPC track)
 
 
@@ -36,19 +36,19 @@ class RowChoice:
     ipc: int | None = None  # rows with index < ipc (None: every index)
     variants: int | None = None  # rows with variant <= variants (None: every variant)
     per_class: int | None = None  # then exactly this many rows of each class (None: every row left)
-    how: Selection = "originals"
+    how: Pick = "originals"
 
     def describe(self) -> dict[str, typing.Any]:
         return {"index_below": self.ipc, "variant_at_most": self.variants, "per_class": self.per_class, "how": self.how}
 
 
-def for_training(cfg: RunConfig, how: Selection | None = None) -> RowChoice:
+def for_training(cfg: RunConfig, how: Pick | None = None) -> RowChoice:
     """The rows the train stage trains on under `cfg` (also what `export --format challenge` writes)."""
     t = cfg.train
     ipc = min(t.train_ipc or cfg.ipc, cfg.ipc)
     variants = cfg.augment.pda_variants if t.train_variants is None else t.train_variants
     per_class = CHALLENGE_IPC if t.protocol == "challenge" else None
-    return RowChoice(ipc, variants, per_class, how or t.select)
+    return RowChoice(ipc, variants, per_class, how or t.pick)
 
 
 def rows_per_class(choice: RowChoice, available_ipc: int, available_variants: int) -> int:

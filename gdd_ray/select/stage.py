@@ -30,9 +30,9 @@ from gdd_ray.plan import generated_per_class
 from gdd_ray.run import RunContext, RunDir, Stopwatch, now_iso, stage_summary
 from gdd_ray.select import clip
 from gdd_ray.select.choose import ChooseJob, choose_classes
-from gdd_ray.select.scorer import ScoreJob, ShardScorer, score_spec
+from gdd_ray.select.scorer import ScoreJob, ShardScorer, score_calls, score_spec
 
-VERSION = 1  # bump when scoring or the choice changes for the same config
+VERSION = 2  # bump when scoring or the choice changes for the same config; 2: batches of consecutive shards
 # What decides which images are kept, with the generated images (the upstream fingerprint: model,
 # prompts, seeds...) and the counts below; the batch shape moves scores by rounding (scorer.py), the
 # actor count does not.
@@ -126,7 +126,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         t_score = Stopwatch()
         job = ScoreJob(
             clip.resolve_clip_model(cfg.clip.clip_model), _prompts(ctx), run_dir.generated.uri, scores_loc.uri,
-            fp, cfg.clip.clip_batch_size,
+            fp, cfg.clip.clip_batch_size, ctx.plan.units,
         )  # fmt: skip
         progress = Progress("select", len(pending), sum(s.rows for s in scored.todo), unit_name="shards scored")
         score_stats, workers = _score_on_ray(job, pending, cfg, progress)
@@ -220,7 +220,7 @@ class _ScoreActor:
         self.scorer.load()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        stats = self.scorer.score([str(n) for n in batch["shard"]])
+        stats = self.scorer.score([n for call in batch["shards"] for n in str(call).split("\n")])
         return {key: np.array([s[key] for s in stats]) for key in stats[0]}
 
 
@@ -229,15 +229,14 @@ def _score_on_ray(job: ScoreJob, pending: list[str], cfg: RunConfig, progress: P
 
     from gdd_ray.ray_utils import quiet_data
 
-    # A call scores about one CLIP batch of images: shards are small (--unit-size images), batches are not.
-    per_call = max(1, cfg.clip.clip_batch_size // cfg.generate.unit_size)
-    calls = math.ceil(len(pending) / per_call)
-    workers, gpus = default_workers(cfg, calls)
+    # A call scores one CLIP batch, whole: the group of shards that share it (shards are small, batches are not).
+    calls = score_calls(job.units, job.batch_size, pending)
+    workers, gpus = default_workers(cfg, len(calls))
     with quiet_data():
-        ds = ray.data.from_items([{"shard": n} for n in pending], override_num_blocks=calls)
+        ds = ray.data.from_items([{"shards": "\n".join(c)} for c in calls], override_num_blocks=len(calls))
         ds = ds.map_batches(
             _ScoreActor,
-            batch_size=per_call,
+            batch_size=1,
             fn_constructor_kwargs={"job": job},
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_gpus=gpus,

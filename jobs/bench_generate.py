@@ -19,7 +19,8 @@ On a GPU node (real architecture, random weights; or --model stabilityai/sdxl-tu
         --classes 20 --batch-size 16 --unit-size 64 --threads 0 --skip-paper-loop --noop-shards 0 \
         --engines fast,pipeline-call --batch-sizes 8,16,32 --vae-dtypes bf16 --batches 10 \
         --compile-fast --compile-batch-sizes 16 --tiny-decoder --channels-last --out bench_results/generate_gpu.json
-Only the engine matrix (no stage runs): add --engines-only.
+Only the engine matrix (no stage runs): add --engines-only (no Ray is imported then). On a bare GPU image
+without pip, diffusers or Ray: jobs/gpu_bench.sh (docs/gpu.md), which runs the same rows (EngineBench).
 """
 
 from __future__ import annotations
@@ -276,7 +277,7 @@ class EngineBench:
 
     def row(self, engine: str, vae: str, batch: int, *, compiled: bool = False, decoder: str = "vae",
             unet_format: str = "contiguous", vae_format: str = "contiguous", scope: str = "model",
-            warm_compile: bool = False, extra: dict | None = None) -> dict:  # fmt: skip
+            warm_compile: bool = False) -> dict:  # fmt: skip
         """One row. The UNet's and the decoder's memory formats are set before the row (before any compile)
         and set back after it; `warm_compile`: compile once into an empty cache (cold), then again from that
         cache in this process (warm: Dynamo traces again, Inductor's caches serve the rest), timing the second."""
@@ -318,11 +319,9 @@ class EngineBench:
             warmup_s = time.perf_counter() - t
             n = a.batches * batch
             seconds = []
-            for r in range(a.repeats):
+            for r in range(a.repeats):  # each returns with every pixel on the host
                 t = time.perf_counter()
-                self.render_units(
-                    gen, self.units(r % len(self.classes), n, batch)
-                )  # returns with every pixel on the host
+                self.render_units(gen, self.units(r % len(self.classes), n, batch))
                 seconds.append(time.perf_counter() - t)
             gen.clock = PhaseClock(cuda)  # a separate run: events add a little host work
             self.render_units(gen, self.units(0, n, batch))
@@ -353,7 +352,6 @@ class EngineBench:
                 if a.model != "tiny" else None,
                 "diff_to_diffusers_fp32": {"mean_0_255": round(float(diff.mean()), 3), "max_0_255": int(diff.max())},
                 "not_blank": bool(pixels.std() > 0),
-                **(extra or {}),
             }  # fmt: skip
             del gen
             return row

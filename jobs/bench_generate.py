@@ -26,6 +26,7 @@ without pip, diffusers or Ray: jobs/gpu_bench.sh (docs/gpu.md), which runs the s
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
 import os
@@ -385,9 +386,11 @@ def reset_compiled(pipe) -> None:
     from gdd_ray.generate import tuning
 
     torch.compiler.reset()
-    clear = getattr(getattr(torch._inductor, "utils", None), "clear_inductor_caches", None)
-    if clear is not None:
-        clear()
+    utils = importlib.import_module("torch._inductor.utils")
+    for name in ("clear_caches", "clear_inductor_caches"):  # the name moved across torch versions
+        if callable(getattr(utils, name, None)):
+            getattr(utils, name)()
+            break
     tuning.uncompile_blocks(pipe.unet)
     tuning.uncompile_blocks(pipe.vae)
 

@@ -473,7 +473,7 @@ def main(argv=None) -> int:
         print(f"[gpu-bench] part {part} took {seconds[part]} s (estimate {guess.get(part)})", flush=True)
     name = "gpu_bench_smoke.json" if a.smoke else f"gpu_bench_{'_'.join(a.parts)}.json"
     result = {"run": run, "parts": list(a.parts), "machine": info, "estimate_s": guess, "seconds": seconds,
-              "config": config, "rows": log.rows, "errors": log.errors}  # fmt: skip
+              "ray_imported": "ray" in sys.modules, "config": config, "rows": log.rows, "errors": log.errors}  # fmt: skip
     write_json(out / name, result)
     print(f"[gpu-bench] {len(log.rows)} rows, {len(log.errors)} errors -> {out / ROWS_FILE}, {out / name}", flush=True)
     return 1 if log.errors else 0

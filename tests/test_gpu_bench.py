@@ -87,7 +87,7 @@ def check_rows(proc, out: Path, names: set[str]) -> list[dict]:
     assert [r["event"] for r in rows] == ["row"] * len(rows)  # no error lines
     assert names <= {r["name"] for r in rows}, sorted(r["name"] for r in rows)
     final = json.loads((out / "gpu_bench_smoke.json").read_text())
-    assert final["rows"] == rows and final["errors"] == []
+    assert final["rows"] == rows and final["errors"] == [] and final["ray_imported"] is False
     assert "[row] eager fast-contiguous-contiguous" in proc.stdout  # each row printed as it is measured
     return lines
 

@@ -39,9 +39,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) jobs/bench_generate.py --out bench_results/generate.json
 
-# One GPU node, no download (SDXL-Turbo's architecture with random weights): the engine matrix (the loop
-# before the engine work; the fast path eager, compiled, channels_last, with the tiny decoder; batch 8/16/32)
-# and the end-to-end --stages generate rate with production defaults. About 5-8 minutes on an H100.
+# One GPU node where pip works, no download (SDXL-Turbo's architecture with random weights): the engine matrix
+# (the loop before the engine work; the fast path eager, compiled, UNet/decoder/both channels_last, with the
+# tiny decoder; batch 8/16/32) and the end-to-end --stages generate rate with production defaults. On a bare
+# GPU image (no pip, no diffusers, no Ray) use `bash jobs/gpu_bench.sh --part eager|compiled|train` instead:
+# docs/gpu.md.
 GPU_BENCH_OUT ?= bench_results/generate_gpu.json
 bench-gpu: $(STAMP)
 	$(PY) jobs/bench_generate.py --model sdxl-random --gen-resolution 512 --image-size 32 --ipc 64 \

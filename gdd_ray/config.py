@@ -31,6 +31,7 @@ VaeDtype = Literal["auto", "fp32", "bf16", "fp16"]
 Decoder = Literal["vae", "taesdxl"]
 Track = Literal["none", "mlflow"]
 Labels = Literal["hard", "soft", "both"]
+CompileScope = Literal["model", "blocks"]
 
 STAGES: tuple[str, ...] = typing.get_args(Stage)
 # What runs when --stages is not given: every stage, the select stage only when there is something to
@@ -175,6 +176,13 @@ class GenerateConfig:
         False,
         "torch.compile the denoiser and decoder with static shapes, in each worker's start-up before it takes "
         "work (minutes on a GPU, cached per user or pod); faster steady state.",
+    )
+    compile_scope: CompileScope = opt(
+        "model",
+        "What --compile compiles: 'model' = the whole denoise step and decoder, one graph each (CUDA graphs on a "
+        "GPU); 'blocks' = each repeated block (UNet transformer and ResNet blocks, decoder ResNet blocks) once per "
+        "shape, a much shorter cold compile, the glue between blocks eager. Float rounding only: not in the "
+        "fingerprint.",
     )
     engine: Engine = opt(
         "auto",

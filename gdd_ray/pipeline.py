@@ -69,11 +69,9 @@ def refuse_scattered_out(cfg: RunConfig) -> None:
     connected): a local Ray that a stage starts later is one node, so a plain local run starts nothing here."""
     if storage.is_uri(cfg.out) or cfg.shared_local_out:
         return
-    import ray
-
     from gdd_ray import ray_utils
 
-    if not ray.is_initialized():
+    if not ray_utils.ray_initialized():
         if ray_utils.cluster_address() is None:
             return
         ray_utils.init_ray()

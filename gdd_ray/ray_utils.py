@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
 from contextlib import contextmanager
 
 from gdd_ray.errors import UserError, stop_on_sigterm, stopping_on_sigterm
@@ -39,9 +41,26 @@ def init_ray() -> None:
         stop_on_sigterm()
 
 
+def ray_installed() -> bool:
+    """Whether Ray can be imported here, without importing it (a bare GPU image has torch but no Ray)."""
+    try:
+        return importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def ray_initialized() -> bool:
+    """ray.is_initialized() without importing Ray: a process that never imported it has not initialised it."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def cluster_address() -> str | None:
     """The cluster a plain ray.init() would join: RAY_ADDRESS, else the last `ray start` on this machine.
-    None = it would start a local, single-node Ray. Uses Ray's own lookup, so the two never disagree."""
+    None = it would start a local, single-node Ray, or Ray is not installed (no cluster to join). Uses Ray's
+    own lookup, so the two never disagree."""
+    if not ray_installed():
+        return None
     from ray._private.services import canonicalize_bootstrap_address
 
     from gdd_ray import schema

@@ -19,12 +19,14 @@ On a GPU node (real architecture, random weights; or --model stabilityai/sdxl-tu
         --classes 20 --batch-size 16 --unit-size 64 --threads 0 --skip-paper-loop --noop-shards 0 \
         --engines fast,pipeline-call --batch-sizes 8,16,32 --vae-dtypes bf16 --batches 10 \
         --compile-fast --compile-batch-sizes 16 --tiny-decoder --channels-last --out bench_results/generate_gpu.json
-Only the engine matrix (no stage runs): add --engines-only.
+Only the engine matrix (no stage runs): add --engines-only (no Ray is imported then). On a bare GPU image
+without pip, diffusers or Ray: jobs/gpu_bench.sh (docs/gpu.md), which runs the same rows (EngineBench).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
 import os
@@ -172,117 +174,225 @@ def _csv(text: str, cast=str) -> list:
     return [cast(x) for x in text.split(",") if x.strip()]
 
 
-def engine_matrix(a, work: Path) -> dict:
+LAYOUTS = ("contiguous", "channels_last")
+
+
+def layout_variants(a) -> list[tuple[str, str]]:
+    """(UNet, decoder) memory formats of the fast engine's eager rows: contiguous for both (what loading
+    gives), and with --channels-last each component in channels_last alone and both together."""
+    both = [("contiguous", "contiguous")]
+    return (
+        both
+        + [("channels_last", "contiguous"), ("contiguous", "channels_last"), ("channels_last", "channels_last")]
+        * a.channels_last
+    )
+
+
+def engine_matrix(a, work: Path, on_row=None) -> dict:
     """(e) The render loop alone (device work + readback, no PNG, no Ray) for every engine x VAE dtype x batch."""
-    import statistics
-
-    import torch
-
-    from gdd_ray.classes import load_classes
-    from gdd_ray.generate.generator import UnitGenerator
-    from gdd_ray.generate.model import load_pipeline, resolve_model
-    from gdd_ray.generate.stage import make_job
-    from gdd_ray.generate.timing import PhaseClock
-    from gdd_ray.plan import WorkUnit
-
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    t0 = time.perf_counter()
-    pipe = load_pipeline(resolve_model(a.model), device=device)  # shared by every row: loaded once
-    load_s = round(time.perf_counter() - t0, 3)
-    classes = load_classes(None, str(class_file(a.classes)))
+    bench = EngineBench(a, work)
     batch_sizes = _csv(a.batch_sizes, int) or [a.batch_size]
-    vae_dtypes = _csv(a.vae_dtypes) or (["bf16"] if cuda else ["fp32"])
-    compare = WorkUnit(0, 0, min(batch_sizes))  # the same seeds in every row
-
-    def generator(engine: str, vae: str, batch: int, compiled: bool = False, decoder: str = "vae"):
-        if engine == PIPELINE_CALL:
-            cfg = build_config(a, str(work / "e"))  # the other rows' prompts and run seed
-            prompts = [c.prompt(cfg.generate.templates[0]) for c in classes]
-            return PipelineCallLoop(pipe, prompts, cfg.seed, a, batch, device)
-        cfg = build_config(a, str(work / "e"), engine=engine, vae_dtype=vae, batch_size=batch, compile=compiled,
-                           decoder=decoder)  # fmt: skip
-        return UnitGenerator(make_job(cfg, classes, "bench", str(work / "e")), device=device, pipeline=pipe)
-
     compile_batches = _csv(a.compile_batch_sizes, int) or batch_sizes
 
-    def variants(engine: str, batch: int) -> list[tuple[bool, bool, str]]:
-        """(compiled, channels_last, decoder) rows of an engine: eager with the model's VAE always; the fast
-        engine also compiled, in channels_last (to be decided by measurement on the GPU) and with the tiny
+    def variants(engine: str, batch: int) -> list[dict]:
+        """An engine's rows at one batch size: eager with the model's VAE always; the fast engine also compiled,
+        in each channels_last combination (to be decided by measurement on the GPU) and with the tiny
         decoder, when asked."""
-        plain = [(False, False, "vae")]
         if engine != "fast":
-            return plain
+            return [{}]
         return (
-            plain
-            + [(True, False, "vae")] * (a.compile_fast and batch in compile_batches)
-            + [(False, True, "vae")] * a.channels_last
-            + [(False, False, "taesdxl")] * a.tiny_decoder
+            [dict(unet_format=u, vae_format=v) for u, v in layout_variants(a)]
+            + [dict(compiled=True)] * (a.compile_fast and batch in compile_batches)
+            + [dict(decoder="taesdxl")] * a.tiny_decoder
         )
 
-    reference = generator("diffusers", "fp32", min(batch_sizes)).render(compare).pixels.astype(np.int16)
     rows = []
     for engine in _csv(a.engines):
-        for vae in ["fp32"] if engine == PIPELINE_CALL else vae_dtypes:  # it decodes as the pipeline does
+        for vae in ["fp32"] if engine == PIPELINE_CALL else bench.vae_dtypes:  # it decodes as the pipeline does
             for batch in batch_sizes:
-                for compiled, channels_last, decoder in variants(engine, batch):
-                    if cuda:
-                        torch.cuda.empty_cache()
-                        torch.cuda.reset_peak_memory_stats()
-                    gen = generator(engine, vae, batch, compiled, decoder)
-                    gen.load()  # prompt encoding, compile and (on a GPU) the first batches: reported apart
-                    modules = [gen.pipeline.unet, gen.decoder.module] if channels_last else []
-                    for m in modules:  # the pipeline is shared by every row: set back below
-                        m.to(memory_format=torch.channels_last)
-                    t = time.perf_counter()
-                    gen.render(WorkUnit(0, 0, batch))  # warm-up batch, excluded (first-call allocations)
-                    warmup_s = time.perf_counter() - t
-                    n = a.batches * batch
-                    seconds = []
-                    for r in range(a.repeats):
-                        t = time.perf_counter()
-                        gen.render(WorkUnit(r % len(classes), 0, n))  # returns with every pixel on the host
-                        seconds.append(time.perf_counter() - t)
-                    gen.clock = PhaseClock(cuda)  # a separate run: events add a little host work
-                    gen.render(WorkUnit(0, 0, n))
-                    phases = gen.clock.totals()
-                    gen.clock = None
-                    pixels = gen.render(compare).pixels.astype(np.int16)
-                    rate = [n / s for s in seconds]
-                    diff = np.abs(pixels - reference)
-                    rows.append(
-                        {
-                            "engine": engine,
-                            "vae_dtype": vae,
-                            "batch_size": batch,
-                            "compile": gen.compile_mode,
-                            "memory_format": "channels_last" if channels_last else "contiguous",
-                            "decoder": decoder,
-                            "executed_batch_sizes": sorted(gen.executed_batch_sizes),
-                            "images_per_timed_run": n,
-                            "images_per_s_median": round(statistics.median(rate), 3),
-                            "images_per_s_min": round(min(rate), 3),
-                            "images_per_s_max": round(max(rate), 3),
-                            "startup_s": dict(gen.startup, warmup_batch_s=round(warmup_s, 3)),
-                            "phase_s": {k: round(v, 4) for k, v in phases.items()},
-                            "device_idle_fraction": round(phases.get("idle", 0.0) / phases["span"], 4),
-                            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-                            "tflop_per_s": round(statistics.median(rate) * TFLOP_PER_IMAGE_512 * (a.gen_resolution / 512) ** 2, 1)
-                            if a.model != "tiny" else None,
-                            "diff_to_diffusers_fp32": {"mean_0_255": round(float(diff.mean()), 3), "max_0_255": int(diff.max())},
-                            "not_blank": bool(pixels.std() > 0),
-                        }
-                    )  # fmt: skip
+                for variant in variants(engine, batch):
+                    rows.append(bench.row(engine, vae, batch, **variant))
                     print(_row_line(rows[-1]), flush=True)
-                    for m in modules:
-                        m.to(memory_format=torch.contiguous_format)
-                    del gen
-    return {
-        "load_s": load_s,
-        "rows": rows,
-        "fast_over_diffusers": _speedups(rows, "diffusers"),
-        "fast_over_pipeline_call": _speedups(rows, PIPELINE_CALL),
-    }
+                    if on_row:
+                        on_row(rows[-1])
+    return bench.summary(rows)
+
+
+class EngineBench:
+    """(e)'s rows one at a time, on one pipeline loaded once: `row(...)` renders the same seeds as every other
+    row (its pixel difference to the diffusers engine with an fp32 VAE is part of it) and leaves the shared
+    pipeline as it found it (memory formats set back, compiled blocks undone)."""
+
+    def __init__(self, a, work: Path, device: str | None = None):
+        import torch
+
+        from gdd_ray.classes import load_classes
+        from gdd_ray.generate.model import load_pipeline, resolve_model
+        from gdd_ray.plan import WorkUnit
+
+        self.a, self.work = a, work
+        self.caches = 0  # fresh compile caches made so far (one per cold compile)
+        self.cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+        self.device = device or ("cuda" if self.cuda else "cpu")
+        t0 = time.perf_counter()
+        self.pipe = load_pipeline(resolve_model(a.model), device=self.device)  # shared by every row: loaded once
+        self.load_s = round(time.perf_counter() - t0, 3)
+        self.classes = load_classes(None, str(class_file(a.classes)))
+        self.vae_dtypes = _csv(a.vae_dtypes) or (["bf16"] if self.cuda else ["fp32"])
+        first = min(_csv(getattr(a, "batch_sizes", ""), int) or [a.batch_size])
+        self.compare = WorkUnit(0, 0, first)  # the same seeds in every row
+        reference = self.generator("diffusers", "fp32", first)
+        self.reference = reference.render(self.compare).pixels.astype(np.int16)
+        del reference
+
+    def generator(self, engine: str, vae: str, batch: int, compiled: bool = False, decoder: str = "vae",
+                  scope: str = "model"):  # fmt: skip
+        from gdd_ray.generate.generator import UnitGenerator
+        from gdd_ray.generate.stage import make_job
+
+        a, work = self.a, self.work
+        if engine == PIPELINE_CALL:
+            cfg = build_config(a, str(work / "e"))  # the other rows' prompts and run seed
+            prompts = [c.prompt(cfg.generate.templates[0]) for c in self.classes]
+            return PipelineCallLoop(self.pipe, prompts, cfg.seed, a, batch, self.device)
+        cfg = build_config(a, str(work / "e"), engine=engine, vae_dtype=vae, batch_size=batch, compile=compiled,
+                           compile_scope=scope, decoder=decoder)  # fmt: skip
+        job = make_job(cfg, self.classes, "bench", str(work / "e"))
+        return UnitGenerator(job, device=self.device, pipeline=self.pipe)
+
+    def units(self, label: int, n: int, batch: int) -> list:
+        """n images of a class as the stage cuts them: units of --unit-size (rounded up to whole batches)."""
+        from gdd_ray.plan import WorkUnit
+
+        per_unit = -(-max(self.a.unit_size, batch) // batch) * batch
+        return [WorkUnit(label, s, min(s + per_unit, n)) for s in range(0, n, per_unit)]
+
+    @staticmethod
+    def render_units(gen, units: list) -> None:
+        """Render units back to back, each unit's first noise prefetched while the one before renders, as the
+        generator actor does (driver.GeneratorActor.run_unit)."""
+        for k, unit in enumerate(units):
+            if k + 1 < len(units) and hasattr(gen, "prefetch"):
+                gen.prefetch(units[k + 1])
+            gen.render(unit)
+
+    def row(self, engine: str, vae: str, batch: int, *, compiled: bool = False, decoder: str = "vae",
+            unet_format: str = "contiguous", vae_format: str = "contiguous", scope: str = "model",
+            warm_compile: bool = False) -> dict:  # fmt: skip
+        """One row. The UNet's and the decoder's memory formats are set before the row (before any compile)
+        and set back after it; `warm_compile`: compile once into an empty cache (cold), then again from that
+        cache in this process (warm: Dynamo traces again, Inductor's caches serve the rest), timing the second."""
+        import statistics
+
+        import torch
+
+        from gdd_ray.generate import tuning
+        from gdd_ray.generate.timing import PhaseClock
+        from gdd_ray.plan import WorkUnit
+
+        a, pipe, cuda = self.a, self.pipe, self.cuda
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        before = {
+            "unet": tuning.set_memory_format(pipe.unet, unet_format),
+            "vae": tuning.set_memory_format(pipe.vae, vae_format),
+        }
+        startup: dict = {}
+        try:
+            if compiled and warm_compile:
+                cold = self.generator(engine, vae, batch, compiled, decoder, scope)
+                self.caches += 1
+                fresh_compile_cache(self.work / f"compile-cache-{self.caches}")
+                cold.load()
+                startup["compile_cold_s"] = cold.startup.get("compile_s")
+                del cold
+                reset_compiled(pipe)
+            gen = self.generator(engine, vae, batch, compiled, decoder, scope)
+            gen.load()  # prompt encoding, compile and (on a GPU) the first batches: reported apart
+            if compiled and warm_compile:
+                startup["compile_warm_s"] = gen.startup.get("compile_s")
+            if getattr(gen, "decoder", None) is not None:  # the module this row decodes with (a cast copy, taesdxl)
+                tuning.set_memory_format(gen.decoder.module, vae_format)
+            decoder_module = gen.decoder.module if getattr(gen, "decoder", None) is not None else pipe.vae
+            t = time.perf_counter()
+            gen.render(WorkUnit(0, 0, batch))  # warm-up batch, excluded (first-call allocations)
+            warmup_s = time.perf_counter() - t
+            n = a.batches * batch
+            seconds = []
+            for r in range(a.repeats):  # each returns with every pixel on the host
+                t = time.perf_counter()
+                self.render_units(gen, self.units(r % len(self.classes), n, batch))
+                seconds.append(time.perf_counter() - t)
+            gen.clock = PhaseClock(cuda)  # a separate run: events add a little host work
+            self.render_units(gen, self.units(0, n, batch))
+            phases = gen.clock.totals()
+            gen.clock = None
+            pixels = gen.render(self.compare).pixels.astype(np.int16)
+            rate = [n / s for s in seconds]
+            diff = np.abs(pixels - self.reference)
+            row = {
+                "engine": engine,
+                "vae_dtype": vae,
+                "batch_size": batch,
+                "compile": gen.compile_mode,
+                "compile_scope": scope if gen.compile_mode else None,
+                "unet_memory_format": tuning.memory_format(pipe.unet),
+                "vae_memory_format": tuning.memory_format(decoder_module),
+                "decoder": decoder,
+                "executed_batch_sizes": sorted(gen.executed_batch_sizes),
+                "images_per_timed_run": n,
+                "images_per_s_median": round(statistics.median(rate), 3),
+                "images_per_s_min": round(min(rate), 3),
+                "images_per_s_max": round(max(rate), 3),
+                "startup_s": dict(gen.startup, **startup, warmup_batch_s=round(warmup_s, 3)),
+                "phase_s": {k: round(v, 4) for k, v in phases.items()},
+                "device_idle_fraction": round(phases.get("idle", 0.0) / phases["span"], 4),
+                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                "tflop_per_s": round(statistics.median(rate) * TFLOP_PER_IMAGE_512 * (a.gen_resolution / 512) ** 2, 1)
+                if a.model != "tiny" else None,
+                "diff_to_diffusers_fp32": {"mean_0_255": round(float(diff.mean()), 3), "max_0_255": int(diff.max())},
+                "not_blank": bool(pixels.std() > 0),
+            }  # fmt: skip
+            del gen
+            return row
+        finally:
+            if compiled:
+                reset_compiled(pipe)
+            tuning.set_memory_format(pipe.unet, before["unet"])
+            tuning.set_memory_format(pipe.vae, before["vae"])
+
+    def summary(self, rows: list[dict]) -> dict:
+        return {
+            "load_s": self.load_s,
+            "rows": rows,
+            "fast_over_diffusers": _speedups(rows, "diffusers"),
+            "fast_over_pipeline_call": _speedups(rows, PIPELINE_CALL),
+        }
+
+
+def fresh_compile_cache(folder: Path) -> None:
+    """An empty compile cache for a cold compile: Inductor's (FX graphs, AOTAutograd) and Triton's kernels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
+
+
+def reset_compiled(pipe) -> None:
+    """Forget every compiled graph of this process (Dynamo's caches, Inductor's in-memory ones) and undo
+    compiled blocks, so the next compile starts from the on-disk cache alone and later rows run eager."""
+    import torch
+
+    from gdd_ray.generate import tuning
+
+    torch.compiler.reset()
+    utils = importlib.import_module("torch._inductor.utils")
+    for name in ("clear_caches", "clear_inductor_caches"):  # the name moved across torch versions
+        if callable(getattr(utils, name, None)):
+            getattr(utils, name)()
+            break
+    tuning.uncompile_blocks(pipe.unet)
+    tuning.uncompile_blocks(pipe.vae)
 
 
 PIPELINE_CALL = "pipeline-call"
@@ -354,25 +464,34 @@ def _speedups(rows: list[dict], baseline: str) -> list[dict]:
         if r["engine"] == "fast" and other:
             ratio = r["images_per_s_median"] / other["images_per_s_median"]
             out.append({"vae_dtype": r["vae_dtype"], "batch_size": r["batch_size"], "compile": r["compile"],
-                        "memory_format": r.get("memory_format"), "decoder": r.get("decoder", "vae"),
+                        "compile_scope": r.get("compile_scope"), "unet_memory_format": r.get("unet_memory_format"),
+                        "vae_memory_format": r.get("vae_memory_format"), "decoder": r.get("decoder", "vae"),
                         "ratio": round(ratio, 3)})  # fmt: skip
     return out
 
 
 TABLE_HEAD = (
-    "| engine | VAE | batch (executed) | compile | images/s (median) | min–max | compile + first batch s | "
-    "device idle | peak GiB | diff to diffusers fp32 (mean / max of 255) |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| engine | VAE | batch (executed) | compile | UNet / decoder layout | images/s (median) | min–max | "
+    "compile + first batch s | device idle | peak GiB | diff to diffusers fp32 (mean / max of 255) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
+SHORT_LAYOUT = {"contiguous": "NCHW", "channels_last": "NHWC"}
 
 
 def _row_line(r: dict) -> str:
-    first = r["startup_s"].get("compile_s", 0.0) + r["startup_s"].get("first_batch_s", 0.0)
+    startup = r["startup_s"]
+    first = (startup.get("compile_s") or 0.0) + (startup.get("first_batch_s") or 0.0)
+    if "compile_cold_s" in startup:
+        first = f"{first:.1f} (cold compile {startup['compile_cold_s']:.1f})"
+    else:
+        first = f"{first:.1f}"
     d = r["diff_to_diffusers_fp32"]
+    compiled = f"{r['compile']}, {r['compile_scope']}" if r["compile"] else "eager"
+    layout = "/".join(SHORT_LAYOUT[r[k]] for k in ("unet_memory_format", "vae_memory_format"))
     return (
         f"| {r['engine']} | {r['vae_dtype']} | {r['batch_size']} ({'/'.join(map(str, r['executed_batch_sizes']))}) | "
-        f"{r['compile'] or 'eager'}{', channels_last' if r.get('memory_format') == 'channels_last' else ''}"
-        f"{', taesdxl' if r.get('decoder') == 'taesdxl' else ''} | "
-        f"{r['images_per_s_median']} | {r['images_per_s_min']}–{r['images_per_s_max']} | {first:.1f} | "
+        f"{compiled}{', taesdxl' if r.get('decoder') == 'taesdxl' else ''} | {layout} | "
+        f"{r['images_per_s_median']} | {r['images_per_s_min']}–{r['images_per_s_max']} | {first} | "
         f"{r['device_idle_fraction']:.0%} | {r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '–'} | "
         f"{d['mean_0_255']} / {d['max_0_255']} |"
     )
@@ -430,7 +549,6 @@ def main(argv=None) -> int:
     from gdd_ray.logs import quiet_libraries
 
     quiet_libraries()
-    import ray
     import torch
 
     if a.threads:
@@ -453,6 +571,8 @@ def main(argv=None) -> int:
         print("a", results["a_paper_loop"], flush=True)
     results["b_our_loop"] = our_loop(a, str(work / "b"))
     print("b", results["b_our_loop"], flush=True)
+    import ray  # (c) and (d) only: the engine matrix runs without Ray (jobs/gpu_bench.sh, a bare GPU image)
+
     gpus = torch.cuda.device_count()
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, configure_logging=False,
              **({"num_gpus": gpus} if gpus else {}))  # fmt: skip

@@ -50,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", default="bench_results/select.json", help="Where to write the results JSON.")
     p.add_argument("--cpus", type=int, default=None, help="CPUs for the local Ray (default: all).")
     p.add_argument("--repeats", type=int, default=3, help="Rounds per contender; the best is reported.")
+    p.add_argument(
+        "--ray-worker-niceness", type=int, default=0,
+        help="Niceness of the stage's Ray workers (Ray's default 15 starves them on a shared machine; 0 = the "
+        "contenders' own priority).",
+    )  # fmt: skip
     p.add_argument("--smoke-test", action="store_true", help="10 classes x 4 candidates: checks the plumbing only.")
     return p.parse_args(argv)
 
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from gdd_ray.classes import load_classes
     from gdd_ray.config_loader import build_config
     from gdd_ray.select import clip, stage
-    from gdd_ray.select.scorer import ScoreJob, ShardScorer, read_scores
+    from gdd_ray.select.scorer import ScoreJob, ShardScorer, read_scores, score_calls
     from jobs.bench_augment import interleaved_rounds, write_results  # the PDA benchmark's timing rule
 
     shutil.rmtree(args.out, ignore_errors=True)
@@ -148,17 +153,24 @@ def main(argv: list[str] | None = None) -> int:
     # OMP_NUM_THREADS=1 per 1-CPU actor); a GPU run uses the device instead.
     torch.set_num_threads(1)
     load_before = os.getloadavg()
+    # Ray starts its workers at niceness 15 (RAY_worker_niceness): on a machine shared with other jobs the
+    # stage's actors would then get a sliver of the CPU the in-process contenders get. The same priority for all.
+    os.environ["RAY_worker_niceness"] = str(args.ray_worker_niceness)
     ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    # Warm-up on a copy: starts the Ray workers and imports torch/transformers in them, paid once per run.
-    warm = build_config({**values, "out": os.path.join(args.out, "warmup")})
-    synthetic.write_generated(warm, classes, fingerprint=pipeline.generation_fingerprint(warm, classes))
+    # Warm-up on a small copy (one candidate of each of 10 classes): starts Ray and its first workers, brings
+    # torch/transformers and the CLIP weights into the page cache; paid once per run, not by any contender.
+    warm = build_config({**values, "out": os.path.join(args.out, "warmup"), "dataset": "cifar10", "ipc": 1,
+                         "overgenerate": 1.0, "unit_size": 1})  # fmt: skip
+    warm_classes = load_classes(warm.dataset, None)
+    synthetic.write_generated(warm, warm_classes, fingerprint=pipeline.generation_fingerprint(warm, warm_classes))
     stage.run(pipeline.check(warm))
 
     serial_dst = storage.Location(os.path.join(args.out, "serial_scores"))
-    job = ScoreJob(source, tuple(texts), run_dir.generated.uri, serial_dst.uri, "bench", cfg.select.clip_batch_size)
-    per_call = max(1, cfg.select.clip_batch_size // cfg.generate.unit_size)  # as the stage groups shards per call
+    b = cfg.select.clip_batch_size
+    job = ScoreJob(source, tuple(texts), run_dir.generated.uri, serial_dst.uri, "bench", b, ctx.plan.units)
+    calls = score_calls(ctx.plan.units, b, names)  # as the stage groups shards into calls
     loop_scores: dict = {}
     stage_work_s: list[float] = []
 
@@ -168,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     def run_serial() -> None:
         serial_dst.delete_tree()
         scorer = ShardScorer(job, device=args.device)
-        for i in range(0, len(names), per_call):
-            scorer.score(names[i : i + per_call])
+        for call in calls:
+            scorer.score(call)
 
     def run_stage() -> None:
         run_dir.selected.delete_tree()  # a cold stage every time, not a skip
@@ -208,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "shards": len(names),
         "device_single_process": args.device,
         "ray_cpus": cpus,
+        "ray_worker_niceness": args.ray_worker_niceness,
         "stage_workers": summary.get("workers"),
         "torch_threads_single_process": torch.get_num_threads(),
         "load_average_before": [round(v, 2) for v in load_before],

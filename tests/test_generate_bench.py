@@ -11,7 +11,9 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "jobs" / "bench_generate.py"
 
 
-VARIANTS = [("contiguous", "vae"), ("channels_last", "vae"), ("contiguous", "taesdxl")]  # the fast engine's rows
+C, CL = "contiguous", "channels_last"
+# The fast engine's rows: (UNet layout, decoder layout, decoder), each component's layout measured apart.
+VARIANTS = [(C, C, "vae"), (CL, C, "vae"), (C, CL, "vae"), (CL, CL, "vae"), (C, C, "taesdxl")]
 
 
 @pytest.mark.slow
@@ -20,16 +22,16 @@ def test_bench_generate_engine_matrix_smoke(tmp_path, tiny_model, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "generate.json"
-    args = ["--model", "tiny", "--classes", "2", "--gen-resolution", "32", "--image-size", "8", "--threads", "0",
+    args = ["--model", "tiny", "--classes", "2", "--gen-resolution", "32", "--image-size", "8", "--threads", "1",
             "--batch-sizes", "1,2", "--batches", "2", "--repeats", "2", "--engines-only", "--channels-last",
             "--tiny-decoder", "--out", str(out)]  # fmt: skip
     assert bench.main(args) == 0
     res = json.loads(out.read_text())
     rows = res["engines"]["rows"]
-    fast = [("fast", "fp32", b, m, d) for b in (1, 2) for m, d in VARIANTS]
-    assert [(r["engine"], r["vae_dtype"], r["batch_size"], r["memory_format"], r["decoder"]) for r in rows] == fast + [
-        (engine, "fp32", b, "contiguous", "vae") for engine in ("diffusers", "pipeline-call") for b in (1, 2)
-    ]
+    fast = [("fast", "fp32", b, *v) for b in (1, 2) for v in VARIANTS]
+    got = [(r["engine"], r["vae_dtype"], r["batch_size"], r["unet_memory_format"], r["vae_memory_format"], r["decoder"])
+           for r in rows]  # fmt: skip
+    assert got == fast + [(engine, "fp32", b, C, C, "vae") for engine in ("diffusers", "pipeline-call") for b in (1, 2)]
     for r in rows:
         assert r["images_per_timed_run"] == 2 * r["batch_size"]
         if r["engine"] == "pipeline-call":  # the loop before padding: the 1-image comparison ran at batch 1
@@ -44,9 +46,8 @@ def test_bench_generate_engine_matrix_smoke(tmp_path, tiny_model, capsys):
         phases = {"pipeline"} if r["engine"] == "pipeline-call" else {"upload", "denoise", "decode"}
         assert phases | {"resize_copy", "span"} <= set(r["phase_s"])
     for baseline in ("fast_over_diffusers", "fast_over_pipeline_call"):  # one per fast row with that baseline
-        assert [(s["batch_size"], s["memory_format"], s["decoder"]) for s in res["engines"][baseline]] == [
-            (b, m, d) for b in (1, 2) for m, d in VARIANTS
-        ]
+        assert [(s["batch_size"], s["unet_memory_format"], s["vae_memory_format"], s["decoder"])
+                for s in res["engines"][baseline]] == [(b, *v) for b in (1, 2) for v in VARIANTS]  # fmt: skip
     assert res["versions"]["torch"] and "a_paper_loop" not in res
     printed = capsys.readouterr().out
     assert "| engine | VAE | batch (executed) |" in printed and printed.count("| fast | fp32 |") >= 2

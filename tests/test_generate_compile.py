@@ -10,6 +10,7 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from gdd_ray.classes import dataset_classes
 from gdd_ray.generate import stage as gen_stage
+from gdd_ray.generate import tuning
 from gdd_ray.generate.generator import UnitGenerator
 from gdd_ray.generate.model import load_pipeline, use_compile_cache
 from gdd_ray.plan import WorkUnit
@@ -31,28 +32,47 @@ def test_compile_cache_is_the_users_or_one_kept_per_node(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_fast_path_compiles_once_into_the_node_cache(tmp_path, tiny_model, monkeypatch):
+    """Both scopes: the whole denoise step and decoder (`model`), and each repeated block (`blocks`). Compiled with
+    fullgraph=True, so a graph break anywhere fails the compile (and this test), never a silent eager fall back."""
     pipe = load_pipeline("tiny", device="cpu")  # from the session's tiny-model cache
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as Inductor sets it when first asked
     monkeypatch.setenv("GDD_RAY_CACHE", str(tmp_path / "cache"))  # a cold compile cache under it
 
-    def generator(compile: bool) -> UnitGenerator:
-        cfg = tiny_config(tmp_path / str(compile), engine="fast", batch_size=4, gen_resolution=32, image_size=16,
-                          compile=compile)  # fmt: skip
+    def generator(compile: bool, scope: str = "model") -> UnitGenerator:
+        cfg = tiny_config(tmp_path / f"{compile}-{scope}", engine="fast", batch_size=4, gen_resolution=32,
+                          image_size=16, compile=compile, compile_scope=scope)  # fmt: skip
         job = gen_stage.make_job(cfg, CLASSES, "fp-test", str(tmp_path / "run" / "generated"))
         return UnitGenerator(job, pipeline=pipe)
 
-    compiled, eager = generator(True), generator(False)
+    units = [WorkUnit(1, 0, 6), WorkUnit(2, 4, 7)]  # 4 + 2 (padded), then a short last unit of 3 (padded)
+    eager = generator(False)
+    want = [eager.render(u).pixels for u in units]
+
+    def check(gen: UnitGenerator) -> None:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = [gen.render(u).pixels for u in units]
+        assert gen.executed_batch_sizes == {4}
+        for pixels, ref in zip(got, want):
+            diff = np.abs(pixels.astype(int) - ref.astype(int))
+            # Inductor fuses and reorders float32 ops: a value may cross a quantisation boundary, by 1-2 levels.
+            assert diff.max() <= 2 and diff.mean() < 0.05, (gen.job.config.compile_scope, diff.max(), diff.mean())
+
+    torch._dynamo.utils.counters.clear()
+    compiled = generator(True)
     compiled.load()
     assert compiled.compile_mode == "default" and compiled.startup["compile_s"] > 0
     cache = tmp_path / "cache" / "torch-compile"
     assert compiled.startup["compile_cache"] == str(cache) and compiled.startup["compile_cache_warm"] is False
     assert any(cache.rglob("*")), "nothing was written to the compile cache"
-    units = [WorkUnit(1, 0, 6), WorkUnit(2, 4, 7)]  # 4 + 2 (padded), then a short last unit of 3 (padded)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        got = [compiled.render(u).pixels for u in units]
-    assert compiled.executed_batch_sizes == {4}
-    for u, pixels in zip(units, got):
-        want = eager.render(u).pixels
-        diff = np.abs(pixels.astype(int) - want.astype(int))
-        # Inductor fuses and reorders float32 ops: a value may cross a quantisation boundary, by 1-2 levels.
-        assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+    check(compiled)
+    blocks = generator(True, "blocks")
+    try:
+        blocks.load()  # compiles the shared pipeline's blocks in place: undone below
+        compiled_blocks = [m for m in pipe.unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+        assert blocks.compile_mode == "default"
+        assert {type(m).__name__ for m in compiled_blocks} == {"ResnetBlock2D", "BasicTransformerBlock"}
+        check(blocks)
+    finally:
+        tuning.uncompile_blocks(pipe.unet)
+        tuning.uncompile_blocks(pipe.vae)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])

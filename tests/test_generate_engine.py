@@ -1,6 +1,8 @@
 """The generation engines on the tiny SDXL-architecture model: the fast one-step path against the diffusers
 pipeline call, batch independence, the decoder's precision, and how --engine / --vae-dtype are resolved."""
 
+import sys
+
 import numpy as np
 import pytest
 from gen_helpers import tiny_config
@@ -131,6 +133,13 @@ def test_auto_engine_and_vae_dtype(tmp_path, tiny_model):
     inputs = gen_stage.resolved_inputs(tiny_config(tmp_path / "r"))
     # in the fingerprint, as resolved; SDXL (what every earlier run drew) is not named, so their fingerprints hold
     assert inputs == {"generate.engine": "fast", "generate.vae_dtype": "fp32"}
+
+
+def test_vae_dtype_auto_is_resolved_without_ray(tmp_path, tiny_model, monkeypatch):
+    # A GPU image without Ray (jobs/gpu_bench.sh) resolves in process: Ray only where there is a cluster to ask.
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises, as where it is not installed
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert runtime.resolve(tiny_config(tmp_path / "r")).vae_dtype == "fp32"  # this machine: no GPU
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from PIL import Image
 
 from gdd_ray import shards
 from gdd_ray.classes import dataset_classes
-from gdd_ray.generate.generator import UnitGenerator
+from gdd_ray.generate.generator import PREFETCH_LIMIT, UnitGenerator
 from gdd_ray.generate.model import load_pipeline
 from gdd_ray.generate.stage import make_job
 from gdd_ray.plan import WorkUnit, image_seed
@@ -67,6 +67,15 @@ def test_same_unit_same_pixels_regardless_of_batching(tmp_path, tiny_model):
     assert not np.array_equal(pa_[0], pa_[1])  # different seeds, different images
     again = a.render(unit).pixels
     assert np.array_equal(pa_, again)  # same unit, same worker setup: identical
+    # The driver prefetches a queued unit's first noise; the render then draws nothing and the pixels are the same.
+    draws = []
+    noise = a._noise
+    a._noise = lambda *args: draws.append(args[0]) or noise(*args)
+    a.prefetch(unit)
+    assert np.array_equal(a.render(unit).pixels, pa_) and len(draws) == 1 and not a._prefetched
+    for k in range(PREFETCH_LIMIT + 3):  # prefetched and never rendered (a budget's end): held within a bound
+        a.prefetch(WorkUnit(k % 10, 4, 8))
+    assert len(a._prefetched) == PREFETCH_LIMIT
 
 
 def test_prompt_embeddings_encoded_batched_once_at_load(tmp_path, tiny_model):

@@ -4,10 +4,12 @@ Runs on synthetic generated shards (written through the shard contract) and the 
 scores are noise: the tests check the machinery (what is kept given the scores, resume, determinism),
 not that CLIP likes the images."""
 
+import dataclasses
 import json
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from gen_helpers import write_generated
@@ -16,9 +18,10 @@ from gdd_ray import pipeline, shards, storage
 from gdd_ray.classes import load_classes
 from gdd_ray.config_loader import build_config
 from gdd_ray.errors import UserError
+from gdd_ray.plan import plan_run, plan_units
 from gdd_ray.select import stage
 from gdd_ray.select.choose import diversity, rank
-from gdd_ray.select.scorer import ScoreJob, ShardScorer, embeddings_of, read_scores
+from gdd_ray.select.scorer import ScoreJob, ShardScorer, batch_groups, embeddings_of, read_scores, score_calls
 
 CLASSES = "cat\ndog\nship\ntruck\n"
 
@@ -155,15 +158,33 @@ def test_scores_do_not_depend_on_what_is_scored_together(tmp_path, gdd_cache):
 
     texts = tuple(c.prompt("{name}") for c in classes)
     loc = lambda sub: str(tmp_path / sub)  # noqa: E731
-    job = ScoreJob(resolve_clip_model("tiny"), texts, str(tmp_path / "run" / "generated"), loc("a"), "fp", 4)
+    units = plan_run(cfg, len(classes)).units  # 4 classes x 3 in shards of 2, 1: batches of 4 mix classes
+    job = ScoreJob(resolve_clip_model("tiny"), texts, str(tmp_path / "run" / "generated"), loc("a"), "fp", 4, units)
     together = ShardScorer(job)
     together.score(names)
-    apart = ShardScorer(ScoreJob(*[getattr(job, f) for f in ("clip_source", "texts", "src_uri")], loc("b"), "fp", 4))
+    apart = ShardScorer(dataclasses.replace(job, scores_uri=loc("b")))
     for n in reversed(names):
         apart.score([n])
     a, b = storage.Location(loc("a")), storage.Location(loc("b"))
     for n in names:
         assert read_scores(a, n).equals(read_scores(b, n)), n
+
+
+def test_batches_are_groups_of_consecutive_shards_fixed_by_the_plan():
+    units = plan_units(3, 5, 2)  # in plan order: c0 0-2, c1 0-2, c2 0-2, c0 2-4, c1 2-4, c2 2-4, then the 4-5s
+    groups = batch_groups(units, 4)  # consecutive shards while they fit in a batch of 4: classes share batches
+    assert [[(u.label, u.start) for u in g] for g in groups] == [
+        [(0, 0), (1, 0)],
+        [(2, 0), (0, 2)],
+        [(1, 2), (2, 2)],
+        [(0, 4), (1, 4), (2, 4)],
+    ]
+    assert batch_groups(units, 1) == [[u] for u in units]  # a shard larger than a batch is a group of its own
+    names = [u.shard_name for u in units]
+    assert score_calls(units, 4, [names[8], names[0], names[6]]) == [[names[0]], [names[6], names[8]]]
+    scorer = ShardScorer(ScoreJob("clip", ("a", "b", "c"), "src", "dst", "fp", 4, tuple(units)))
+    batch, row = scorer.places_of([names[3], names[8]], [pa.table({"index": [2, 3]}), pa.table({"index": [4]})])
+    assert batch.tolist() == [2**32, 2**32, 3 * 2**32] and row.tolist() == [2, 3, 2]  # group 1 rows 2-3, group 3 row 2
 
 
 def test_fingerprints_and_config(tmp_path):

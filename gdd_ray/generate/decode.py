@@ -10,8 +10,13 @@ from __future__ import annotations
 
 
 class Decoder:
-    def __init__(self, module, resolution: int, image_size: int, watermark=None, compile_mode: str | None = None):
+    def __init__(
+        self, module, resolution: int, image_size: int, watermark=None, compile_mode: str | None = None,
+        compile_scope: str = "model",
+    ):  # fmt: skip
         import torch
+
+        from gdd_ray.generate import tuning
 
         self.module, self.resolution, self.image_size, self.watermark = module, resolution, image_size, watermark
         param = next(module.parameters())
@@ -24,9 +29,11 @@ class Decoder:
             self.mean = torch.tensor(cfg.latents_mean, dtype=self.dtype, device=param.device).view(shape)
             self.std = torch.tensor(cfg.latents_std, dtype=self.dtype, device=param.device).view(shape)
         self._decode, self._finish = self._decode_eager, self._finish_eager
-        if compile_mode:
-            self._decode = torch.compile(self._decode_eager, dynamic=False, mode=compile_mode)
-            self._finish = torch.compile(self._finish_eager, dynamic=False, mode=compile_mode)
+        if compile_mode and compile_scope == "blocks":
+            tuning.compile_blocks(module, compile_mode)  # the resize and quantisation stay eager: a few ops
+        elif compile_mode:
+            self._decode = tuning.compile_callable(self._decode_eager, compile_mode)
+            self._finish = tuning.compile_callable(self._finish_eager, compile_mode)
 
     def _decode_eager(self, latents):
         z = latents.to(self.dtype)  # the latents' cast, never the weights'

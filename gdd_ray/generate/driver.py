@@ -78,6 +78,8 @@ def run_serial(
         if budget is not None and not budget.allows(queue, 0):  # never None here: nothing is out at a round's end
             break
         unit = queue.popleft()
+        if queue and hasattr(worker, "prefetch"):
+            worker.prefetch(queue[0])  # the next unit's first noise, drawn while this one renders
         for attempt in range(1, max_retries + 1):
             try:
                 results.append(worker.run(unit))
@@ -115,6 +117,7 @@ def _actor_class():
             return {"pid": os.getpid(), "host": socket.gethostname(), "device": self.gen.device, **self.gen.startup}
 
         def run_unit(self, unit: WorkUnit) -> UnitResult:
+            self.gen.prefetch(unit)  # its first noise is drawn while the device renders the units before it
             rendered = self.device_thread.submit(self.gen.render, unit).result()  # renders queue in order
             return self.gen.encode_and_write(rendered)  # meanwhile the device thread renders the next unit
 

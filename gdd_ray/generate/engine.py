@@ -167,8 +167,13 @@ class FastEngine:
 
     name = "fast"
 
-    def __init__(self, pipe, prompts: PromptTable, batch_size: int, resolution: int, device: str, compile_mode=None):
+    def __init__(
+        self, pipe, prompts: PromptTable, batch_size: int, resolution: int, device: str, compile_mode=None,
+        compile_scope: str = "model",
+    ):  # fmt: skip
         import torch
+
+        from gdd_ray.generate import tuning
 
         problem = pipeline_fast_path_problem(pipe, 1, 0.0)
         if problem:
@@ -186,8 +191,10 @@ class FastEngine:
         if expected != given:
             raise ValueError(f"the UNet expects an added embedding of {expected}, the fast path gives {given}")
         self._denoise = self._denoise_eager
-        if compile_mode:
-            self._denoise = torch.compile(self._denoise_eager, dynamic=False, mode=compile_mode)
+        if compile_mode and compile_scope == "blocks":
+            tuning.compile_blocks(self.unet, compile_mode)
+        elif compile_mode:
+            self._denoise = tuning.compile_callable(self._denoise_eager, compile_mode)
 
     def _denoise_eager(self, noise, prompt_embeds, pooled):
         import torch
@@ -222,12 +229,14 @@ class PipelineEngine:
 
     name = "diffusers"
 
-    def __init__(self, pipe, prompts: PromptTable, config, resolution: int, compile_mode=None):
-        import torch
+    def __init__(self, pipe, prompts: PromptTable, config, resolution: int, compile_mode=None, compile_scope="model"):
+        from gdd_ray.generate import tuning
 
         self.pipe, self.prompts, self.config, self.resolution = pipe, prompts, config, resolution
-        if compile_mode:
-            pipe.unet = torch.compile(pipe.unet, dynamic=False, mode=compile_mode)
+        if compile_mode and compile_scope == "blocks":
+            tuning.compile_blocks(pipe.unet, compile_mode)
+        elif compile_mode:
+            pipe.unet = tuning.compile_callable(pipe.unet, compile_mode)
 
     def latents(self, noise, generators, label: int):
         import torch

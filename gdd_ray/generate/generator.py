@@ -7,7 +7,8 @@ every device call from one thread).
 Rendering a unit: batches of exactly `--batch-size` (the last one padded, the padding discarded), so every
 call has the same shapes and a compiled model never recompiles; the next batch's noise is drawn on a
 background thread while the device works; on a GPU the uint8 result is copied into pinned memory without
-blocking and read one batch later.
+blocking and read one batch later. A unit's first noise is drawn as soon as the unit is queued (`prefetch`,
+called by the driver), so the device does not wait for it at a unit boundary.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import copy
 import math
 import os
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from gdd_ray.plan import WorkUnit, image_seed, template_choice
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 PNG_MS_AT_224 = 7.5  # one 224 px PNG (compress level 1) on one core; scales with the pixel count
 TARGET_IMAGES_PER_S = 200  # an H100's compute bound at 512 px: PNG threads are sized to keep up with it
+PREFETCH_LIMIT = 4  # units whose first noise is held ahead (the driver queues at most PIPELINE_DEPTH)
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class UnitGenerator:
     executed_batch_sizes: set = field(default_factory=set)  # every batch size the model was called with
     _pool: ThreadPoolExecutor | None = None
     _noise_pool: ThreadPoolExecutor | None = None
+    _prefetched: dict = field(default_factory=dict)  # unit -> future of its first batch's noise
+    _prefetch_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.out = storage.Location(self.job.out_uri)
@@ -102,8 +107,10 @@ class UnitGenerator:
     def compile_mode(self) -> str | None:
         if not self.job.config.compile:
             return None
-        # CUDA graphs on a GPU (the launches of an eager UNet cost as much CPU time as its GPU time)
-        return self.job.compile_mode or ("reduce-overhead" if self.cuda else "default")
+        # CUDA graphs on a GPU for the whole model (the launches of an eager UNet cost as much CPU time as its GPU
+        # time); none for compiled blocks (tuning: one graph would be recorded per block instance)
+        whole = self.job.config.compile_scope == "model"
+        return self.job.compile_mode or ("reduce-overhead" if self.cuda and whole else "default")
 
     def load(self) -> None:
         """Load the model, encode every class's prompt and, when compiling or on a GPU, warm up on full
@@ -142,13 +149,13 @@ class UnitGenerator:
                 raise RuntimeError(f"the run asked for the fast engine, which does not apply: {problem}")
         prompts = [c.prompt(t) for c in job.classes for t in g.templates]  # row: label x templates + template
         self.prompts = PromptTable(pipe, prompts, self.device, with_negative=g.guidance > 1.0)
-        mode = self.compile_mode
+        mode, scope = self.compile_mode, g.compile_scope
         if job.engine == "fast":
-            self.engine = FastEngine(pipe, self.prompts, g.batch_size, g.gen_resolution, self.device, mode)
+            self.engine = FastEngine(pipe, self.prompts, g.batch_size, g.gen_resolution, self.device, mode, scope)
         else:
-            self.engine = PipelineEngine(pipe, self.prompts, g, g.gen_resolution, mode)
+            self.engine = PipelineEngine(pipe, self.prompts, g, g.gen_resolution, mode, scope)
         watermark = getattr(pipe, "watermark", None)
-        self.decoder = Decoder(module, g.gen_resolution, job.image_size, watermark, mode)
+        self.decoder = Decoder(module, g.gen_resolution, job.image_size, watermark, mode, scope)
         self.startup["load_s"] = round(time.perf_counter() - t0, 3)
         t1 = time.perf_counter()
         self.prompts.encode_all()
@@ -227,23 +234,44 @@ class UnitGenerator:
             clock.mark("resize_copy")
         return host, done
 
+    def _noise_thread(self) -> ThreadPoolExecutor:
+        with self._prefetch_lock:  # prefetch (a driver thread) and render (the device thread) may both ask
+            if self._noise_pool is None:
+                self._noise_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise")
+            return self._noise_pool
+
+    def _submit_noise(self, unit: WorkUnit, batch: range):
+        seeds = [image_seed(self.job.seed, unit.label, i) for i in batch]
+        return self._noise_thread().submit(self._noise, seeds, self.job.config.batch_size)
+
+    def prefetch(self, unit: WorkUnit) -> None:
+        """Start drawing `unit`'s first batch of noise now, on the noise thread, while the device works on the
+        units before it: the driver calls it as a unit is queued, so a unit boundary does not leave the
+        device waiting for noise. The noise depends on the seeds alone: pixels are the same either way."""
+        if self.engine is None:  # not loaded yet: the start-up is longer than any draw
+            return
+        future = self._submit_noise(unit, self.batches(unit)[0])
+        with self._prefetch_lock:
+            while len(self._prefetched) >= PREFETCH_LIMIT:  # units prefetched and never rendered (a budget's end)
+                self._prefetched.pop(next(iter(self._prefetched)))
+            self._prefetched[unit] = future
+
     def render(self, unit: WorkUnit) -> RenderedUnit:
         self.load()
         t0 = time.perf_counter()
-        b = self.job.config.batch_size
         seeds = [image_seed(self.job.seed, unit.label, i) for i in range(unit.start, unit.stop)]
         size = self.job.image_size
         out = np.empty((unit.size, size, size, 3), dtype=np.uint8)
-        if self._noise_pool is None:
-            self._noise_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise")
         batches = self.batches(unit)
         choices = self.template_choices(unit)
 
         def noise_for(k: int):
-            r = batches[k]
-            return self._noise_pool.submit(self._noise, seeds[r.start - unit.start : r.stop - unit.start], b)
+            return self._submit_noise(unit, batches[k])
 
-        upcoming = noise_for(0)
+        with self._prefetch_lock:
+            upcoming = self._prefetched.pop(unit, None)
+        if upcoming is None:
+            upcoming = noise_for(0)
         pending = None  # the previous batch: read its pixels once the next one is queued
         for k, rng in enumerate(batches):
             noise = upcoming.result()
@@ -255,7 +283,9 @@ class UnitGenerator:
                 self._collect(pending, out, unit)
             pending = queued
         self._collect(pending, out, unit)
-        return RenderedUnit(unit, out, seeds, time.perf_counter() - t0, executed=len(batches) * b)
+        return RenderedUnit(
+            unit, out, seeds, time.perf_counter() - t0, executed=len(batches) * self.job.config.batch_size
+        )
 
     @staticmethod
     def _collect(pending, out: np.ndarray, unit: WorkUnit) -> None:

@@ -367,8 +367,8 @@ def load_pipeline(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # static shapes: each conv's fastest algorithm is found once
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
+    # No memory layout is forced: whether channels_last pays is a per-device, per-component measurement
+    # (CUDA's GroupNorm, all through the VAE, has no channels_last kernel); see tuning and jobs/gpu_bench.sh.
     return pipe
 
 
@@ -384,8 +384,6 @@ def load_tiny_decoder(model: str, vae: str | None, device: str, dtype):
     else:
         decoder = AutoencoderTiny.from_pretrained(source, dtype=dtype)
     decoder.to(device=device, dtype=dtype)
-    if str(device).startswith("cuda"):
-        decoder.to(memory_format=torch.channels_last)
     return decoder
 
 

@@ -151,11 +151,11 @@ def workers_have_gpus(cfg: RunConfig) -> bool:
     g = cfg.generate
     if g.worker_gpus is not None:
         return g.worker_gpus > 0
-    import ray
-
     from gdd_ray import ray_utils
 
-    if ray.is_initialized() or ray_utils.cluster_address() is not None:
+    # Ray is imported only where there is a cluster to ask: an in-process run (the GPU benchmark on an image
+    # without Ray) decides from this machine alone.
+    if ray_utils.ray_initialized() or ray_utils.cluster_address() is not None:
         ray_utils.init_ray()
         return ray_utils.cluster_gpus() > 0
     import torch

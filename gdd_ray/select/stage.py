@@ -28,9 +28,10 @@ from gdd_ray.plan import generated_per_class
 from gdd_ray.run import RunContext, RunDir, Stopwatch
 from gdd_ray.select import clip
 from gdd_ray.select.choose import ChooseJob, choose_classes
-from gdd_ray.select.scorer import ScoreJob, ShardScorer, score_spec
+from gdd_ray.select.scorer import ScoreJob, ShardScorer, score_calls, score_spec
 
-VERSION = 2  # 2: a kept image's index is its position among the kept (source_index: the generated one)
+VERSION = 2  # 2: a kept image's index is its position among the kept (source_index: the generated one); batches of
+# consecutive shards (scorer.batch_groups)
 # What decides which images are kept, with the generated images (the upstream fingerprint: model,
 # prompts, seeds...) and the counts below; the batch shape moves scores by rounding (scorer.py), the
 # actor count does not.
@@ -97,17 +98,17 @@ class Select(lifecycle.ShardStage):
             t_score = Stopwatch()
             job = ScoreJob(
                 clip.resolve_clip_model(cfg.select.clip_model), _prompts(ctx), self.source.loc.uri, self.scores.uri,
-                fp, cfg.select.clip_batch_size,
+                fp, cfg.select.clip_batch_size, ctx.plan.units,
             )  # fmt: skip
             progress = Progress(
                 "select", len(pending), sum(s.rows for s in self.scored.todo), unit_name="shards scored"
             )
             workers, gpus = (1, 0.0) if self.serial else default_workers(cfg)
+            # A call scores one CLIP batch, whole: the group of shards that share it (shards are small, batches not).
+            calls = ["\n".join(c) for c in score_calls(job.units, job.batch_size, pending)]
             score_stats = shard_map.map_shards(
-                pending, ShardScoring, {"job": job},
-                # a call scores about one CLIP batch of images: shards are small (--unit-size images), batches not
-                per_call=max(1, cfg.select.clip_batch_size // cfg.generate.unit_size), workers=workers, gpus=gpus,
-                serial=self.serial, on_result=lambda s: progress.add(1, s["rows"], workers=workers),
+                calls, ShardScoring, {"job": job}, per_call=1, workers=workers, gpus=gpus, serial=self.serial,
+                on_result=lambda s: progress.add(len(s["shards"]), s["rows"], workers=workers), what="score calls",
             )  # fmt: skip
             score_s = t_score.seconds
         for name in self.scored.foreign:  # score files of another unit grid (--unit-size changed)
@@ -134,7 +135,7 @@ class Select(lifecycle.ShardStage):
         self.output.write_bytes(STATS_FILE, json.dumps(self.stats, indent=1).encode())
         self.classes_written, self.score_s = len(to_write), score_s
         return lifecycle.Work(
-            len(score_stats), sum(s["rows"] for s in score_stats), score_s, details={
+            sum(len(s["shards"]) for s in score_stats), sum(s["rows"] for s in score_stats), score_s, details={
                 "generate_fingerprint": ctx.fingerprint("generate"), "clip_model": cfg.select.clip_model,
                 "candidates_per_class": generated_per_class(cfg), "kept_per_class": cfg.ipc, "workers": workers,
                 "choose_s": round(self.choose_s, 3), "classes_written": len(to_write),
@@ -189,11 +190,16 @@ def default_workers(cfg: RunConfig) -> tuple[int, float]:
 
 
 class ShardScoring:
-    """The scoring work shard_map fans out over an actor pool: one ShardScorer (CLIP loaded once) per actor."""
+    """The scoring work shard_map fans out over an actor pool: one ShardScorer (CLIP loaded once) per actor; an
+    item is one call, the shard names of one batch group joined by newlines; one stats dict per call."""
 
     def __init__(self, job: ScoreJob):
         self.scorer = ShardScorer(job)
         self.scorer.load()
 
-    def __call__(self, names: list[str]) -> list[dict[str, Any]]:
-        return self.scorer.score(names)
+    def __call__(self, calls: list[str]) -> list[dict[str, Any]]:
+        out = []
+        for call in calls:
+            stats = self.scorer.score(str(call).split("\n"))
+            out.append({"shards": [s["shard"] for s in stats], "rows": sum(s["rows"] for s in stats)})
+        return out

@@ -147,17 +147,18 @@ class GenerateConfig:
     )
     batch_size: int = opt(
         16,
-        "Images per model call, always executed at this size (a unit's last partial batch is padded and the "
-        "padding discarded), so shapes are static. 16 fills an H100 at 512 px; lower it for small GPUs. "
+        "Images per model call, always executed at this size (only the run's last batch can be short: it is padded "
+        "and the padding discarded), so shapes are static. 16 fills an H100 at 512 px; lower it for small GPUs. "
         "Changes pixels only by float rounding.",
         low=1,
         high=4096,
     )
     unit_size: int = opt(
         64,
-        "Images per work unit (= per shard; one class per unit). 64 = 4 batches of 16: a multiple of the batch "
-        "wastes nothing on padding. The unit grid is fixed per run, so raising --ipc later extends a run instead "
-        "of redoing it (and --batch-size can change between runs).",
+        "Images per work unit (= per shard), a multiple of --batch-size: units are consecutive images of the "
+        "class x index grid, every class's image 0 first, so a unit spans classes and every batch is full. The "
+        "cut is fixed per run, so raising --ipc later extends a run instead of redoing it (and --batch-size can "
+        "change between runs, to any divisor of the unit size).",
         low=1,
         high=100_000,
     )
@@ -539,6 +540,14 @@ def validate(cfg: RunConfig) -> None:
                 raise UserError(f"--{name} must be at least {low}, got {value}")
             if high is not None and value is not None and value > high:
                 raise UserError(f"--{name} must be at most {high}, got {value}")
+    if "generate" in cfg.stages and g.unit_size % g.batch_size:
+        fit = [
+            m for m in (g.unit_size // g.batch_size * g.batch_size, -(-g.unit_size // g.batch_size) * g.batch_size) if m
+        ]
+        raise UserError(
+            f"--unit-size {g.unit_size} is not a multiple of --batch-size {g.batch_size}: every unit would end in a "
+            f"padded batch; give --unit-size {' or '.join(map(str, dict.fromkeys(fit)))}"
+        )
     if g.gen_resolution % 8:
         raise UserError(f"--gen-resolution must be a multiple of 8 (the VAE's downscale), got {g.gen_resolution}")
     if cfg.image_size < 1 or cfg.image_size > g.gen_resolution:

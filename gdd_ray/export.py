@@ -71,8 +71,8 @@ def _config(run: str, record: dict[str, Any]) -> RunConfig:
     return RunConfig.from_dict(record["config"], storage.join(run, RUN_FILE))
 
 
-def _source(run: str, source: str) -> tuple[storage.Location, list[str]]:
-    """The source stage's folder and the shards its manifest lists: only a complete, current stage exports."""
+def _source(run: str, source: str) -> tuple[storage.Location, shards.Manifest]:
+    """The source stage's folder and its manifest: only a complete, current stage exports."""
     if source not in SOURCES:
         raise UserError(f"--source must be one of {', '.join(SOURCES)}, got '{source}'")
     stage = SOURCES[source]
@@ -85,7 +85,7 @@ def _source(run: str, source: str) -> tuple[storage.Location, list[str]]:
             f"run the {stage} stage to finish it, or pick another --source"
         )
     shards.require_shards(loc, manifest, stage)  # every listed shard present, its rows and fingerprint
-    return loc, manifest.names
+    return loc, manifest
 
 
 def _refuse_duplicates(table: pa.Table) -> None:
@@ -103,13 +103,15 @@ def _refuse_duplicates(table: pa.Table) -> None:
 def list_images(run: str, source: str = "augmented") -> pa.Table:
     """One row per image (no pixels): label, ids, index, variant, and where it is (shard, row), sorted
     by (label, index, variant)."""
-    loc, names = _source(run, source)
+    loc, manifest = _source(run, source)
     tables = []
-    for i, n in enumerate(names):
+    for i, n in enumerate(manifest.names):
         t = shards.read_shard(loc, n, META_COLUMNS)
         t = t.append_column("shard", pa.array(np.full(t.num_rows, i, np.int32)))
         tables.append(t.append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
     table = pa.concat_tables(tables).select([*META_COLUMNS, "shard", "row"])
+    if manifest.ipc is not None:  # a time budget's last shard may hold later images too: the stage covers ipc
+        table = table.filter(pa.compute.less(table.column("index"), manifest.ipc))
     table = table.sort_by([("label", "ascending"), ("index", "ascending"), ("variant", "ascending")])
     _refuse_duplicates(table)
     return table
@@ -117,7 +119,8 @@ def list_images(run: str, source: str = "augmented") -> pa.Table:
 
 def iter_shards(run: str, source: str, selected: pa.Table):
     """Per shard holding selected images: [(position in `selected`, PNG bytes)]; one shard in memory at a time."""
-    loc, names = _source(run, source)
+    loc, manifest = _source(run, source)
+    names = manifest.names
     shard_col = selected.column("shard").to_numpy()
     row_col = selected.column("row").to_numpy()
     for i in np.unique(shard_col):

@@ -49,9 +49,10 @@ def planned_units(ctx: RunContext, stage: str) -> list[WorkUnit]:
 
 def planned_specs(ctx: RunContext, stage: str, ipc: int | None = None) -> list[shards.ShardSpec]:
     """What `stage`'s folder must hold under this run's plan: every planned shard, or with `ipc` those holding
-    images 0..ipc-1 of every class (a time budget that stopped short, and what a later stage reads of it)."""
+    images 0..ipc-1 of every class (a time budget that stopped short, and what a later stage reads of it; the
+    last of them may hold some later images too, which readers leave out: rows with index < ipc)."""
     fp = ctx.fingerprint(stage)
-    units = [u for u in planned_units(ctx, stage) if ipc is None or u.stop <= ipc]
+    units = [u for u in planned_units(ctx, stage) if ipc is None or u.start < ipc * u.classes]
     if stage == "generate":
         return [shards.generated_spec(u, fp) for u in units]
     if stage == "select":

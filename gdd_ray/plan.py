@@ -1,20 +1,26 @@
 """The plan of a run: which images exist, which work unit (= shard) holds each, and every derived seed.
 
-A unit is (class, index range); its shard name is derived from it alone, so the same run planned on
-any machine, today or after a crash, names the same files. The unit grid depends on --unit-size but
-not on --ipc: raising IPC later adds units and keeps every shard already made.
+The run's images form a grid, class x index, laid out index-major: position p is image p // C of class p % C
+(C classes), so every class's image 0 comes first, then every class's image 1, and so on. A work unit is a
+run of --unit-size consecutive positions (a multiple of --batch-size): units span classes, every batch the
+model executes is full of kept images, and only the run's last unit may be shorter. Its shard name comes
+from the unit alone, so the same run planned on any machine, today or after a crash, names the same files.
+The grid's cut depends on C and --unit-size, not on --ipc: IPC k is the first k x C positions, so raising IPC
+later keeps every shard already made (but the old last one, when it was short) and a smaller IPC is a
+prefix of a larger one.
 
 `plan_run` is the one place that turns --ipc into shards: the pipeline calls it once per run, and
 `status` calls it on the config saved in run.json. Every later stage reads its input's manifest.
 With --select-by clip the plan generates ceil(--overgenerate x IPC) images per class and the select
-stage keeps IPC of them: its output units are `kept`, the same grid over positions 0..IPC-1 among the
-kept images of a class (in index order), so downstream stages see the shards an IPC run would have.
+stage keeps IPC of them: its output units are `kept`, the same cut of the grid of positions 0..IPC-1 among
+the kept images of each class, so downstream stages see the shards an IPC run would have.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,13 +28,16 @@ if TYPE_CHECKING:
     from gdd_ray.config import RunConfig
 
 SHARD_SUFFIX = ".parquet"
+_NAME = re.compile(r"u(\d{10})-(\d{10})\.parquet")
+# The layout before packed units (one class per shard, c<label>-i<start>-<stop>): recognised, never written.
+_CLASS_UNIT_NAME = re.compile(r"c\d{5}-i\d{6}-\d{6}\.parquet")
 
 
 @dataclass(frozen=True, order=True)
 class WorkUnit:
-    label: int
-    start: int  # first image index within the class (inclusive)
-    stop: int  # last image index + 1
+    start: int  # first position in the grid (inclusive): image start // classes of class start % classes
+    stop: int  # last position + 1
+    classes: int  # C, the grid's width: the run's number of classes
 
     @property
     def size(self) -> int:
@@ -36,37 +45,70 @@ class WorkUnit:
 
     @property
     def shard_name(self) -> str:
-        return f"c{self.label:05d}-i{self.start:06d}-{self.stop:06d}{SHARD_SUFFIX}"
+        return f"u{self.start:010d}-{self.stop:010d}{SHARD_SUFFIX}"
 
     @property
     def key(self) -> str:
-        """How a shard's footer names the unit it holds."""
-        return f"{self.label}:{self.start}:{self.stop}"
+        """How a shard's footer names the unit it holds (with the grid's width, which its name leaves out)."""
+        return f"{self.start}:{self.stop}:{self.classes}"
+
+    @property
+    def round(self) -> int:
+        """The image index of its first image: a round is every class's image i (positions i x C ...)."""
+        return self.start // self.classes
+
+    def images(self) -> list[tuple[int, int]]:
+        """(label, index) of each of its images, in position order."""
+        c = self.classes
+        return [(p % c, p // c) for p in range(self.start, self.stop)]
 
     def __str__(self) -> str:
-        return f"class {self.label} images {self.start}..{self.stop - 1}"
+        c = self.classes
+        first, last = (self.start % c, self.start // c), ((self.stop - 1) % c, (self.stop - 1) // c)
+        return (
+            f"unit {self.start}..{self.stop - 1} (class {first[0]} image {first[1]} to class {last[0]} image {last[1]})"
+        )
 
 
-def parse_shard_name(name: str) -> WorkUnit | None:
-    """The unit a shard name stands for, or None if the name is not one of ours."""
-    if not (name.startswith("c") and name.endswith(SHARD_SUFFIX)):
+def is_shard_name(name: str) -> bool:
+    """Whether `name` is one of ours (any grid): what a folder holds besides a user's files."""
+    return _NAME.fullmatch(name) is not None
+
+
+def is_class_unit_name(name: str) -> bool:
+    """A shard of the earlier layout (one class per unit): a run made before packed units."""
+    return _CLASS_UNIT_NAME.fullmatch(name) is not None
+
+
+def parse_shard_name(name: str, classes: int) -> WorkUnit | None:
+    """The unit a shard name stands for in a grid `classes` wide, or None if the name is not one of ours."""
+    m = _NAME.fullmatch(name)
+    if m is None:
         return None
+    start, stop = int(m.group(1)), int(m.group(2))
+    return WorkUnit(start, stop, classes) if start < stop else None
+
+
+def parse_unit_key(key: str | None) -> WorkUnit | None:
+    """The unit a footer's `gdd_ray.unit` names (start:stop:classes), or None."""
     try:
-        label, rng = name[1 : -len(SHARD_SUFFIX)].split("-i", 1)
-        start, stop = rng.split("-")
-        unit = WorkUnit(int(label), int(start), int(stop))
-    except ValueError:
+        start, stop, classes = (int(x) for x in str(key).split(":"))
+    except (TypeError, ValueError):
         return None
-    return unit if unit.shard_name == name else None
+    return WorkUnit(start, stop, classes) if 0 <= start < stop and classes > 0 else None
 
 
 def plan_units(num_classes: int, ipc: int, unit_size: int) -> list[WorkUnit]:
-    """Units in the order to hand them out: index range major, so early shards cover every class."""
-    units = []
-    for start in range(0, ipc, unit_size):
-        for label in range(num_classes):
-            units.append(WorkUnit(label, start, min(start + unit_size, ipc)))
-    return units
+    """Units in the order to hand them out (position order: early shards cover every class's first images)."""
+    total = num_classes * ipc
+    return [WorkUnit(s, min(s + unit_size, total), num_classes) for s in range(0, total, unit_size)]
+
+
+def unit_of(units: list[WorkUnit] | tuple[WorkUnit, ...], position: int) -> tuple[WorkUnit, int]:
+    """(the unit holding `position`, its row there) in a plan's units (equal sizes but the last)."""
+    size = units[0].size
+    unit = units[position // size]
+    return unit, position - unit.start
 
 
 @dataclass(frozen=True)
@@ -117,10 +159,10 @@ def check_plan_size(cfg: RunConfig, num_classes: int) -> None:
 
     unit = cfg.generate.unit_size
     per_class = generated_per_class(cfg)
-    sizes = [("generated", num_classes * per_class, num_classes * -(-per_class // unit))]
+    sizes = [("generated", num_classes * per_class, -(-num_classes * per_class // unit))]
     if "augment" in cfg.stages:
         rows = num_classes * cfg.ipc * (cfg.augment.pda_variants + 1)
-        sizes.append(("augmented", rows, num_classes * -(-cfg.ipc // unit)))
+        sizes.append(("augmented", rows, -(-num_classes * cfg.ipc // unit)))
     for folder, images, shards in sizes:
         if images > MAX_IMAGES or shards > MAX_SHARDS:
             raise UserError(

@@ -29,11 +29,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 from PIL import Image
 
 from gdd_ray import schema, storage
-from gdd_ray.plan import SHARD_SUFFIX, WorkUnit, parse_shard_name
+from gdd_ray.plan import SHARD_SUFFIX, WorkUnit, is_shard_name, parse_shard_name, parse_unit_key
 
 MANIFEST_FILE = "_manifest.json"
 SET_ASIDE_SUFFIX = ".corrupt"  # a shard `status --verify` found a corrupt image in: NAME.corrupt, outside `*.parquet`
@@ -59,7 +60,7 @@ AUGMENTED_SCHEMA = GENERATED_SCHEMA.append(pa.field("variant", pa.int32())).appe
 
 # Footer keys.
 FINGERPRINT = "gdd_ray.fingerprint"  # the fingerprint of the stage that wrote the shard
-UNIT = "gdd_ray.unit"  # generated: "label:start:stop"
+UNIT = "gdd_ray.unit"  # the unit a shard holds: "start:stop:classes" (plan.WorkUnit.key)
 IMAGE_SIZE = "gdd_ray.image_size"
 SOURCE = "gdd_ray.source"  # augmented: the input shard's name
 SOURCE_ROWS = "gdd_ray.source_rows"
@@ -117,21 +118,26 @@ def png_bytes(table: pa.Table) -> list[bytes]:
 
 
 def generated_table(
-    unit: WorkUnit, class_id: str, class_name: str, prompts: list[str], seeds: list[int], pngs: list[bytes]
+    unit: WorkUnit,
+    class_ids: list[str],
+    class_names: list[str],
+    prompts: list[str],
+    seeds: list[int],
+    pngs: list[bytes],
 ) -> pa.Table:
-    """The rows of one generated shard; `prompts` holds one prompt per image (templates may differ)."""
-    n = unit.size
-    assert len(pngs) == n == len(seeds) == len(prompts)
-    paths = [f"{unit.label:05d}_{i:06d}.png" for i in range(unit.start, unit.stop)]
+    """The rows of one generated shard, in position order; the lists hold one entry per image (a unit spans
+    classes, and templates may differ)."""
+    images = unit.images()
+    assert len(pngs) == len(images) == len(seeds) == len(prompts) == len(class_ids) == len(class_names)
     return pa.Table.from_arrays(
         [
-            image_column(pngs, paths),
-            pa.array([unit.label] * n, pa.int32()),
-            pa.array([class_id] * n, pa.string()),
-            pa.array([class_name] * n, pa.string()),
+            image_column(pngs, [f"{label:05d}_{index:06d}.png" for label, index in images]),
+            pa.array([label for label, _ in images], pa.int32()),
+            pa.array(class_ids, pa.string()),
+            pa.array(class_names, pa.string()),
             pa.array(prompts, pa.string()),
             pa.array(seeds, pa.int64()),
-            pa.array(list(range(unit.start, unit.stop)), pa.int32()),
+            pa.array([index for _, index in images], pa.int32()),
         ],
         schema=GENERATED_SCHEMA,
     )
@@ -241,7 +247,7 @@ def check_folder(
             problems[n] = f"changed since its manifest was written ({recorded[n]} bytes, now {sizes[n]})"
     done = [s for s in specs if s.name in metas and s.name not in problems]
     todo = [s for s in specs if s.name not in metas or s.name in problems]
-    foreign = sorted(n for n in present - set(wanted) if parse_shard_name(n) is not None)
+    foreign = sorted(n for n in present - set(wanted) if is_shard_name(n))
     return Check(done, todo, problems, foreign, corrupt, sizes)
 
 
@@ -251,8 +257,8 @@ def corrupt_images(loc: storage.Location, name: str) -> list[dict[str, Any]]:
 
     - the image: PNG bytes, RGB, of the footer's image size (format, mode and size are read from the header,
       so a 50-MP picture is refused before a pixel of it is decoded), then every pixel decoded;
-    - the row: its label is its unit's class, its index within the unit's range (a kept image's index is its
-      position among the kept), its variant within the footer's count, and no (index, variant) twice."""
+    - the row: the unit's images in position order (label and index; a kept image's index is its position
+      among the kept), each with its variants 0..K in order in an augmented shard."""
     try:
         kv = storage.footer_metadata(storage.read_parquet_footer(loc, name))
         table = read_shard(loc, name, ["image", "label", "index", "variant"])
@@ -260,32 +266,28 @@ def corrupt_images(loc: storage.Location, name: str) -> list[dict[str, Any]]:
         pngs = png_bytes(table)
     except Exception as e:  # a torn or overwritten data page under a valid footer
         return [{"row": None, "label": None, "index": None, "variant": None, "why": f"unreadable ({type(e).__name__})"}]
-    unit = parse_shard_name(name)
+    unit = parse_unit_key(kv.get(UNIT))
+    expected = unit.images() if unit is not None and unit.shard_name == name else None
     size = schema.footer_int(kv, IMAGE_SIZE, 1, 1 << 16)
-    variants = schema.footer_int(kv, VARIANTS, 0, 1 << 16) or 0
-    low, high = (unit.start, unit.stop) if unit else (0, 1 << 31)
-    seen: set[tuple[int, int]] = set()
+    k1 = (schema.footer_int(kv, VARIANTS, 0, 1 << 16) or 0) + 1
     bad = []
     for row, data in enumerate(pngs):
         label, index, variant = (cols[c][row] for c in ("label", "index", "variant"))
-        why = _row_problem(unit, label, index, variant, low, high, variants, seen) or _image_problem(data, size)
+        why = _row_problem(expected, row, k1, label, index, variant) or _image_problem(data, size)
         if why is not None:
             bad.append({"row": row, "label": label, "index": index, "variant": variant, "why": why})
     return bad
 
 
-def _row_problem(
-    unit: WorkUnit | None, label, index, variant, low: int, high: int, variants: int, seen: set[tuple[int, int]]
-) -> str | None:
-    if unit is not None and label != unit.label:
-        return f"label {label} in a shard of class {unit.label}"
-    if index is None or not low <= index < high:
-        return f"index {index} outside the unit's {low}..{high - 1}"
-    if variant is None or not 0 <= variant <= variants:
-        return f"variant {variant} outside 0..{variants}"
-    if (index, variant) in seen:
-        return f"index {index}, variant {variant} a second time"
-    seen.add((index, variant))
+def _row_problem(expected: list[tuple[int, int]] | None, row: int, k1: int, label, index, variant) -> str | None:
+    """Why row `row` is not the unit's image row // k1, variant row % k1 (None when it is, or the unit is unknown)."""
+    if expected is None:
+        return None
+    if row // k1 >= len(expected):
+        return f"row {row} past the unit's {len(expected)} images"
+    want = (*expected[row // k1], row % k1)
+    if (label, index, variant) != want:
+        return f"(label {label}, index {index}, variant {variant}) where the unit has {want}"
     return None
 
 
@@ -382,7 +384,7 @@ def manifest_problem(
     or bytes is not believed."""
     if manifest is None:
         return f"no current {MANIFEST_FILE}"
-    if manifest.ipc is None:
+    if ipc is not None and manifest.ipc is None:
         return "its manifest does not say which images it covers (an earlier version)"
     if ipc is not None and manifest.ipc != ipc:
         return f"its manifest says it covers {manifest.ipc} images per class, the plan {ipc}"
@@ -456,6 +458,35 @@ def read_shard(loc: storage.Location, name: str, columns: list[str] | None = Non
     if columns is not None and "variant" in columns and "variant" not in table.column_names:
         table = table.append_column("variant", pa.array(np.zeros(table.num_rows, np.int32)))
     return table
+
+
+def first_rows(
+    loc: storage.Location,
+    names: list[str],
+    classes: int,
+    labels: list[int],
+    enough: int,
+    columns: list[str],
+    ipc: int | None = None,
+) -> pa.Table:
+    """The rows of classes `labels` in the shards `names`, read in position order (every class's first images
+    first) until each of them has `enough` rows or the shards end; shards whose first image is at index >= ipc
+    are skipped. For pictures of a run (the sample grid, the report page) without reading all of it."""
+    units = sorted(u for n in names if (u := parse_shard_name(n, classes)) is not None)
+    wanted = set(labels)
+    counts: dict[int, int] = {}
+    tables = []
+    for unit in units:
+        if ipc is not None and unit.round >= ipc:
+            break
+        if wanted and all(counts.get(label, 0) >= enough for label in wanted):
+            break
+        t = read_shard(loc, unit.shard_name, [*columns, "label"] if "label" not in columns else columns)
+        t = t.filter(pa.compute.is_in(t.column("label"), pa.array(sorted(wanted), pa.int32())))
+        for label in t.column("label").to_pylist():
+            counts[label] = counts.get(label, 0) + 1
+        tables.append(t)
+    return pa.concat_tables(tables) if tables else read_shards(loc, [], columns)
 
 
 def read_shards(loc: storage.Location, names: list[str], columns: list[str] | None = None) -> pa.Table:

@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 from gdd_ray import lease, lifecycle, schema, shards, storage
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
-from gdd_ray.plan import check_plan_size, plan_run
+from gdd_ray.plan import check_plan_size, is_class_unit_name, plan_run
 from gdd_ray.run import RUN_FILE, RunContext, RunDir, eval_run_name
 
 # A stage is `complete` when every unit is done and its summary (written last) is current; `incomplete`
@@ -200,7 +200,36 @@ def _context(run_dir: RunDir, record: dict[str, Any], cfg: RunConfig) -> RunCont
 def _stage_status(ctx: RunContext, stage: str, record: dict[str, Any], verify: bool) -> dict[str, Any]:
     if stage == "train":
         return train_status(ctx.run_dir, record, ctx.cfg, verify)
+    loc = ctx.run_dir.stage_dir(stage)
+    if any(is_class_unit_name(n) for n in loc.list(shards.SHARD_SUFFIX)):
+        return _earlier_layout(ctx, stage, record)
     return _shard_stage(ctx, stage, record, verify)
+
+
+EARLIER_LAYOUT = "complete, earlier layout (read only)"
+
+
+def _earlier_layout(ctx: RunContext, stage: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A stage made by a gdd-ray before packed units (one class per shard): what its manifest lists, checked
+    against its files as export checks them; it can be read (status, export, its page), not resumed."""
+    loc = ctx.run_dir.stage_dir(stage)
+    manifest = shards.read_manifest(loc, ctx.fingerprint(stage))
+    problem = None
+    if manifest is not None:
+        check = shards.check_folder(loc, shards.manifest_specs(manifest), manifest=manifest)
+        if check.todo:  # problems are among the todo: name the first one, or the first missing shard
+            first = check.todo[0].name
+            problem = (first, check.problems.get(first, "missing"))
+    complete = manifest is not None and problem is None
+    info = record.get("stages", {}).get(stage, {})
+    return {
+        "stage": stage, "unit": "shards", "done": len(manifest.names) if manifest else 0,
+        "total": len(manifest.names) if manifest else 0, "images": manifest.images if manifest else 0,
+        "images_total": manifest.images if manifest else None, "images_per_s": None,
+        "failures": [f"{problem[0]}: {problem[1]}"] if problem else [], "started": info.get("started"),
+        "finished": info.get("finished") if complete else None,
+        "state": EARLIER_LAYOUT if complete else "incomplete, earlier layout (cannot be resumed)", "corrupt": [],
+    }  # fmt: skip
 
 
 def _driver(run_dir: RunDir) -> str | None:
@@ -249,7 +278,7 @@ def run_status(out: str, verify: bool = False) -> dict[str, Any]:
         live = (lease.current(run_dir.root) or {}).get("state") == "live"
         for s in result["stages"]:
             s["set_aside"] = [] if live else _set_aside(run_dir.stage_dir(s["stage"]), s.get("corrupt", []))
-    done_states = ("complete", BUDGET_REACHED)
+    done_states = ("complete", BUDGET_REACHED, EARLIER_LAYOUT)
     result["complete"] = bool(result["stages"]) and all(s["state"] in done_states for s in result["stages"])
     return result
 

@@ -56,14 +56,17 @@ def write_generated(
     by_class = {c.label: np.flatnonzero(labels == c.label) for c in classes} if labels is not None else {}
     specs = []
     for unit in plan.units:
-        c = (shard_classes or classes)[unit.label]
-        seeds = [image_seed(cfg.seed, unit.label, i) for i in range(unit.start, unit.stop)]
+        infos = [(shard_classes or classes)[label] for label, _ in unit.images()]
+        seeds = [image_seed(cfg.seed, label, i) for label, i in unit.images()]
         if images is None:
             pixels = [pattern_image(s, size) for s in seeds]
         else:
-            pixels = [images[by_class[unit.label][i]] for i in range(unit.start, unit.stop)]
-        prompts = [c.prompt(cfg.generate.prompt_template)] * unit.size
-        table = shards.generated_table(unit, c.class_id, c.name, prompts, seeds, [shards.encode_png(p) for p in pixels])
+            pixels = [images[by_class[label][i]] for label, i in unit.images()]
+        prompts = [c.prompt(cfg.generate.prompt_template) for c in infos]
+        table = shards.generated_table(
+            unit, [c.class_id for c in infos], [c.name for c in infos], prompts, seeds,
+            [shards.encode_png(p) for p in pixels],
+        )  # fmt: skip
         shards.write_shard(loc, unit.shard_name, table, shards.generated_footer(unit, fp, size))
         specs.append(shards.generated_spec(unit, fp))
     shards.write_manifest(loc, "generate", fp, specs, generated_per_class(cfg), loc.sizes(shards.SHARD_SUFFIX))

@@ -240,7 +240,7 @@ class EngineBench:
         self.classes = load_classes(None, str(class_file(a.classes)))
         self.vae_dtypes = _csv(a.vae_dtypes) or (["bf16"] if self.cuda else ["fp32"])
         first = min(_csv(getattr(a, "batch_sizes", ""), int) or [a.batch_size])
-        self.compare = WorkUnit(0, 0, first)  # the same seeds in every row
+        self.compare = WorkUnit(0, first, len(self.classes))  # the same seeds in every row
         reference = self.generator("diffusers", "fp32", first)
         self.reference = reference.render(self.compare).pixels.astype(np.int16)
         del reference
@@ -260,12 +260,14 @@ class EngineBench:
         job = make_job(cfg, self.classes, "bench", str(work / "e"))
         return UnitGenerator(job, device=self.device, pipeline=self.pipe)
 
-    def units(self, label: int, n: int, batch: int) -> list:
-        """n images of a class as the stage cuts them: units of --unit-size (rounded up to whole batches)."""
+    def units(self, repeat: int, n: int, batch: int) -> list:
+        """n images as the stage cuts them (units of --unit-size, rounded up to whole batches), the `repeat`-th
+        n of the grid: every repeat draws other images."""
         from gdd_ray.plan import WorkUnit
 
         per_unit = -(-max(self.a.unit_size, batch) // batch) * batch
-        return [WorkUnit(label, s, min(s + per_unit, n)) for s in range(0, n, per_unit)]
+        first = repeat * n
+        return [WorkUnit(first + s, first + min(s + per_unit, n), len(self.classes)) for s in range(0, n, per_unit)]
 
     @staticmethod
     def render_units(gen, units: list) -> None:
@@ -316,13 +318,13 @@ class EngineBench:
                 tuning.set_memory_format(gen.decoder.module, vae_format)
             decoder_module = gen.decoder.module if getattr(gen, "decoder", None) is not None else pipe.vae
             t = time.perf_counter()
-            gen.render(WorkUnit(0, 0, batch))  # warm-up batch, excluded (first-call allocations)
+            gen.render(WorkUnit(0, batch, len(self.classes)))  # warm-up batch, excluded (first-call allocations)
             warmup_s = time.perf_counter() - t
             n = a.batches * batch
             seconds = []
             for r in range(a.repeats):  # each returns with every pixel on the host
                 t = time.perf_counter()
-                self.render_units(gen, self.units(r % len(self.classes), n, batch))
+                self.render_units(gen, self.units(r, n, batch))
                 seconds.append(time.perf_counter() - t)
             gen.clock = PhaseClock(cuda)  # a separate run: events add a little host work
             self.render_units(gen, self.units(0, n, batch))
@@ -428,18 +430,19 @@ class PipelineCallLoop:
         from gdd_ray.plan import image_seed
 
         a, size = self.a, self.a.image_size
-        pe, _, ppe, _ = self.prompts.get(unit.label)
+        images_of = unit.images()
         out = []
-        for start in range(unit.start, unit.stop, self.batch):
-            idx = range(start, min(start + self.batch, unit.stop))
+        for start in range(0, unit.size, self.batch):
+            idx = images_of[start : start + self.batch]  # (label, index) of each image of this call
             n = len(idx)
             self.executed_batch_sizes.add(n)
-            gens = [torch.Generator("cpu").manual_seed(image_seed(self.seed, unit.label, i)) for i in idx]
+            pe, _, ppe, _ = self.prompts.get(tuple(label for label, _ in idx))  # one prompt per image
+            gens = [torch.Generator("cpu").manual_seed(image_seed(self.seed, label, i)) for label, i in idx]
             if self.clock:
                 self.clock.mark("start")
             with torch.inference_mode():
                 images = self.pipe(
-                    prompt_embeds=pe.expand(n, -1, -1), pooled_prompt_embeds=ppe.expand(n, -1),
+                    prompt_embeds=pe, pooled_prompt_embeds=ppe,
                     num_inference_steps=1, guidance_scale=0.0, height=a.gen_resolution, width=a.gen_resolution,
                     generator=gens, output_type="pt",
                 ).images  # fmt: skip

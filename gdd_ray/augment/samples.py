@@ -9,7 +9,6 @@ from PIL import Image, ImageDraw
 
 from gdd_ray import shards
 from gdd_ray.classes import ClassInfo
-from gdd_ray.plan import parse_shard_name
 from gdd_ray.run import RunDir
 
 MAX_CLASSES = 10
@@ -17,16 +16,6 @@ IMAGES_PER_CLASS = 2
 CELL = 64  # 32 px CIFAR images are unreadable at 1:1; cells are upscaled (nearest) to at least this
 LABEL_WIDTH = 110
 GAP = 8
-
-
-def _shards_per_class(names: list[str], labels: list[int]) -> dict[int, list[str]]:
-    """The shards of each wanted class, first images first."""
-    out: dict[int, list[tuple[int, str]]] = {}
-    for n in names:
-        unit = parse_shard_name(n)
-        if unit is not None and unit.label in labels:
-            out.setdefault(unit.label, []).append((unit.start, n))
-    return {label: [n for _, n in sorted(items)] for label, items in out.items()}
 
 
 def grid_image(rows: list[tuple[str, list[list[np.ndarray]]]]) -> Image.Image:
@@ -61,17 +50,14 @@ def write_sample_grid(
 ) -> str:
     """Draw the first images of the first classes from OUT/augmented and write OUT/<file>."""
     labels = [c.label for c in classes[:MAX_CLASSES]]
-    by_label = _shards_per_class(names, labels)
+    k1 = variants + 1
+    table = shards.first_rows(run_dir.augmented, names, len(classes), labels, IMAGES_PER_CLASS * k1, ["image"])
+    table = table.sort_by([("label", "ascending"), ("index", "ascending"), ("variant", "ascending")])
+    pngs, row_labels = shards.png_bytes(table), table.column("label").to_pylist()
     rows = []
     for c in classes[:MAX_CLASSES]:
-        groups: list[list[np.ndarray]] = []
-        for name in by_label.get(c.label, []):
-            imgs = shards.png_bytes(shards.read_shard(run_dir.augmented, name, columns=["image"]))
-            for i in range(0, len(imgs), variants + 1):
-                if len(groups) < IMAGES_PER_CLASS:
-                    groups.append([shards.decode_png(b) for b in imgs[i : i + variants + 1]])
-            if len(groups) == IMAGES_PER_CLASS:
-                break
+        mine = [png for png, label in zip(pngs, row_labels) if label == c.label][: IMAGES_PER_CLASS * k1]
+        groups = [[shards.decode_png(b) for b in mine[i : i + k1]] for i in range(0, len(mine), k1)]
         if groups:
             rows.append((c.name, groups))
     if not rows:

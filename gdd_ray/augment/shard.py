@@ -121,6 +121,7 @@ def augment_shard(
         shards.SOURCE_FINGERPRINT: kv.get(shards.FINGERPRINT, ""),
         shards.VARIANTS: str(variants),
         shards.IMAGE_SIZE: kv.get(shards.IMAGE_SIZE, ""),
+        shards.UNIT: kv.get(shards.UNIT, ""),  # the input's unit: the rows are its images, each with its variants
     }
     nbytes = shards.write_shard(dst, name, out, footer)
     return {

@@ -1,7 +1,8 @@
 """The time budget of a generation (--time-budget): when to stop handing out units, and the IPC reached.
 
-Units go out index-major (plan.plan_units: every class's first unit, then every class's second...), so a
-"round" is the units of one index range, one per class. A round is started only while what is still
+Units go out in position order (plan.plan_units: the grid is index-major, every class's image 0 first), so a
+"round" is the units whose first image has one index (WorkUnit.round); when they are done, with every
+round before, every class has that many images (a unit that runs into the next round brings some of it). A round is started only while what is still
 owed (the units out, the rest of the round being dispatched) plus the whole next round fits in the time
 left, estimated from the images/s measured so far in this invocation (all workers together). The first
 round of an invocation always goes out (nothing is measured yet); the next one waits until a unit has
@@ -32,7 +33,7 @@ class TimeBudget:
         self.seconds = seconds
         self.t0: float | None = None
         self.images_done = 0
-        self.round_start = -1  # the index range (unit.start) of the latest round handed out
+        self.round_start = -1  # the latest round (WorkUnit.round) handed out
         self.stopped = False  # a round was refused: the run ends short of its plan
 
     def now(self) -> float:
@@ -51,7 +52,7 @@ class TimeBudget:
         plus what is left of the current round; `round_images`: the round `unit` starts."""
         if self.t0 is None:
             self.t0 = self.now()
-        if unit.start <= self.round_start:  # within a round already started (or a retry): always
+        if unit.round <= self.round_start:  # within a round already started (or a retry): always
             return True
         if self.stopped:
             return False
@@ -62,15 +63,15 @@ class TimeBudget:
             if self.used_s + (outstanding_images + round_images) / rate > self.seconds:
                 self.stopped = True
                 return False
-        self.round_start = unit.start
+        self.round_start = unit.round
         return True
 
     def allows(self, queue: Sequence[WorkUnit], in_flight_images: int) -> bool | None:
         """may_start for the unit at the head of `queue` (the units not handed out, in dispatch order)."""
         unit = queue[0]
-        if unit.start > self.round_start:  # the sums only when a round would start
+        if unit.round > self.round_start:  # the sums only when a round would start
             owed = in_flight_images + round_images(queue, self.round_start)
-            return self.may_start(unit, owed, round_images(queue, unit.start))
+            return self.may_start(unit, owed, round_images(queue, unit.round))
         return self.may_start(unit, 0, 0)
 
     def describe(self) -> dict:
@@ -81,20 +82,17 @@ class TimeBudget:
         }
 
 
-def round_images(units: Iterable[WorkUnit], start: int) -> int:
-    """Images of the round at index range `start` among `units`."""
-    return sum(u.size for u in units if u.start == start)
+def round_images(units: Iterable[WorkUnit], round_: int) -> int:
+    """Images of the units of round `round_` among `units`."""
+    return sum(u.size for u in units if u.round == round_)
 
 
 def ipc_reached(units: Iterable[WorkUnit], done: set[str]) -> int:
-    """The largest IPC complete for every class: the end of the last round, from the first, whose units are
-    all in `done` (shard names). `units`: the plan, every class's units."""
-    rounds: dict[int, list[WorkUnit]] = {}
-    for u in units:
-        rounds.setdefault(u.start, []).append(u)
-    reached = 0
-    for start in sorted(rounds):
-        if start != reached or not all(u.shard_name in done for u in rounds[start]):
+    """The largest IPC complete for every class: the images before the first unit (in position order) that is
+    not in `done` (shard names), in whole rounds. `units`: the plan."""
+    end, classes = 0, 1
+    for u in sorted(units):
+        if u.shard_name not in done:
             break
-        reached = max(u.stop for u in rounds[start])
-    return reached
+        end, classes = u.stop, u.classes
+    return end // classes

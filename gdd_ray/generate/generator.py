@@ -4,8 +4,9 @@ The device part (`render`) and the CPU part (`encode_and_write`) are separate ca
 PNG-encode and upload some units while the device renders the next (see driver.GeneratorActor, which makes
 every device call from one thread).
 
-Rendering a unit: batches of exactly `--batch-size` (the last one padded, the padding discarded), so every
-call has the same shapes and a compiled model never recompiles; the next batch's noise is drawn on a
+Rendering a unit: batches of exactly `--batch-size` (a unit is a multiple of it, so only the run's last
+batch is padded, the padding discarded), so every call has the same shapes and a compiled model never
+recompiles; a batch holds images of several classes, each with its own prompt embedding row; the next batch's noise is drawn on a
 background thread while the device works; on a GPU the uint8 result is copied into pinned memory without
 blocking and read one batch later. A unit's first noise is drawn as soon as the unit is queued (`prefetch`,
 called by the driver), so the device does not wait for it at a unit boundary.
@@ -164,7 +165,7 @@ class UnitGenerator:
         if mode or self.cuda:
             for key in ("compile_s", "first_batch_s"):  # the first call compiles (and autotunes); the second runs
                 t = time.perf_counter()
-                self._run_batch(self._noise([], self.job.config.batch_size), 0)
+                self._run_batch(self._noise([], self.job.config.batch_size), (0,) * self.job.config.batch_size)
                 self._sync()
                 self.startup[key] = round(time.perf_counter() - t, 3)
 
@@ -192,13 +193,20 @@ class UnitGenerator:
     def template_choices(self, unit: WorkUnit) -> list[int]:
         """The prompt template of each image of the unit (plan.template_choice: from the image alone)."""
         n = len(self.job.config.templates)
-        return [template_choice(self.job.seed, unit.label, i, n) for i in range(unit.start, unit.stop)]
+        return [template_choice(self.job.seed, label, i, n) for label, i in unit.images()]
 
-    def prompt_rows(self, label: int, choices: list[int]) -> int | tuple[int, ...]:
-        """PromptTable rows of one batch: the class's one row with one template, else one per image (the
-        padding takes template 0), so the batch's shapes never change."""
-        n, b = len(self.job.config.templates), self.job.config.batch_size
-        return label if n == 1 else tuple(label * n + t for t in (choices + [0] * b)[:b])
+    def seeds(self, unit: WorkUnit, positions: range) -> list[int]:
+        """The seed of the image at each of `positions` (plan.image_seed: from the image alone)."""
+        c = unit.classes
+        return [image_seed(self.job.seed, p % c, p // c) for p in positions]
+
+    def prompt_rows(self, unit: WorkUnit, positions: range, choices: list[int]) -> tuple[int, ...]:
+        """PromptTable rows of one batch, one per image (a unit spans classes; each image has its template),
+        padded to --batch-size with the first image's row (only a run's last batch is short), so the batch's
+        shapes never change."""
+        n, b, c = len(self.job.config.templates), self.job.config.batch_size, unit.classes
+        rows = [(p % c) * n + t for p, t in zip(positions, choices)]
+        return tuple(rows + [rows[0]] * (b - len(rows)))
 
     def _run_batch(self, noise_and_gens, label: int | tuple[int, ...]):
         """Queue one full batch on the device (`label`: its PromptTable rows, see prompt_rows); returns
@@ -241,8 +249,7 @@ class UnitGenerator:
             return self._noise_pool
 
     def _submit_noise(self, unit: WorkUnit, batch: range):
-        seeds = [image_seed(self.job.seed, unit.label, i) for i in batch]
-        return self._noise_thread().submit(self._noise, seeds, self.job.config.batch_size)
+        return self._noise_thread().submit(self._noise, self.seeds(unit, batch), self.job.config.batch_size)
 
     def prefetch(self, unit: WorkUnit) -> None:
         """Start drawing `unit`'s first batch of noise now, on the noise thread, while the device works on the
@@ -259,7 +266,7 @@ class UnitGenerator:
     def render(self, unit: WorkUnit) -> RenderedUnit:
         self.load()
         t0 = time.perf_counter()
-        seeds = [image_seed(self.job.seed, unit.label, i) for i in range(unit.start, unit.stop)]
+        seeds = self.seeds(unit, range(unit.start, unit.stop))
         size = self.job.image_size
         out = np.empty((unit.size, size, size, 3), dtype=np.uint8)
         batches = self.batches(unit)
@@ -277,7 +284,7 @@ class UnitGenerator:
             noise = upcoming.result()
             if k + 1 < len(batches):
                 upcoming = noise_for(k + 1)  # drawn on the CPU while the device works on this batch
-            rows = self.prompt_rows(unit.label, choices[rng.start - unit.start : rng.stop - unit.start])
+            rows = self.prompt_rows(unit, rng, choices[rng.start - unit.start : rng.stop - unit.start])
             queued = (*self._run_batch(noise, rows), rng)
             if pending:
                 self._collect(pending, out, unit)
@@ -302,10 +309,13 @@ class UnitGenerator:
             self._pool = ThreadPoolExecutor(max_workers=png_threads(self.job.image_size), thread_name_prefix="png")
         pngs = list(self._pool.map(shards.encode_png, rendered.pixels))  # PIL releases the GIL in zlib
         unit = rendered.unit
-        info = self.job.classes[unit.label]
+        infos = [self.job.classes[label] for label, _ in unit.images()]
         templates = self.job.config.templates
-        prompts = [info.prompt(templates[t]) for t in self.template_choices(unit)]  # what each image was drawn from
-        table = shards.generated_table(unit, info.class_id, info.name, prompts, rendered.seeds, pngs)
+        # what each image was drawn from
+        prompts = [info.prompt(templates[t]) for info, t in zip(infos, self.template_choices(unit))]
+        table = shards.generated_table(
+            unit, [i.class_id for i in infos], [i.name for i in infos], prompts, rendered.seeds, pngs
+        )
         footer = shards.generated_footer(unit, self.job.fingerprint, self.job.image_size)
         nbytes = shards.write_shard(self.out, unit.shard_name, table, footer)
         return UnitResult(

@@ -18,7 +18,7 @@ from gdd_ray.logs import Progress, say
 from gdd_ray.plan import generated_per_class
 from gdd_ray.run import RunContext, RunDir
 
-VERSION = 2  # 2: engines (fast one-step path), decoder precision set once, static batches
+VERSION = 3  # 3: packed units (a shard spans classes); 2: engines, decoder precision set once, static batches
 # What decides the pixels of a generated image; not IPC, batch size, worker count or --compile (float
 # rounding only). The engine and the VAE precision count too, as resolved: see resolved_inputs.
 OUTPUT_FIELDS = (
@@ -75,15 +75,15 @@ def make_job(
 
 
 def padding_note(cfg: RunConfig, units: list) -> str | None:
-    """A line when padding costs more than a tenth of the device's work (every batch runs full)."""
+    """A line when padding costs more than 5 % of the device's work (every batch runs full; units are whole
+    batches, so only the run's last one can be short)."""
     b = cfg.generate.batch_size
     useful = sum(u.size for u in units)
     executed = sum(-(-u.size // b) * b for u in units)
-    if executed and (executed - useful) / executed > 0.1:
+    if executed and (executed - useful) / executed > 0.05:
         return (
-            f"{(executed - useful) / executed:.0%} of the device's work is padding: units of {units[0].size} "
-            f"images run in batches of {b}; a --batch-size that divides the unit size (or a unit size that is "
-            "a multiple of it) wastes nothing"
+            f"{(executed - useful) / executed:.0%} of the device's work is padding: {useful} images to render in "
+            f"batches of {b}; a smaller --batch-size would waste less on so few images"
         )
     return None
 

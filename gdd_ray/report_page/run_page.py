@@ -23,7 +23,6 @@ from gdd_ray import results as results_doc
 from gdd_ray.config import STAGES, RunConfig
 from gdd_ray.errors import UserError
 from gdd_ray.logs import say
-from gdd_ray.plan import parse_shard_name
 from gdd_ray.report_page import html as h
 from gdd_ray.run import RunDir
 
@@ -136,19 +135,16 @@ class RunFiles:
             return {}
         loc, names = source
         choice = trainset.for_training(self.cfg)
-        by_label: dict[int, list[tuple[int, str]]] = {}
-        for name in names:
-            unit = parse_shard_name(name)
-            if unit is not None and unit.label in labels and (choice.ipc is None or unit.start < choice.ipc):
-                by_label.setdefault(unit.label, []).append((unit.start, name))
+        k1 = (choice.variants or 0) + 1
+        enough = max(n * 8, (choice.per_class or 0) * k1)  # the protocol's pick looks at a class's first rows
+        rows = shards.first_rows(
+            loc, names, len(self.classes), labels, enough, ["image", "index", "variant"], choice.ipc
+        )
         out = {}
-        for label, items in by_label.items():
-            tables = []
-            for _, name in sorted(items):
-                tables.append(shards.read_shard(loc, name, ["image", "label", "index", "variant"]))
-                if choice.per_class is None and sum(t.num_rows for t in tables) >= n * 8:
-                    break  # every row is trained on: the first shard(s) hold the first images
-            table = pa.concat_tables(tables)
+        for label in labels:
+            table = rows.filter(pa.compute.equal(rows.column("label"), label))
+            if not table.num_rows:
+                continue
             cols = [table.column(c).to_numpy() for c in ("label", "index", "variant")]
             try:
                 keep = trainset.choose(*cols, choice)[:n]

@@ -1,11 +1,12 @@
-"""The choice per class: its score files in, its kept shards out, and the figures that describe it.
+"""The choice per class, and the kept shards written from it. Knows nothing of Ray: the stage maps
+`choose_classes` over class labels and then `write_kept_units` over the kept shards.
 
-Kept = the `keep` highest `clip_score`s of the class, ties by the lower index, stored in index order and
-cut by the plan's kept units (positions 0..keep-1 among the kept). A kept image's `index` is its position
-among the kept (the shards an IPC run would have: every consumer's "index < IPC" is then the kept set, by
-construction); it keeps its seed, prompt and PNG bytes, and its generated index as `source_index`. The
-choice is fully determined by the score files: a class redone after a crash writes the same bytes.
-Knows nothing of Ray: the stage maps `choose_classes` over labels.
+Kept = the `keep` highest `clip_score`s of a class, ties by the lower index, stored in index order. A kept
+image's `index` is its position among its class's kept images (the shards an IPC run would have: every
+consumer's "index < IPC" is then the kept set, by construction); it keeps its seed, prompt and PNG bytes, and
+its generated index as `source_index`. Kept shards are the plan's kept units: the same cut of the grid as an
+IPC run's generated shards (they span classes), so a kept shard is written once every class in it is chosen.
+The choice is fully determined by the score files: a kept shard redone after a crash holds the same bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from gdd_ray import shards, storage
-from gdd_ray.plan import WorkUnit
+from gdd_ray.plan import WorkUnit, unit_of
 from gdd_ray.select.scorer import embeddings_of, read_scores
 
 
@@ -29,12 +30,14 @@ class ChooseJob:
     fingerprint: str
     image_size: int
     keep: int  # IPC
-    candidates: tuple[WorkUnit, ...]  # the generated units (= score files) of every class
-    kept: tuple[WorkUnit, ...]  # the kept units of every class
+    candidates: tuple[WorkUnit, ...]  # the generated units (= score files), in plan order
+    per_class: int  # candidates per class
 
-    def of_class(self, label: int) -> tuple[list[WorkUnit], list[WorkUnit]]:
-        by_start = sorted(u for u in self.candidates if u.label == label)
-        return by_start, sorted(u for u in self.kept if u.label == label)
+    def score_files_of(self, labels: list[int]) -> list[WorkUnit]:
+        """The score files holding any candidate of these classes (image i of class c is position i x C + c)."""
+        c = self.candidates[0].classes
+        needed = {unit_of(self.candidates, i * c + label)[0] for label in labels for i in range(self.per_class)}
+        return sorted(needed)
 
 
 def rank(scores: np.ndarray, indices: np.ndarray, keep: int) -> np.ndarray:
@@ -57,21 +60,16 @@ def _mean(x: np.ndarray) -> float | None:
     return float(np.mean(x)) if len(x) else None
 
 
-def choose_class(job: ChooseJob, label: int, write: bool) -> dict[str, Any]:
-    """Choose one class's images; write its kept shards when `write`; return its figures."""
-    candidates, kept_units = job.of_class(label)
-    scores_loc = storage.Location(job.scores_uri)
-    tables = [read_scores(scores_loc, u.shard_name) for u in candidates]
-    table = pa.concat_tables(tables)
-    scores = table.column("clip_score").to_numpy()
-    indices = table.column("index").to_numpy()
-    top1 = table.column("clip_top1").to_numpy(zero_copy_only=False)
-    emb = embeddings_of(table)
-    kept = rank(scores, indices, job.keep)
-    if write:
-        shard_of = np.repeat(np.arange(len(candidates)), [t.num_rows for t in tables])
-        row_of = np.concatenate([np.arange(t.num_rows) for t in tables])
-        _write_kept(job, candidates, kept_units, kept, shard_of, row_of, scores, top1)
+def choose_class(table: pa.Table, label: int, keep: int) -> dict[str, Any]:
+    """One class's choice from the score rows of its candidates (`table`: score rows of any classes), with
+    the figures that describe it; `kept_indices` (generated indices, in index order) is what the kept shards
+    are written from, with each kept image's score and zero-shot hit."""
+    mine = table.filter(pa.compute.equal(table.column("label"), label))
+    scores = mine.column("clip_score").to_numpy()
+    indices = mine.column("index").to_numpy()
+    top1 = mine.column("clip_top1").to_numpy(zero_copy_only=False)
+    emb = embeddings_of(mine)
+    kept = rank(scores, indices, keep)
     return {
         "label": label,
         "candidates": int(len(scores)),
@@ -84,27 +82,46 @@ def choose_class(job: ChooseJob, label: int, write: bool) -> dict[str, Any]:
         "diversity": diversity(emb[kept]),
         "diversity_all": diversity(emb),
         "kept_indices": indices[kept].tolist(),
+        "kept_scores": scores[kept].astype(np.float64).tolist(),
+        "kept_top1": top1[kept].astype(bool).tolist(),
     }
 
 
-def _write_kept(job: ChooseJob, candidates, kept_units, kept, shard_of, row_of, scores, top1) -> None:
+def choose_classes(labels: list[int], job: ChooseJob) -> list[dict[str, Any]]:
+    """The choice of each of `labels`, reading each score file they need once."""
+    scores_loc = storage.Location(job.scores_uri)
+    table = pa.concat_tables([read_scores(scores_loc, u.shard_name) for u in job.score_files_of(labels)])
+    return [choose_class(table, label, job.keep) for label in labels]
+
+
+def write_kept_units(names: list[str], job: ChooseJob, kept: dict[int, dict[str, list]], units: dict[str, WorkUnit]):
+    """Write the kept shards `names` (kept units) from the classes' choices (`kept`: label -> choose_class's
+    kept_indices, kept_scores, kept_top1); each generated shard is read once per call. One stats dict each."""
     src, dst = storage.Location(job.src_uri), storage.Location(job.dst_uri)
-    needed = sorted(set(shard_of[kept].tolist()))
-    generated = {i: shards.read_shard(src, candidates[i].shard_name) for i in needed}  # whole shards, once
-    for unit in kept_units:
-        pos = kept[unit.start : unit.stop]
-        rows = pa.concat_tables([generated[int(shard_of[p])].slice(int(row_of[p]), 1) for p in pos])
-        rows = rows.select(shards.GENERATED_SCHEMA.names).cast(shards.GENERATED_SCHEMA)
-        generated_index = rows.column("index")
-        rows = rows.set_column(
-            rows.schema.get_field_index("index"), "index", pa.array(range(unit.start, unit.stop), pa.int32())
-        )
-        rows = rows.append_column("clip_score", pa.array(scores[pos], pa.float32()))
-        rows = rows.append_column("clip_top1", pa.array(top1[pos], pa.bool_()))
-        rows = rows.append_column("source_index", generated_index)
+    c = job.candidates[0].classes
+    generated: dict[str, pa.Table] = {}
+    out = []
+    for name in names:
+        unit = units[name]
+        rows, scores, top1, sources = [], [], [], []
+        for label, position in unit.images():
+            choice = kept[label]
+            index = int(choice["kept_indices"][position])
+            gen_unit, row = unit_of(job.candidates, index * c + label)
+            if gen_unit.shard_name not in generated:
+                generated[gen_unit.shard_name] = shards.read_shard(src, gen_unit.shard_name)
+            rows.append(generated[gen_unit.shard_name].slice(row, 1))
+            scores.append(choice["kept_scores"][position])
+            top1.append(choice["kept_top1"][position])
+            sources.append(index)
+        table = pa.concat_tables(rows).select(shards.GENERATED_SCHEMA.names).cast(shards.GENERATED_SCHEMA)
+        positions = pa.array([p for _, p in unit.images()], pa.int32())
+        table = table.set_column(table.schema.get_field_index("index"), "index", positions)
+        table = table.append_column("clip_score", pa.array(scores, pa.float32()))
+        table = table.append_column("clip_top1", pa.array(top1, pa.bool_()))
+        table = table.append_column("source_index", pa.array(sources, pa.int32()))
         footer = shards.generated_footer(unit, job.fingerprint, job.image_size)
-        shards.write_shard(dst, unit.shard_name, rows.combine_chunks(), footer)
-
-
-def choose_classes(labels: list[int], job: ChooseJob, write: set[int]) -> list[dict[str, Any]]:
-    return [choose_class(job, label, label in write) for label in labels]
+        out.append(
+            {"shard": name, "rows": unit.size, "bytes": shards.write_shard(dst, name, table.combine_chunks(), footer)}
+        )
+    return out

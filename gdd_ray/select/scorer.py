@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gdd_ray import shards, storage
-from gdd_ray.plan import WorkUnit, parse_shard_name
+from gdd_ray.plan import WorkUnit
 
 MODEL = "gdd_ray.clip_model"  # footer key: the CLIP model the scores come from
 
@@ -148,9 +148,8 @@ class ShardScorer:
         b = self.job.batch_size
         batch_of, slot = [], []
         for name, t in zip(names, tables):
-            unit = parse_shard_name(name)
             group, first = self.places[name]
-            offset = first + t.column("index").to_numpy().astype(np.int64) - unit.start
+            offset = first + np.arange(t.num_rows, dtype=np.int64)  # rows are the unit's images in order
             batch_of.append(group * (2**32) + offset // b)  # (group, batch within it)
             slot.append(offset % b)
         return np.concatenate(batch_of), np.concatenate(slot)

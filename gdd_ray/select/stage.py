@@ -4,14 +4,17 @@
              per CPU on a CPU-only cluster; each loads CLIP and embeds every class prompt once): each
              call scores a few shards in fixed-shape batches and commits one score file per shard
              under OUT/selected/scores/ (scorer.py). The driver never holds an image.
-    choose   Ray Data tasks over the class labels: each reads its classes' score files, keeps the IPC
-             best (ties by index) and writes the kept images, with `clip_score` and `clip_top1`, as the
-             plan's kept units under OUT/selected/ (choose.py), returning the class's figures.
+    choose   tasks over the class labels: each reads the score files holding its classes' candidates and
+             keeps the IPC best (ties by index), returning the class's choice and figures (no pixels);
+    write    tasks over the kept shards still to make (the plan's kept units, which span classes): each
+             writes its kept images, with `clip_score`, `clip_top1` and `source_index`, under
+             OUT/selected/ (choose.py), reading the generated shards they come from.
     finish   OUT/selected/clip_stats.json (per class: mean score, zero-shot top-1, diversity), the
-             summary, then _manifest.json, last.
+             summary, then _manifest.json, last (lifecycle.py).
 
 Resume = list the score files and kept shards whose footer says complete for this fingerprint, redo
-the rest: a score file is redone per generated shard, a class's kept shards per class.
+the rest: a score file is redone per generated shard, a kept shard per kept unit (the choice is cheap and
+always made again from the score files: the same files, the same choice).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from gdd_ray.logs import Progress, say
 from gdd_ray.plan import generated_per_class
 from gdd_ray.run import RunContext, RunDir, Stopwatch
 from gdd_ray.select import clip
-from gdd_ray.select.choose import ChooseJob, choose_classes
+from gdd_ray.select.choose import ChooseJob, choose_classes, write_kept_units
 from gdd_ray.select.scorer import ScoreJob, ShardScorer, score_calls, score_spec
 
 VERSION = 2  # 2: a kept image's index is its position among the kept (source_index: the generated one); batches of
@@ -38,7 +41,8 @@ VERSION = 2  # 2: a kept image's index is its position among the kept (source_in
 OUTPUT_FIELDS = ("select.select_by", "select.clip_model", "select.clip_batch_size")
 SCORES_DIR = shards.SCORES_DIR
 STATS_FILE = "clip_stats.json"
-CLASSES_PER_TASK = 8  # a class's choice reads its score files only (no pixels) unless it writes
+CLASSES_PER_TASK = 8  # a class's choice reads its score files only (no pixels)
+KEPT_SHARDS_PER_TASK = 4  # a kept shard reads the generated shards its images come from
 
 
 def source(cfg: RunConfig, run_dir: RunDir) -> str:
@@ -87,18 +91,52 @@ class Select(lifecycle.ShardStage):
         return bool(self.scored.todo)
 
     def work(self, todo: list[shards.ShardSpec]) -> lifecycle.Work:
-        cfg, ctx, fp = self.ctx.cfg, self.ctx, self.fp
+        cfg, ctx = self.ctx.cfg, self.ctx
         if not self.serial:
             from gdd_ray.ray_utils import init_ray
 
             init_ray()
-        pending = [s.name for s in self.scored.todo]
-        score_stats, score_s, workers = [], 0.0, 0
+        score_stats, workers = self.score()
+        watch = Stopwatch()
+        job = ChooseJob(
+            self.source.loc.uri, self.scores.uri, self.output.uri, self.fp, cfg.image_size, cfg.ipc, ctx.plan.units,
+            generated_per_class(cfg),
+        )  # fmt: skip
+        chosen = shard_map.map_shards(
+            list(range(len(ctx.classes))), choose_classes, {"job": job}, per_call=CLASSES_PER_TASK,
+            serial=self.serial, what="classes",
+        )  # fmt: skip
+        per_class = {int(c["label"]): c for c in chosen}
+        kept = {label: {k: c.pop(k) for k in ("kept_scores", "kept_top1")} | {"kept_indices": c["kept_indices"]}
+                for label, c in per_class.items()}  # fmt: skip
+        units = {u.shard_name: u for u in ctx.plan.kept}  # a kept shard spans classes: written once all are chosen
+        shard_map.map_shards(
+            [s.name for s in todo], write_kept_units, {"job": job, "kept": kept, "units": units},
+            per_call=KEPT_SHARDS_PER_TASK, serial=self.serial,
+        )  # fmt: skip
+        self.choose_s = watch.seconds
+        for c in ctx.classes:
+            per_class[c.label].update(class_id=c.class_id, name=c.name, prompt=c.prompt(cfg.generate.prompt_template))
+        self.stats = clip_stats(cfg, self.fp, [per_class[c.label] for c in ctx.classes])
+        self.output.write_bytes(STATS_FILE, json.dumps(self.stats, indent=1).encode())
+        self.shards_written = len(todo)
+        return lifecycle.Work(
+            sum(len(s["shards"]) for s in score_stats), sum(s["rows"] for s in score_stats), self.score_s, details={
+                "generate_fingerprint": ctx.fingerprint("generate"), "clip_model": cfg.select.clip_model,
+                "candidates_per_class": generated_per_class(cfg), "kept_per_class": cfg.ipc, "workers": workers,
+                "choose_s": round(self.choose_s, 3), "kept_shards_written": len(todo),
+                "overall": self.stats["overall"], "per_class": self.stats["classes"], "stats": STATS_FILE,
+            },
+        )  # fmt: skip
+
+    def score(self) -> tuple[list[dict[str, Any]], int]:
+        """Score the candidate shards that have no current score file: (one stats dict per call, actors)."""
+        cfg, pending, watch = self.ctx.cfg, [s.name for s in self.scored.todo], Stopwatch()
+        score_stats, workers = [], 0
         if pending:
-            t_score = Stopwatch()
             job = ScoreJob(
-                clip.resolve_clip_model(cfg.select.clip_model), _prompts(ctx), self.source.loc.uri, self.scores.uri,
-                fp, cfg.select.clip_batch_size, ctx.plan.units,
+                clip.resolve_clip_model(cfg.select.clip_model), _prompts(self.ctx), self.source.loc.uri,
+                self.scores.uri, self.fp, cfg.select.clip_batch_size, self.ctx.plan.units,
             )  # fmt: skip
             progress = Progress(
                 "select", len(pending), sum(s.rows for s in self.scored.todo), unit_name="shards scored"
@@ -110,38 +148,13 @@ class Select(lifecycle.ShardStage):
                 calls, ShardScoring, {"job": job}, per_call=1, workers=workers, gpus=gpus, serial=self.serial,
                 on_result=lambda s: progress.add(len(s["shards"]), s["rows"], workers=workers), what="score calls",
             )  # fmt: skip
-            score_s = t_score.seconds
+        self.score_s = watch.seconds
         for name in self.scored.foreign:  # score files of another unit grid (--unit-size changed)
             self.scores.delete(name)
         self.scores.remove_stale_temporaries()
         if shards.check_folder(self.scores, self.score_specs).todo:
             raise RuntimeError("select: score files missing after scoring; rerun to finish them")
-
-        t_choose = Stopwatch()
-        to_write = sorted({u.label for u in ctx.plan.kept if u.shard_name in {s.name for s in todo}})
-        cjob = ChooseJob(
-            self.source.loc.uri, self.scores.uri, self.output.uri, fp, cfg.image_size, cfg.ipc, ctx.plan.units,
-            ctx.plan.kept,
-        )  # fmt: skip
-        chosen = shard_map.map_shards(
-            list(range(len(ctx.classes))), choose_classes, {"job": cjob, "write": set(to_write)},
-            per_call=CLASSES_PER_TASK, serial=self.serial, what="classes",
-        )  # fmt: skip
-        per_class = {int(c["label"]): c for c in chosen}
-        self.choose_s = t_choose.seconds
-        for c in ctx.classes:
-            per_class[c.label].update(class_id=c.class_id, name=c.name, prompt=c.prompt(cfg.generate.prompt_template))
-        self.stats = clip_stats(cfg, fp, [per_class[c.label] for c in ctx.classes])
-        self.output.write_bytes(STATS_FILE, json.dumps(self.stats, indent=1).encode())
-        self.classes_written, self.score_s = len(to_write), score_s
-        return lifecycle.Work(
-            sum(len(s["shards"]) for s in score_stats), sum(s["rows"] for s in score_stats), score_s, details={
-                "generate_fingerprint": ctx.fingerprint("generate"), "clip_model": cfg.select.clip_model,
-                "candidates_per_class": generated_per_class(cfg), "kept_per_class": cfg.ipc, "workers": workers,
-                "choose_s": round(self.choose_s, 3), "classes_written": len(to_write),
-                "overall": self.stats["overall"], "per_class": self.stats["classes"], "stats": STATS_FILE,
-            },
-        )  # fmt: skip
+        return score_stats, workers
 
     def nothing_to_do(self) -> None:
         say("select", "nothing to do: every score file and kept shard is present and current")
@@ -150,8 +163,8 @@ class Select(lifecycle.ShardStage):
         o, t = self.stats["overall"], summary["totals"]
         rate = f" ({t['images_per_s']:.1f} img/s)" if t["images_per_s"] else ""
         return (
-            f"done: {t['images_made']} images scored in {self.score_s:.1f} s{rate}, {self.classes_written} classes "
-            f"chosen in {self.choose_s:.1f} s; kept mean score {o['score_mean']:.4f} (all {o['score_mean_all']:.4f}), "
+            f"done: {t['images_made']} images scored in {self.score_s:.1f} s{rate}, every class chosen and "
+            f"{self.shards_written} kept shards written in {self.choose_s:.1f} s; kept mean score {o['score_mean']:.4f} (all {o['score_mean_all']:.4f}), "
             f"zero-shot top-1 {100 * o['top1']:.1f} % (all {100 * o['top1_all']:.1f} %) -> {self.output.uri}"
         )
 

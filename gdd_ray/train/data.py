@@ -59,7 +59,8 @@ def load_shards(
         raise UserError(f"{loc.uri} holds no shards to train on: run the generate stage first")
     choice = choice or RowChoice()
     if choice.ipc is not None:
-        names = [n for n in names if (u := parse_shard_name(n)) is None or u.start < choice.ipc]
+        if num_classes:  # a shard whose first image is past the IPC holds none of the rows asked for
+            names = [n for n in names if (u := parse_shard_name(n, num_classes)) is None or u.round < choice.ipc]
     columns = ["label", "class_id", "class_name", "prompt", "index", "variant"]
     table = shards.read_shards(loc, names, columns=[*columns, "image"])
     labels = np.asarray(table.column("label").to_numpy(), dtype=np.int64)

@@ -259,7 +259,7 @@ def read_or_none(loc, name: str, spec: Spec, limit: int = MAX_JSON_BYTES) -> Any
 
 STAGE = OneOf(*STAGE_NAMES)
 FINGERPRINT = Str(64, r"[0-9A-Za-z_.:-]*")
-SHARD_NAME = Str(64, r"c\d{5,}-i\d{6,}-\d{6,}\.parquet")
+SHARD_NAME = Str(64, r"u\d{10}-\d{10}\.parquet|c\d{5,}-i\d{6,}-\d{6,}\.parquet")  # today's, or an earlier release's
 
 RUN_RECORD = Fields(
     optional={

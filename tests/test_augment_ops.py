@@ -163,10 +163,10 @@ def _generated_table(n: int, size: int = 12):
     from gdd_ray import shards, synthetic
     from gdd_ray.plan import WorkUnit, image_seed
 
-    unit = WorkUnit(0, 0, n)
+    unit = WorkUnit(0, n, 1)  # a grid one class wide: images 0..n-1 of class 0
     seeds = [image_seed(0, 0, i) for i in range(n)]
     pngs = [shards.encode_png(synthetic.pattern_image(s, size)) for s in seeds]
-    return shards.generated_table(unit, "c0", "zero", ["zero"] * n, seeds, pngs)
+    return shards.generated_table(unit, ["c0"] * n, ["zero"] * n, ["zero"] * n, seeds, pngs)
 
 
 def _variants(table):

@@ -21,10 +21,11 @@ def test_fresh_run_then_noop_rerun(tmp_path, tiny_model):
     gen = tmp_path / "run" / "generated"
     images = read_images(gen)
     assert len(images) == 10 * 3
-    assert summary["totals"]["images_made"] == 30 and summary["totals"]["units"] == 20
+    assert summary["totals"]["images_made"] == 30 and summary["totals"]["units"] == 15  # 30 images, units of 2
     assert (tmp_path / "run" / "run.json").exists() and (gen / "_summary.json").exists()
     manifest = json.loads((gen / "_manifest.json").read_text())
-    assert manifest["fingerprint"] == summary["fingerprint"] and len(manifest["shards"]) == 20
+    assert manifest["fingerprint"] == summary["fingerprint"] and len(manifest["shards"]) == 15
+    assert summary["images_executed"] == 30  # every batch full: nothing rendered to be thrown away
     assert sum(s["rows"] for s in manifest["shards"]) == 30
     before = tree_digest(gen)
     again = run_serial(cfg)
@@ -33,16 +34,16 @@ def test_fresh_run_then_noop_rerun(tmp_path, tiny_model):
 
 
 def test_broken_short_and_missing_shards_are_redone_only(tmp_path, tiny_model, capsys):
-    cfg = tiny_config(tmp_path / "run")
+    cfg = tiny_config(tmp_path / "run", unit_size=4)  # 30 images: 7 units of 4 and the run's last, of 2
     run_serial(cfg)
     gen = tmp_path / "run" / "generated"
     reference = read_images(gen)
     names = sorted(p.name for p in gen.glob("*.parquet"))
     (gen / names[0]).unlink()  # missing
     (gen / names[1]).write_bytes((gen / names[1]).read_bytes()[:100])  # truncated: unreadable
-    (gen / names[2]).write_bytes((gen / names[3]).read_bytes())  # 1 row where 2 belong
+    (gen / names[2]).write_bytes((gen / names[-1]).read_bytes())  # 2 rows where 4 belong
     (gen / names[4]).write_bytes((gen / names[6]).read_bytes())  # another unit's rows
-    (gen / ".c00000-i000000-000002.parquet.tmp-dead").write_bytes(b"half")  # a crashed writer's leftover
+    (gen / ".u0000000000-0000000004.parquet.tmp-dead").write_bytes(b"half")  # a crashed writer's leftover
     untouched = {n: (gen / n).stat().st_mtime_ns for n in names[5:]}
     summary = run_serial(cfg)
     assert summary["totals"]["units_run"] == 4
@@ -50,7 +51,7 @@ def test_broken_short_and_missing_shards_are_redone_only(tmp_path, tiny_model, c
     assert read_images(gen) == reference
     assert not [p for p in gen.iterdir() if ".tmp-" in p.name]
     out = capsys.readouterr().out
-    assert "unreadable" in out and "short (1 of 2 rows)" in out and "written for another unit" in out
+    assert "unreadable" in out and "short (2 of 4 rows)" in out and "written for another unit" in out
 
 
 def test_changed_pixel_config_is_refused_and_nothing_touched(tmp_path, tiny_model):
@@ -81,20 +82,21 @@ def test_overwrite_replaces_a_run(tmp_path, tiny_model):
 
 
 def test_raising_ipc_extends_and_lowering_trims(tmp_path, tiny_model):
-    cfg = tiny_config(tmp_path / "run", ipc=4)
+    cfg = tiny_config(tmp_path / "run", ipc=4, unit_size=4)  # 40 images in 10 units
     run_serial(cfg)
     gen = tmp_path / "run" / "generated"
     first = read_images(gen)
     s = run_serial(cfg.replace(ipc=6))
-    assert s["totals"]["units_run"] == 10  # only the new index range
+    assert s["totals"]["units_run"] == 5  # only the new images: 20 in units of 4
     bigger = read_images(gen)
     assert len(bigger) == 60 and all(bigger[k] == v for k, v in first.items())
-    run_serial(cfg.replace(ipc=3))  # 3 is not on the unit grid of 2: [2,3) is made, [2,4) and [4,6) go
+    run_serial(cfg.replace(ipc=3))  # 30 images: seven units of 4 are kept, the run's new last unit [28, 30) is made
     trimmed = read_images(gen)
     assert sorted(trimmed) == sorted((c, i) for c in range(10) for i in range(3))
-    assert {p.name for p in gen.glob("*.parquet")} == {u.shard_name for u in plan_units(10, 3, 2)}
-    assert sorted(json.loads((gen / "_manifest.json").read_text())["shards"], key=lambda s: s["name"])[-1] == {
-        "name": "c00009-i000002-000003.parquet",
-        "rows": 1,
-        "bytes": (gen / "c00009-i000002-000003.parquet").stat().st_size,
+    assert all(trimmed[k] == v for k, v in first.items() if k in trimmed)  # the same images, whatever the unit
+    assert {p.name for p in gen.glob("*.parquet")} == {u.shard_name for u in plan_units(10, 3, 4)}
+    assert json.loads((gen / "_manifest.json").read_text())["shards"][-1] == {
+        "name": "u0000000028-0000000030.parquet",
+        "rows": 2,
+        "bytes": (gen / "u0000000028-0000000030.parquet").stat().st_size,
     }

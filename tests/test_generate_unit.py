@@ -37,30 +37,31 @@ def test_tiny_model_saved_with_fp16_variant_and_loaded_by_the_real_path(tiny_mod
 
 def test_unit_shard_content(tmp_path, tiny_model):
     gen, spec = make_generator(tmp_path)
-    unit = WorkUnit(label=1, start=2, stop=5)
+    unit = WorkUnit(start=19, stop=22, classes=10)  # image 1 of class 9, image 2 of classes 0 and 1
     result = gen.run(unit)
     assert result.images == 3
     path = tmp_path / "run" / "generated" / unit.shard_name
     t = pq.read_table(path)
     assert t.schema.names == ["image", "label", "class_id", "class_name", "prompt", "seed", "index"]
-    assert t["label"].to_pylist() == [1, 1, 1] and t["index"].to_pylist() == [2, 3, 4]
-    assert t["class_name"].to_pylist()[0] == "automobile" and t["prompt"].to_pylist()[0] == "automobile"
-    assert t["seed"].to_pylist() == [image_seed(spec.seed, 1, i) for i in (2, 3, 4)]
+    assert t["label"].to_pylist() == [9, 0, 1] and t["index"].to_pylist() == [1, 2, 2]
+    assert t["class_name"].to_pylist() == ["truck", "airplane", "automobile"]
+    assert t["prompt"].to_pylist() == ["truck", "airplane", "automobile"]  # each image its own class's prompt
+    assert t["seed"].to_pylist() == [image_seed(spec.seed, c, i) for c, i in ((9, 1), (0, 2), (1, 2))]
     img = Image.open(io.BytesIO(t["image"].to_pylist()[0]["bytes"]))
     assert img.format == "PNG" and img.size == (16, 16) and img.mode == "RGB"
     meta = pq.read_metadata(path).metadata
     assert meta[b"gdd_ray.fingerprint"] == b"fp-test"
     assert shards.shard_problem(pq.read_metadata(path), shards.generated_spec(unit, "fp-test")) is None
-    assert "short" in shards.shard_problem(pq.read_metadata(path), shards.generated_spec(WorkUnit(1, 2, 6), "fp-test"))
+    assert "short" in shards.shard_problem(pq.read_metadata(path), shards.generated_spec(WorkUnit(19, 23, 10), "fp-test"))
     assert shards.shard_problem(pq.read_metadata(path), shards.generated_spec(unit, "other")) == "another fingerprint"
     assert [p.name for p in (tmp_path / "run" / "generated").iterdir()] == [unit.shard_name]  # no temporary
 
 
 def test_same_unit_same_pixels_regardless_of_batching(tmp_path, tiny_model):
     pipe = load_pipeline("tiny", device="cpu")
-    a, _ = make_generator(tmp_path / "a", pipeline=pipe, batch_size=4)
+    a, _ = make_generator(tmp_path / "a", pipeline=pipe, batch_size=4, unit_size=4)
     b, _ = make_generator(tmp_path / "b", pipeline=pipe, batch_size=1)
-    unit = WorkUnit(3, 0, 4)
+    unit = WorkUnit(8, 12, 10)  # classes 8, 9, 0, 1: a batch of 4 holds four classes
     pa_, pb = a.render(unit).pixels, b.render(unit).pixels
     assert pa_.shape == (4, 16, 16, 3) and pa_.dtype == np.uint8
     assert np.abs(pa_.astype(int) - pb.astype(int)).max() <= 1  # batch only changes float rounding
@@ -74,7 +75,7 @@ def test_same_unit_same_pixels_regardless_of_batching(tmp_path, tiny_model):
     a.prefetch(unit)
     assert np.array_equal(a.render(unit).pixels, pa_) and len(draws) == 1 and not a._prefetched
     for k in range(PREFETCH_LIMIT + 3):  # prefetched and never rendered (a budget's end): held within a bound
-        a.prefetch(WorkUnit(k % 10, 4, 8))
+        a.prefetch(WorkUnit(40 + 4 * k, 44 + 4 * k, 10))
     assert len(a._prefetched) == PREFETCH_LIMIT
 
 
@@ -87,17 +88,18 @@ def test_prompt_embeddings_encoded_batched_once_at_load(tmp_path, tiny_model):
     gen.pipeline = pipe
     gen.load()
     assert calls == [[c.name for c in dataset_classes("cifar10")]]  # one batched call for all 10 classes
-    gen.render(WorkUnit(0, 0, 2))
-    gen.render(WorkUnit(4, 0, 1))
+    gen.render(WorkUnit(0, 2, 10))
+    gen.render(WorkUnit(4, 5, 10))
     assert len(calls) == 1  # renders never encode a prompt
     assert gen.startup["text_encode_s"] >= 0 and gen.prompts.encoder_calls == 1
 
 
 def test_batches_are_full_batch_size_and_padded(tmp_path):
-    gen, _ = make_generator(tmp_path, batch_size=16)
-    assert [len(r) for r in gen.batches(WorkUnit(0, 0, 20))] == [16, 4]  # the 4 run padded to 16
-    assert [len(r) for r in gen.batches(WorkUnit(0, 20, 36))] == [16]
-    assert [list(r) for r in gen.batches(WorkUnit(0, 0, 3))] == [[0, 1, 2]]
+    gen, _ = make_generator(tmp_path, batch_size=16, unit_size=32)
+    assert [len(r) for r in gen.batches(WorkUnit(0, 20, 10))] == [16, 4]  # the 4 run padded to 16
+    assert [len(r) for r in gen.batches(WorkUnit(20, 36, 10))] == [16]
+    assert [list(r) for r in gen.batches(WorkUnit(0, 3, 10))] == [[0, 1, 2]]
+    assert gen.prompt_rows(WorkUnit(0, 20, 10), range(16, 20), [0] * 4) == (6, 7, 8, 9) + (6,) * 12  # padded
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from gdd_ray.generate import stage as gen_stage
 
 IPC = 2
 CONFIG = dict(ipc=IPC, unit_size=2, image_size=8)
-SHARD = "c00000-i000000-000002.parquet"
+SHARD = "u0000000000-0000000002.parquet"  # image 0 of classes 0 and 1
 
 
 @pytest.fixture(scope="module")
@@ -369,9 +369,9 @@ VERIFY = [  # (case, column, value of row 1, what status --verify says of it)
     ("RGBA", "image", lambda: png_of("RGBA", (8, 8)), "mode RGBA, not RGB"),
     ("palette", "image", lambda: png_of("P", (8, 8)), "mode P, not RGB"),
     ("no bytes", "image", lambda: b"", "no bytes"),
-    ("relabelled", "label", lambda: 1, "label 1 in a shard of class 0"),
-    ("index past the unit", "index", lambda: 7, "index 7 outside the unit's 0..1"),
-    ("index twice", "index", lambda: 0, "index 0, variant 0 a second time"),
+    ("relabelled", "label", lambda: 2, "(label 2, index 0, variant 0) where the unit has (1, 0, 0)"),
+    ("index past the unit", "index", lambda: 7, "(label 1, index 7, variant 0) where the unit has (1, 0, 0)"),
+    ("an image twice", "label", lambda: 0, "(label 0, index 0, variant 0) where the unit has (1, 0, 0)"),
 ]
 
 
@@ -399,9 +399,12 @@ def test_verify_flags_each_wrong_but_decodable_image_and_the_rerun_rebuilds_it(c
     original = read_images(gen)
     rewrite_row(gen / SHARD, column, value())
     code, out, _ = cli(["status", str(run)], capsys)
-    assert code == 0  # the footer passes: only --verify reads the rows
+    # The footer passes. A rewrite that changes the shard's size is caught without decoding (its manifest's
+    # byte count), one that keeps it (a label or an index changed in place) only by --verify.
+    changed = f"redo {SHARD}: changed since its manifest was written" in out
+    assert code == (1 if changed else 0) and (changed or column != "image")
     code, out, _ = cli(["status", str(run), "--verify"], capsys)
-    label, index = (1 if column == "label" else 0), (value() if column == "index" else 1)
+    label, index = (value() if column == "label" else 1), (value() if column == "index" else 0)
     assert code == 1 and f"corrupt {SHARD} row 1 (label {label}, index {index}): {why}" in out, out
     assert (gen / f"{SHARD}.corrupt").exists() and not (gen / "_manifest.json").exists()
     assert "set aside 1 shard(s)" in out
@@ -417,8 +420,8 @@ def test_verify_flags_each_wrong_but_decodable_image_and_the_rerun_rebuilds_it(c
 
 
 def test_verify_holds_augmented_and_kept_shards(tmp_path):
-    """What --verify must not flag: augmented shards (variants 0..K of each image, K in the footer), and kept
-    shards whose rows keep their generated index, outside the kept unit's range but among the candidates."""
+    """What --verify must not flag, and what it must: augmented shards hold each image of their unit with its
+    variants 0..K in order (K in the footer); kept shards hold their unit's images by position among the kept."""
     import numpy as np
     import pyarrow as pa
 
@@ -427,22 +430,26 @@ def test_verify_holds_augmented_and_kept_shards(tmp_path):
 
     loc = storage.Location(str(tmp_path / "shards"))
     png = shards.encode_png(np.zeros((8, 8, 3), np.uint8))
-    unit = WorkUnit(0, 0, 2)
-    base = shards.generated_table(unit, "c", "c", ["c"] * 2, [1, 2], [png] * 2)
-    rows = pa.concat_tables([base] * 3)  # images 0, 1 as variants 0, 1, 2
-    augmented = rows.append_column("variant", pa.array([0, 0, 1, 1, 2, 2], pa.int32()))
+    unit = WorkUnit(0, 2, 1)  # images 0 and 1 of the one class
+    base = shards.generated_table(unit, ["c"] * 2, ["c"] * 2, ["c"] * 2, [1, 2], [png] * 2)
+    augmented = base.take(pa.array([0, 0, 0, 1, 1, 1]))  # image-major: each image's variants 0, 1, 2
+    augmented = augmented.append_column("variant", pa.array([0, 1, 2, 0, 1, 2], pa.int32()))
     augmented = augmented.append_column("variant_seed", pa.array(range(6), pa.int64()))
-    footer = {shards.FINGERPRINT: "fp", shards.SOURCE: unit.shard_name, shards.VARIANTS: "2", shards.IMAGE_SIZE: "8"}
+    footer = {shards.FINGERPRINT: "fp", shards.SOURCE: unit.shard_name, shards.VARIANTS: "2", shards.IMAGE_SIZE: "8",
+              shards.UNIT: unit.key}  # fmt: skip
     shards.write_shard(loc, unit.shard_name, augmented, footer)
     assert shards.corrupt_images(loc, unit.shard_name) == []
     shards.write_shard(loc, unit.shard_name, augmented, {**footer, shards.VARIANTS: "1"})
-    assert {b["why"] for b in shards.corrupt_images(loc, unit.shard_name)} == {"variant 2 outside 0..1"}
+    assert shards.corrupt_images(loc, unit.shard_name)[0]["why"] == (
+        "(label 0, index 0, variant 2) where the unit has (0, 1, 0)"
+    )
 
     # kept images whose index is their generated one, not their position among the kept (select VERSION 1)
-    kept = shards.generated_table(WorkUnit(0, 3, 5), "c", "c", ["c"] * 2, [1, 2], [png] * 2)
-    kept = kept.set_column(6, "index", pa.array([3, 5], pa.int32()))
+    kept = base.set_column(6, "index", pa.array([3, 5], pa.int32()))
     shards.write_shard(loc, unit.shard_name, kept, shards.generated_footer(unit, "fp", 8))
-    assert shards.corrupt_images(loc, unit.shard_name)[0]["why"] == "index 3 outside the unit's 0..1"
+    assert shards.corrupt_images(loc, unit.shard_name)[0]["why"] == (
+        "(label 0, index 3, variant 0) where the unit has (0, 0, 0)"
+    )
 
 
 # ---- checkpoints: never unpickled as code ---------------------------------------------------------------------

@@ -51,7 +51,9 @@ def write_sample_grid(
     """Draw the first images of the first classes from OUT/augmented and write OUT/<file>."""
     labels = [c.label for c in classes[:MAX_CLASSES]]
     k1 = variants + 1
-    table = shards.first_rows(run_dir.augmented, names, len(classes), labels, IMAGES_PER_CLASS * k1, ["image"])
+    table = shards.first_rows(
+        run_dir.augmented, names, len(classes), labels, IMAGES_PER_CLASS * k1, ["image", "index", "variant"]
+    )
     table = table.sort_by([("label", "ascending"), ("index", "ascending"), ("variant", "ascending")])
     pngs, row_labels = shards.png_bytes(table), table.column("label").to_pylist()
     rows = []

@@ -254,12 +254,12 @@ def _train_pending(
     from gdd_ray.ray_utils import init_ray
     from gdd_ray.train.worker import TrainJob, check_checkpoints, default_workers, fit
 
-    check_checkpoints(ctx.run_dir.eval.uri, pending, ctx.fingerprint("train"))
-    init_ray()  # only now: a rerun over finished runs starts nothing
     t = ctx.cfg.train
     real, positions = evaluation.real_arrays(ctx, plan, pending)
-    evaluation.record_cells(plan)
     tasks = evaluation.tasks(plan, pending, positions, t.eval_seed)
+    check_checkpoints(tasks)  # before any worker starts: a planted checkpoint is one line here
+    init_ray()  # only now: a rerun over finished runs starts nothing
+    evaluation.record_cells(plan)
     workers, use_gpu = default_workers(len(tasks), t.eval_workers)
     data = {"distilled": ray.put((distilled.images, distilled.labels))}
     if real is not None:

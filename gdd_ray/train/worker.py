@@ -48,11 +48,11 @@ class RunCheckpointer(LocationCheckpointer):
         self.eval.child("metrics").write_bytes(f"{self.stem}.jsonl", lines.encode())
 
 
-def check_checkpoints(eval_uri: str, runs: list[int], fp: str) -> None:
+def check_checkpoints(tasks: list[Task]) -> None:
     """Read every pending run's checkpoint on the driver first, as the workers will (weights only): one that is
     not ours is refused here in one line, before any worker starts (in a worker it would be Ray's error)."""
-    for run in runs:
-        RunCheckpointer(eval_uri, run, fp).load()
+    for task in tasks:
+        RunCheckpointer(task.loc_uri, task.run, task.key, task.source_manifest).load()
 
 
 @dataclass(frozen=True)

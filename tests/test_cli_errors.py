@@ -24,7 +24,7 @@ def existing_run(tmp_path):
     """A folder that looks like a finished run of another config (what bad input must not touch)."""
     run = tmp_path / "run"
     (run / "generated").mkdir(parents=True)
-    (run / "generated" / "c00000-i000000-000002.parquet").write_bytes(b"precious")
+    (run / "generated" / "u0000000000-0000000002.parquet").write_bytes(b"precious")
     (run / "run.json").write_text('{"fingerprints": {"generate": "0000"}, "config": {"seed": 5}}')
     return run
 

@@ -39,12 +39,12 @@ def test_compiled_fast_path_compiles_once_into_the_node_cache(tmp_path, tiny_mod
     monkeypatch.setenv("GDD_RAY_CACHE", str(tmp_path / "cache"))  # a cold compile cache under it
 
     def generator(compile: bool, scope: str = "model") -> UnitGenerator:
-        cfg = tiny_config(tmp_path / f"{compile}-{scope}", engine="fast", batch_size=4, gen_resolution=32,
+        cfg = tiny_config(tmp_path / f"{compile}-{scope}", engine="fast", batch_size=4, unit_size=8, gen_resolution=32,
                           image_size=16, compile=compile, compile_scope=scope)  # fmt: skip
         job = gen_stage.make_job(cfg, CLASSES, "fp-test", str(tmp_path / "run" / "generated"))
         return UnitGenerator(job, pipeline=pipe)
 
-    units = [WorkUnit(1, 0, 6), WorkUnit(2, 4, 7)]  # 4 + 2 (padded), then a short last unit of 3 (padded)
+    units = [WorkUnit(0, 8, 10), WorkUnit(8, 11, 10)]  # 2 full batches of 4 classes, then a run's short last unit of 3 (padded)
     eager = generator(False)
     want = [eager.render(u).pixels for u in units]
 

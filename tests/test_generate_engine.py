@@ -24,7 +24,7 @@ def pipe(tiny_model):
 
 
 def generator(tmp_path, pipe, **overrides) -> UnitGenerator:
-    cfg = tiny_config(tmp_path / "run", **overrides)
+    cfg = tiny_config(tmp_path / "run", **{"unit_size": 4, **overrides})  # a multiple of every batch size here
     job = gen_stage.make_job(cfg, CLASSES, "fp-test", str(tmp_path / "run" / "generated"))
     return UnitGenerator(job, pipeline=pipe)
 
@@ -35,11 +35,11 @@ def reference_pixels(pipe, unit: WorkUnit, seed: int, resolution: int, size: int
     import torch
     import torch.nn.functional as F
 
-    gens = [torch.Generator("cpu").manual_seed(image_seed(seed, unit.label, i)) for i in range(unit.start, unit.stop)]
-    prompt = CLASSES[unit.label].prompt("{name}")
+    gens = [torch.Generator("cpu").manual_seed(image_seed(seed, label, i)) for label, i in unit.images()]
+    prompts = [CLASSES[label].prompt("{name}") for label, _ in unit.images()]  # a unit spans classes
     with torch.inference_mode():
         images = pipe(
-            prompt=[prompt] * unit.size, num_inference_steps=1, guidance_scale=0.0, height=resolution,
+            prompt=prompts, num_inference_steps=1, guidance_scale=0.0, height=resolution,
             width=resolution, generator=gens, output_type="pt",
         ).images  # fmt: skip
     images = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True)
@@ -51,7 +51,7 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def test_fast_engine_reproduces_the_diffusers_pipeline(tmp_path, pipe):
-    unit = WorkUnit(3, 0, 3)  # 3 images at batch 2: one full batch and one padded
+    unit = WorkUnit(29, 32, 10)  # classes 9, 0, 1 at batch 2: one full batch of two classes, one padded
     fast = generator(tmp_path / "f", pipe, engine="fast")
     slow = generator(tmp_path / "d", pipe, engine="diffusers")
     assert (fast.job.engine, slow.job.engine, fast.job.vae_dtype) == ("fast", "diffusers", "fp32")
@@ -73,7 +73,7 @@ def test_fast_engine_reproduces_the_pipeline_on_sdxl_turbos_architecture(tmp_pat
 
     big = load_pipeline("sdxl-random", device="cpu")
     try:
-        unit = WorkUnit(7, 0, 3)  # one full batch of 2 and one padded
+        unit = WorkUnit(7, 10, 10)  # classes 7, 8, 9: one full batch of 2 and one padded
         fast = generator(tmp_path / "f", big, engine="fast", model="sdxl-random")
         slow = generator(tmp_path / "d", big, engine="diffusers", model="sdxl-random")
         assert (fast.job.engine, fast.job.vae_dtype) == ("fast", "fp32")
@@ -87,7 +87,7 @@ def test_fast_engine_reproduces_the_pipeline_on_sdxl_turbos_architecture(tmp_pat
 
 
 def test_image_does_not_depend_on_its_batch_or_padding(tmp_path, pipe):
-    unit = WorkUnit(5, 1, 4)
+    unit = WorkUnit(15, 18, 10)  # image 1 of classes 5, 6, 7
     runs = {}
     for b in (1, 2, 4):
         gen = generator(tmp_path / str(b), pipe, engine="fast", batch_size=b)
@@ -100,7 +100,7 @@ def test_image_does_not_depend_on_its_batch_or_padding(tmp_path, pipe):
 
 
 def test_bf16_decoder_is_close_to_fp32(tmp_path, pipe):
-    unit = WorkUnit(0, 0, 2)
+    unit = WorkUnit(0, 2, 10)
     full = generator(tmp_path / "a", pipe, vae_dtype="fp32").render(unit).pixels.astype(np.float64)
     gen = generator(tmp_path / "b", pipe, vae_dtype="bf16")
     half = gen.render(unit).pixels.astype(np.float64)
@@ -110,7 +110,7 @@ def test_bf16_decoder_is_close_to_fp32(tmp_path, pipe):
 
 
 def test_tiny_decoder_renders_other_pixels(tmp_path, pipe):
-    unit = WorkUnit(2, 0, 2)
+    unit = WorkUnit(2, 4, 10)
     vae = generator(tmp_path / "v", pipe).render(unit).pixels
     gen = generator(tmp_path / "t", pipe, decoder="taesdxl")
     tiny = gen.render(unit).pixels

@@ -34,7 +34,7 @@ def pipes(gdd_cache):
 
 
 def config(tmp_path, model, **overrides):
-    return tiny_config(tmp_path, model=model, gen_resolution=32, **{**TWINS[model][1], **overrides})
+    return tiny_config(tmp_path, model=model, gen_resolution=32, unit_size=4, **{**TWINS[model][1], **overrides})
 
 
 def generator(tmp_path, pipe, model, **overrides) -> UnitGenerator:
@@ -48,10 +48,10 @@ def reference_pixels(pipe, unit: WorkUnit, steps: int, guidance: float, resoluti
     import torch
     import torch.nn.functional as F
 
-    gens = [torch.Generator("cpu").manual_seed(image_seed(0, unit.label, i)) for i in range(unit.start, unit.stop)]
+    gens = [torch.Generator("cpu").manual_seed(image_seed(0, label, i)) for label, i in unit.images()]
     with torch.inference_mode():
         images = pipe(
-            prompt=[CLASSES[unit.label].name] * unit.size, num_inference_steps=steps, guidance_scale=guidance,
+            prompt=[CLASSES[label].name for label, _ in unit.images()], num_inference_steps=steps, guidance_scale=guidance,
             height=resolution, width=resolution, generator=gens, output_type="pt",
         ).images  # fmt: skip
     images = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True)
@@ -88,7 +88,7 @@ def test_twins_have_their_real_models_architecture(pipes):
 @pytest.mark.parametrize("model", list(TWINS))
 def test_generator_reproduces_the_plain_pipeline(tmp_path, pipes, model):
     gen = generator(tmp_path, pipes[model], model)
-    unit = WorkUnit(3, 0, 3)  # at batch 2: one full batch and one padded
+    unit = WorkUnit(19, 22, 10)  # classes 9, 0, 1 at batch 2: one full batch of two classes, one padded
     assert gen.job.engine == "diffusers"
     steps, guidance = TWINS[model][1]["steps"], TWINS[model][1]["guidance"]
     ours = gen.render(unit).pixels
@@ -107,7 +107,7 @@ def test_cfg_negatives_are_encoded_once_per_worker(tmp_path, pipes, model):
     try:
         gen = generator(tmp_path, pipe, model)
         gen.load()
-        for unit in (WorkUnit(0, 0, 3), WorkUnit(4, 0, 2)):  # 3 batches, 1 with padding
+        for unit in (WorkUnit(0, 3, 10), WorkUnit(4, 6, 10)):  # 3 batches, 1 with padding
             gen.render(unit)
     finally:
         hook.remove()
@@ -117,7 +117,7 @@ def test_cfg_negatives_are_encoded_once_per_worker(tmp_path, pipes, model):
 
 @pytest.mark.slow  # five pipeline calls with guidance: ~15 s of CPU
 def test_sd15_images_do_not_depend_on_their_batch(tmp_path, pipes):
-    unit = WorkUnit(5, 1, 3)  # 2 images: two batches at 1, one at 2, one padded at 4
+    unit = WorkUnit(15, 17, 10)  # 2 images: two batches at 1, one at 2, one padded at 4
     runs = {}
     for b in (1, 2, 4):
         gen = generator(tmp_path / str(b), pipes["tiny-sd15"], "tiny-sd15", batch_size=b)

@@ -104,7 +104,7 @@ def test_changing_the_list_on_resume_is_refused(tmp_path, tiny_model):
 
 
 def _generator(tmp_path, pipe, name, **overrides):
-    cfg = tiny_config(tmp_path / name, **overrides)
+    cfg = tiny_config(tmp_path / name, **{"unit_size": 4, **overrides})
     job = make_job(cfg, dataset_classes("cifar10"), "fp-test", str(tmp_path / name / "generated"))
     return UnitGenerator(job, pipeline=pipe)
 
@@ -126,10 +126,10 @@ def test_per_image_template_independent_of_batching_and_units_and_matches_its_pr
     calls = []
     original = pipe.encode_prompt
     pipe.encode_prompt = lambda *a, **k: calls.append(list(a[0])) or original(*a, **k)
-    grids = {  # (batch size, units covering images 0..5 of class 2, whose images use all three templates)
-        "b1": (1, [WorkUnit(2, 0, 3), WorkUnit(2, 3, 6)]),
-        "b2": (2, [WorkUnit(2, 0, 6)]),
-        "b4": (4, [WorkUnit(2, 0, 2), WorkUnit(2, 2, 4), WorkUnit(2, 4, 6)]),
+    grids = {  # (batch size, units covering the grid's first 12 images, which use all three templates)
+        "b1": (1, [WorkUnit(0, 6, 10), WorkUnit(6, 12, 10)]),
+        "b2": (2, [WorkUnit(0, 12, 10)]),
+        "b4": (4, [WorkUnit(0, 4, 10), WorkUnit(4, 8, 10), WorkUnit(8, 12, 10)]),
     }
     seen = {}
     for name, (batch, units) in grids.items():
@@ -153,7 +153,7 @@ def test_per_image_template_independent_of_batching_and_units_and_matches_its_pr
         if not mine:
             continue
         single = _generator(tmp_path, pipe, f"single{t}", batch_size=2, prompt_template=template)
-        alone = _rows(single, [WorkUnit(2, 0, 6)])
+        alone = _rows(single, [WorkUnit(0, 12, 10)])
         assert all(alone[k][0] == prompts[k] for k in mine)
         assert max(np.abs(alone[k][1] - seen["b2"][k][1]).max() for k in mine) <= 1
 

@@ -57,20 +57,20 @@ def test_durations_parse_and_are_bounded(tmp_path):
 
 
 def test_ipc_reached_is_the_last_complete_round():
-    units = plan_units(3, 7, 3)  # rounds [0,3) [3,6) [6,7)
+    units = plan_units(3, 7, 2)  # 21 images of 3 classes in units of 2: a unit may run into the next round
     names = [u.shard_name for u in units]
     assert ipc_reached(units, set(names)) == 7
-    assert ipc_reached(units, set(names[:6])) == 6
-    assert ipc_reached(units, set(names[:5])) == 3  # round 2 has 2 of its 3 classes: not reached
-    assert ipc_reached(units, set(names[:3] + names[6:])) == 3  # a later round alone does not count
+    assert ipc_reached(units, set(names[:5])) == 3  # images 0..9 done: 3 of every class
+    assert ipc_reached(units, set(names[:4])) == 2  # images 0..7: class 2's image 2 is not made yet
+    assert ipc_reached(units, set(names[:3] + names[6:])) == 2  # a later unit alone does not count
     assert ipc_reached(units, set()) == 0
 
 
 def test_serial_dispatch_stops_when_the_next_round_would_not_fit(clock):
-    units = plan_units(3, 6, 2)  # 3 rounds of 6 images; one image = 1 s
+    units = plan_units(3, 6, 2)  # 18 images in 9 units; rounds (by a unit's first image) of 4, 2, 4, 2, 4, 2
     budget = TimeBudget(13)
     results = run_serial(units, lambda: SecondPerImage(clock), budget=budget)
-    # round 0 ends at 6 s (1 img/s); round 1 needs 6 s more: 12 <= 13; round 2 would end at 18 > 13
+    # one image = 1 s: rounds 0..3 end at 4, 6, 10 and 12 s; round 4 would end at 16 > 13
     assert [r.unit for r in results] == units[:6]
     assert ipc_reached(units, {r.unit.shard_name for r in results}) == 4
     assert budget.describe() == {"time_budget_s": 13, "budget_used_s": 12.0, "stopped_by_budget": True}
@@ -79,7 +79,7 @@ def test_serial_dispatch_stops_when_the_next_round_would_not_fit(clock):
 
 
 def test_a_new_round_waits_for_a_measurement_and_counts_what_is_out(clock):
-    queue = deque(plan_units(2, 4, 2))  # rounds of 2 units x 2 images
+    queue = deque(plan_units(4, 4, 2))  # 4 classes in units of 2: rounds of 2 units x 2 images
     budget = TimeBudget(100)
     assert budget.allows(queue, 0) is True  # the first round always goes out: the clock starts here
     queue.popleft(), queue.popleft()
@@ -89,11 +89,11 @@ def test_a_new_round_waits_for_a_measurement_and_counts_what_is_out(clock):
     assert budget.allows(queue, 2) is True
     clock.now = 0.0
     late = TimeBudget(35)
-    late.allows(deque(plan_units(2, 4, 2)), 0)
+    late.allows(deque(plan_units(4, 4, 2)), 0)
     clock.now = 10.0
     late.finished(2)
     assert late.allows(queue, 2) is False and late.stopped  # 10 + 30 > 35
-    assert late.allows(deque([WorkUnit(1, 0, 2)]), 0) is True  # a retry of a round already out still goes
+    assert late.allows(deque([WorkUnit(2, 4, 4)]), 0) is True  # a retry of a round already out still goes
 
 
 def _fake_unit_time(monkeypatch, clock, seconds_per_unit=10.0):

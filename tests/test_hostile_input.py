@@ -172,8 +172,9 @@ def test_numbers(flags, message, existing_run, capsys):
 
 # Each option within its bounds, the product not: refused by arithmetic before any list of units exists.
 PLAN_SIZES = [
-    (["--dataset", "imagenet-1k", "--ipc", "1000000", "--unit-size", "1"], "1,000,000,000 generated images"),
-    (["--dataset", "imagenet-1k", "--ipc", "2000", "--unit-size", "1"], "2,000,000 shards"),
+    (["--dataset", "imagenet-1k", "--ipc", "1000000", "--unit-size", "1", "--batch-size", "1"],
+     "1,000,000,000 generated images"),
+    (["--dataset", "imagenet-1k", "--ipc", "2000", "--unit-size", "1", "--batch-size", "1"], "2,000,000 shards"),
     (["--dataset", "imagenet-1k", "--ipc", "1000000", "--select-by", "clip", "--overgenerate", "100"], "100,000,000,000"),
     (["--dataset", "imagenet-1k", "--ipc", "1000", "--pda-variants", "1000", "--stages", "generate,augment"],
      "1,001,000,000 augmented images"),
@@ -409,7 +410,7 @@ def test_dropping_prompt_templates_on_resume_names_them(tmp_path, capsys, tiny_m
     cfg = three_class_config(tmp_path / "run", ipc=1, prompt_templates=templates)
     pipeline.check(cfg)
     (tmp_path / "run" / "generated").mkdir()
-    (tmp_path / "run" / "generated" / "c00000-i000000-000001.parquet").write_bytes(b"made by the first run")
+    (tmp_path / "run" / "generated" / "u0000000000-0000000002.parquet").write_bytes(b"made by the first run")
     before = tree_digest(tmp_path / "run")
     argv = ["distill", "--classes", cfg.classes, "--ipc", "1", "--model", "tiny", "--gen-resolution", "64",
             "--image-size", "16", "--unit-size", "2", "--batch-size", "2", "--stages", "generate",
@@ -470,7 +471,7 @@ def test_status_of_a_select_stage_counts_its_score_files(tmp_path, capsys):
     from gdd_ray.config_loader import build_config
     from gdd_ray.run import RunDir
 
-    cfg = build_config({"dataset": "cifar10", "ipc": 1, "out": str(tmp_path / "run"), "unit_size": 1,
+    cfg = build_config({"dataset": "cifar10", "ipc": 1, "out": str(tmp_path / "run"), "unit_size": 1, "batch_size": 1,
                         "select_by": "clip", "clip_model": "tiny", "stages": "generate,select"})  # fmt: skip
     classes = load_classes("cifar10", None)
     fps, inputs, _ = pipeline.stage_inputs(cfg, classes, RunDir(cfg.out))
@@ -479,7 +480,7 @@ def test_status_of_a_select_stage_counts_its_score_files(tmp_path, capsys):
     scores = storage.Location(str(tmp_path / "run" / "selected" / shards.SCORES_DIR))
     plan = pipeline.plan_run(cfg, len(classes))
     for unit in plan.units[:6]:
-        table = shards.generated_table(unit, "c", "c", ["p"], [0], [b"x"])
+        table = shards.generated_table(unit, ["c"], ["c"], ["p"], [0], [b"x"])
         footer = {shards.SOURCE: unit.shard_name, shards.FINGERPRINT: fps["select"]}
         storage.Location(scores.uri).write_bytes(unit.shard_name, storage.parquet_bytes(table, footer))
     assert main(["status", cfg.out]) == 1

@@ -30,7 +30,7 @@ def make_cfg(tmp_path, **kw):
     classes = tmp_path / "classes.txt"
     classes.write_text(CLASSES)
     values = dict(
-        classes=str(classes), out=str(tmp_path / "run"), ipc=3, unit_size=2, image_size=16, select_by="clip",
+        classes=str(classes), out=str(tmp_path / "run"), ipc=3, unit_size=2, batch_size=2, image_size=16, select_by="clip",
         clip_model="tiny", overgenerate=2, stages="select", clip_batch_size=8,
     )  # fmt: skip
     values.update(kw)
@@ -171,19 +171,14 @@ def test_scores_do_not_depend_on_what_is_scored_together(tmp_path, gdd_cache):
 
 
 def test_batches_are_groups_of_consecutive_shards_fixed_by_the_plan():
-    units = plan_units(3, 5, 2)  # in plan order: c0 0-2, c1 0-2, c2 0-2, c0 2-4, c1 2-4, c2 2-4, then the 4-5s
-    groups = batch_groups(units, 4)  # consecutive shards while they fit in a batch of 4: classes share batches
-    assert [[(u.label, u.start) for u in g] for g in groups] == [
-        [(0, 0), (1, 0)],
-        [(2, 0), (0, 2)],
-        [(1, 2), (2, 2)],
-        [(0, 4), (1, 4), (2, 4)],
-    ]
+    units = plan_units(3, 5, 2)  # 15 images in plan order: 7 units of 2, then the run's last one, of 1
+    groups = batch_groups(units, 4)  # consecutive shards while they fit in a batch of 4
+    assert [[u.start for u in g] for g in groups] == [[0, 2], [4, 6], [8, 10], [12, 14]]
     assert batch_groups(units, 1) == [[u] for u in units]  # a shard larger than a batch is a group of its own
     names = [u.shard_name for u in units]
-    assert score_calls(units, 4, [names[8], names[0], names[6]]) == [[names[0]], [names[6], names[8]]]
+    assert score_calls(units, 4, [names[7], names[0], names[6]]) == [[names[0]], [names[6], names[7]]]
     scorer = ShardScorer(ScoreJob("clip", ("a", "b", "c"), "src", "dst", "fp", 4, tuple(units)))
-    batch, row = scorer.places_of([names[3], names[8]], [pa.table({"index": [2, 3]}), pa.table({"index": [4]})])
+    batch, row = scorer.places_of([names[3], names[7]], [pa.table({"index": [2, 3]}), pa.table({"index": [4]})])
     assert batch.tolist() == [2**32, 2**32, 3 * 2**32] and row.tolist() == [2, 3, 2]  # group 1 rows 2-3, group 3 row 2
 
 
@@ -205,7 +200,8 @@ def test_fingerprints_and_config(tmp_path):
         cfg.replace(stages=("generate", "select", "train")), classes, pipeline.RunDir(cfg.out)
     )[2]
     assert sources == {"generate": None, "select": "generate", "augment": "select", "train": "select"}
-    plain = fps(build_config({"classes": cfg.classes, "out": cfg.out, "ipc": 3, "unit_size": 2, "image_size": 16}))
+    plain = fps(build_config({"classes": cfg.classes, "out": cfg.out, "ipc": 3, "unit_size": 2, "batch_size": 2,
+                              "image_size": 16}))  # fmt: skip
     assert "select" not in plain and plain["augment"] != base["augment"]  # augment reads the kept images
 
     full = build_config({"dataset": "cifar10", "ipc": 1, "out": "x", "select_by": "clip"})

@@ -18,7 +18,7 @@ from gdd_ray.status import run_status
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model):
-    """A generated run (10 classes x IPC 3 in units of 2 = 20 shards), made once and copied by each test."""
+    """A generated run (10 classes x IPC 3 in units of 2 = 15 shards), made once and copied by each test."""
     out = tmp_path_factory.mktemp("status") / "run"
     gen_stage.run(pipeline.check(tiny_config(out)), serial=True)
     return out
@@ -38,31 +38,31 @@ def test_complete_run(finished_run, capsys):
     st = run_status(str(finished_run))
     g = by_stage(st)["generate"]
     assert st["complete"] and list(by_stage(st)) == ["generate"]
-    assert (g["done"], g["total"], g["images"], g["images_total"]) == (20, 20, 30, 30)
+    assert (g["done"], g["total"], g["images"], g["images_total"]) == (15, 15, 30, 30)
     assert g["state"] == "complete" and g["failures"] == [] and g["images_per_s"] > 0
     assert g["images_per_s"] == RunDir(str(finished_run)).read_summary("generate")["totals"]["images_per_s"]
     assert main(["status", str(finished_run)]) == 0
     text = capsys.readouterr().out
-    assert "20/20 shards" in text and "30/30 images" in text and text.strip().endswith("complete")
+    assert "15/15 shards" in text and "30/30 images" in text and text.strip().endswith("complete")
     assert main(["status", str(finished_run), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["stages"][0]["done"] == 20
+    assert json.loads(capsys.readouterr().out)["stages"][0]["done"] == 15
 
 
 def test_partial_run_names_what_a_rerun_would_redo(finished_run, tmp_path, capsys):
     out = copy_of(finished_run, tmp_path)
     gen = out / "generated"
-    shards = sorted(gen.glob("c*.parquet"))
+    shards = sorted(gen.glob("u*.parquet"))
     shards[0].unlink()  # missing: not done, not a failure
     shards[5].write_bytes(shards[5].read_bytes()[:100])  # torn: a failure to redo
     (gen / "_manifest.json").unlink()  # an interrupted run has no manifest
     st = run_status(str(out))
     g = by_stage(st)["generate"]
     assert not st["complete"] and g["state"] == "incomplete"
-    assert (g["done"], g["total"], g["images"]) == (18, 20, 27)
+    assert (g["done"], g["total"], g["images"]) == (13, 15, 26)
     assert g["failures"] == [f"{shards[5].name}: unreadable (ArrowInvalid)"]
     assert main(["status", str(out)]) == 1
     text = capsys.readouterr().out
-    assert "18/20 shards" in text and f"redo {shards[5].name}" in text and "not complete" in text
+    assert "13/15 shards" in text and f"redo {shards[5].name}" in text and "not complete" in text
 
     # What status calls done is exactly what the stage's resume skips.
     summary = gen_stage.run(pipeline.check(tiny_config(out)), serial=True)
@@ -78,14 +78,14 @@ def test_augment_stage_in_progress(finished_run, tmp_path):
     cfg = tiny_config(out, stages="generate,augment", pda_variants=1)
     ctx = pipeline.check(cfg)  # records the augment fingerprint, as a real start does
     run_dir, fps = ctx.run_dir, ctx.fingerprints
-    names = sorted(p.name for p in (out / "generated").glob("c*.parquet"))
+    names = sorted(p.name for p in (out / "generated").glob("u*.parquet"))
     for n in names[:7]:  # what 7 finished Ray Data tasks leave behind
         augment_shard(run_dir.generated, run_dir.augmented, n, 1, resolve_ops(None), fps["augment"])
     st = by_stage(run_status(str(out)))
     assert st["generate"]["state"] == "complete"
     a = st["augment"]
-    # shards of 2 and 1 images alternate (IPC 3, units of 2); each image + 1 variant
-    assert (a["done"], a["total"], a["images"], a["images_total"]) == (7, 20, 2 * (2 + 1 + 2 + 1 + 2 + 1 + 2), 60)
+    # 7 shards of 2 images, each image + 1 variant
+    assert (a["done"], a["total"], a["images"], a["images_total"]) == (7, 15, 7 * 2 * 2, 60)
     assert a["state"] == "incomplete" and a["failures"] == []
 
 
@@ -142,8 +142,8 @@ def test_verify_names_a_corrupt_image_and_a_rerun_redoes_exactly_its_shard(finis
     out = copy_of(finished_run, tmp_path)
     gen = out / "generated"
     before = read_images(gen)
-    shard = sorted(gen.glob("c*.parquet"))[2]  # units of 2 and 1 alternate: this one holds 2
-    label, start = int(shard.name[1:6]), int(shard.name[8:14])
+    shard = sorted(gen.glob("u*.parquet"))[2]  # positions 4, 5: image 0 of classes 4 and 5
+    label, index = 5, 0  # row 1
     _damage_one_image(shard, row=1)
 
     # The footer is intact, but the shard's size is not the one its manifest recorded: status (footers and
@@ -153,14 +153,14 @@ def test_verify_names_a_corrupt_image_and_a_rerun_redoes_exactly_its_shard(finis
 
     assert main(["status", str(out), "--verify"]) == 1
     text = capsys.readouterr().out
-    assert f"corrupt {shard.name} row 1 (label {label}, index {start + 1})" in text
+    assert f"corrupt {shard.name} row 1 (label {label}, index {index})" in text
     assert "set aside 1 shard(s)" in text and "not complete" in text
     assert not shard.exists() and (gen / (shard.name + ".corrupt")).exists()
     assert not (gen / "_manifest.json").exists()  # the stage is no longer complete for any reader
 
     assert main(["status", str(out), "--verify", "--json"]) == 1  # now a missing shard, nothing corrupt
     g = json.loads(capsys.readouterr().out)["stages"][0]
-    assert (g["done"], g["total"], g["corrupt"], g["set_aside"]) == (19, 20, [], [])
+    assert (g["done"], g["total"], g["corrupt"], g["set_aside"]) == (14, 15, [], [])
 
     summary = gen_stage.run(pipeline.check(tiny_config(out)), serial=True)
     assert summary["totals"]["units_run"] == 1 and shard.exists()

@@ -168,6 +168,7 @@ def test_challenge_protocol_trains_on_the_exported_submission(local_ray, tmp_pat
 def _results(protocol="challenge", acc=0.5, epochs=1000, runs=3, width=128, ipc=10, size=32, test_images=10_000):
     """A results.json as the train stage writes it, at the given settings (the official evaluator's by default)."""
     return {
+        "fingerprint": "0123456789abcdef", "runs": [{"test_acc": acc}] * runs,
         "evaluated": True, "accuracy_mean": acc, "accuracies": [acc] * runs,
         "protocol": {"name": protocol, "epochs": epochs, "batch_size": 256, "lr": 0.01, "momentum": 0.9,
                      "weight_decay": 0.0005, "dsa_strategy": "color_crop_cutout_flip_scale_rotate"},
@@ -180,7 +181,7 @@ def test_score_is_the_challenges_only_at_the_evaluators_settings(tmp_path, capsy
     def fake_run(name, dataset, **settings):
         run = tmp_path / name
         (run / "eval").mkdir(parents=True)
-        (run / "run.json").write_text(json.dumps({"config": {"dataset": dataset}}))
+        (run / "run.json").write_text(json.dumps({"config": {"dataset": dataset, "ipc": 10, "out": str(run)}}))
         (run / "eval" / "results.json").write_text(json.dumps(_results(**settings)))
         return str(run)
 

@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parent.parent / "jobs" / "bench_augment.py"
 
 
 @pytest.mark.slow
-def test_bench_augment_smoke(tmp_path):
+def test_bench_augment_smoke(tmp_path, no_ray):  # the bench starts its own Ray
     import ray
     import torch
 

@@ -98,8 +98,8 @@ def test_the_exit_code_says_which_signal(capsys, monkeypatch):
 
 
 @pytest.mark.slow  # a local Ray starts (15-30 s on the shared 2-core machine)
-@pytest.mark.parametrize("after", ["units ("], ids=["during ray.init"])
-def test_sigterm_while_ray_works(after, tmp_path, tiny_model):
+@pytest.mark.parametrize("after", ["shards ("], ids=["during ray.init"])
+def test_sigterm_while_ray_works(after, tmp_path, tiny_model, no_ray):
     """The real command under Ray, stopped while ray.init runs (Ray's own handler is in place then). Stopped later,
     while the actors render (ray.get converts the handler's exception: the unit test above), it measured the
     same: exit 143, that one line, 5.5 s after the signal; a test of that case runs 45-70 s here, so it is not one."""
@@ -114,7 +114,7 @@ def test_sigterm_while_ray_works(after, tmp_path, tiny_model):
     proc = subprocess.Popen(argv, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 50
-        # "units (": the stage has started, ray.init comes next; "img/s": the progress line, actors at work
+        # "shards (": the stage has started, ray.init comes next
         while after not in (proc.stdout.readline() or after):
             assert time.monotonic() < deadline
         time.sleep(0.5)

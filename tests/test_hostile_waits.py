@@ -128,7 +128,7 @@ def test_gcs_endpoint(endpoint, command, tarpit, closed_port, monkeypatch, tmp_p
 
 
 @pytest.mark.parametrize("endpoint", ["tarpit", "closed", "unknown host"])
-def test_ray_address(endpoint, tarpit, closed_port, existing_run, monkeypatch, capsys, tiny_model):
+def test_ray_address(endpoint, tarpit, closed_port, existing_run, monkeypatch, capsys, tiny_model, no_ray):
     import ray
 
     assert not ray.is_initialized()

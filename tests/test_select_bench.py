@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parent.parent / "jobs" / "bench_select.py"
 
 
 @pytest.mark.slow  # a local Ray and two rounds of CLIP actors: ~40 s on 2 busy cores
-def test_bench_select_smoke(tmp_path):
+def test_bench_select_smoke(tmp_path, no_ray):  # the bench starts its own Ray
     spec = importlib.util.spec_from_file_location("bench_select", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

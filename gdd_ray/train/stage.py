@@ -18,14 +18,13 @@ OUT/eval/baselines/<cell>-<key>/  the same for the random-real and full-data bas
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 from gdd_ray import lifecycle, shards, storage, trainset
 from gdd_ray.config import RunConfig, TrainConfig, net_key
 from gdd_ray.errors import UserError
 from gdd_ray.logs import say
-from gdd_ray.run import RunContext, RunDir, now_iso, stage_summary
+from gdd_ray.run import RunContext, RunDir, Stopwatch, now_iso, stage_summary
 from gdd_ray.train import evaluation, protocols, report, testsets
 from gdd_ray.train.data import DistilledSet, check_alignment, load_shards, mean_std
 
@@ -173,36 +172,22 @@ def load_data(ctx: RunContext, source: lifecycle.Source) -> tuple[DistilledSet, 
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    started = now_iso()
-    cfg, t, fp = ctx.cfg, ctx.cfg.train, ctx.fingerprint("train")
+    """Train what is not finished, then results.json (last); nothing when it is current (_current)."""
+    watch, started, t = Stopwatch(), now_iso(), ctx.cfg.train
     eval_loc = ctx.run_dir.eval
-
     source = lifecycle.read_source(ctx, "train")
     previous = report.read_results(eval_loc)
-    if (
-        previous
-        and previous.get("fingerprint") == fp
-        and (previous.get("read") or {}).get("manifest") == source.manifest.digest
-        and len(previous.get("runs", [])) == t.eval_runs
-    ):
+    if _current(previous, ctx.fingerprint("train"), source, t.eval_runs):
         say("train", f"nothing to do: {storage.join(eval_loc.uri, report.RESULTS)} is current")
-        return previous
+        return previous  # type: ignore[return-value]
 
     ctx.run_dir.update_stage("train", status="running", started=started, finished=None, read=source.record())
     distilled, test, ms = load_data(ctx, source)
-    src_loc, digest = source.loc, source.manifest.digest
     eval_loc.makedirs()
     eval_loc.remove_stale_temporaries()
-    plan = evaluation.make_plan(ctx, distilled, digest)
+    plan = evaluation.make_plan(ctx, distilled, source.manifest.digest)
     pending = plan.pending()
-    drop = f"lr x0.1 from epoch {t.lr_drop_epoch}" if t.lr_drop_epoch else "no lr drop"
-    say(
-        "train",
-        f"{len(distilled.labels)} images ({len(ctx.classes)} classes, {distilled.image_size}px) from {src_loc.uri}, "
-        f"{t.protocol} protocol ({drop}); {len(plan.cells)} evaluation(s) x {t.eval_runs} runs: "
-        f"{len(plan.cells) * t.eval_runs - len(pending)} done, {len(pending)} to do",
-    )
+    say("train", _todo_line(ctx, source, distilled, plan, len(pending)))
     workers, use_gpu = 0, False
     if pending:
         workers, use_gpu = _train_pending(ctx, plan, pending, distilled, test, ms)
@@ -210,39 +195,68 @@ def run(ctx: RunContext) -> dict[str, Any]:
         if plan.missing():  # never report a mean over fewer runs than asked
             raise RuntimeError(f"{', '.join(plan.missing())} finished without writing their result")
     eval_loc.remove_stale_temporaries()
-
-    first = plan.cells[0]
-    runs = [first.done[r] for r in range(t.eval_runs)]
-    results = report.results_document(
-        cfg, fp, src_loc.uri, distilled, test, runs, ms, ctx.classes,
-        workers=workers, use_gpu=use_gpu, started=started, wall_s=time.perf_counter() - t0,
-    )  # fmt: skip
-    results["read"] = source.record()
-    results.update(report.protocol_results(cfg, plan, distilled, test is not None))
-    accs = results["accuracies"]
+    results = _results(ctx, source, plan, distilled, test, ms, workers, use_gpu, started, watch)
     summary = stage_summary(
-        "train", fp, started, time.perf_counter() - t0,
+        "train", ctx.fingerprint("train"), started, watch.seconds,
         units=len(plan.cells) * t.eval_runs, units_run=len(pending), images=int(len(distilled.labels)), images_made=0,
         evaluated=results["evaluated"], accuracy_mean=results["accuracy_mean"],
         accuracy_std=results["accuracy_std"], results=report.RESULTS, protocol=t.protocol,
-        images_per_class=results["train_set"]["images_per_class"],
+        images_per_class=results["train_set"]["images_per_class"], read=source.record(),
     )  # fmt: skip
     ctx.run_dir.write_summary("train", summary)
     report.write_outputs(eval_loc, results, report.merge_metrics(eval_loc, t.eval_runs, plan.cells[1:]))
     ctx.run_dir.update_stage(
         "train", status="done", finished=results["finished"], accuracy_mean=results["accuracy_mean"]
     )
-    if test is None:
-        say("train", "done; nothing was evaluated: no --eval-data was given, so no test accuracy exists")
-    else:
-        say(
-            "train",
-            f"done: test accuracy {100 * results['accuracy_mean']:.2f} +- {100 * results['accuracy_std']:.2f} % "
-            f"over {len(accs)} runs (last epoch, {t.protocol} protocol) -> {storage.join(eval_loc.uri, report.RESULTS)}",
-        )
-        for line in report.protocol_lines(results):
-            say("train", line)
+    for line in _done_lines(ctx, results, test is not None):
+        say("train", line)
     return results
+
+
+def _current(previous: dict[str, Any] | None, fp: str, source: lifecycle.Source, runs: int) -> bool:
+    """Whether results.json is this config's, trained on what the source manifest now lists, over every run (a
+    time budget that grew the set, or a redone stage, makes it stale)."""
+    return bool(
+        previous
+        and previous.get("fingerprint") == fp
+        and (previous.get("read") or {}).get("manifest") == source.manifest.digest
+        and len(previous.get("runs", [])) == runs
+    )
+
+
+def _todo_line(ctx: RunContext, source, distilled: DistilledSet, plan, pending: int) -> str:
+    t = ctx.cfg.train
+    drop = f"lr x0.1 from epoch {t.lr_drop_epoch}" if t.lr_drop_epoch else "no lr drop"
+    return (
+        f"{len(distilled.labels)} images ({len(ctx.classes)} classes, {distilled.image_size}px) from {source.loc.uri}, "
+        f"{t.protocol} protocol ({drop}); {len(plan.cells)} evaluation(s) x {t.eval_runs} runs: "
+        f"{len(plan.cells) * t.eval_runs - pending} done, {pending} to do"
+    )
+
+
+def _results(ctx, source, plan, distilled, test, ms, workers, use_gpu, started, watch) -> dict[str, Any]:
+    """results.json: the headline cell's runs, what was read, and every other protocol's numbers."""
+    first = plan.cells[0]
+    runs = [first.done[r] for r in range(ctx.cfg.train.eval_runs)]
+    results = report.results_document(
+        ctx.cfg, ctx.fingerprint("train"), source.loc.uri, distilled, test, runs, ms, ctx.classes,
+        workers=workers, use_gpu=use_gpu, started=started, wall_s=watch.seconds,
+    )  # fmt: skip
+    results["read"] = source.record()
+    results.update(report.protocol_results(ctx.cfg, plan, distilled, test is not None))
+    return results
+
+
+def _done_lines(ctx: RunContext, results: dict[str, Any], evaluated: bool) -> list[str]:
+    t = ctx.cfg.train
+    if not evaluated:
+        return ["done; nothing was evaluated: no --eval-data was given, so no test accuracy exists"]
+    where = storage.join(ctx.run_dir.eval.uri, report.RESULTS)
+    return [
+        f"done: test accuracy {100 * results['accuracy_mean']:.2f} +- {100 * results['accuracy_std']:.2f} % over "
+        f"{len(results['accuracies'])} runs (last epoch, {t.protocol} protocol) -> {where}",
+        *report.protocol_lines(results),
+    ]
 
 
 def _train_pending(

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from gdd_ray.config_loader import build_config
     from gdd_ray.select import clip, stage
     from gdd_ray.select.scorer import ScoreJob, ShardScorer, read_scores, score_calls
-    from jobs.bench_augment import interleaved_rounds, write_results  # the PDA benchmark's timing rule
+    from jobs.bench_common import interleaved_rounds, write_results
 
     shutil.rmtree(args.out, ignore_errors=True)
     clip_label = args.clip_model

@@ -268,7 +268,7 @@ def measured(log: RowLog, part: str, name: str, fn, *args, **kwargs) -> dict | N
 
 
 def part_eager(a, log: RowLog, work: Path, device: str) -> None:
-    from jobs import bench_generate as bg
+    from jobs import bench_engine as bg
 
     bench = bg.EngineBench(engine_args(a), work, device=device)
     log.row("eager", "model-load", {"load_s": bench.load_s, "model": a.model})
@@ -286,7 +286,7 @@ def part_eager(a, log: RowLog, work: Path, device: str) -> None:
 
 
 def part_compiled(a, log: RowLog, work: Path, device: str) -> None:
-    from jobs import bench_generate as bg
+    from jobs import bench_engine as bg
 
     unet, dec = a.compiled_layout.split("/")
     bench = bg.EngineBench(engine_args(a), work, device=device)

@@ -149,6 +149,142 @@ def actor_options(cluster_gpus: int, worker_gpus: float | None = None) -> dict:
     return opts
 
 
+class ActorPool:
+    """One generator actor per slot, kept busy from a queue of units: `run()` returns (results, stats).
+
+    dispatch   every ready actor gets units until it holds PIPELINE_DEPTH (with a budget: while the next
+               round fits, budget.py)
+    on_ready   an actor finished its start-up (its load, compile and first-batch times go in the stats)
+    on_result  a unit came back: kept, or retried (its own error) or requeued with the actor replaced (the
+               actor, its process or its node died)
+    stats: workers_started, worker_start_s (until the first actor was ready), startup (each ready actor's
+    load, text-encode, compile and first-batch seconds), replacements, failed_attempts, errors."""
+
+    def __init__(self, units, job, workers, max_retries, progress, cluster_gpus, max_replacements, worker_gpus, budget):
+        self.job, self.max_retries, self.progress, self.budget = job, max_retries, progress, budget
+        self.opts = actor_options(cluster_gpus, worker_gpus)
+        self.actor_cls = _actor_class()
+        self.queue: deque[WorkUnit] = deque(units)
+        self.attempts: Counter[WorkUnit] = Counter()
+        self.results: list[UnitResult] = []
+        self.max_replacements = max(3, 2 * workers) if max_replacements is None else max_replacements
+        self.stats: dict = dict(
+            workers_started=0, worker_start_s=None, startup=[], replacements=0, failed_attempts=0, errors=[]
+        )
+        self.t0 = time.perf_counter()
+        self.in_flight: dict = {}  # ObjectRef -> (slot, epoch, unit)
+        self.slots = [_Slot(i) for i in range(workers)]
+        for s in self.slots:
+            self.start(s)
+
+    def start(self, slot: _Slot) -> None:
+        slot.actor = self.actor_cls.options(**self.opts).remote(self.job)
+        slot.epoch += 1
+        slot.ready = False
+        slot.ready_ref = slot.actor.ready.remote()
+        slot.in_flight = 0
+        self.stats["workers_started"] += 1
+
+    def replace(self, slot: _Slot, cause: str) -> None:
+        import ray
+
+        self.stats["replacements"] += 1
+        if self.stats["replacements"] > self.max_replacements:
+            raise unit_failed(
+                f"generator workers keep dying ({self.stats['replacements']} replaced); last cause: {cause}", None
+            )
+        say("generate", f"worker {slot.index} died ({cause}); starting a replacement")
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:
+            pass
+        self.start(slot)
+
+    def fail_unit(self, unit: WorkUnit, cause: str, error: BaseException | None = None) -> None:
+        self.attempts[unit] += 1
+        self.stats["failed_attempts"] += 1
+        self.stats["errors"] = (self.stats["errors"] + [f"{unit}: {cause}"])[-10:]
+        if self.attempts[unit] >= self.max_retries:
+            raise unit_failed(f"work unit {unit} failed {self.attempts[unit]} times: {cause}", error)
+        self.queue.appendleft(unit)  # retry soon, so a bad unit surfaces early rather than at the end
+
+    def dispatch(self) -> None:
+        for s in self.slots:
+            while s.ready and self.queue and s.in_flight < PIPELINE_DEPTH:
+                if self.budget is not None:
+                    allowed = self.budget.allows(self.queue, sum(u.size for *_, u in self.in_flight.values()))
+                    if allowed is False:
+                        self.queue.clear()  # the budget is spent: the units out finish, nothing more starts
+                    if not allowed:
+                        break
+                unit = self.queue.popleft()
+                self.in_flight[s.actor.run_unit.remote(unit)] = (s, s.epoch, unit)
+                s.in_flight += 1
+
+    def on_ready(self, slot: _Slot, ref) -> None:
+        import ray
+        from ray.exceptions import RayError
+
+        try:
+            slot.info = ray.get(ref)
+            slot.ready = True
+            self.stats["startup"] = (self.stats["startup"] + [slot.info])[-20:]
+            if self.stats["worker_start_s"] is None:
+                self.stats["worker_start_s"] = round(time.perf_counter() - self.t0, 3)
+        except RayError as e:
+            self.replace(slot, f"could not start: {last_line(e)}")
+
+    def on_result(self, ref) -> None:
+        import ray
+        from ray.exceptions import RayError, RayTaskError
+
+        slot, epoch, unit = self.in_flight.pop(ref)
+        if slot.epoch == epoch:
+            slot.in_flight -= 1
+        try:
+            result = ray.get(ref)
+        except RayTaskError as e:  # the unit's own code raised: the worker is fine
+            self.fail_unit(unit, last_line(e), e)
+            return
+        except RayError as e:  # the worker, its process or its node is gone (ActorDiedError, NodeDiedError, ...)
+            cause = f"{type(e).__name__}: {last_line(e)}"
+            self.fail_unit(unit, f"worker died: {cause}", e)
+            if slot.epoch == epoch:
+                self.replace(slot, cause)
+            return
+        self.results.append(result)
+        if self.budget is not None:
+            self.budget.finished(result.images)
+        if self.progress:
+            self.progress.add(1, result.images, workers=sum(s.ready for s in self.slots))
+
+    def run(self) -> tuple[list[UnitResult], dict]:
+        import ray
+
+        try:
+            while self.queue or self.in_flight:
+                self.dispatch()
+                waiting = list(self.in_flight) + [s.ready_ref for s in self.slots if not s.ready]
+                wait_s = self.progress.interval_s if self.progress else 5.0
+                done, _ = ray.wait(waiting, num_returns=1, timeout=wait_s)
+                if not done:
+                    if self.progress:
+                        self.progress.maybe_print(workers=sum(s.ready for s in self.slots))
+                    continue
+                starting = next((s for s in self.slots if not s.ready and s.ready_ref == done[0]), None)
+                if starting is not None:
+                    self.on_ready(starting, done[0])
+                else:
+                    self.on_result(done[0])
+        finally:
+            for s in self.slots:
+                try:
+                    ray.kill(s.actor, no_restart=True)
+                except Exception:
+                    pass
+        return self.results, self.stats
+
+
 def run_on_ray(
     units: Iterable[WorkUnit],
     job: GenerationJob,
@@ -162,115 +298,13 @@ def run_on_ray(
     budget: TimeBudget | None = None,
 ) -> list[UnitResult]:
     """Run every unit on `workers` actors (with a `budget`: up to the last round that fits it, see budget.py);
-    `stats` (if given) receives what happened along the way:
-    workers_started, worker_start_s (until the first actor was ready), startup (each ready actor's load,
-    text-encode, compile and first-batch seconds), replacements, failed_attempts."""
+    `stats` (if given) receives the pool's stats (ActorPool) as they are, also when a unit fails."""
     import ray
-    from ray.exceptions import RayError, RayTaskError
 
     if cluster_gpus is None:
         cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
-    opts = actor_options(cluster_gpus, worker_gpus)
-    actor_cls = _actor_class()
-    queue: deque[WorkUnit] = deque(units)
-    attempts: Counter[WorkUnit] = Counter()
-    results: list[UnitResult] = []
-    replacements = 0
-    if max_replacements is None:
-        max_replacements = max(3, 2 * workers)
-    stats = stats if stats is not None else {}
-    stats.update(workers_started=0, worker_start_s=None, startup=[], replacements=0, failed_attempts=0, errors=[])
-    t0 = time.perf_counter()
-
-    def start(slot: _Slot) -> None:
-        slot.actor = actor_cls.options(**opts).remote(job)
-        slot.epoch += 1
-        slot.ready = False
-        slot.ready_ref = slot.actor.ready.remote()
-        slot.in_flight = 0
-        stats["workers_started"] += 1
-
-    slots = [_Slot(i) for i in range(workers)]
-    for s in slots:
-        start(s)
-    in_flight: dict = {}  # ObjectRef -> (slot, epoch, unit)
-
-    def replace(slot: _Slot, cause: str) -> None:
-        nonlocal replacements
-        replacements += 1
-        stats["replacements"] = replacements
-        if replacements > max_replacements:
-            raise unit_failed(f"generator workers keep dying ({replacements} replaced); last cause: {cause}", None)
-        say("generate", f"worker {slot.index} died ({cause}); starting a replacement")
-        try:
-            ray.kill(slot.actor, no_restart=True)
-        except Exception:
-            pass
-        start(slot)
-
-    def fail_unit(unit: WorkUnit, cause: str, error: BaseException | None = None) -> None:
-        attempts[unit] += 1
-        stats["failed_attempts"] += 1
-        stats["errors"] = (stats["errors"] + [f"{unit}: {cause}"])[-10:]
-        if attempts[unit] >= max_retries:
-            raise unit_failed(f"work unit {unit} failed {attempts[unit]} times: {cause}", error)
-        queue.appendleft(unit)  # retry soon, so a bad unit surfaces early rather than at the end
-
-    try:
-        while queue or in_flight:
-            for s in slots:
-                while s.ready and queue and s.in_flight < PIPELINE_DEPTH:
-                    if budget is not None:
-                        allowed = budget.allows(queue, sum(u.size for *_, u in in_flight.values()))
-                        if allowed is False:
-                            queue.clear()  # the budget is spent: the units out finish, nothing more starts
-                        if not allowed:
-                            break
-                    unit = queue.popleft()
-                    ref = s.actor.run_unit.remote(unit)
-                    in_flight[ref] = (s, s.epoch, unit)
-                    s.in_flight += 1
-            waiting = list(in_flight) + [s.ready_ref for s in slots if not s.ready]
-            done, _ = ray.wait(waiting, num_returns=1, timeout=progress.interval_s if progress else 5.0)
-            if not done:
-                if progress:
-                    progress.maybe_print(workers=sum(s.ready for s in slots))
-                continue
-            ref = done[0]
-            starting = next((s for s in slots if not s.ready and s.ready_ref == ref), None)
-            if starting is not None:
-                try:
-                    starting.info = ray.get(ref)
-                    starting.ready = True
-                    stats["startup"] = (stats["startup"] + [starting.info])[-20:]
-                    if stats["worker_start_s"] is None:
-                        stats["worker_start_s"] = round(time.perf_counter() - t0, 3)
-                except RayError as e:
-                    replace(starting, f"could not start: {last_line(e)}")
-                continue
-            slot, epoch, unit = in_flight.pop(ref)
-            if slot.epoch == epoch:
-                slot.in_flight -= 1
-            try:
-                result = ray.get(ref)
-            except RayTaskError as e:  # the unit's own code raised: the worker is fine
-                fail_unit(unit, last_line(e), e)
-                continue
-            except RayError as e:  # the worker, its process or its node is gone (ActorDiedError, NodeDiedError, ...)
-                cause = f"{type(e).__name__}: {last_line(e)}"
-                fail_unit(unit, f"worker died: {cause}", e)
-                if slot.epoch == epoch:
-                    replace(slot, cause)
-                continue
-            results.append(result)
-            if budget is not None:
-                budget.finished(result.images)
-            if progress:
-                progress.add(1, result.images, workers=sum(s.ready for s in slots))
-    finally:
-        for s in slots:
-            try:
-                ray.kill(s.actor, no_restart=True)
-            except Exception:
-                pass
-    return results
+    pool = ActorPool(units, job, workers, max_retries, progress, cluster_gpus, max_replacements, worker_gpus, budget)
+    if stats is not None:
+        stats.update(pool.stats)
+        pool.stats = stats  # one dict: a caller that catches a failure still reads what happened
+    return pool.run()[0]

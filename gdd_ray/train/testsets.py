@@ -93,7 +93,35 @@ def _decode_names(raw: list) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in raw]
 
 
+def _tiny_words(root: str) -> dict[str, str]:
+    """WordNet id -> the first of its names, from Tiny-ImageNet's words.txt (empty when there is none)."""
+    words = {}
+    words_file = os.path.join(root, "words.txt")
+    if os.path.isfile(words_file):
+        with open(words_file) as fh:
+            for line in fh:
+                wnid, _, name = line.rstrip("\n").partition("\t")
+                words[wnid] = name.split(",")[0].strip()
+    return words
+
+
 # ---- detection ----------------------------------------------------------------------------------
+
+
+# The files that mark a CIFAR folder (python version) holding each split, by dataset, in the order looked for.
+_CIFAR_FILES = {
+    "test": {"cifar100": ("test", "meta"), "cifar10": ("test_batch", "batches.meta")},
+    "train": {"cifar100": ("train", "meta"), "cifar10": ("data_batch_1", "batches.meta")},
+}
+
+
+def _find_cifar(path: str, split: str) -> tuple[str, str] | None:
+    """(kind, root) of a CIFAR folder holding `split` at `path` or its usual folder below it."""
+    for root in (path, os.path.join(path, "cifar-100-python"), os.path.join(path, "cifar-10-batches-py")):
+        for kind, files in _CIFAR_FILES[split].items():
+            if all(os.path.isfile(os.path.join(root, f)) for f in files):
+                return kind, root
+    return None
 
 
 def _find(path: str) -> tuple[str, str] | None:
@@ -102,11 +130,9 @@ def _find(path: str) -> tuple[str, str] | None:
         return "pt", path
     if not os.path.isdir(path):
         return None
-    for root in (path, os.path.join(path, "cifar-100-python"), os.path.join(path, "cifar-10-batches-py")):
-        if os.path.isfile(os.path.join(root, "test")) and os.path.isfile(os.path.join(root, "meta")):
-            return "cifar100", root
-        if os.path.isfile(os.path.join(root, "test_batch")) and os.path.isfile(os.path.join(root, "batches.meta")):
-            return "cifar10", root
+    cifar = _find_cifar(path, "test")
+    if cifar is not None:
+        return cifar
     for root in (path, os.path.join(path, "tiny-imagenet-200")):
         if os.path.isfile(os.path.join(root, "val", "val_annotations.txt")):
             return "tiny-imagenet", root
@@ -192,13 +218,7 @@ def _tiny(root: str, shown: str, load_pixels: bool) -> tuple[TestSetInfo, list[s
     unknown = sorted(set(wnids_of) - set(index))
     if unknown:
         raise _err(shown, f"val_annotations.txt names classes not in wnids.txt: {', '.join(unknown[:5])} (corrupt)")
-    words = {}
-    words_file = os.path.join(root, "words.txt")
-    if os.path.isfile(words_file):
-        with open(words_file) as fh:
-            for line in fh:
-                wnid, _, name = line.rstrip("\n").partition("\t")
-                words[wnid] = name.split(",")[0].strip()
+    words = _tiny_words(root)
     if not files:
         raise _err(shown, "val/val_annotations.txt lists no images (corrupt)")
     missing = [f for f in files[:1] + files[-1:] if not os.path.isfile(f)]
@@ -362,11 +382,9 @@ def _find_train(path: str) -> tuple[str, str] | None:
     """(kind, root) of the training set at or just below `path` (the same layouts as the test sets')."""
     if not os.path.isdir(path):
         return None
-    for root in (path, os.path.join(path, "cifar-100-python"), os.path.join(path, "cifar-10-batches-py")):
-        if os.path.isfile(os.path.join(root, "train")) and os.path.isfile(os.path.join(root, "meta")):
-            return "cifar100", root
-        if os.path.isfile(os.path.join(root, "data_batch_1")) and os.path.isfile(os.path.join(root, "batches.meta")):
-            return "cifar10", root
+    cifar = _find_cifar(path, "train")
+    if cifar is not None:
+        return cifar
     for root in (path, os.path.join(path, "tiny-imagenet-200")):
         if os.path.isfile(os.path.join(root, "wnids.txt")) and os.path.isdir(os.path.join(root, "train")):
             return "tiny-imagenet", root
@@ -417,13 +435,7 @@ def _tiny_train(root: str, shown: str) -> tuple[TestSetInfo, list[str], np.ndarr
             labels.append(i)
     if not files:
         raise _err(shown, "train/ holds no images")
-    words = {}
-    words_file = os.path.join(root, "words.txt")
-    if os.path.isfile(words_file):
-        with open(words_file) as fh:
-            for line in fh:
-                wnid, _, name = line.rstrip("\n").partition("\t")
-                words[wnid] = name.split(",")[0].strip()
+    words = _tiny_words(root)
     size = _image_size(files[0], shown)
     info = TestSetInfo("tiny-imagenet", root, wnids, [words.get(w, w) for w in wnids], len(files), size)
     return info, files, np.array(labels, dtype=np.int64)

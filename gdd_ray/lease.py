@@ -14,7 +14,7 @@ conditional PUT on object stores), so of two drivers racing for one generation e
   next generation, saying so; the loser of a race for it re-reads and refuses.
 
 A holder whose lease was taken over (it stalled past its expiry) sees the newer generation at its next
-heartbeat and stops itself. Guarantees and their limits are in the README ("One driver per run"):
+heartbeat and stops itself. Guarantees and their limits are in docs/resume.md ("One driver per run"):
 the conditional create is atomic on local disks, NFS, S3 and GCS; the GCS emulator the tests use ignores
 `ifGenerationMatch`, so there the tests prove the protocol, not the atomicity; expiry compares the holder's
 clock with the reader's, so clocks must agree to well within the expiry (NTP does).

@@ -51,3 +51,18 @@ def test_bench_generate_engine_matrix_smoke(tmp_path, tiny_model, capsys):
     assert res["versions"]["torch"] and "a_paper_loop" not in res
     printed = capsys.readouterr().out
     assert "| engine | VAE | batch (executed) |" in printed and printed.count("| fast | fp32 |") >= 2
+
+
+def test_bench_packing_smoke(tmp_path, tiny_model):
+    """The packing benchmark renders the same images both ways (same pixels) and counts what each executed."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_packing", BENCH.parent / "bench_packing.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "packing.json"
+    assert bench.main(["--smoke-test", "--results", str(out)]) == 0
+    res = json.loads(out.read_text())
+    one, packed = res["layouts"]["one class per unit"], res["layouts"]["packed"]
+    assert (one["images_executed"], packed["images_executed"]) == (160, 16) and res["max_pixel_difference"] <= 1

@@ -44,7 +44,10 @@ def test_compiled_fast_path_compiles_once_into_the_node_cache(tmp_path, tiny_mod
         job = gen_stage.make_job(cfg, CLASSES, "fp-test", str(tmp_path / "run" / "generated"))
         return UnitGenerator(job, pipeline=pipe)
 
-    units = [WorkUnit(0, 8, 10), WorkUnit(8, 11, 10)]  # 2 full batches of 4 classes, then a run's short last unit of 3 (padded)
+    units = [
+        WorkUnit(0, 8, 10),
+        WorkUnit(8, 11, 10),
+    ]  # 2 full batches of 4 classes, then a run's short last unit of 3 (padded)
     eager = generator(False)
     want = [eager.render(u).pixels for u in units]
 

@@ -52,7 +52,9 @@ def test_unit_shard_content(tmp_path, tiny_model):
     meta = pq.read_metadata(path).metadata
     assert meta[b"gdd_ray.fingerprint"] == b"fp-test"
     assert shards.shard_problem(pq.read_metadata(path), shards.generated_spec(unit, "fp-test")) is None
-    assert "short" in shards.shard_problem(pq.read_metadata(path), shards.generated_spec(WorkUnit(19, 23, 10), "fp-test"))
+    assert "short" in shards.shard_problem(
+        pq.read_metadata(path), shards.generated_spec(WorkUnit(19, 23, 10), "fp-test")
+    )
     assert shards.shard_problem(pq.read_metadata(path), shards.generated_spec(unit, "other")) == "another fingerprint"
     assert [p.name for p in (tmp_path / "run" / "generated").iterdir()] == [unit.shard_name]  # no temporary
 

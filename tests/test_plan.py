@@ -1,5 +1,7 @@
 from collections import Counter
 
+import pytest
+
 from gdd_ray.plan import (
     WorkUnit,
     image_seed,
@@ -50,3 +52,15 @@ def test_seeds_depend_on_run_class_index_only():
     seeds = {image_seed(s, c, i) for s in range(2) for c in range(10) for i in range(50)}
     assert len(seeds) == 2 * 10 * 50
     assert all(0 <= s < 2**63 for s in seeds)
+
+
+@pytest.mark.parametrize("classes, ipc", [(100, 1), (10, 10), (100, 20)], ids=["c100-ipc1", "c10-ipc10", "c100-ipc20"])
+def test_packed_units_execute_at_most_one_partly_filled_batch(classes, ipc):
+    """The issue's three settings at batch 16 (units of 64): the images the model executes are the images kept,
+    plus what one padded last batch adds (one class per unit executed 1,600 for CIFAR-100 at IPC 1)."""
+    batch = 16
+    units = plan_units(classes, ipc, 64)
+    executed = sum(-(-u.size // batch) * batch for u in units)  # what UnitGenerator.render executes
+    kept = classes * ipc
+    assert kept <= executed < kept + batch
+    assert sum(u.size % batch != 0 for u in units) <= 1

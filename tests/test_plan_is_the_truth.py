@@ -47,22 +47,25 @@ class SeededScoring:
     def __init__(self, job):
         self.job = job
 
-    def __call__(self, names: list[str]) -> list[dict]:
+    def __call__(self, calls: list[str]) -> list[dict]:
         from gdd_ray import storage
         from gdd_ray.select.scorer import score_table
 
         src, dst = storage.Location(self.job.src_uri), storage.Location(self.job.scores_uri)
         stats = []
-        for name in names:
-            t = shards.read_shard(src, name, ["label", "index", "seed"])
-            seeds = t.column("seed").to_numpy()
-            scores = (seeds % 1000) / 1000.0
-            emb = np.stack([np.cos(s % 7 + np.arange(4)) for s in seeds])
-            table = score_table(t.column("label").to_numpy(), t.column("index").to_numpy(), seeds, scores,
-                                scores > 0.5, emb)  # fmt: skip
-            footer = {shards.FINGERPRINT: self.job.fingerprint, shards.SOURCE: name}
-            dst.write_bytes(name, storage.parquet_bytes(table, footer))
-            stats.append({"shard": name, "rows": t.num_rows, "seconds": 0.0})
+        for call in calls:  # a call: one batch group's shard names, newline-separated; one stats dict each
+            rows = 0
+            for name in call.split("\n"):
+                t = shards.read_shard(src, name, ["label", "index", "seed"])
+                seeds = t.column("seed").to_numpy()
+                scores = (seeds % 1000) / 1000.0
+                emb = np.stack([np.cos(s % 7 + np.arange(4)) for s in seeds])
+                table = score_table(t.column("label").to_numpy(), t.column("index").to_numpy(), seeds, scores,
+                                    scores > 0.5, emb)  # fmt: skip
+                footer = {shards.FINGERPRINT: self.job.fingerprint, shards.SOURCE: name}
+                dst.write_bytes(name, storage.parquet_bytes(table, footer))
+                rows += t.num_rows
+            stats.append({"shards": call.split("\n"), "rows": rows})
         return stats
 
 
@@ -182,12 +185,12 @@ def augmented_keys(out) -> Counter:
 def test_a_manifest_missing_a_shard_never_deletes_its_data(finished, tmp_path, capsys):
     cfg, out = copy_run(finished, tmp_path)
     before = tree_digest(out / "augmented")
-    edit_manifest(out / "generated", lambda d: d["shards"].pop(3))  # class 0's images 2..3 no longer listed
+    edit_manifest(out / "generated", lambda d: d["shards"].pop(3))  # positions 6..7 (image 2 of classes 0 and 1) no longer listed
 
     only_augment = cfg.replace(stages=("augment",))
     assert main(["status", str(out)]) == 1
     assert (
-        "its manifest lacks 1 of the 6 shards of the plan (first: c00000-i000002-000004.parquet)"
+        "its manifest lacks 1 of the 6 shards of the plan (first: u0000000006-0000000008.parquet)"
         in capsys.readouterr().out
     )
     with pytest.raises(UserError, match="lacks 1 of the 6 shards of the plan.*run the generate stage again"):
@@ -207,11 +210,11 @@ def test_a_manifest_missing_a_shard_never_deletes_its_data(finished, tmp_path, c
 def test_a_manifest_that_disagrees_is_rewritten_by_a_rerun(damage, finished, tmp_path, capsys):
     cfg, out = copy_run(finished, tmp_path)
     if damage == "extra entry":
-        change = lambda d: d["shards"].append({"name": "c00099-i000000-000002.parquet", "rows": 2, "bytes": 1})  # noqa: E731
+        change = lambda d: d["shards"].append({"name": "u0000000098-0000000100.parquet", "rows": 2, "bytes": 1})  # noqa: E731
         message = "lists 1 entries the plan does not have"
     elif damage == "wrong rows":
         change = lambda d: d["shards"][0].update(rows=3)  # noqa: E731
-        message = "says 3 rows for c00000-i000000-000002.parquet, the plan 2"
+        message = "says 3 rows for u0000000000-0000000002.parquet, the plan 2"
     elif damage == "wrong bytes":
         change = lambda d: d["shards"][5].update(bytes=8320)  # noqa: E731
         message = "changed since its manifest was written (8320 bytes"

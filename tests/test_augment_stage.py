@@ -84,7 +84,7 @@ def test_counts_layout_and_skip(tmp_path, local_ray):
         samples.LABEL_WIDTH + 2 * (3 * (samples.CELL + 2) + samples.GAP),
         3,
     )
-    first = shards.decode_png(gen["c00000-i000000-000002.parquet"].column("image")[0].as_py()["bytes"])
+    first = shards.decode_png(gen["u0000000000-0000000002.parquet"].column("image")[0].as_py()["bytes"])
     cell = grid[18 : 18 + samples.CELL, samples.LABEL_WIDTH : samples.LABEL_WIDTH + samples.CELL]
     assert np.array_equal(cell, first.repeat(2, 0).repeat(2, 1))
     assert run_dir.read_record()["stages"]["augment"]["status"] == "done"

@@ -74,7 +74,7 @@ def test_rank_keeps_the_best_ties_by_index_in_index_order():
 @pytest.mark.slow  # ~40 s on 2 busy cores: Ray, a CLIP actor, the choice tasks
 def test_keeps_exactly_ipc_per_class_the_best_scored(tmp_path, local_ray):
     cfg, ctx, run_dir = make_run(tmp_path)
-    assert len(ctx.plan.units) == 4 * 3 and len(ctx.plan.kept) == 4 * 2  # 6 candidates, 3 kept, unit 2
+    assert len(ctx.plan.units) == 12 and len(ctx.plan.kept) == 6  # 4 classes x 6 candidates, 3 kept, units of 2
     summary = stage.run(ctx)
     gen = {}
     for name in run_dir.generated.list(".parquet"):
@@ -97,7 +97,7 @@ def test_keeps_exactly_ipc_per_class_the_best_scored(tmp_path, local_ray):
         assert [r[0] for r in rows] == sorted(best)  # exactly IPC, the best by score, stored in index order
         for idx, _, s, top, png in rows:
             assert (s, top) == scored[(label, idx)] and png == gen[(label, idx)]  # the generated image, untouched
-    first = run_dir.selected.file("c00000-i000000-000002.parquet")
+    first = run_dir.selected.file("u0000000000-0000000002.parquet")
     assert pq.read_table(first).schema.names == shards.SELECTED_SCHEMA.names
     assert "clip_score" in storage.footer_metadata(pq.read_metadata(first))["huggingface"]
 
@@ -130,19 +130,19 @@ def test_resume_redoes_only_what_is_missing_with_the_same_bytes(tmp_path, local_
     kept_before = {n: run_dir.selected.read_bytes(n) for n in run_dir.selected.list(".parquet")}
     scores_before = {n: scores_loc.read_bytes(n) for n in scores_loc.list(".parquet")}
     # a killed run: one score file never written, one kept shard cut short, a temporary left behind
-    scores_loc.delete("c00002-i000002-000004.parquet")
-    with open(run_dir.selected.file("c00001-i000002-000003.parquet"), "wb") as fh:
-        fh.write(kept_before["c00001-i000002-000003.parquet"][:50])
-    with open(run_dir.selected.file(".c00003-i000000-000002.tmp-deadbeef"), "wb") as fh:
+    scores_loc.delete("u0000000010-0000000012.parquet")  # candidates: image 2 of classes 2 and 3
+    with open(run_dir.selected.file("u0000000004-0000000006.parquet"), "wb") as fh:  # kept: classes 0, 1's second
+        fh.write(kept_before["u0000000004-0000000006.parquet"][:50])
+    with open(run_dir.selected.file(".u0000000006-0000000008.tmp-deadbeef"), "wb") as fh:
         fh.write(b"partial")
     shards.drop_manifest(run_dir.selected)
     untouched = {
-        n: os.stat(scores_loc.file(n)).st_mtime_ns for n in scores_before if n != "c00002-i000002-000004.parquet"
+        n: os.stat(scores_loc.file(n)).st_mtime_ns for n in scores_before if n != "u0000000010-0000000012.parquet"
     }
 
     summary = stage.run(ctx)
     assert summary["totals"]["units_run"] == 1  # one score file redone
-    assert summary["classes_written"] == 1  # class 1's kept shards only (class 2's scores came back the same)
+    assert summary["kept_shards_written"] == 1  # the cut one only (the redone scores came back the same)
     assert {n: run_dir.selected.read_bytes(n) for n in run_dir.selected.list(".parquet")} == kept_before
     assert {n: scores_loc.read_bytes(n) for n in scores_loc.list(".parquet")} == scores_before
     assert all(os.stat(scores_loc.file(n)).st_mtime_ns == m for n, m in untouched.items())

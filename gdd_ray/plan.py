@@ -66,7 +66,7 @@ class WorkUnit:
         c = self.classes
         first, last = (self.start % c, self.start // c), ((self.stop - 1) % c, (self.stop - 1) // c)
         return (
-            f"unit {self.start}..{self.stop - 1} (class {first[0]} image {first[1]} to class {last[0]} image {last[1]})"
+            f"{self.start}..{self.stop - 1} (class {first[0]} image {first[1]} to class {last[0]} image {last[1]})"
         )
 
 

@@ -1,6 +1,7 @@
 """The Ray driver on a local cluster with fake GPUs: scheduling, a killed actor, a unit that keeps failing."""
 
 import os
+import re
 import signal
 import threading
 import time
@@ -33,7 +34,7 @@ def test_actor_asks_for_one_gpu():
 
 def test_killed_actor_is_replaced_and_each_image_made_once(tmp_path, fake_gpu_cluster, capsys):
     # 128 px: slow enough on a CPU that the kill lands mid-run
-    cfg = tiny_config(tmp_path / "run", ipc=4, unit_size=1, gen_resolution=128, image_size=16)
+    cfg = tiny_config(tmp_path / "run", ipc=4, unit_size=1, batch_size=1, gen_resolution=128, image_size=16)
     out = tmp_path / "run" / "generated"
     job = make_job(cfg, dataset_classes("cifar10"), "fp", str(out))
     units = plan_units(10, 4, 1)
@@ -73,6 +74,7 @@ def test_unit_that_keeps_failing_stops_the_run_naming_it(tmp_path, fake_gpu_clus
     with pytest.raises(UnitFailed) as e:
         run_on_ray(plan_units(10, 2, 2), job, workers=2, max_retries=2, cluster_gpus=2)
     msg = str(e.value)
-    assert "work unit class" in msg and "failed 2 times" in msg and "blocker" in msg
+    assert re.search(r"work unit \d+\.\.\d+ \(class \d+ image \d+ to class \d+ image \d+\) failed 2 times", msg)
+    assert "blocker" in msg
     assert not isinstance(e.value, UserError)  # not the user's input: exit 1 with the traceback, not one line
     assert "blocker" in e.value.details and "Error" in e.value.details  # the worker's own traceback

@@ -34,7 +34,7 @@ def pipes(gdd_cache):
 
 
 def config(tmp_path, model, **overrides):
-    return tiny_config(tmp_path, model=model, gen_resolution=32, unit_size=4, **{**TWINS[model][1], **overrides})
+    return tiny_config(tmp_path, model=model, gen_resolution=32, **{"unit_size": 4, **TWINS[model][1], **overrides})
 
 
 def generator(tmp_path, pipe, model, **overrides) -> UnitGenerator:

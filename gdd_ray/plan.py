@@ -65,9 +65,7 @@ class WorkUnit:
     def __str__(self) -> str:
         c = self.classes
         first, last = (self.start % c, self.start // c), ((self.stop - 1) % c, (self.stop - 1) // c)
-        return (
-            f"{self.start}..{self.stop - 1} (class {first[0]} image {first[1]} to class {last[0]} image {last[1]})"
-        )
+        return f"{self.start}..{self.stop - 1} (class {first[0]} image {first[1]} to class {last[0]} image {last[1]})"
 
 
 def is_shard_name(name: str) -> bool:

@@ -46,13 +46,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def per_image_loop(src, dst, names, variants, recipe, fp) -> None:
     """The paper's way: decode, augment and encode one image and one variant at a time, in one process."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
     from gdd_ray import shards
     from gdd_ray.augment import ops
-    from gdd_ray.augment.shard import variant_path
+    from gdd_ray.augment.shard import MAX_REDRAWS, redraw_seed, variant_path
     from gdd_ray.plan import variant_seed
     from gdd_ray.storage import footer_metadata
 
@@ -63,19 +64,26 @@ def per_image_loop(src, dst, names, variants, recipe, fp) -> None:
         out = []
         for row in rows:
             pixels = torch.from_numpy(shards.decode_png(row["image"]["bytes"])).permute(2, 0, 1)[None]
+            seeds = [variant_seed(row["seed"], v) for v in range(variants + 1)]
+            drawn = [pixels[0].permute(1, 2, 0).numpy()]  # variant 0: the generated image itself
+            for v in range(1, variants + 1):
+                # the stage's rule, one image at a time: a variant that repeats the original or an earlier
+                # variant is drawn again from redraw_seed(seed, attempt)
+                img = ops.augment(pixels, [seeds[v]], recipe)[0].permute(1, 2, 0).contiguous().numpy()
+                for attempt in range(1, MAX_REDRAWS + 1):
+                    if not any(np.array_equal(img, d) for d in drawn):
+                        break
+                    seeds[v] = redraw_seed(variant_seed(row["seed"], v), attempt)
+                    img = ops.augment(pixels, [seeds[v]], recipe)[0].permute(1, 2, 0).contiguous().numpy()
+                drawn.append(img)
             for v in range(variants + 1):
-                vs = variant_seed(row["seed"], v)
-                if v == 0:
-                    data = row["image"]["bytes"]
-                else:
-                    img = ops.augment(pixels, [vs], recipe)[0].permute(1, 2, 0).contiguous().numpy()
-                    data = shards.encode_png(img)
+                data = row["image"]["bytes"] if v == 0 else shards.encode_png(drawn[v])
                 out.append(
                     {
                         **row,
                         "image": {"bytes": data, "path": variant_path(row["image"]["path"], v)},
                         "variant": v,
-                        "variant_seed": vs,
+                        "variant_seed": seeds[v],
                     }
                 )
         footer = {
@@ -85,6 +93,7 @@ def per_image_loop(src, dst, names, variants, recipe, fp) -> None:
             shards.SOURCE_FINGERPRINT: kv.get(shards.FINGERPRINT, ""),
             shards.VARIANTS: str(variants),
             shards.IMAGE_SIZE: kv.get(shards.IMAGE_SIZE, ""),
+            shards.UNIT: kv.get(shards.UNIT, ""),
         }
         shards.write_shard(dst, name, pa.Table.from_pylist(out, schema=shards.AUGMENTED_SCHEMA), footer)
 

@@ -71,6 +71,15 @@ def ray_pool():
     pool.stop()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cpu_ray_between_modules(ray_pool):
+    """A module that asked for fake GPUs leaves no GPUs behind: later modules resolve `--vae-dtype auto` and
+    the worker count from the Ray they find, and expect a CPU machine."""
+    yield
+    if ray_pool.shape and ray_pool.shape.get("num_gpus"):
+        ray_pool.stop()
+
+
 @pytest.fixture
 def local_ray(ray_pool) -> None:
     """A plain local Ray (2 CPUs, no GPU), shared with the other tests of the session."""

@@ -59,7 +59,7 @@ def test_config_takes_ops_from_yaml_and_rejects_negative_k(tmp_path):
     flags = ["--out", "/tmp/x", "--dataset", "cifar10", "--ipc", "2"]
     cli = config_from_args([*flags, "--pda-ops", '{"rotate": {"degrees": 30}, "hflip": {}}'])
     assert recipes.resolve_ops(cli.augment.pda_ops)[0] == ("rotate", {"p": 0.8, "degrees": 30, "border": "reflect"})
-    with pytest.raises(UserError, match="'pda-ops' must be a mapping"):
+    with pytest.raises(UserError, match="--pda-ops is not valid JSON"):
         config_from_args([*flags, "--pda-ops", "{rotate"])
     with pytest.raises(UserError, match="--pda-variants must be at least 0"):
         build_config({"out": "/tmp/x", "dataset": "cifar10", "ipc": 2, "pda_variants": -1})

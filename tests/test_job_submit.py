@@ -38,7 +38,7 @@ def wait_for_no_generator_actors(timeout: float = 60) -> None:
 
 def job_args(out: Path, **extra) -> list[str]:
     args = dict(dataset="cifar10", ipc="3", model="tiny", gen_resolution="64", image_size="16", unit_size="2",
-                stages="generate", out=str(out))  # fmt: skip
+                batch_size="2", stages="generate", out=str(out))  # fmt: skip
     args.update({k: str(v) for k, v in extra.items()})
     return [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
 
@@ -69,7 +69,7 @@ def test_killed_driver_then_rerun_redoes_only_missing_units(head, tmp_path):
     out = tmp_path / "run"
     # 160 px renders slowly enough on a CPU to kill the driver half way. The batch size is the in-process
     # reference's below: another batch size is another float rounding (an image then moves by a level).
-    run = dict(ipc=4, unit_size=1, gen_resolution=160, batch_size=2)
+    run = dict(ipc=4, unit_size=1, gen_resolution=160, batch_size=1)
     args = job_args(out, **run)
     driver = subprocess.Popen(
         [sys.executable, str(REPO / "jobs" / "distill.py"), *args],

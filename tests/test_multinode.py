@@ -162,7 +162,7 @@ def test_units_spread_over_nodes_and_a_lost_node_costs_only_time(cluster, tmp_pa
     c, workers = cluster
     watcher = ActorWatcher(workers)
     # 120 one-image units: enough work that all three actors are up and busy before the run can end
-    cfg = tiny_config(tmp_path / "run", ipc=12, unit_size=1, shared_local_out=True)
+    cfg = tiny_config(tmp_path / "run", ipc=12, unit_size=1, batch_size=1, shared_local_out=True)
     gen = tmp_path / "run" / "generated"
     t, box = start_generation(cfg)  # default workers: one per GPU = 3
     wait_until(
@@ -208,7 +208,7 @@ def test_draining_node_gets_no_new_work(cluster, tmp_path, capsys):
     c, workers = cluster
     watcher = ActorWatcher(workers)
     # 120 one-image units: enough work that all three actors are up and busy before the run can end
-    cfg = tiny_config(tmp_path / "run", ipc=12, unit_size=1, shared_local_out=True)
+    cfg = tiny_config(tmp_path / "run", ipc=12, unit_size=1, batch_size=1, shared_local_out=True)
     gen = tmp_path / "run" / "generated"
     t, box = start_generation(cfg)  # 3 workers on the 3 GPU nodes: no spare GPU anywhere
     wait_until(

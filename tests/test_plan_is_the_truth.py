@@ -185,7 +185,9 @@ def augmented_keys(out) -> Counter:
 def test_a_manifest_missing_a_shard_never_deletes_its_data(finished, tmp_path, capsys):
     cfg, out = copy_run(finished, tmp_path)
     before = tree_digest(out / "augmented")
-    edit_manifest(out / "generated", lambda d: d["shards"].pop(3))  # positions 6..7 (image 2 of classes 0 and 1) no longer listed
+    edit_manifest(
+        out / "generated", lambda d: d["shards"].pop(3)
+    )  # positions 6..7 (image 2 of classes 0 and 1) no longer listed
 
     only_augment = cfg.replace(stages=("augment",))
     assert main(["status", str(out)]) == 1

@@ -10,7 +10,7 @@ import pytest
 import torch
 from gen_helpers import write_generated
 
-from gdd_ray import pipeline, synthetic
+from gdd_ray import lifecycle, pipeline, synthetic
 from gdd_ray.classes import dataset_classes
 from gdd_ray.config_loader import build_config
 from gdd_ray.errors import UserError
@@ -96,8 +96,9 @@ def test_baselines_soft_labels_scores_resume_and_sharing(local_ray, real_data, t
     # Another run of the same protocol (another distilled set) shares every baseline: only its own are to do.
     other = make_run(tmp_path / "other", real_data, **kw, seed=5)
     ctx = pipeline.check(other)
-    _, distilled, _, _ = stage.load_data(ctx)
-    plan = evaluation.make_plan(ctx, distilled)
+    source = lifecycle.read_source(ctx, "train")
+    distilled, _, _ = stage.load_data(ctx, source)
+    plan = evaluation.make_plan(ctx, distilled, source.manifest.digest)
     assert {c.cell.name for c, _ in plan.pending()} == {"distilled-convnet-hard", "distilled-convnet-soft"}
     assert {c.loc.uri for c in plan.cells if c.cell.data != "distilled"} == {
         c["folder"] for c in cells.values() if c["data"] != "distilled"
@@ -108,8 +109,9 @@ def test_baselines_soft_labels_scores_resume_and_sharing(local_ray, real_data, t
     os.unlink(os.path.join(random_hard, "runs", "run01.json"))
     os.unlink(os.path.join(random_hard, "checkpoints", "run01.pt"))
     ctx = pipeline.check(cfg)
-    _, distilled, _, _ = stage.load_data(ctx)
-    plan = evaluation.make_plan(ctx, distilled)
+    source = lifecycle.read_source(ctx, "train")
+    distilled, _, _ = stage.load_data(ctx, source)
+    plan = evaluation.make_plan(ctx, distilled, source.manifest.digest)
     assert [(c.cell.name, r) for c, r in plan.pending()] == [("random-convnet-hard", 1)]
     assert plan.real.describe()["random_subsets"] == subsets
     task = evaluation.tasks(plan, plan.pending(), {1: np.arange(20)}, 0)[0]

@@ -27,7 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from jobs.bench_common import interleaved_rounds, write_results  # noqa: E402
+from jobs.bench_common import interleaved_rounds, start_ray, write_results  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1-CPU task); torch's intra-op threads on tiny images only spin on a shared machine.
     torch.set_num_threads(1)
     load_before = os.getloadavg()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    started_ray = start_ray(args.cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus = int(ray.cluster_resources().get("CPU", 1))
     # Warm-up on a copy: starts the Ray workers and imports torch in them, which a long run pays once.
@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     # the Ray Data part alone (the rest of the stage: footers of inputs and outputs, sample grid, run.json)
     results["ray_data"]["map_only_s"] = [round(t, 3) for t in ray_map_s]
     summary = run_dir.read_summary("augment")
-    ray.shutdown()
+    if started_ray:
+        ray.shutdown()
 
     same = all(run_dir.augmented.read_bytes(n) == serial_dst.read_bytes(n) == loop_dst.read_bytes(n) for n in names)
     out = {

@@ -37,3 +37,14 @@ def write_results(out: dict[str, Any], path: str, keep: bool) -> None:
         with open(path, "w") as fh:
             json.dump(out, fh, indent=2)
         print(f"[bench] results -> {path}", flush=True)
+
+
+def start_ray(cpus: int | None) -> bool:
+    """A local Ray for the bench, or the one this process already holds (a test's): True when started here,
+    so that the bench stops only what it started."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    return True

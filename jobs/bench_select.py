@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from gdd_ray.config_loader import build_config
     from gdd_ray.select import clip, stage
     from gdd_ray.select.scorer import ScoreJob, ShardScorer, read_scores, score_calls
-    from jobs.bench_common import interleaved_rounds, write_results
+    from jobs.bench_common import interleaved_rounds, start_ray, write_results
 
     shutil.rmtree(args.out, ignore_errors=True)
     clip_label = args.clip_model
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ray starts its workers at niceness 15 (RAY_worker_niceness): on a machine shared with other jobs the
     # stage's actors would then get a sliver of the CPU the in-process contenders get. The same priority for all.
     os.environ["RAY_worker_niceness"] = str(args.ray_worker_niceness)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    started_ray = start_ray(args.cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus = int(ray.cluster_resources().get("CPU", 1))
     # Warm-up on a small copy (one candidate of each of 10 classes): starts Ray and its first workers, brings
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     results["select_stage"]["score_only_s"] = [round(t, 3) for t in stage_work_s]
     results["select_stage"]["score_only_images_per_s"] = round(candidates / min(stage_work_s), 1)
     summary = run_dir.read_summary("select")
-    ray.shutdown()
+    if started_ray:
+        ray.shutdown()
 
     # Agreement: the stage's score files vs the per-image loop (and the serial scorer vs the stage: same code).
     staged, serial = {}, {}

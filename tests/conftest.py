@@ -29,6 +29,18 @@ def gdd_cache(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """A bench's main() sets torch's thread count for its contenders (one, as each Ray worker has): every later
+    test in this process would run on one core."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(before or os.cpu_count() or 1)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(gdd_cache) -> Path:
     from gdd_ray.generate.model import ensure_tiny_model

@@ -191,26 +191,3 @@ def test_generate_and_augment_through_ray_on_gcs(gcs_server, ray_gcs, tiny_model
     aug = [k for k in objs if k.startswith("ray-run/augmented/") and k.endswith(".parquet")]
     assert len(aug) == 15 and "ray-run/augmented/_summary.json" in objs and "ray-run/samples.png" in objs
     assert sum(pq.read_metadata(io.BytesIO(objs[k])).num_rows for k in aug) == 60
-
-
-@pytest.mark.slow
-def test_train_stage_checkpoints_and_resumes_in_the_bucket_on_gcs(gcs_server, ray_gcs, tmp_path):
-    """Ray Train workers write checkpoints, run records and results to gs://; a lost run resumes from its
-    checkpoint in the bucket."""
-    from gen_helpers import EVAL_FILES, bucket_train_config
-
-    from gdd_ray.train import stage as train_stage
-
-    ctx = pipeline.check(bucket_train_config(f"gs://{BUCKET}/train-run", tmp_path / "test"))
-    res = train_stage.run(ctx)
-    assert res["evaluated"] and len(res["runs"]) == 2
-    objs = objects("train-run/eval")
-    assert {f"train-run/eval/{name}" for name in EVAL_FILES} <= set(objs), sorted(objs)
-    assert any(k.startswith("train-run/eval/_ray_train/") for k in objs)  # Ray Train's own storage_path
-
-    fs, _ = storage.resolve(f"gs://{BUCKET}")
-    fs.delete_file(f"{BUCKET}/train-run/eval/runs/run01.json")
-    fs.delete_file(f"{BUCKET}/train-run/eval/results.json")
-    again = train_stage.run(ctx)
-    assert again["runs"][1]["resumed_from_epoch"] == 2  # from the checkpoint in the bucket
-    assert again["accuracies"] == res["accuracies"] and again["runs"][0] == res["runs"][0]

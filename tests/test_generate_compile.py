@@ -30,52 +30,62 @@ def test_compile_cache_is_the_users_or_one_kept_per_node(tmp_path, monkeypatch):
     assert use_compile_cache() == (str(mine), True)
 
 
-@pytest.mark.slow
-def test_compiled_fast_path_compiles_once_into_the_node_cache(tmp_path, tiny_model, monkeypatch):
-    """Both scopes: the whole denoise step and decoder (`model`), and each repeated block (`blocks`). Compiled with
-    fullgraph=True, so a graph break anywhere fails the compile (and this test), never a silent eager fall back."""
-    pipe = load_pipeline("tiny", device="cpu")  # from the session's tiny-model cache
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as Inductor sets it when first asked
-    monkeypatch.setenv("GDD_RAY_CACHE", str(tmp_path / "cache"))  # a cold compile cache under it
+class CompileCase:
+    """The tiny pipeline (from the session's cache), a cold compile cache, and the eager images of two units: 2 full
+    batches of 4 classes, then a run's short last unit of 3 (padded). Compiled with fullgraph=True, so a graph
+    break anywhere fails the compile (and the test), never a silent eager fall back."""
 
-    def generator(compile: bool, scope: str = "model") -> UnitGenerator:
-        cfg = tiny_config(tmp_path / f"{compile}-{scope}", engine="fast", batch_size=4, unit_size=8, gen_resolution=32,
-                          image_size=16, compile=compile, compile_scope=scope)  # fmt: skip
-        job = gen_stage.make_job(cfg, CLASSES, "fp-test", str(tmp_path / "run" / "generated"))
-        return UnitGenerator(job, pipeline=pipe)
+    units = [WorkUnit(0, 8, 10), WorkUnit(8, 11, 10)]
 
-    units = [
-        WorkUnit(0, 8, 10),
-        WorkUnit(8, 11, 10),
-    ]  # 2 full batches of 4 classes, then a run's short last unit of 3 (padded)
-    eager = generator(False)
-    want = [eager.render(u).pixels for u in units]
+    def __init__(self, tmp_path, monkeypatch):
+        self.tmp_path, self.pipe = tmp_path, load_pipeline("tiny", device="cpu")
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as Inductor sets it when first asked
+        monkeypatch.setenv("GDD_RAY_CACHE", str(tmp_path / "cache"))  # a cold compile cache under it
+        self.want = [self.generator(False).render(u).pixels for u in self.units]
+        torch._dynamo.utils.counters.clear()
 
-    def check(gen: UnitGenerator) -> None:
+    def generator(self, compile: bool, scope: str = "model") -> UnitGenerator:
+        cfg = tiny_config(self.tmp_path / f"{compile}-{scope}", engine="fast", batch_size=4, unit_size=8,
+                          gen_resolution=32, image_size=16, compile=compile, compile_scope=scope)  # fmt: skip
+        job = gen_stage.make_job(cfg, CLASSES, "fp-test", str(self.tmp_path / "run" / "generated"))
+        return UnitGenerator(job, pipeline=self.pipe)
+
+    def check(self, gen: UnitGenerator) -> None:
+        """No recompile over both units, the model only ever sees the batch size, the eager images."""
         with torch._dynamo.config.patch(error_on_recompile=True):
-            got = [gen.render(u).pixels for u in units]
+            got = [gen.render(u).pixels for u in self.units]
         assert gen.executed_batch_sizes == {4}
-        for pixels, ref in zip(got, want):
+        for pixels, ref in zip(got, self.want):
             diff = np.abs(pixels.astype(int) - ref.astype(int))
             # Inductor fuses and reorders float32 ops: a value may cross a quantisation boundary, by 1-2 levels.
             assert diff.max() <= 2 and diff.mean() < 0.05, (gen.job.config.compile_scope, diff.max(), diff.mean())
+        assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
 
-    torch._dynamo.utils.counters.clear()
-    compiled = generator(True)
+
+@pytest.mark.slow
+def test_compiled_fast_path_compiles_once_into_the_node_cache(tmp_path, tiny_model, monkeypatch):
+    """Scope `model`: the whole denoise step and the decoder, compiled at load into the node's cache."""
+    case = CompileCase(tmp_path, monkeypatch)
+    compiled = case.generator(True)
     compiled.load()
     assert compiled.compile_mode == "default" and compiled.startup["compile_s"] > 0
     cache = tmp_path / "cache" / "torch-compile"
     assert compiled.startup["compile_cache"] == str(cache) and compiled.startup["compile_cache_warm"] is False
     assert any(cache.rglob("*")), "nothing was written to the compile cache"
-    check(compiled)
-    blocks = generator(True, "blocks")
+    case.check(compiled)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_draw_the_eager_images(tmp_path, tiny_model, monkeypatch):
+    """Scope `blocks`: each repeated block of the UNet and decoder compiled in place (undone after)."""
+    case = CompileCase(tmp_path, monkeypatch)
+    blocks = case.generator(True, "blocks")
     try:
         blocks.load()  # compiles the shared pipeline's blocks in place: undone below
-        compiled_blocks = [m for m in pipe.unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+        compiled_blocks = [m for m in case.pipe.unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
         assert blocks.compile_mode == "default"
         assert {type(m).__name__ for m in compiled_blocks} == {"ResnetBlock2D", "BasicTransformerBlock"}
-        check(blocks)
+        case.check(blocks)
     finally:
-        tuning.uncompile_blocks(pipe.unet)
-        tuning.uncompile_blocks(pipe.vae)
-    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+        tuning.uncompile_blocks(case.pipe.unet)
+        tuning.uncompile_blocks(case.pipe.vae)

@@ -7,17 +7,23 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "jobs" / "bench_select.py"
 
 
 @pytest.mark.slow  # a local Ray and two rounds of CLIP actors: ~40 s on 2 busy cores
-def test_bench_select_smoke(tmp_path, no_ray):  # the bench starts its own Ray
+def test_bench_select_smoke(tmp_path, local_ray):  # the bench uses the Ray this process holds
     spec = importlib.util.spec_from_file_location("bench_select", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "select.json"
-    assert bench.main(["--smoke-test", "--out", str(tmp_path / "scratch"), "--results", str(out), "--cpus", "2"]) == 0
+    threads = torch.get_num_threads()  # the bench sets one thread for its single-process contenders
+    try:
+        rc = bench.main(["--smoke-test", "--out", str(tmp_path / "scratch"), "--results", str(out), "--cpus", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
     res = json.loads(out.read_text())
     assert res["candidates"] == 10 * 4 == res["stage_summary_images_scored"]  # cifar10, IPC 2 x overgenerate 2
     for name in ("per_image_loop", "serial_scorer", "select_stage"):

@@ -119,7 +119,10 @@ def guarded(fn: Callable[[], int | None]) -> int:
     """Run fn. A UserError becomes 'error: <message>' on stderr and exit code 2, with no traceback; any other
     exception is a bug: its traceback (the job log keeps it), then 'internal error: ...' last, exit code 1."""
     try:
-        return fn() or 0
+        code = fn() or 0
+        if sigterm_received():  # its Terminated was caught on the way (a library's broad except): say so all the same
+            raise Terminated()
+        return code
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2

@@ -93,6 +93,8 @@ def test_the_exit_code_says_which_signal(capsys, monkeypatch):
     errors._received.set()
     assert guarded(raises(KeyboardInterrupt())) == 143
     assert capsys.readouterr().err == "interrupted (SIGTERM): run the same command again to resume\n" * 3
+    assert guarded(lambda: 0) == 143  # its Terminated swallowed by a library: the command still says it stopped
+    assert capsys.readouterr().err == "interrupted (SIGTERM): run the same command again to resume\n"
     with pytest.raises(SystemExit):
         guarded(raises(SystemExit(2)))  # any other exit is not a signal's
 

@@ -20,7 +20,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from gdd_ray.errors import UserError, last_line
+from gdd_ray.errors import Terminated, UserError, last_line, sigterm_received
 from gdd_ray.generate.budget import TimeBudget
 from gdd_ray.generate.generator import GenerationJob, UnitGenerator, UnitResult
 from gdd_ray.logs import Progress, quiet_libraries, say
@@ -263,6 +263,8 @@ class ActorPool:
 
         try:
             while self.queue or self.in_flight:
+                if sigterm_received():  # a SIGTERM whose exception some library caught: stop all the same
+                    raise Terminated()
                 self.dispatch()
                 waiting = list(self.in_flight) + [s.ready_ref for s in self.slots if not s.ready]
                 wait_s = self.progress.interval_s if self.progress else 5.0

@@ -162,6 +162,19 @@ def epoch_baseline(model, opt, loader, device, params, ops):
     return loss_sum / n
 
 
+def machine_facts(device) -> dict:
+    """What the figures were measured on, written into each result."""
+    return {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        # Other processes on the machine: on a shared CPU the per-epoch spread says more than the median.
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "cpu_count": os.cpu_count(),
+    }
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -239,12 +252,7 @@ def bench_at_once(a) -> dict:
     same_acc = [r1["test_acc"] == r2["test_acc"] for r1, r2 in zip(results["one_after_another"], results["at_once"])]
     return {
         "benchmark": f"{n} evaluation runs at once (grouped ConvNet) vs one after another, same seeds",
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "cpu_count": os.cpu_count(),
+        **machine_facts(device),
         "runs": n,
         "images": int(len(labels)),
         "classes": a.classes,
@@ -373,13 +381,7 @@ def main(argv=None) -> dict:
     d_ours, d_base = statistics.median(data_times["ours"]), statistics.median(data_times["baseline"])
     result = {
         "benchmark": "train epoch: in-device-memory loop vs DataLoader loop",
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        # Other processes on the machine: on a shared CPU the per-epoch spread says more than the median.
-        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "cpu_count": os.cpu_count(),
+        **machine_facts(device),
         "images": int(len(labels)),
         "classes": a.classes,
         "ipc": a.ipc,

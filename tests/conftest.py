@@ -41,6 +41,18 @@ def torch_threads_restored():
         torch.set_num_threads(before or os.cpu_count() or 1)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests: the machine's cores are shared, and two threads fighting other
+    processes run 5x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(gdd_cache) -> Path:
     from gdd_ray.generate.model import ensure_tiny_model

@@ -18,13 +18,7 @@ def protocol(**kw) -> TrainConfig:
     return TrainConfig(net_width=32, **kw)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The machine's cores are shared: two intra-op threads fighting other processes run 5x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

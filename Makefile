@@ -29,12 +29,17 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Every test, the slow end-to-end ones (Ray clusters, ray job submit) included.
+# Every test, the slow end-to-end ones (Ray clusters, ray job submit) included, on TEST_WORKERS pytest-xdist
+# workers: a file runs whole in one worker (its module fixtures once), the costliest files first (conftest.py).
+# The suite waits on Ray and subprocesses a third of the time: two workers fill both cores. TEST_WORKERS=0
+# runs everything in this one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 test: lint
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest -q -p no:cacheprovider $(XDIST) --durations=15
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -p no:cacheprovider $(XDIST) -m "not slow"
 
 bench: $(STAMP)
 	$(PY) jobs/bench_generate.py --out bench_results/generate.json

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,58 @@ sys.path.insert(0, str(REPO))
 if "RAY_AUTH_TOKEN" not in os.environ and "RAY_AUTH_TOKEN_PATH" not in os.environ:
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+# Each pytest-xdist worker (and a plain run) keeps its Rays in a temp folder of its own: a `Cluster` or
+# `ray start` records its address in RAY_TMPDIR/ray/ray_current_cluster, and a plain ray.init() in another
+# worker (or a CLI subprocess it starts) would otherwise join that cluster instead of starting its own. Short,
+# as Ray's socket paths are limited; set before any test imports ray, inherited by every subprocess.
+# (A worker inherits the controller's environment, so a worker always makes its own.)
+SESSION_RAY_TMPDIR = None
+if "RAY_TMPDIR" not in os.environ or "PYTEST_XDIST_WORKER" in os.environ:
+    SESSION_RAY_TMPDIR = tempfile.mkdtemp(prefix=f"rx{os.environ.get('PYTEST_XDIST_WORKER', '')}-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = SESSION_RAY_TMPDIR
+
+# `make test` runs the files on two workers (pytest-xdist, --dist loadfile: a file's tests and its module
+# fixtures stay in one worker). Files are handed out in collection order, so the costliest go first and the
+# cheap ones fill the gaps at the end (longest-first scheduling). Measured durations on 2 cores; the order
+# changes only the wall time, never what runs.
+COSTLIEST_FIRST = (
+    "test_sweep.py",
+    "test_generate_compile.py",
+    "test_multinode.py",
+    "test_job_submit.py",
+    "test_s3.py",
+    "test_generate_engine.py",
+    "test_train_stage.py",
+    "test_generate_ray.py",
+    "test_select_stage.py",
+    "test_model_fetch.py",
+    "test_generators.py",
+    "test_gcs.py",
+    "test_train_challenge.py",
+    "test_readme_submit.py",
+    "test_select_bench.py",
+    "test_train_nets.py",
+    "test_augment_stage.py",
+    "test_time_budget.py",
+    "test_train_protocols.py",
+    "test_augment_bench.py",
+    "test_generate_stage.py",
+    "test_gpu_bench.py",
+    "test_hostile_waits.py",
+    "test_plan_is_the_truth.py",
+    "test_cli_errors.py",
+)
+
+
+def pytest_unconfigure(config):
+    if SESSION_RAY_TMPDIR and os.path.isdir(SESSION_RAY_TMPDIR) and not os.listdir(SESSION_RAY_TMPDIR):
+        os.rmdir(SESSION_RAY_TMPDIR)  # the xdist controller's: it runs no test, so no Ray ever used it
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(COSTLIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -93,6 +147,8 @@ def ray_pool():
     pool = RayPool()
     yield pool
     pool.stop()
+    if SESSION_RAY_TMPDIR:
+        shutil.rmtree(SESSION_RAY_TMPDIR, ignore_errors=True)  # the session's Ray logs; every Ray of it is stopped
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -134,6 +134,7 @@ def test_rejects_wrong_input():
         ops.augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), [0], recipes.resolve_ops(None))
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: `make test` runs it, test-fast does not
 def test_fingerprint_follows_what_decides_the_pixels():
     from gdd_ray.classes import load_classes
     from gdd_ray.pipeline import stage_inputs

@@ -140,6 +140,7 @@ def test_pass_through(tmp_path, local_ray):
         ]
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: `make test` runs it, test-fast does not
 def test_resume_redoes_only_missing_or_broken_shards(tmp_path, local_ray):
     cfg, ctx, run_dir = make_run(tmp_path / "run")
     stage.run(ctx)

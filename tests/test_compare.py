@@ -57,6 +57,7 @@ def test_compare_of_runs_with_other_classes_skips_the_per_class_table(two_runs, 
     assert "not comparable (another class list" in compare.text_report(runs, 5)
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: `make test` runs it, test-fast does not
 def test_track_a_run_to_mlflow_and_read_it_back(two_runs, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 

@@ -53,6 +53,7 @@ def test_bench_generate_engine_matrix_smoke(tmp_path, tiny_model, capsys):
     assert "| engine | VAE | batch (executed) |" in printed and printed.count("| fast | fp32 |") >= 2
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: `make test` runs it, test-fast does not
 def test_bench_packing_smoke(tmp_path, tiny_model):
     """The packing benchmark renders the same images both ways (same pixels) and counts what each executed."""
     import importlib.util

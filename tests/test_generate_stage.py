@@ -33,6 +33,7 @@ def test_fresh_run_then_noop_rerun(tmp_path, tiny_model):
     assert tree_digest(gen) == before
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: `make test` runs it, test-fast does not
 def test_broken_short_and_missing_shards_are_redone_only(tmp_path, tiny_model, capsys):
     cfg = tiny_config(tmp_path / "run", unit_size=4)  # 30 images: 7 units of 4 and the run's last, of 2
     run_serial(cfg)
@@ -54,6 +55,7 @@ def test_broken_short_and_missing_shards_are_redone_only(tmp_path, tiny_model, c
     assert "unreadable" in out and "short (2 of 4 rows)" in out and "written for another unit" in out
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: `make test` runs it, test-fast does not
 def test_changed_pixel_config_is_refused_and_nothing_touched(tmp_path, tiny_model):
     cfg = tiny_config(tmp_path / "run")
     run_serial(cfg)
@@ -71,6 +73,7 @@ def test_changed_pixel_config_is_refused_and_nothing_touched(tmp_path, tiny_mode
     pipeline.check(cfg.replace(**{"generate.batch_size": 1, "generate.workers": 3}))
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: `make test` runs it, test-fast does not
 def test_overwrite_replaces_a_run(tmp_path, tiny_model):
     cfg = tiny_config(tmp_path / "run")
     run_serial(cfg)
@@ -81,6 +84,7 @@ def test_overwrite_replaces_a_run(tmp_path, tiny_model):
     assert set(new) == set(old) and all(new[k] != old[k] for k in old)
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: `make test` runs it, test-fast does not
 def test_raising_ipc_extends_and_lowering_trims(tmp_path, tiny_model):
     cfg = tiny_config(tmp_path / "run", ipc=4, unit_size=4)  # 40 images in 10 units
     run_serial(cfg)

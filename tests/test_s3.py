@@ -132,6 +132,7 @@ def test_generate_on_s3_resumes_only_what_is_broken(s3_server, tiny_model, capsy
     assert "nothing to do" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: `make test` runs it, test-fast does not
 def test_other_config_on_s3_is_refused_and_nothing_changes(s3_server, tiny_model):
     client, _ = s3_server
     uri = f"s3://{BUCKET}/refuse-run"

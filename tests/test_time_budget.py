@@ -107,6 +107,7 @@ def _fake_unit_time(monkeypatch, clock, seconds_per_unit=10.0):
     monkeypatch.setattr(UnitGenerator, "run", run)
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: `make test` runs it, test-fast does not
 def test_budget_stops_every_class_at_one_ipc_then_a_rerun_grows_it(tmp_path, tiny_model, monkeypatch, clock, capsys):
     _fake_unit_time(monkeypatch, clock)  # 3 classes x 2 rounds of 2-image units; a round = 30 s
     cfg = three_class_config(tmp_path / "run", ipc=4, time_budget="45s", stages="generate,train")
@@ -154,6 +155,7 @@ def test_budget_stops_every_class_at_one_ipc_then_a_rerun_grows_it(tmp_path, tin
     assert "nothing left to grow" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: `make test` runs it, test-fast does not
 def test_a_budget_larger_than_needed_reaches_the_planned_ipc(tmp_path, tiny_model, monkeypatch, clock):
     _fake_unit_time(monkeypatch, clock)
     cfg = three_class_config(tmp_path / "run", ipc=3, time_budget="1h")

@@ -42,6 +42,7 @@ def data(tmp_path_factory):
     }
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: `make test` runs it, test-fast does not
 def test_short_run_learns_well_above_chance(data):
     proto = protocol(epochs=25, train_batch_size=32, eval_every=5)
     res = train_run(**data, config=proto, num_classes=CLASSES, seed=0)

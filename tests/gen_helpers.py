@@ -102,6 +102,44 @@ def generator_actor_pids(busy: bool = False) -> list[int]:
     return out
 
 
+def busy_at_once(n: int, thread, timeout: float = 120) -> list[int]:
+    """Until `n` generator actors render at the same time. Actors start one after another (each imports torch
+    and loads the model), and the first would finish a small run alone: so each is frozen (SIGSTOP) as soon as
+    it renders, until the last one does. Returns their pids, in the order seen, still frozen: the caller
+    resumes (`resume`) or kills them."""
+    import signal
+    import time
+
+    frozen: list[int] = []
+    deadline = time.time() + timeout
+    try:
+        while len(frozen) < n:
+            for pid in generator_actor_pids(busy=True):
+                if pid not in frozen:
+                    os.kill(pid, signal.SIGSTOP)
+                    frozen.append(pid)
+            if not thread.is_alive():
+                raise AssertionError(f"the run ended with {len(frozen)} of {n} actors seen rendering")
+            if time.time() > deadline:
+                raise AssertionError(f"timed out waiting for {n} busy actors ({len(frozen)} seen)")
+            time.sleep(0.05)
+    except BaseException:
+        resume(frozen)
+        raise
+    return frozen
+
+
+def resume(pids) -> None:
+    """SIGCONT to each of `pids` that is still there."""
+    import signal
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 def write_generated(cfg, classes, *args, **kw) -> list[str]:
     """synthetic.write_generated with the generate stage's fingerprint for `cfg` (unless one is given)."""
     from gdd_ray import pipeline, synthetic

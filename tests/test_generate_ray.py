@@ -4,12 +4,10 @@ import os
 import re
 import signal
 import threading
-import time
 
 import pytest
-from gen_helpers import generator_actor_pids, read_images, tiny_config
+from gen_helpers import busy_at_once, generator_actor_pids, read_images, resume, tiny_config
 
-from gdd_ray import storage
 from gdd_ray.classes import dataset_classes
 from gdd_ray.errors import UserError
 from gdd_ray.generate.driver import UnitFailed, actor_options, run_on_ray
@@ -33,11 +31,10 @@ def test_actor_asks_for_one_gpu():
 
 
 def test_killed_actor_is_replaced_and_each_image_made_once(tmp_path, fake_gpu_cluster, capsys):
-    # 128 px: slow enough on a CPU that the kill lands mid-run
-    cfg = tiny_config(tmp_path / "run", ipc=4, unit_size=1, batch_size=1, gen_resolution=128, image_size=16)
+    cfg = tiny_config(tmp_path / "run", ipc=2, unit_size=1, batch_size=1)  # 20 one-image units
     out = tmp_path / "run" / "generated"
     job = make_job(cfg, dataset_classes("cifar10"), "fp", str(out))
-    units = plan_units(10, 4, 1)
+    units = plan_units(10, 2, 1)
     results, errors = [], []
 
     def drive():
@@ -48,19 +45,15 @@ def test_killed_actor_is_replaced_and_each_image_made_once(tmp_path, fake_gpu_cl
 
     t = threading.Thread(target=drive)
     t.start()
-    deadline = time.time() + 120
-    while time.time() < deadline and (
-        len(storage.Location(str(out)).list(".parquet")) < 3 or len(generator_actor_pids(True)) < 2
-    ):
-        time.sleep(0.1)
-    victims = generator_actor_pids(busy=True)
-    assert len(victims) == 2, "both actors should be rendering"
+    # Both actors rendering, held still: the kill lands mid-unit, with units left for the run after it.
+    victims = busy_at_once(2, t)
     os.kill(victims[0], signal.SIGKILL)  # mid-unit
+    resume(victims[1:])
     t.join(timeout=300)
     assert not t.is_alive() and not errors, errors
     assert sorted(r.unit for r in results) == sorted(units)  # every unit reported done exactly once
     images = read_images(out)  # asserts no (label, index) twice
-    assert sorted(images) == sorted((c, i) for c in range(10) for i in range(4))
+    assert sorted(images) == sorted((c, i) for c in range(10) for i in range(2))
     assert victims[0] not in generator_actor_pids()
     assert "starting a replacement" in capsys.readouterr().out
 
@@ -72,7 +65,7 @@ def test_unit_that_keeps_failing_stops_the_run_naming_it(tmp_path, fake_gpu_clus
     cfg = tiny_config(tmp_path / "run")
     job = make_job(cfg, dataset_classes("cifar10"), "fp", str(tmp_path / "blocker" / "generated"))
     with pytest.raises(UnitFailed) as e:
-        run_on_ray(plan_units(10, 2, 2), job, workers=2, max_retries=2, cluster_gpus=2)
+        run_on_ray(plan_units(10, 2, 2), job, workers=1, max_retries=2, cluster_gpus=2)  # one actor to start
     msg = str(e.value)
     assert re.search(r"work unit \d+\.\.\d+ \(class \d+ image \d+ to class \d+ image \d+\) failed 2 times", msg)
     assert "blocker" in msg

@@ -78,7 +78,7 @@ def test_one_fetch_per_node_then_offline_actors_and_a_missing_revision_is_one_li
     assert fetches(fake_hub) == 1  # one node, one fetch; two actors loaded without one
     # The hub goes away: a new run still loads the node's snapshot (the actors never ask the hub).
     shutil.rmtree(fake_hub / "org")
-    gen_stage.run(pipeline.check(cfg.replace(out=str(tmp_path / "run2"))))
+    gen_stage.run(pipeline.check(cfg.replace(out=str(tmp_path / "run2"), **{"generate.workers": 1})))
     assert len(read_images(tmp_path / "run2" / "generated")) == 20 and fetches(fake_hub) == 1
     # The run pinned SHA: a resume at another commit is refused, naming the change (nothing is mixed).
     with pytest.raises(UserError, match="generate"):

@@ -38,16 +38,17 @@ FAST_FAILURE = {
 }
 
 
-@pytest.fixture
-def cluster(gdd_cache, tiny_model, ray_pool):
-    """A CPU-only head and three worker nodes with one fake GPU each; a fresh one per test, since the
-    tests remove, drain and add nodes.
+@pytest.fixture(scope="module")
+def ray_cluster(gdd_cache, tiny_model, ray_pool):
+    """A CPU-only head and three worker nodes with one fake GPU each, shared by the module's tests (starting
+    one costs ~13 s): a test that removes or drains a node adds a fresh one, as the autoscaler would, and
+    `cluster` checks before each test that three live GPU nodes are there.
 
     RAY_TMPDIR points at a private folder: the Cluster records its address in RAY_TMPDIR/ray, and a
-    plain ray.init() anywhere else on this machine must not find (and join) this test's cluster."""
+    plain ray.init() anywhere else on this machine must not find (and join) this module's cluster."""
     from ray.cluster_utils import Cluster
 
-    ray_pool.stop()  # this process joins the test's cluster instead
+    ray_pool.stop()  # this process joins the module's cluster instead
     tmp = tempfile.mkdtemp(prefix="gddmn", dir="/tmp")  # short: Ray's socket paths live under it
     saved = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = tmp
@@ -56,10 +57,11 @@ def cluster(gdd_cache, tiny_model, ray_pool):
         head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False, "_system_config": FAST_FAILURE},
     )
     try:
-        workers = [c.add_node(num_cpus=2, num_gpus=1) for _ in range(3)]
+        for _ in range(3):
+            c.add_node(num_cpus=2, num_gpus=1)
         c.wait_for_nodes()
         ray.init(address=c.address, configure_logging=False)
-        yield c, workers
+        yield c
     finally:
         ray.shutdown()
         c.shutdown()
@@ -68,6 +70,23 @@ def cluster(gdd_cache, tiny_model, ray_pool):
         else:
             os.environ["RAY_TMPDIR"] = saved
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def alive_node_ids() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+@pytest.fixture
+def cluster(ray_cluster):
+    """(cluster, its three GPU nodes): the head and three live GPU nodes, and nothing else alive. A node a
+    previous test removed without notice is declared dead within the health check's ~10 s; wait for that."""
+    c = ray_cluster
+    workers = list(c.worker_nodes)
+    deadline = time.time() + 30
+    while alive_node_ids() != {c.head_node.node_id, *(n.node_id for n in workers)} and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(workers) == 3 and len(alive_node_ids()) == 4, "a previous test left the cluster another shape"
+    yield c, workers
 
 
 def raylet_pid(node) -> int:
@@ -137,6 +156,38 @@ def wait_until(cond, timeout: float, what: str, watcher: ActorWatcher | None = N
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def three_busy_at_once(watcher: ActorWatcher, thread, timeout: float = 240) -> dict[int, str]:
+    """Until an actor is rendering on each of the three GPU nodes at the same time. Actors start one after
+    another (each imports torch and loads the model), and the first would finish a small run alone: so each
+    actor is frozen (SIGSTOP) as soon as it renders, until the last one does. Returns {pid: node} of the three,
+    still frozen: the caller resumes them (SIGCONT), or kills one."""
+    frozen: dict[int, str] = {}
+    deadline = time.time() + timeout
+    try:
+        while len(frozen) < 3:
+            for pid, node, busy in watcher.poll():
+                if busy and pid not in frozen:
+                    os.kill(pid, signal.SIGSTOP)
+                    frozen[pid] = node
+            if not thread.is_alive():
+                raise AssertionError(f"the run ended with {len(frozen)} actors seen rendering")
+            if time.time() > deadline:
+                raise AssertionError(f"timed out waiting for three busy actors ({len(frozen)} seen)")
+            time.sleep(0.05)
+    except BaseException:
+        resume(frozen)
+        raise
+    return frozen
+
+
+def resume(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 def pending_gpu_demand(gcs_address: str) -> bool:
     """Whether an actor asking for a GPU waits to be placed (the autoscaler's view of demand, from the GCS)."""
     from ray.autoscaler.v2.sdk import get_cluster_status
@@ -161,18 +212,13 @@ def test_local_out_on_several_nodes_is_refused(cluster, tmp_path, capsys):
 def test_units_spread_over_nodes_and_a_lost_node_costs_only_time(cluster, tmp_path, capsys):
     c, workers = cluster
     watcher = ActorWatcher(workers)
-    # 120 one-image units: enough work that all three actors are up and busy before the run can end
-    cfg = tiny_config(tmp_path / "run", ipc=12, unit_size=1, batch_size=1, shared_local_out=True)
+    cfg = tiny_config(tmp_path / "run", ipc=3, unit_size=1, batch_size=1, shared_local_out=True)  # 30 units
     gen = tmp_path / "run" / "generated"
     t, box = start_generation(cfg)  # default workers: one per GPU = 3
-    wait_until(
-        lambda: len(storage.Location(str(gen)).list(".parquet")) >= 12 and sum(b for *_, b in watcher.poll()) == 3,
-        240,
-        "three busy actors and 12 shards",
-        watcher,
-        t,
-    )
-    busy_nodes_before_loss = {node for _, node, busy in watcher.poll() if busy}
+    frozen = three_busy_at_once(watcher, t)
+    busy_nodes_before_loss = set(frozen.values())
+    resume(frozen)
+    wait_until(lambda: len(storage.Location(str(gen)).list(".parquet")) >= 3, 120, "3 shards", watcher, t)
     victim = workers[1]
     c.remove_node(victim, allow_graceful=False)  # the instance is gone, with its actor and units in flight
     fresh = c.add_node(num_cpus=2, num_gpus=1)  # what the autoscaler does for a lost spot node
@@ -184,19 +230,21 @@ def test_units_spread_over_nodes_and_a_lost_node_costs_only_time(cluster, tmp_pa
     assert "error" not in box, box.get("error")
     summary = box["summary"]
     images = read_images(gen)  # asserts each (label, index) once
-    assert sorted(images) == [(c_, i) for c_ in range(10) for i in range(12)]
-    assert summary["totals"]["images"] == 120 and summary["workers"] == 3
+    assert sorted(images) == [(c_, i) for c_ in range(10) for i in range(3)]
+    assert summary["totals"]["images"] == 30 and summary["workers"] == 3
     # the lost node's half-written shard (if any) is swept: every reader sees exactly the planned shards
     assert not [p.name for p in gen.iterdir() if ".tmp-" in p.name]
-    planned = sorted(u.shard_name for u in plan_units(10, 12, 1))
+    planned = sorted(u.shard_name for u in plan_units(10, 3, 1))
     assert sorted(p.name for p in gen.glob("*.parquet")) == planned
     assert sorted(s["name"] for s in json.loads((gen / "_manifest.json").read_text())["shards"]) == planned
+    # the victim's units in flight were lost with it and done again elsewhere: the run cost only time
+    assert "starting a replacement" in capsys.readouterr().out
     units_by_node = watcher.nodes_of_workers(summary["per_worker"])
     # Spread: before the loss an actor was rendering on each of the three GPU nodes at once (the wait
     # above), and both surviving nodes did units. The victim may have been killed in its first unit.
     assert busy_nodes_before_loss == set(original), busy_nodes_before_loss
     assert {original[0], original[2]} <= set(units_by_node), units_by_node
-    assert sum(units_by_node.values()) == summary["totals"]["units_run"] >= 120
+    assert sum(units_by_node.values()) == summary["totals"]["units_run"] >= 30
 
 
 def test_draining_node_gets_no_new_work(cluster, tmp_path, capsys):
@@ -207,24 +255,16 @@ def test_draining_node_gets_no_new_work(cluster, tmp_path, capsys):
 
     c, workers = cluster
     watcher = ActorWatcher(workers)
-    # 120 one-image units: enough work that all three actors are up and busy before the run can end
-    cfg = tiny_config(tmp_path / "run", ipc=12, unit_size=1, batch_size=1, shared_local_out=True)
+    cfg = tiny_config(tmp_path / "run", ipc=3, unit_size=1, batch_size=1, shared_local_out=True)  # 30 units
     gen = tmp_path / "run" / "generated"
     t, box = start_generation(cfg)  # 3 workers on the 3 GPU nodes: no spare GPU anywhere
-    wait_until(
-        lambda: len(storage.Location(str(gen)).list(".parquet")) >= 8 and sum(b for *_, b in watcher.poll()) == 3,
-        240,
-        "three busy actors and 8 shards",
-        watcher,
-        t,
-    )
-    busy = [a for a in watcher.poll() if a[2]]
-    pid, draining, _ = busy[0]
+    # The three actors rendering, all held still (frozen), so the queue cannot drain before the replacement
+    # is up; the one on the node to drain is killed below, the other two stay frozen until then.
+    frozen = three_busy_at_once(watcher, t)
+    pid, draining = next(iter(frozen.items()))
+    others = [p for p in frozen if p != pid]
     before = set(watcher.node_of)
-    # Hold the other two workers still, so the queue cannot drain before the replacement is up.
-    others = [p for p, _, _ in busy[1:]]
-    for p in others:
-        os.kill(p, signal.SIGSTOP)
+    drained = next(n for n in workers if n.node_id == draining)
     try:
         accepted, why = GcsClient(address=c.gcs_address).drain_node(
             draining,
@@ -246,19 +286,18 @@ def test_draining_node_gets_no_new_work(cluster, tmp_path, capsys):
             120,
             "the replacement rendering on the new node",
         )
+        resume(others)
+        while t.is_alive():
+            watcher.poll()
+            t.join(timeout=0.1)
     finally:
-        for p in others:
-            os.kill(p, signal.SIGCONT)
-    while t.is_alive():
-        watcher.poll()
-        t.join(timeout=0.1)
+        resume(others)
+        c.remove_node(drained)  # the deadline: the instance goes (and the module's next test finds 3 GPU nodes)
     assert "error" not in box, box.get("error")
     images = read_images(gen)
-    assert sorted(images) == [(c_, i) for c_ in range(10) for i in range(12)]
+    assert sorted(images) == [(c_, i) for c_ in range(10) for i in range(3)]
     assert "starting a replacement" in capsys.readouterr().out
     new_actors = {p: n for p, n in watcher.node_of.items() if p not in before}
     assert set(new_actors.values()) == {fresh.node_id}, (new_actors, draining)
     units_by_node = watcher.nodes_of_workers(box["summary"]["per_worker"])
     assert units_by_node.get(fresh.node_id, 0) > 0  # the replacement did part of the run
-    drained = next(n for n in workers if n.node_id == draining)
-    c.remove_node(drained)  # the deadline: the instance goes

@@ -164,8 +164,8 @@ def test_a_budget_larger_than_needed_reaches_the_planned_ipc(tmp_path, tiny_mode
     assert summary["totals"]["images"] == 9 and len(read_images(tmp_path / "run" / "generated")) == 9
 
 
-@pytest.mark.slow  # a local Ray with two generator actors
-def test_ray_driver_stops_at_a_round_with_units_in_flight(tmp_path, tiny_model, monkeypatch, ray_pool):
+@pytest.mark.slow  # the session's local Ray, one generator actor holding up to three units
+def test_ray_driver_stops_at_a_round_with_units_in_flight(tmp_path, tiny_model, monkeypatch, local_ray):
 
     from gdd_ray.generate.driver import run_on_ray
     from gdd_ray.generate.stage import make_job
@@ -177,9 +177,8 @@ def test_ray_driver_stops_at_a_round_with_units_in_flight(tmp_path, tiny_model, 
     # handed out so far, so the decision does not depend on how the actors' timing interleaves.
     monkeypatch.setattr(budget_mod, "clock", lambda: float(budget.images_done))
     units = plan_units(3, 6, 2)
-    ray_pool.use(num_gpus=2)
     job = make_job(cfg, ctx.classes, "fp", str(tmp_path / "run" / "generated"))
-    results = run_on_ray(units, job, workers=2, cluster_gpus=2, budget=budget)
+    results = run_on_ray(units, job, workers=1, cluster_gpus=0, budget=budget)
     # rounds of 6 images: round 1 starts at 6 (done or out) + 6 = 12 <= 13; round 2 would end at 12 + 6 > 13
     assert sorted(r.unit for r in results) == sorted(units[:6]) and budget.stopped
     assert ipc_reached(units, {r.unit.shard_name for r in results}) == 4

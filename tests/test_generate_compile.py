@@ -5,6 +5,7 @@ same images as the eager path within float rounding."""
 import numpy as np
 import pytest
 import torch
+import torch._inductor.config as inductor_config
 from gen_helpers import tiny_config
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
@@ -30,18 +31,30 @@ def test_compile_cache_is_the_users_or_one_kept_per_node(tmp_path, monkeypatch):
     assert use_compile_cache() == (str(mine), True)
 
 
+# Scalar C++ kernels: Inductor compiles each kernel with g++ (66 of them for the tiny model's three graphs), and
+# vectorised ones (at::vec templates) cost ~30 % more to compile. What these tests prove is torch.compile's use
+# by the fast path (one graph each, no graph break, no recompile, the node's cache, the eager images within
+# rounding), which is the same whatever Inductor's own code generation chooses.
+INDUCTOR = {"cpp.simdlen": 1}
+
+
 class CompileCase:
-    """The tiny pipeline (from the session's cache), a cold compile cache, and the eager images of two units: 2 full
-    batches of 4 classes, then a run's short last unit of 3 (padded). Compiled with fullgraph=True, so a graph
-    break anywhere fails the compile (and the test), never a silent eager fall back."""
+    """The tiny pipeline and the eager images of two units: 2 full batches of 4 classes, then a run's short last
+    unit of 3 (padded); made once for the module's tests. Each test compiles into a cold compile cache of its
+    own, with fullgraph=True, so a graph break anywhere fails the compile (and the test), never a silent eager
+    fall back."""
 
     units = [WorkUnit(0, 8, 10), WorkUnit(8, 11, 10)]
 
-    def __init__(self, tmp_path, monkeypatch):
+    def __init__(self, tmp_path):
         self.tmp_path, self.pipe = tmp_path, load_pipeline("tiny", device="cpu")
+        self.want = [self.generator(False).render(u).pixels for u in self.units]
+
+    def cold(self, tmp_path, monkeypatch) -> None:
+        """This test's own cold compile cache, and fresh Dynamo counters."""
+        self.tmp_path = tmp_path
         monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as Inductor sets it when first asked
         monkeypatch.setenv("GDD_RAY_CACHE", str(tmp_path / "cache"))  # a cold compile cache under it
-        self.want = [self.generator(False).render(u).pixels for u in self.units]
         torch._dynamo.utils.counters.clear()
 
     def generator(self, compile: bool, scope: str = "model") -> UnitGenerator:
@@ -62,10 +75,21 @@ class CompileCase:
         assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
 
 
+@pytest.fixture(scope="module")
+def shared_case(tiny_model, tmp_path_factory):
+    with inductor_config.patch(INDUCTOR):
+        yield CompileCase(tmp_path_factory.mktemp("eager"))
+
+
+@pytest.fixture
+def case(shared_case, tmp_path, monkeypatch):
+    shared_case.cold(tmp_path, monkeypatch)
+    return shared_case
+
+
 @pytest.mark.slow
-def test_compiled_fast_path_compiles_once_into_the_node_cache(tmp_path, tiny_model, monkeypatch):
+def test_compiled_fast_path_compiles_once_into_the_node_cache(case, tmp_path):
     """Scope `model`: the whole denoise step and the decoder, compiled at load into the node's cache."""
-    case = CompileCase(tmp_path, monkeypatch)
     compiled = case.generator(True)
     compiled.load()
     assert compiled.compile_mode == "default" and compiled.startup["compile_s"] > 0
@@ -76,9 +100,8 @@ def test_compiled_fast_path_compiles_once_into_the_node_cache(tmp_path, tiny_mod
 
 
 @pytest.mark.slow
-def test_compiled_blocks_draw_the_eager_images(tmp_path, tiny_model, monkeypatch):
+def test_compiled_blocks_draw_the_eager_images(case):
     """Scope `blocks`: each repeated block of the UNet and decoder compiled in place (undone after)."""
-    case = CompileCase(tmp_path, monkeypatch)
     blocks = case.generator(True, "blocks")
     try:
         blocks.load()  # compiles the shared pipeline's blocks in place: undone below

@@ -127,3 +127,13 @@ def test_random_sdxl_weights_are_the_same_on_every_build():
     pa, pb, pc = (dict(m.named_parameters()) for m in (a, b, c))
     assert all(torch.equal(pa[k], pb[k]) for k in pa)  # every worker of a run builds the same model
     assert not torch.equal(pa["decoder.conv_in.weight"], pc["decoder.conv_in.weight"])
+
+
+def test_random_sdxl_weights_are_fingerprinted(tmp_path, tiny_model):
+    """How sdxl-random's weights are drawn is in its runs' fingerprint: shards of another draw are never mixed in."""
+    from gdd_ray.generate.model import SDXL_RANDOM_WEIGHTS
+    from gdd_ray.generate.stage import resolved_inputs
+
+    random = resolved_inputs(tiny_config(tmp_path / "r", model="sdxl-random"))
+    assert random["random_weights"] == SDXL_RANDOM_WEIGHTS
+    assert "random_weights" not in resolved_inputs(tiny_config(tmp_path / "t"))  # other models: as before

@@ -26,6 +26,11 @@ TINY_MODELS = tuple(tiny_models.FOLDERS)  # the built-in tiny twins, by --model 
 # The real SDXL-Turbo architecture (packaged configs + real tokenizers) with random weights: for GPU
 # throughput benchmarks where the weights cannot be downloaded. Its images are noise.
 SDXL_RANDOM = "sdxl-random"
+# How sdxl-random's weights are drawn (in the generate fingerprint of its runs, so shards of another draw are
+# never mixed in): v2 fills each tensor from one seeded pool (fill_seeded); v1 was torch's default init.
+SDXL_RANDOM_WEIGHTS = "v2"
+FILL_POOL = 1 << 22  # uniform(-1, 1) values drawn per component
+FILL_CHUNK = 1024  # each run of this many values of a tensor is copied from a seeded offset into the pool
 TINY_VERSION = "v1"  # bump when the tiny architecture changes, so old caches are not reused
 DEFAULT_MODEL = "stabilityai/sdxl-turbo"
 TAESDXL = "madebyollin/taesdxl"  # the tiny decoder for SDXL latents (AutoencoderTiny)
@@ -69,7 +74,7 @@ def tiny_model_path(name: str = TINY) -> Path:
 def build_random_sdxl(device: str = "cpu", dtype=None, seed: int = 0):
     """SDXL-Turbo's exact architecture from its public configs, random weights, built on `device`.
 
-    Seeded per component, so every worker of a run builds the same weights (on the same kind of device).
+    Seeded per component (fill_seeded), so every worker of a run builds the same weights.
     `device="meta"` builds it without memory (to count parameters in tests); on a GPU it is built in
     place in fp16 (no 10 GB fp32 copy on the host).
     """
@@ -82,8 +87,11 @@ def build_random_sdxl(device: str = "cpu", dtype=None, seed: int = 0):
 
 
 def random_sdxl_component(name: str, device: str = "cpu", dtype=None, seed: int = 0):
-    """One SDXL-Turbo component from its packaged config with seeded random weights."""
+    """One SDXL-Turbo component from its packaged config with seeded random weights (fill_seeded): the same
+    weights on every worker, whatever was built before. Built without initialising anything (torch's default
+    init of 3.5 billion parameters took ~45 s of CPU), then filled once."""
     import torch
+    from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -96,17 +104,51 @@ def random_sdxl_component(name: str, device: str = "cpu", dtype=None, seed: int 
             CLIPTextConfig.from_pretrained(config_dir("text_encoder_2"))
         ),
     }[name]
+    dtype = dtype or torch.float32
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype or torch.float32)
+    torch.set_default_dtype(dtype)
     try:
-        # One seed per component: the same weights whatever else was built before it, on every worker.
-        torch.manual_seed(derive_seed("sdxl-random", seed, name))
-        with torch.device(device):
-            # .to(dtype): transformers builds some CLIP layers (text_encoder_2's projection) in the config's
-            # own dtype (fp16 in SDXL-Turbo's), whatever the default; a no-op for what is already in dtype.
-            return build().to(dtype or torch.float32)
+        # Parameters on the meta device (no memory, no init), buffers (CLIP's position ids) real on `device`.
+        # .to(dtype): transformers builds some CLIP layers (text_encoder_2's projection) in the config's own
+        # dtype (fp16 in SDXL-Turbo's), whatever the default; a no-op for what is already in dtype.
+        with torch.device(device), init_empty_weights(include_buffers=str(device) == "meta"):
+            module = build().to(dtype)
     finally:
         torch.set_default_dtype(previous)
+    if str(device) != "meta":
+        fill_seeded(module, derive_seed("sdxl-random", seed, name), device)
+    return module
+
+
+def fill_seeded(module, seed: int, device) -> None:
+    """Give `module`'s parameters (on the meta device) memory on `device` and values from one seeded CPU
+    generator, in parameter order: a pool of FILL_POOL uniform(-1, 1) values, then each tensor as runs of
+    FILL_CHUNK values copied from seeded offsets into the pool (~1 ns a value: a copy, not a draw), scaled by
+    1/sqrt(fan_in) as torch's default init of a Linear or Conv is; norms' scales 1 and biases 0 (1-D
+    tensors). The same values on every device (fp32; a lower dtype rounds them); random enough for
+    throughput benchmarks and tests, whose images are noise anyway."""
+    import torch
+
+    buffers = {k: b.clone() for k, b in module.named_buffers()}
+    module.to_empty(device=device)  # also empties the buffers: put back below
+    gen = torch.Generator("cpu").manual_seed(seed)
+    pool = torch.rand(FILL_POOL, generator=gen) * 2 - 1
+    windows: dict = {}  # dtype -> the pool's overlapping runs of FILL_CHUNK on the device, in that dtype
+    with torch.no_grad():
+        for k, b in buffers.items():
+            module.get_buffer(k).copy_(b)
+        for name, p in module.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+                continue
+            if p.dtype not in windows:
+                windows[p.dtype] = pool.to(device=p.device, dtype=p.dtype).unfold(0, FILL_CHUNK, 1)
+            runs, flat = windows[p.dtype], p.view(-1)
+            whole, tail = divmod(flat.numel(), FILL_CHUNK)
+            offsets = torch.randint(0, runs.shape[0], (whole + 1,), generator=gen).to(p.device)
+            torch.index_select(runs, 0, offsets[:whole], out=flat[: whole * FILL_CHUNK].view(whole, FILL_CHUNK))
+            flat[whole * FILL_CHUNK :].copy_(runs[offsets[whole], :tail])
+            p.mul_(p[0].numel() ** -0.5)
 
 
 def ensure_tiny_model(name: str = TINY) -> Path:

@@ -13,7 +13,7 @@ from gdd_ray.generate import fetch, runtime
 from gdd_ray.generate.budget import TimeBudget, ipc_reached
 from gdd_ray.generate.driver import actor_options, run_on_ray, run_serial
 from gdd_ray.generate.generator import GenerationJob, UnitGenerator, UnitResult
-from gdd_ray.generate.model import resolve_model, resolve_revision
+from gdd_ray.generate.model import SDXL_RANDOM, SDXL_RANDOM_WEIGHTS, resolve_model, resolve_revision
 from gdd_ray.logs import Progress, say
 from gdd_ray.plan import generated_per_class
 from gdd_ray.run import RunContext, RunDir
@@ -46,7 +46,9 @@ def resolved_inputs(cfg: RunConfig) -> dict[str, Any]:
     pinned = {"model_revision": revision} if revision else {}  # local models: fingerprints as before
     # The template list's contents (not the file's path); absent without one, so such runs keep their fingerprint.
     templates = {"prompt_templates": list(cfg.generate.prompt_templates)} if cfg.generate.prompt_templates else {}
-    return {**runtime.resolve(cfg).inputs(), **pinned, **templates}
+    # How sdxl-random's weights are drawn: another draw is other pixels (other models: fingerprints as before).
+    weights = {"random_weights": SDXL_RANDOM_WEIGHTS} if cfg.generate.model == SDXL_RANDOM else {}
+    return {**runtime.resolve(cfg).inputs(), **pinned, **templates, **weights}
 
 
 def preflight(ctx: RunContext) -> None:

@@ -186,6 +186,7 @@ def test_train_stage_checkpoints_and_resumes_in_the_bucket(s3_server, ray_s3, tm
 
     client, _ = s3_server
     cfg = bucket_train_config(f"s3://{BUCKET}/train-run", tmp_path / "test")
+    cfg = cfg.replace(**{"train.eval_workers": 1})  # both runs on one worker: a worker process fewer to start
     ctx = pipeline.check(cfg)
     res = train_stage.run(ctx)
     assert res["evaluated"] and len(res["runs"]) == 2

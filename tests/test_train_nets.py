@@ -79,7 +79,7 @@ def test_eval_nets_trains_all_four_and_the_page_shows_the_table(local_ray, tmp_p
     synthetic.write_cifar(str(tmp_path / "test"), *synthetic.sample(pats, 1, seed=2), [c.class_id for c in classes])
     cfg = build_config(dict(
         dataset="cifar10", ipc=1, out=str(tmp_path / "run"), stages="train", image_size=32, eval_runs=1,
-        eval_data=str(tmp_path / "test"), epochs=1, net_width=8, train_batch_size=16, eval_workers=2,
+        eval_data=str(tmp_path / "test"), epochs=1, net_width=8, train_batch_size=16, eval_workers=1,
         eval_nets="convnet,resnet18,vgg11,alexnet",
     ))  # fmt: skip
     write_generated(cfg, classes, *synthetic.sample(pats, 1, seed=1))

@@ -62,7 +62,8 @@ def test_baselines_soft_labels_scores_resume_and_sharing(local_ray, real_data, t
         real_train_data=str(real_data / "cifar"), eval_full_data=True, labels="both",
         teacher=str(real_data / "teacher.pt"), soft_epochs=2, baselines_dir=shared,
     )  # fmt: skip
-    cfg = make_run(tmp_path / "run", real_data, **kw)
+    # One worker: its ten runs take a fraction of the seconds a second worker process takes to start.
+    cfg = make_run(tmp_path / "run", real_data, **kw, eval_workers=1)
     res = stage.run(pipeline.check(cfg))
 
     cells = {c["name"]: c for c in res["evaluations"]}

@@ -67,21 +67,36 @@ def test_train_stage_runs_in_parallel_writes_outputs_skips_and_resumes(local_ray
     assert again == res
 
     # A lost result and one more run asked for: run 1 resumes from its checkpoint (its last epoch) and reports
-    # the same accuracy, run 3 is new, runs 0 and 2 are not touched.
+    # the same accuracy, run 3 is new, runs 0 and 2 are not touched. On one worker (a worker process fewer to
+    # start; --eval-workers decides no number either).
     (ev / "runs" / "run01.json").unlink()
     (ev / "results.json").unlink()
-    more = stage.run(pipeline.check(cfg.replace(**{"train.eval_runs": 4})))
+    more = stage.run(pipeline.check(cfg.replace(**{"train.eval_runs": 4, "train.eval_workers": 1})))
     assert more["accuracies"][:3] == accs and len(more["runs"]) == 4 and more["runs"][3]["seed"] == eval_run_seed(0, 3)
     assert more["runs"][1]["resumed_from_epoch"] == 4 and more["runs"][3]["resumed_from_epoch"] == 0
     assert more["runs"][0]["finished"] == res["runs"][0]["finished"]
     assert more["runs"][2]["finished"] == res["runs"][2]["finished"]
-    assert more["fingerprint"] == res["fingerprint"]  # --eval-runs is not part of it: finished runs are kept
+    assert more["fingerprint"] == res["fingerprint"]  # nor --eval-runs: finished runs are kept
+    assert more["workers"] == 1 and {r["rank"] for r in more["runs"][1::2]} == {0}
 
 
-@pytest.mark.slow
-def test_train_stage_without_test_set_says_nothing_was_evaluated(local_ray, tmp_path, capsys):
+def test_train_stage_without_test_set_says_nothing_was_evaluated(local_ray, tmp_path, capsys, monkeypatch):
+    """The stage and the worker's own code (run_tasks) with no test set; the worker runs in this process, not
+    in a Ray Train worker group (the test above proves that transport: five actor processes to start)."""
+    import torch
+
+    from gdd_ray.train import worker
+
+    fits = []
+
+    def fit_here(job, storage_loc, workers, use_gpu):
+        fits.append((len(job.tasks), job.test_ref))
+        worker.run_tasks(job, job.tasks, torch.device("cpu"))
+
+    monkeypatch.setattr(worker, "fit", fit_here)
     cfg, run_dir = make_run(tmp_path, eval_data=None, eval_runs=1, epochs=2)
     res = stage.run(pipeline.check(cfg))
+    assert fits == [(1, None)]  # one run trained, handed no test set
     assert res["evaluated"] is False and res["accuracy_mean"] is None and res["runs"][0]["test_acc"] is None
     assert "nothing was evaluated" in capsys.readouterr().out
 

@@ -76,6 +76,9 @@ def existing_run(tmp_path):
 
 
 def timed_one_line(argv, capsys) -> tuple[str, float]:
+    # What came before the command is not its output: e.g. the last worker logs of an earlier test's Ray, which
+    # Ray's driver prints as it shuts down (`no_ray`).
+    capsys.readouterr()
     t0 = time.monotonic()
     code = main(argv)
     took = time.monotonic() - t0

@@ -102,22 +102,25 @@ def generator_actor_pids(busy: bool = False) -> list[int]:
     return out
 
 
-def busy_at_once(n: int, thread, timeout: float = 120) -> list[int]:
+def busy_at_once(n: int, thread, timeout: float = 120, rendering=None) -> dict[int, object]:
     """Until `n` generator actors render at the same time. Actors start one after another (each imports torch
     and loads the model), and the first would finish a small run alone: so each is frozen (SIGSTOP) as soon as
-    it renders, until the last one does. Returns their pids, in the order seen, still frozen: the caller
+    it renders, until the last one does. `rendering()` gives {pid: what to record} of the actors rendering now
+    (default: this machine's, by pid). Returns that record of each, in the order seen, still frozen: the caller
     resumes (`resume`) or kills them."""
     import signal
     import time
 
-    frozen: list[int] = []
+    if rendering is None:
+        rendering = lambda: {pid: pid for pid in generator_actor_pids(busy=True)}  # noqa: E731
+    frozen: dict[int, object] = {}
     deadline = time.time() + timeout
     try:
         while len(frozen) < n:
-            for pid in generator_actor_pids(busy=True):
+            for pid, what in rendering().items():
                 if pid not in frozen:
                     os.kill(pid, signal.SIGSTOP)
-                    frozen.append(pid)
+                    frozen[pid] = what
             if not thread.is_alive():
                 raise AssertionError(f"the run ended with {len(frozen)} of {n} actors seen rendering")
             if time.time() > deadline:

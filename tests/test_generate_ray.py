@@ -46,7 +46,7 @@ def test_killed_actor_is_replaced_and_each_image_made_once(tmp_path, fake_gpu_cl
     t = threading.Thread(target=drive)
     t.start()
     # Both actors rendering, held still: the kill lands mid-unit, with units left for the run after it.
-    victims = busy_at_once(2, t)
+    victims = list(busy_at_once(2, t))
     os.kill(victims[0], signal.SIGKILL)  # mid-unit
     resume(victims[1:])
     t.join(timeout=300)

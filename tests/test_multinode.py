@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -19,7 +18,7 @@ import time
 import psutil
 import pytest
 import ray
-from gen_helpers import read_images, tiny_config
+from gen_helpers import busy_at_once, read_images, resume, tiny_config
 
 from gdd_ray import pipeline, storage
 from gdd_ray.cli import main
@@ -157,35 +156,10 @@ def wait_until(cond, timeout: float, what: str, watcher: ActorWatcher | None = N
 
 
 def three_busy_at_once(watcher: ActorWatcher, thread, timeout: float = 240) -> dict[int, str]:
-    """Until an actor is rendering on each of the three GPU nodes at the same time. Actors start one after
-    another (each imports torch and loads the model), and the first would finish a small run alone: so each
-    actor is frozen (SIGSTOP) as soon as it renders, until the last one does. Returns {pid: node} of the three,
-    still frozen: the caller resumes them (SIGCONT), or kills one."""
-    frozen: dict[int, str] = {}
-    deadline = time.time() + timeout
-    try:
-        while len(frozen) < 3:
-            for pid, node, busy in watcher.poll():
-                if busy and pid not in frozen:
-                    os.kill(pid, signal.SIGSTOP)
-                    frozen[pid] = node
-            if not thread.is_alive():
-                raise AssertionError(f"the run ended with {len(frozen)} actors seen rendering")
-            if time.time() > deadline:
-                raise AssertionError(f"timed out waiting for three busy actors ({len(frozen)} seen)")
-            time.sleep(0.05)
-    except BaseException:
-        resume(frozen)
-        raise
-    return frozen
-
-
-def resume(pids) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+    """Until an actor is rendering on each of the three GPU nodes at the same time (`busy_at_once`, reading
+    the nodes' actors through the watcher). Returns {pid: node} of the three, still frozen: the caller resumes
+    them (SIGCONT), or kills one."""
+    return busy_at_once(3, thread, timeout, rendering=lambda: {pid: node for pid, node, busy in watcher.poll() if busy})
 
 
 def pending_gpu_demand(gcs_address: str) -> bool:

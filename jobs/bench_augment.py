@@ -140,10 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     started_ray = start_ray(args.cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    # Warm-up on a copy: starts the Ray workers and imports torch in them, which a long run pays once.
-    warm_cfg = cfg.replace(out=os.path.join(args.out, "warmup"))
-    synthetic.write_generated(warm_cfg, classes, fingerprint=pipeline.generation_fingerprint(warm_cfg, classes))
-    stage.run(pipeline.check(warm_cfg))
+    # Warm-up on a copy: starts the Ray workers and imports torch in them, which a long run pays once. A smoke
+    # test times nothing worth keeping: it skips it.
+    if not args.smoke_test:
+        warm_cfg = cfg.replace(out=os.path.join(args.out, "warmup"))
+        fingerprint = pipeline.generation_fingerprint(warm_cfg, classes)
+        synthetic.write_generated(warm_cfg, classes, fingerprint=fingerprint)
+        stage.run(pipeline.check(warm_cfg))
 
     loop_dst = storage.Location(os.path.join(args.out, "per_image_loop"))
     serial_dst = storage.Location(os.path.join(args.out, "serial_batched"))

@@ -47,7 +47,6 @@ COSTLIEST_FIRST = (
     "test_train_stage.py",
     "test_generate_ray.py",
     "test_generators.py",
-    "test_readme_submit.py",
     "test_select_bench.py",
     "test_augment_stage.py",
     "test_generate_engine.py",

@@ -87,7 +87,7 @@ class RayHead:
                         return
             except OSError:
                 pass
-            time.sleep(1)
+            time.sleep(0.25)
         raise RuntimeError("ray head did not come up")
 
     def stop(self) -> None:

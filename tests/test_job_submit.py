@@ -1,12 +1,27 @@
-"""End to end through a real Ray head: `ray job submit` of jobs/distill.py, and resume after a killed driver."""
+"""End to end through a real Ray head started by the README's cluster lines, as written: `ray job submit` of
+jobs/distill.py (the README's own submit line among them), and resume after a killed driver.
+
+The README's lines: `export RAY_AUTH_MODE=token`, `ray get-auth-token --generate`, `ray start --head` with Ray's
+defaults, then its `ray job submit` command with the quick-run options the README gives. Read from README.md,
+so the test breaks when the README drifts from what works. What differs from a user's shell, and why: HOME is
+a fresh folder (the token `ray get-auth-token` makes is this module's, never the machine's ~/.ray/auth_token);
+the head gets ports and a temp dir of its own plus --block, so it is stopped by its pid and never meets another
+Ray here; RAY_ADDRESS names that head's dashboard (a user's head listens on the default 8265); `--out` of the
+quick-run options is a folder of this test. Every test of the module submits to that one head (starting one
+costs seconds).
+"""
 
 import io
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,11 +36,66 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
+def readme_cluster_lines() -> list[list[str]]:
+    """The words of each line of the README code block holding `ray job submit` (comments dropped)."""
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"^```\n(.*?)^```", text, flags=re.S | re.M)
+    block = next(b for b in blocks if "ray job submit" in b and "ray start --head" in b)
+    return [shlex.split(line, comments=True) for line in block.splitlines() if shlex.split(line, comments=True)]
+
+
+def readme_quick_options() -> list[str]:
+    m = re.search(r"append the quick-run options\s+`([^`]+)`\s+to the submit line", (REPO / "README.md").read_text())
+    assert m, "README.md no longer gives the quick-run options for the submit line"
+    return shlex.split(m.group(1))
+
+
+def with_out(options: list[str], out: Path) -> list[str]:
+    i = options.index("--out")
+    return [*options[:i], "--out", str(out), *options[i + 2 :]]
+
+
 @pytest.fixture(scope="module")
-def head(gdd_cache, tiny_model):
-    h = RayHead(num_cpus=2)
+def readme_lines() -> list[list[str]]:
+    lines = readme_cluster_lines()
+    assert [w[:3] for w in lines] == [
+        ["export", "RAY_AUTH_MODE=token"],
+        ["ray", "get-auth-token", "--generate"],
+        ["ray", "start", "--head"],
+        ["ray", "job", "submit"],
+    ], lines
+    return lines
+
+
+@pytest.fixture(scope="module")
+def head(gdd_cache, tiny_model, readme_lines, tmp_path_factory):
+    """The README's first three lines, as written: the head every test of the module submits to."""
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no token or address of the tests'
+    env.update(HOME=str(home), PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
+    export, get_token, start = readme_lines[:3]
+    name, value = export[1].split("=", 1)
+    env[name] = value
+    r = subprocess.run(get_token, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (home / ".ray" / "auth_token").read_text().strip()
+    h = RayHead(num_cpus=2, env=dict(env), start=tuple(start))
     yield h
     h.stop()
+
+
+def test_readme_cluster_lines_as_written(head, readme_lines, tmp_path):
+    # the head authenticates: the dashboard refuses a request that carries no token
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(head.dashboard_url + "/api/jobs/", timeout=10)
+    assert refused.value.code in (401, 403)
+    out = tmp_path / "check"
+    argv = [*readme_lines[3], *with_out(readme_quick_options(), out)]
+    r = subprocess.run(argv, env={**head.env, "RAY_ADDRESS": head.dashboard_url}, cwd=REPO,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in r.stdout and "[generate] done:" in r.stdout, r.stdout[-3000:]
+    assert sorted(read_images(out / "generated")) == [(c, 0) for c in range(10)]
 
 
 def wait_for_no_generator_actors(timeout: float = 60) -> None:

@@ -187,13 +187,13 @@ def _process_group(pgid: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # 2 Ray Train evaluations: ~12 s each on 2 idle cores, far more on a shared machine
+@pytest.mark.timeout(1800)  # two sweeps of two points: ~2 min on 2 idle cores, far more on a shared machine
 def test_tiny_sweep_is_killed_resumes_without_redoing_finished_points_and_reports(tmp_path, tiny_model):
     """ipc {2, 4} at K 2 and eval seed 1 on the tiny model, through the real CLI; the first sweep is SIGKILLed (its
     whole process group: driver, Ray, Tune) once a point has finished, and the second does the other. Each point
-    is a Ray Train job of five actor processes (~25 CPU-s), so the grid is one axis: the other axis, K, is proven
-    below by the rows a K-0 point over the same shared PDA reads (an eval-seed axis adds trainings and proves
-    nothing these do not: each point's seed is checked)."""
+    is a Tune trial that trains in its own process (a Ray process, with its imports: seconds), so the grid is one
+    axis: the other axis, K, is proven below by the rows a K-0 point over the same shared PDA reads (an eval-seed
+    axis adds trainings and proves nothing these do not: each point's seed is checked)."""
     names = [c.class_id for c in dataset_classes("cifar10")]
     pats = synthetic.patterns(10, 16, seed=0)
     synthetic.write_cifar(str(tmp_path / "test"), *synthetic.sample(pats, 2, seed=2), names, kind="cifar10")
@@ -254,6 +254,8 @@ def test_tiny_sweep_is_killed_resumes_without_redoing_finished_points_and_report
     for r in rows:  # each point trained with its own eval seed, on its prefix of the shared PDA
         res = json.loads((root / "points" / r["point"] / "eval" / "results.json").read_text())
         assert res["config"]["eval_seed"] == 1
+        # trained in the trial's own process: one worker, and no Ray Train job (whose storage is eval/_ray_train)
+        assert res["workers"] == 1 and not (root / "points" / r["point"] / "eval" / "_ray_train").exists()
     page = (root / "report.html").read_text()
     assert page.count("href='points/") == 2
     for plot in ("accuracy_vs_ipc.png", "accuracy_vs_cost.png"):

@@ -81,22 +81,28 @@ def test_train_stage_runs_in_parallel_writes_outputs_skips_and_resumes(local_ray
 
 
 def test_train_stage_without_test_set_says_nothing_was_evaluated(local_ray, tmp_path, capsys, monkeypatch):
-    """The stage and the worker's own code (run_tasks) with no test set; the worker runs in this process, not
-    in a Ray Train worker group (the test above proves that transport: five actor processes to start)."""
+    """The stage and the worker's own code (run_tasks) with no test set, trained in this process as a sweep's
+    trial does (worker.training_here), not in a Ray Train worker group (the test above proves that transport:
+    five actor processes to start)."""
     import torch
 
     from gdd_ray.train import worker
 
-    fits = []
+    fits, tasks_run = [], []
+    monkeypatch.setattr(worker, "fit", lambda *a: fits.append(a))  # never called here
+    real_run_tasks = worker.run_tasks
 
-    def fit_here(job, storage_loc, workers, use_gpu):
-        fits.append((len(job.tasks), job.test_ref))
-        worker.run_tasks(job, job.tasks, torch.device("cpu"))
+    def run_tasks(job, tasks, device, rank=0):
+        tasks_run.append((len(tasks), job.test_ref, device))
+        real_run_tasks(job, tasks, device, rank)
 
-    monkeypatch.setattr(worker, "fit", fit_here)
+    monkeypatch.setattr(worker, "run_tasks", run_tasks)
     cfg, run_dir = make_run(tmp_path, eval_data=None, eval_runs=1, epochs=2)
-    res = stage.run(pipeline.check(cfg))
-    assert fits == [(1, None)]  # one run trained, handed no test set
+    with worker.training_here(torch.device("cpu")):
+        res = stage.run(pipeline.check(cfg))
+    assert worker.device_here() is None and not fits
+    assert tasks_run == [(1, None, torch.device("cpu"))]  # one run trained, handed no test set
+    assert res["workers"] == 1 and res["use_gpu"] is False
     assert res["evaluated"] is False and res["accuracy_mean"] is None and res["runs"][0]["test_acc"] is None
     assert "nothing was evaluated" in capsys.readouterr().out
 

@@ -262,11 +262,12 @@ def _done_lines(ctx: RunContext, results: dict[str, Any], evaluated: bool) -> li
 def _train_pending(
     ctx: RunContext, plan: evaluation.EvalPlan, pending: list, distilled: DistilledSet, test, ms
 ) -> tuple[int, bool]:
-    """Put the data in the object store once and train the pending runs on a Ray Train worker group."""
+    """Put the data in the object store once and train the pending runs on a Ray Train worker group (or in
+    this process, inside worker.training_here: a sweep's trial)."""
     import ray
 
     from gdd_ray.ray_utils import init_ray
-    from gdd_ray.train.worker import TrainJob, check_checkpoints, default_workers, fit
+    from gdd_ray.train.worker import TrainJob, check_checkpoints, default_workers, device_here, fit, run_tasks
 
     t = ctx.cfg.train
     real, positions = evaluation.real_arrays(ctx, plan, pending)
@@ -274,7 +275,8 @@ def _train_pending(
     check_checkpoints(tasks)  # before any worker starts: a planted checkpoint is one line here
     init_ray()  # only now: a rerun over finished runs starts nothing
     evaluation.record_cells(plan)
-    workers, use_gpu = default_workers(len(tasks), t.eval_workers)
+    here = device_here()
+    workers, use_gpu = (1, here.type == "cuda") if here is not None else default_workers(len(tasks), t.eval_workers)
     data = {"distilled": ray.put((distilled.images, distilled.labels))}
     if real is not None:
         data["real"] = ray.put(real)
@@ -293,5 +295,8 @@ def _train_pending(
         teacher_ref=teacher_ref,
         teacher_name=t.teacher or "",
     )
-    fit(job, ctx.run_dir.eval.child("_ray_train"), workers, use_gpu)
+    if here is not None:
+        run_tasks(job, tasks, here)
+    else:
+        fit(job, ctx.run_dir.eval.child("_ray_train"), workers, use_gpu)
     return workers, use_gpu

@@ -3,10 +3,15 @@
 Worker k of W trains the tasks k, k+W, ... (a task = one run of one cell: training set x network x labels,
 train.protocols), independent seeds, no gradient sync, the training sets in device memory; runs of one
 ConvNet cell can train together (train.at_once). Each finished run writes <cell folder>/runs/runNN.json.
+
+A process that already holds one worker's resources (a sweep's Tune trial: gdd_ray.sweep) trains its tasks
+itself inside `training_here`, with the same `run_tasks`: no Ray Train job, whose controller and worker group
+cost more to start (~13 s on 2 cores) than a small point's training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -227,6 +232,24 @@ def run_tasks(job: TrainJob, tasks: list[Task], device, rank: int = 0) -> None:
             storage.Location(task.loc_uri).child("runs").write_bytes(
                 f"{eval_run_name(task.run)}.json", json_text(result).encode()
             )
+
+
+_DEVICE_HERE: list = []  # the device of the innermost `training_here` block of this process
+
+
+@contextlib.contextmanager
+def training_here(device):
+    """Within the block the train stage trains in this process, on `device`, instead of a Ray Train job."""
+    _DEVICE_HERE.append(device)
+    try:
+        yield
+    finally:
+        _DEVICE_HERE.pop()
+
+
+def device_here():
+    """The device of the enclosing `training_here`, or None (the stage starts a Ray Train worker group)."""
+    return _DEVICE_HERE[-1] if _DEVICE_HERE else None
 
 
 def default_workers(pending: int, asked: int | None) -> tuple[int, bool]:

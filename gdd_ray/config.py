@@ -311,7 +311,8 @@ class TrainConfig:
     )
     eval_workers: int | None = opt(
         None,
-        "Ray Train workers (runs go in parallel); default one per GPU, or one per CPU on a CPU-only cluster.",
+        "Ray Train workers (runs go in parallel); default one per GPU, or one per CPU on a CPU-only cluster. A "
+        "sweep point trains in its own Tune trial, on one GPU or CPU (sweep --concurrent sets the parallelism).",
         low=1,
         high=10_000,
     )

@@ -31,6 +31,15 @@ if "RAY_TMPDIR" not in os.environ or "PYTEST_XDIST_WORKER" in os.environ:
     SESSION_RAY_TMPDIR = tempfile.mkdtemp(prefix=f"rx{os.environ.get('PYTEST_XDIST_WORKER', '')}-", dir="/tmp")
     os.environ["RAY_TMPDIR"] = SESSION_RAY_TMPDIR
 
+# One GDD_RAY_CACHE for the whole session, every pytest-xdist worker included: the tiny models (and the other
+# random-weight models tests build) are built once, not once per worker (the tiny SDXL alone ~5-9 s). Made by
+# the controller (or a plain run) at import, inherited by the workers; builds are atomic renames, so two
+# workers building one model at once waste a copy, never break it. GDD_RAY_TEST_CACHE given: that folder, kept.
+SESSION_GDD_CACHE = None
+if "GDD_RAY_TEST_CACHE" not in os.environ:
+    SESSION_GDD_CACHE = tempfile.mkdtemp(prefix="gdd-test-cache-", dir="/tmp")
+    os.environ["GDD_RAY_TEST_CACHE"] = SESSION_GDD_CACHE
+
 # `make test` runs the files on two workers (pytest-xdist, --dist loadfile: a file's tests and its module
 # fixtures stay in one worker). Files are handed out in collection order, so the costliest go first and the
 # cheap ones fill the gaps at the end (longest-first scheduling). Measured durations on 2 cores; the order
@@ -72,6 +81,8 @@ COSTLIEST_FIRST = (
 def pytest_unconfigure(config):
     if SESSION_RAY_TMPDIR and os.path.isdir(SESSION_RAY_TMPDIR) and not os.listdir(SESSION_RAY_TMPDIR):
         os.rmdir(SESSION_RAY_TMPDIR)  # the xdist controller's: it runs no test, so no Ray ever used it
+    if SESSION_GDD_CACHE:  # the controller's (or a plain run's): every worker has ended by now
+        shutil.rmtree(SESSION_GDD_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -80,9 +91,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def gdd_cache(tmp_path_factory) -> Path:
-    """Point GDD_RAY_CACHE (inherited by subprocesses and Ray workers) at a fresh session folder."""
-    path = Path(os.environ.get("GDD_RAY_TEST_CACHE") or tmp_path_factory.mktemp("gdd_cache"))
+def gdd_cache() -> Path:
+    """Point GDD_RAY_CACHE (inherited by subprocesses and Ray workers) at the session's folder."""
+    path = Path(os.environ["GDD_RAY_TEST_CACHE"])
     os.environ["GDD_RAY_CACHE"] = str(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach for the network
     return path

@@ -11,7 +11,6 @@ import importlib
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,20 +34,21 @@ def build_config(a, out: str, **extra):
     return build(values)
 
 
-_class_files: dict[int, Path] = {}
-
-
 def class_file(n: int) -> Path:
-    if n not in _class_files:
-        from gdd_ray.classes import dataset_classes
+    """A class list of n classes (CIFAR-100's names), kept in the gdd-ray cache: the same file for every run."""
+    from gdd_ray.classes import dataset_classes
+    from gdd_ray.generate.model import cache_dir
 
+    f = cache_dir() / "bench-classes" / f"classes-{n}.txt"
+    if not f.exists():
         names = [c.class_id for c in dataset_classes("cifar100")]
         # More classes than CIFAR-100 has: names repeat, each with its own description (distinct prompts)
         rows = [(i, names[i % len(names)], f"{names[i % len(names)]} {i // len(names)}") for i in range(n)]
-        f = Path(tempfile.mkdtemp()) / "classes.txt"
-        f.write_text("".join(f"{i}\t{name}\t{desc}\n" for i, name, desc in rows))
-        _class_files[n] = f
-    return _class_files[n]
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")  # written whole, then renamed: a reader never sees half
+        tmp.write_text("".join(f"{i}\t{name}\t{desc}\n" for i, name, desc in rows))
+        os.replace(tmp, f)
+    return f
 
 
 def _csv(text: str, cast=str) -> list:

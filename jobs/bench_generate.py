@@ -183,7 +183,13 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
         os.environ["OMP_NUM_THREADS"] = str(a.threads)  # Ray gives each 1-CPU actor one thread as well
-    work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
+    with tempfile.TemporaryDirectory(prefix="bench-gen-") as work:  # the contenders' run folders, removed after
+        return _bench(a, Path(work))
+
+
+def _bench(a, work: Path) -> int:
+    import torch
+
     results: dict = {"config": vars(a), "device": "cuda" if torch.cuda.is_available() else "cpu"}
     if torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name(0)

@@ -44,16 +44,23 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from gdd_ray.classes import load_classes
+
+    torch.set_num_threads(args.threads)
+    classes = load_classes(args.dataset, None)
+    with tempfile.TemporaryDirectory(prefix="bench-packing-") as work:  # the generator's run folder, removed after
+        return _bench(args, classes, work)
+
+
+def _bench(args, classes, work: str) -> int:
+    import torch
+
     from gdd_ray.config_loader import build_config
     from gdd_ray.generate.generator import UnitGenerator
     from gdd_ray.generate.model import load_pipeline
     from gdd_ray.generate.stage import make_job
     from gdd_ray.plan import WorkUnit, plan_units
 
-    torch.set_num_threads(args.threads)
-    classes = load_classes(args.dataset, None)
     c = len(classes)
-    work = tempfile.mkdtemp(prefix="bench-packing-")
     cfg = build_config({
         "dataset": args.dataset, "ipc": 1, "out": work, "model": "tiny", "gen_resolution": args.resolution,
         "image_size": 32, "batch_size": args.batch_size, "unit_size": args.unit_size, "stages": "generate",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,10 @@ VARIANTS = [(C, C, "vae"), (CL, C, "vae"), (C, CL, "vae"), (CL, CL, "vae"), (C, 
 
 
 @pytest.mark.slow
-def test_bench_generate_engine_matrix_smoke(tmp_path, tiny_model, capsys):
+def test_bench_generate_engine_matrix_smoke(tmp_path, tiny_model, capsys, monkeypatch):
+    scratch = tmp_path / "tmp"  # where its temporary folders go: removed when it ends
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     spec = importlib.util.spec_from_file_location("bench_generate", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -26,6 +30,7 @@ def test_bench_generate_engine_matrix_smoke(tmp_path, tiny_model, capsys):
             "--batch-sizes", "1,2", "--batches", "2", "--repeats", "2", "--engines-only", "--channels-last",
             "--tiny-decoder", "--out", str(out)]  # fmt: skip
     assert bench.main(args) == 0
+    assert not list(scratch.iterdir())
     res = json.loads(out.read_text())
     rows = res["engines"]["rows"]
     fast = [("fast", "fp32", b, *v) for b in (1, 2) for v in VARIANTS]
@@ -54,7 +59,7 @@ def test_bench_generate_engine_matrix_smoke(tmp_path, tiny_model, capsys):
 
 
 @pytest.mark.slow  # over 2 s on 2 cores: `make test` runs it, test-fast does not
-def test_bench_packing_smoke(tmp_path, tiny_model):
+def test_bench_packing_smoke(tmp_path, tiny_model, monkeypatch):
     """The packing benchmark renders the same images both ways (same pixels) and counts what each executed."""
     import importlib.util
     import json
@@ -63,7 +68,11 @@ def test_bench_packing_smoke(tmp_path, tiny_model):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "packing.json"
+    scratch = tmp_path / "tmp"  # where its temporary folder goes: removed when it ends
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     assert bench.main(["--smoke-test", "--results", str(out)]) == 0
+    assert not list(scratch.iterdir())
     res = json.loads(out.read_text())
     one, packed = res["layouts"]["one class per unit"], res["layouts"]["packed"]
     assert (one["images_executed"], packed["images_executed"]) == (160, 16) and res["max_pixel_difference"] <= 1

@@ -180,27 +180,35 @@ def test_generate_and_augment_through_ray_on_s3(s3_server, ray_s3, tiny_model):
 
 @pytest.mark.slow
 def test_train_stage_checkpoints_and_resumes_in_the_bucket(s3_server, ray_s3, tmp_path):
-    """Ray Train workers write checkpoints, run records and results to s3://; a lost run resumes from its
-    checkpoint in the bucket. The test set is a local folder read by the driver only."""
+    """Checkpoints, run records and results go to s3://, and a lost run resumes from its checkpoint in the bucket
+    on a Ray Train worker (which reads and writes the bucket itself). The first training runs the same worker
+    code in this process (worker.training_here, as a sweep's trial): a Ray Train job fewer to start. The test set
+    is a local folder read by the driver only."""
+    import torch
+
     from gdd_ray.train import stage as train_stage
+    from gdd_ray.train.worker import training_here
 
     client, _ = s3_server
     cfg = bucket_train_config(f"s3://{BUCKET}/train-run", tmp_path / "test")
     cfg = cfg.replace(**{"train.eval_workers": 1})  # both runs on one worker: a worker process fewer to start
     ctx = pipeline.check(cfg)
-    res = train_stage.run(ctx)
+    with training_here(torch.device("cpu")):
+        res = train_stage.run(ctx)
     assert res["evaluated"] and len(res["runs"]) == 2
 
     objects = keys(client, "train-run/eval/")
     for name in EVAL_FILES:
         assert f"train-run/eval/{name}" in objects, sorted(objects)
-    assert any(k.startswith("train-run/eval/_ray_train/") for k in objects)  # Ray Train's own storage_path
 
     client.delete_object(Bucket=BUCKET, Key="train-run/eval/runs/run01.json")
     client.delete_object(Bucket=BUCKET, Key="train-run/eval/results.json")
     again = train_stage.run(ctx)
     assert again["runs"][1]["resumed_from_epoch"] == 2  # from the checkpoint in the bucket
     assert again["accuracies"] == res["accuracies"] and again["runs"][0] == res["runs"][0]
+    objects = keys(client, "train-run/eval/")
+    assert "train-run/eval/runs/run01.json" in objects and "train-run/eval/results.json" in objects
+    assert any(k.startswith("train-run/eval/_ray_train/") for k in objects)  # Ray Train's own storage_path
 
 
 def test_shared_local_out_is_only_for_local_paths():

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from gen_helpers import write_generated
 
 from gdd_ray import pipeline, storage, synthetic
@@ -16,6 +17,7 @@ from gdd_ray.errors import UserError
 from gdd_ray.plan import eval_run_seed
 from gdd_ray.run import RunDir
 from gdd_ray.train import stage
+from gdd_ray.train.worker import training_here
 
 SIZE = 16
 CLASSES = dataset_classes("cifar10")
@@ -67,11 +69,12 @@ def test_train_stage_runs_in_parallel_writes_outputs_skips_and_resumes(local_ray
     assert again == res
 
     # A lost result and one more run asked for: run 1 resumes from its checkpoint (its last epoch) and reports
-    # the same accuracy, run 3 is new, runs 0 and 2 are not touched. On one worker (a worker process fewer to
-    # start; --eval-workers decides no number either).
+    # the same accuracy, run 3 is new, runs 0 and 2 are not touched. Trained in this process, as a sweep's trial
+    # does (the same worker code; --eval-workers decides no number either): test_s3 resumes through Ray Train.
     (ev / "runs" / "run01.json").unlink()
     (ev / "results.json").unlink()
-    more = stage.run(pipeline.check(cfg.replace(**{"train.eval_runs": 4, "train.eval_workers": 1})))
+    with training_here(torch.device("cpu")):
+        more = stage.run(pipeline.check(cfg.replace(**{"train.eval_runs": 4})))
     assert more["accuracies"][:3] == accs and len(more["runs"]) == 4 and more["runs"][3]["seed"] == eval_run_seed(0, 3)
     assert more["runs"][1]["resumed_from_epoch"] == 4 and more["runs"][3]["resumed_from_epoch"] == 0
     assert more["runs"][0]["finished"] == res["runs"][0]["finished"]
@@ -84,8 +87,6 @@ def test_train_stage_without_test_set_says_nothing_was_evaluated(local_ray, tmp_
     """The stage and the worker's own code (run_tasks) with no test set, trained in this process as a sweep's
     trial does (worker.training_here), not in a Ray Train worker group (the test above proves that transport:
     five actor processes to start)."""
-    import torch
-
     from gdd_ray.train import worker
 
     fits, tasks_run = [], []

@@ -7,11 +7,11 @@ DEMO_OUT ?= runs/demo
 
 .PHONY: install demo test test-fast lint format bench bench-gpu clean-demo
 
-# pip byte-compiles what it installs one file at a time (1 min 47 s of a 3 min 18 s install, measured); the
-# same compile on every core takes about a minute. Compiled ahead either way: where PYTHONDONTWRITEBYTECODE is
-# set (as on our 2-core machines), a module without its .pyc is compiled again at every import, in every Ray worker (torch,
-# Ray and diffusers from source: 17 s instead of 6.5 s). compileall's status counts the test fixtures some
-# packages ship in Python 2 syntax, which pip skips alike.
+# pip byte-compiles what it installs one file at a time (1 min 47 s of a 3 min 18 s install, measured); the same
+# compile on every core takes about a minute. Compiled ahead either way: where PYTHONDONTWRITEBYTECODE is set (as
+# on our 2-core machines), a module without its .pyc is compiled again at every import, in every Ray worker
+# (torch, Ray and diffusers from source: 17 s instead of 6.5 s). compileall's status counts the test fixtures
+# some packages ship in Python 2 syntax, which pip skips alike.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -36,6 +36,7 @@ def build_config(a, out: str, **extra):
 
 def class_file(n: int) -> Path:
     """A class list of n classes (CIFAR-100's names), kept in the gdd-ray cache: the same file for every run."""
+    from gdd_ray import storage
     from gdd_ray.classes import dataset_classes
     from gdd_ray.generate.model import cache_dir
 
@@ -44,10 +45,8 @@ def class_file(n: int) -> Path:
         names = [c.class_id for c in dataset_classes("cifar100")]
         # More classes than CIFAR-100 has: names repeat, each with its own description (distinct prompts)
         rows = [(i, names[i % len(names)], f"{names[i % len(names)]} {i // len(names)}") for i in range(n)]
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")  # written whole, then renamed: a reader never sees half
-        tmp.write_text("".join(f"{i}\t{name}\t{desc}\n" for i, name, desc in rows))
-        os.replace(tmp, f)
+        text = "".join(f"{i}\t{name}\t{desc}\n" for i, name, desc in rows)
+        storage.Location(str(f.parent)).write_bytes(f.name, text.encode())  # atomic: a reader never sees half
     return f
 
 

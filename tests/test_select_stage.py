@@ -7,6 +7,7 @@ not that CLIP likes the images."""
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -71,11 +72,29 @@ def test_rank_keeps_the_best_ties_by_index_in_index_order():
     assert diversity(e[:1]) is None
 
 
-@pytest.mark.slow  # ~40 s on 2 busy cores: Ray, a CLIP actor, the choice tasks
-def test_keeps_exactly_ipc_per_class_the_best_scored(tmp_path, local_ray):
-    cfg, ctx, run_dir = make_run(tmp_path)
+@pytest.fixture(scope="module")
+def selected_folder(tmp_path_factory, gdd_cache, ray_pool):
+    """One select stage run over synthetic candidates (Ray, a CLIP actor, the choice tasks: ~25 s on 2 busy cores),
+    made once for the module: each test works on its own copy (`selected_run`)."""
+    ray_pool.use()
+    folder = tmp_path_factory.mktemp("selected")
+    _, ctx, _ = make_run(folder)
+    return folder, stage.run(ctx)
+
+
+@pytest.fixture
+def selected_run(selected_folder, tmp_path, local_ray):
+    """(ctx, run_dir, summary) of this test's own copy of the module's selected run."""
+    folder, summary = selected_folder
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    ctx = pipeline.check(make_cfg(tmp_path))
+    return ctx, ctx.run_dir, summary
+
+
+@pytest.mark.slow  # the module's select run (~25 s), then reads
+def test_keeps_exactly_ipc_per_class_the_best_scored(selected_run):
+    ctx, run_dir, summary = selected_run
     assert len(ctx.plan.units) == 12 and len(ctx.plan.kept) == 6  # 4 classes x 6 candidates, 3 kept, units of 2
-    summary = stage.run(ctx)
     gen = {}
     for name in run_dir.generated.list(".parquet"):
         t = shards.read_shard(run_dir.generated, name)
@@ -122,10 +141,9 @@ def test_keeps_exactly_ipc_per_class_the_best_scored(tmp_path, local_ray):
     assert f"<td class='num'>{o['score_mean']:.4f}</td><td class='num'>{o['score_mean_all']:.4f}</td>" in page
 
 
-@pytest.mark.slow  # ~45 s on 2 busy cores
-def test_resume_redoes_only_what_is_missing_with_the_same_bytes(tmp_path, local_ray):
-    cfg, ctx, run_dir = make_run(tmp_path)
-    stage.run(ctx)
+@pytest.mark.slow  # a copy of the module's select run, broken, then resumed: ~20 s on 2 busy cores
+def test_resume_redoes_only_what_is_missing_with_the_same_bytes(selected_run):
+    ctx, run_dir, _ = selected_run
     scores_loc = run_dir.selected.child(stage.SCORES_DIR)
     kept_before = {n: run_dir.selected.read_bytes(n) for n in run_dir.selected.list(".parquet")}
     scores_before = {n: scores_loc.read_bytes(n) for n in scores_loc.list(".parquet")}

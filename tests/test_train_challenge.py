@@ -107,7 +107,7 @@ def test_challenge_export_refusals_write_nothing(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_challenge_protocol_trains_on_the_exported_submission(local_ray, tmp_path):
+def test_challenge_protocol_trains_on_the_exported_submission(trains_here, tmp_path):
     classes = load_classes("cifar100", None)
     pats = synthetic.patterns(100, 32, seed=0)
     tx, ty = synthetic.sample(pats, 2, seed=2)

@@ -73,7 +73,7 @@ def test_parameter_counts_match_the_reference_definitions(classes):
 
 
 @pytest.mark.slow
-def test_eval_nets_trains_all_four_and_the_page_shows_the_table(local_ray, tmp_path):
+def test_eval_nets_trains_all_four_and_the_page_shows_the_table(trains_here, tmp_path):
     classes = dataset_classes("cifar10")
     pats = synthetic.patterns(10, 32, seed=0)
     synthetic.write_cifar(str(tmp_path / "test"), *synthetic.sample(pats, 1, seed=2), [c.class_id for c in classes])

@@ -56,7 +56,7 @@ def make_run(out, real, **kw):
 
 
 @pytest.mark.slow
-def test_baselines_soft_labels_scores_resume_and_sharing(local_ray, real_data, tmp_path):
+def test_baselines_soft_labels_scores_resume_and_sharing(trains_here, real_data, tmp_path):
     shared = str(tmp_path / "baselines")
     kw = dict(
         real_train_data=str(real_data / "cifar"), eval_full_data=True, labels="both",

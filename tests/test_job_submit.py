@@ -85,6 +85,8 @@ def head(gdd_cache, tiny_model, readme_lines, tmp_path_factory):
 
 
 def test_readme_cluster_lines_as_written(head, readme_lines, tmp_path):
+    """The README's submit line with its quick-run options: the job succeeds, its progress and summary lines
+    reach the job log, and it made every image once, recorded with the versions (Ray's among them)."""
     # the head authenticates: the dashboard refuses a request that carries no token
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(head.dashboard_url + "/api/jobs/", timeout=10)
@@ -95,7 +97,14 @@ def test_readme_cluster_lines_as_written(head, readme_lines, tmp_path):
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout and "[generate] done:" in r.stdout, r.stdout[-3000:]
-    assert sorted(read_images(out / "generated")) == [(c, 0) for c in range(10)]
+    images = read_images(out / "generated")
+    assert sorted(images) == [(c, 0) for c in range(10)]
+    assert {Image.open(io.BytesIO(b)).size for b in images.values()} == {(16, 16)}
+    summary = json.loads((out / "generated" / "_summary.json").read_text())
+    assert summary["totals"]["images"] == 10 and summary["totals"]["images_made"] == 10
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["ipc"] == 1 and record["fingerprints"]["generate"] == summary["fingerprint"]
+    assert "ray" in record["versions"]
 
 
 def wait_for_no_generator_actors(timeout: float = 60) -> None:
@@ -121,34 +130,25 @@ def submit(head: RayHead, args: list[str], env: dict[str, str] | None = None) ->
 
 
 # 20 one-image units at 96 px: slow enough that the driver killed after 3 shards below still has 17 units (over
-# a second of its actor's work) to do when the poll freezes the actor. Both tests run it, so the first test's
-# uninterrupted run is the second's reference, made by Ray actors as the resumed one (the same batch size: another
-# batch size is another float rounding, and an image then moves by a level).
+# a second of its actor's work) to do when the poll freezes the actor.
 RUN = dict(ipc=2, unit_size=1, gen_resolution=96, batch_size=1)
 
 
-@pytest.fixture(scope="module")
-def submitted_run(head, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The run RUN, whole, through `ray job submit`: (its --out, the submit's result)."""
-    out = tmp_path_factory.mktemp("submitted") / "run"
-    return out, submit(head, job_args(out, **RUN))
+def uninterrupted_run(out: Path) -> dict[tuple[int, int], bytes]:
+    """The run RUN, whole, in this process (serially, one torch thread as an actor has): the reference the
+    resumed one must equal image for image (test_s3 proves the serial runner draws the actors' bytes)."""
+    from gen_helpers import actor_threads, tiny_config
+
+    from gdd_ray import pipeline
+    from gdd_ray.generate import stage as gen_stage
+
+    ctx = pipeline.check(tiny_config(out, **RUN))
+    with actor_threads():
+        gen_stage.run(ctx, serial=True)
+    return read_images(out / "generated")
 
 
-def test_ray_job_submit_generates_every_image_once(submitted_run):
-    out, r = submitted_run
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "[generate] done:" in r.stdout  # the progress/summary lines reach the job log
-    images = read_images(out / "generated")
-    assert sorted(images) == sorted((c, i) for c in range(10) for i in range(2))
-    assert {Image.open(io.BytesIO(b)).size for b in images.values()} == {(16, 16)}
-    summary = json.loads((out / "generated" / "_summary.json").read_text())
-    assert summary["totals"]["images"] == 20 and summary["totals"]["images_made"] == 20
-    record = json.loads((out / "run.json").read_text())
-    assert record["config"]["ipc"] == 2 and record["fingerprints"]["generate"] == summary["fingerprint"]
-    assert "ray" in record["versions"]
-
-
-def test_killed_driver_then_rerun_redoes_only_missing_units(head, submitted_run, tmp_path):
+def test_killed_driver_then_rerun_redoes_only_missing_units(head, tmp_path, tiny_model):
     out = tmp_path / "run"
     args = job_args(out, **RUN)
     driver = subprocess.Popen(
@@ -186,10 +186,8 @@ def test_killed_driver_then_rerun_redoes_only_missing_units(head, submitted_run,
     )
     resumed = read_images(gen)
 
-    # The same run without interruption (the first test's): image for image the same images.
-    whole, first = submitted_run
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert_same_images(resumed, read_images(whole / "generated"))
+    # The same run without interruption: image for image the same images.
+    assert_same_images(resumed, uninterrupted_run(tmp_path / "whole"))
 
     # A third run has nothing to do: it ends without starting or joining Ray at all.
     r = subprocess.run([sys.executable, str(REPO / "jobs" / "distill.py"), *args], env=head.env, cwd=REPO,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from gdd_ray.errors import UserError, last_line
 
-# What AutoPipelineForText2Image.from_pretrained(..., variant="fp16") reads: model_index.json and every
+# What DiffusionPipeline.from_pretrained(..., variant="fp16") reads (load_pipeline): model_index.json and every
 # component's config (*.json), the tokenizers (vocab.json, merges.txt; *.model for sentencepiece ones) and the
 # fp16 weights; not the fp32 copies, .bin files or sample images a repository also holds.
 PATTERNS = ("*.json", "*.txt", "*.model", "*.fp16.safetensors")

@@ -26,11 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from gen_helpers import assert_same_images, generator_actor_pids, read_images
+from gen_helpers import actor_threads, assert_same_images, generator_actor_pids, read_images
 from PIL import Image
 from ray_head import RayHead
 
-from gdd_ray import storage
+from gdd_ray import pipeline, storage
+from gdd_ray.config_loader import build_config
+from gdd_ray.generate import stage as gen_stage
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -115,11 +117,16 @@ def wait_for_no_generator_actors(timeout: float = 60) -> None:
     assert not generator_actor_pids(), "generator actors still alive after the driver died"
 
 
+def job_values(out: Path, **extra) -> dict:
+    """A small generate run's settings: what job_args passes on the command line, and the in-process
+    reference run's config (one dict, so the two are always the same run)."""
+    values = dict(dataset="cifar10", ipc=3, model="tiny", gen_resolution=64, image_size=16, unit_size=2,
+                  batch_size=2, stages="generate", out=str(out))  # fmt: skip
+    return {**values, **extra}
+
+
 def job_args(out: Path, **extra) -> list[str]:
-    args = dict(dataset="cifar10", ipc="3", model="tiny", gen_resolution="64", image_size="16", unit_size="2",
-                batch_size="2", stages="generate", out=str(out))  # fmt: skip
-    args.update({k: str(v) for k, v in extra.items()})
-    return [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
+    return [f"--{k.replace('_', '-')}={v}" for k, v in job_values(out, **extra).items()]
 
 
 def submit(head: RayHead, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -137,12 +144,7 @@ RUN = dict(ipc=2, unit_size=1, gen_resolution=96, batch_size=1)
 def uninterrupted_run(out: Path) -> dict[tuple[int, int], bytes]:
     """The run RUN, whole, in this process (serially, one torch thread as an actor has): the reference the
     resumed one must equal image for image (test_s3 proves the serial runner draws the actors' bytes)."""
-    from gen_helpers import actor_threads, tiny_config
-
-    from gdd_ray import pipeline
-    from gdd_ray.generate import stage as gen_stage
-
-    ctx = pipeline.check(tiny_config(out, **RUN))
+    ctx = pipeline.check(build_config(job_values(out, **RUN)))
     with actor_threads():
         gen_stage.run(ctx, serial=True)
     return read_images(out / "generated")

@@ -1,4 +1,8 @@
-"""The augment stage end to end on a local Ray: counts, determinism, pass-through, resume, bad input."""
+"""The augment stage end to end on a local Ray: counts, determinism, pass-through, resume, bad input.
+
+Tests whose point is what the stage writes or refuses, not the transport, run the stage's in-process runner
+(`serial=True`: the same per-shard work, in this process), so `make test-fast` starts no Ray; the Ray Data
+runs are the slow ones (counts and skip, determinism against the serial worker, resume, a killed driver)."""
 
 from __future__ import annotations
 
@@ -128,9 +132,9 @@ def test_deterministic_across_runs_and_matches_the_serial_worker(tmp_path, local
     assert solo.read_bytes(name) == dir_a.augmented.read_bytes(name)
 
 
-def test_pass_through(tmp_path, local_ray):
+def test_pass_through(tmp_path):
     cfg, ctx, run_dir = make_run(tmp_path / "run", ipc=2, pda_variants=0)
-    summary = stage.run(ctx)
+    summary = stage.run(ctx, serial=True)
     assert summary["totals"]["images"] == summary["images_in"] == 20
     gen, aug = read_dir(run_dir.generated), read_dir(run_dir.augmented)
     for name, t in aug.items():
@@ -165,16 +169,16 @@ def test_resume_redoes_only_missing_or_broken_shards(tmp_path, local_ray):
     assert all(os.stat(run_dir.augmented.file(n)).st_mtime_ns == m for n, m in mtimes.items())
 
 
-def test_changed_recipe_needs_overwrite(tmp_path, local_ray):
+def test_changed_recipe_needs_overwrite(tmp_path):
     cfg, ctx, run_dir = make_run(tmp_path / "run", ipc=2)
-    stage.run(ctx)
+    stage.run(ctx, serial=True)
     changed = make_cfg(tmp_path / "run", ipc=2, pda_variants=3)
     with pytest.raises(UserError, match=r"augment config differs from this one \(pda-variants 2 -> 3"):
         pipeline.check(changed)
     ctx2 = pipeline.check(changed.replace(overwrite=True))
     assert not ctx2.run_dir.augmented.list(".parquet")  # the old outputs went; the generated ones stayed
     assert ctx2.run_dir.generated.list(".parquet")
-    summary = stage.run(ctx2)
+    summary = stage.run(ctx2, serial=True)
     assert summary["totals"]["images"] == 10 * 2 * 4
 
 
@@ -195,45 +199,44 @@ def test_bad_input_is_one_clear_line(tmp_path):
         pipeline.check(bad_ops)
 
 
-def test_inputs_of_another_generation_config_are_refused(tmp_path, local_ray):
+def test_inputs_of_another_generation_config_are_refused(tmp_path):
     cfg, ctx, run_dir = make_run(tmp_path / "run", ipc=2)
     classes = load_classes(cfg.dataset, None)
     write_generated(cfg, classes, fingerprint="0123456789abcdef")  # same names, foreign generation
     with pytest.raises(UserError, match="holds no complete generation for this config"):
-        stage.run(ctx)
+        stage.run(ctx, serial=True)
 
 
 @pytest.mark.slow
 def test_resume_after_a_kill(tmp_path, local_ray):
-    """Kill the stage's process mid-run (SIGKILL: no cleanup), run again, get exactly the full output.
+    """Kill the stage's process mid-run (SIGKILL: no cleanup), run again on Ray, get exactly the full output.
 
-    The killed run's tasks hold still once 10 outputs exist (a gate in its UDF), so the kill always lands
-    mid-run: no race between the kill and the end of the stage."""
+    The killed run is the stage's in-process runner (the same per-shard work and commits as a Ray Data task;
+    a Ray of its own would cost the subprocess seconds of start): its work holds still once 10 outputs exist
+    (a gate around it), so the kill always lands mid-run: no race between the kill and the end of the stage.
+    Temporaries of writes cut short are swept by the lifecycle every stage shares (test_job_submit kills a
+    driver whose actors were mid-write)."""
     cfg, ctx, run_dir = make_run(tmp_path / "run", ipc=24, unit_size=1, pda_variants=4)
     n = len(run_dir.generated.list(".parquet"))
     script = textwrap.dedent(
         f"""
         import time
-        import ray
-        from gdd_ray import pipeline
+        from gdd_ray import pipeline, storage
         from gdd_ray.augment import stage
         from gdd_ray.config_loader import build_config
 
-        def gated(names, **kw):  # defined in __main__, so Ray ships it by value to the workers
+        def gated(names, **kw):
             out = stage_work(names, **kw)
-            from gdd_ray import storage
             while len(storage.Location(kw["dst"]).list(".parquet")) >= 10:
-                time.sleep(1)  # hold until the test kills this driver
+                time.sleep(1)  # hold until the test kills this process
             return out
 
         stage_work = stage.augment_shards
         stage.augment_shards = gated
         cfg = build_config({{"out": {str(run_dir.uri)!r}, "dataset": "cifar10", "ipc": 24, "unit_size": 1,
                              "pda_variants": 4, "stages": "augment"}})
-        ctx = pipeline.check(cfg)
-        ray.init(num_cpus=2, include_dashboard=False)
         stage.SHARDS_PER_TASK = 1
-        stage.run(ctx)
+        stage.run(pipeline.check(cfg), serial=True)
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

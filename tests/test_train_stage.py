@@ -83,6 +83,7 @@ def test_train_stage_runs_in_parallel_writes_outputs_skips_and_resumes(local_ray
     assert more["workers"] == 1 and {r["rank"] for r in more["runs"][1::2]} == {0}
 
 
+@pytest.mark.slow  # the stage puts its data in Ray's object store: a local Ray, which test-fast never starts
 def test_train_stage_without_test_set_says_nothing_was_evaluated(local_ray, tmp_path, capsys, monkeypatch):
     """The stage and the worker's own code (run_tasks) with no test set, trained in this process as a sweep's
     trial does (worker.training_here), not in a Ray Train worker group (the test above proves that transport:

@@ -63,7 +63,7 @@ def test_a_fetch_takes_the_fp16_files_and_configs_once_and_the_pipeline_loads_fr
     assert pipe.name_or_path == path
 
 
-@pytest.mark.slow  # ~60 s on 2 cores: two generate runs on Ray, each starting two actors
+@pytest.mark.slow  # ~26 s alone on 2 cores: a generate run on Ray with two actors, then one in this process
 def test_one_fetch_per_node_then_offline_actors_and_a_missing_revision_is_one_line(fake_hub, tmp_path, ray_pool):
     names = ("GDD_RAY_FAKE_HUB", "HF_HUB_CACHE", "HF_HUB_OFFLINE")  # the workers see this test's hub and cache
     ray_pool.use(runtime_env={"env_vars": {k: os.environ[k] for k in names}})
@@ -76,9 +76,13 @@ def test_one_fetch_per_node_then_offline_actors_and_a_missing_revision_is_one_li
     assert len(read_images(tmp_path / "run" / "generated")) == 20
     assert summary["driver"]["model_fetch"]["nodes"] == 1
     assert fetches(fake_hub) == 1  # one node, one fetch; two actors loaded without one
-    # The hub goes away: a new run still loads the node's snapshot (the actors never ask the hub).
+    # The hub goes away: the node's snapshot is found complete (not fetched again), and a new run still loads
+    # it (the generators never ask the hub): in this process, where the same UnitGenerator loads it as an
+    # actor does (an actor more to start would prove no more).
     shutil.rmtree(fake_hub / "org")
-    gen_stage.run(pipeline.check(cfg.replace(out=str(tmp_path / "run2"), **{"generate.workers": 1})))
+    (snapshot,) = fetch.fetch_on_nodes("org/tiny", SHA, needs_gpu=False).values()
+    assert snapshot == str(fetch.snapshot_folder("org/tiny", SHA))
+    gen_stage.run(pipeline.check(cfg.replace(out=str(tmp_path / "run2"))), serial=True)
     assert len(read_images(tmp_path / "run2" / "generated")) == 20 and fetches(fake_hub) == 1
     # The run pinned SHA: a resume at another commit is refused, naming the change (nothing is mixed).
     with pytest.raises(UserError, match="generate"):

@@ -48,11 +48,10 @@ COSTLIEST_FIRST = (
     "test_sweep.py",
     "test_job_submit.py",
     "test_generate_compile.py",
-    "test_s3.py",
+    "test_stores_on_ray.py",
     "test_multinode.py",
     "test_select_stage.py",
     "test_model_fetch.py",
-    "test_gcs.py",
     "test_train_stage.py",
     "test_generate_ray.py",
     "test_generators.py",
@@ -60,6 +59,8 @@ COSTLIEST_FIRST = (
     "test_augment_stage.py",
     "test_generate_engine.py",
     "test_train_challenge.py",
+    "test_s3.py",
+    "test_gcs.py",
     "test_train_nets.py",
     "test_train_protocols.py",
     "test_time_budget.py",
@@ -121,6 +122,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """(boto3 client, env) of a moto S3 server with one bucket, for the module's tests (tests/stores.py)."""
+    import stores
+
+    with stores.s3_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gcs_server():
+    """The URL of a GCS emulator with one bucket, for the module's tests (tests/stores.py)."""
+    import stores
+
+    with stores.gcs_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -187,7 +206,7 @@ def trains_here(local_ray, one_torch_thread):
     """The train stage's worker code (run_tasks) run in this process on the CPU, as a sweep's Tune trial runs it
     (worker.training_here), instead of in a Ray Train worker group: for tests whose point is what is trained and
     recorded, not the transport. A one-worker Ray Train job costs 13-16 s of process starts on 2 cores; the
-    transport is proven by test_train_stage (a group of two workers) and test_s3 (a resume from the bucket). One
+    transport is proven by test_train_stage (a group of two workers) and test_stores_on_ray (a resume from the bucket). One
     intra-op thread, as a Ray Train worker on a CPU node has."""
     import torch
 

@@ -2,82 +2,20 @@
 
 pyarrow's GcsFileSystem and the lease's conditional create find it through STORAGE_EMULATOR_HOST, the
 variable Google's own clients read. The emulator ignores `ifGenerationMatch`, so the lease test here proves
-the protocol (refusal, release, takeover), not the store's atomicity (GCS itself enforces it).
-
-The emulator runs as a child process. Started in this process (its `create_server` thread), a serial generate
-hung at its first footer check after the shards were written (faulthandler: the emulator's one thread stopped
-inside a Python-level socket write in `end_headers`, every reader thread inside pyarrow's GcsFileSystem open).
-The same single-threaded emulator in a child process answers the same run, so the hang needs server and
-clients in one interpreter: most likely a pyarrow GCS call that keeps the GIL while it waits for the answer
-of a server that needs the GIL to send it. A real GCS is never in the driver's process."""
+the protocol (refusal, release, takeover), not the store's atomicity (GCS itself enforces it). The server
+and its reader are tests/stores.py's; the Ray workers writing the bucket are test_stores_on_ray."""
 
 from __future__ import annotations
 
-import io
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
-import pyarrow.parquet as pq
 import pytest
-from gen_helpers import actor_threads, assert_same_images, images_of, tiny_config
+from gen_helpers import actor_threads, images_of, tiny_config
+from stores import BUCKET, gcs_objects
 
 from gdd_ray import lease, pipeline, storage
 from gdd_ray.errors import UserError
 from gdd_ray.generate import stage as gen_stage
 from gdd_ray.run import RunDir
 from gdd_ray.status import run_status
-
-BUCKET = "gdd-test"
-
-
-@pytest.fixture(scope="module")
-def gcs_server():
-    """`gcp-storage-emulator start` as a child on a free loopback port (in memory, one bucket); stopped by pid."""
-    pytest.importorskip("gcp_storage_emulator")
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    url = f"http://127.0.0.1:{port}"
-    exe = str(Path(sys.executable).parent / "gcp-storage-emulator")
-    cmd = [exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", BUCKET, "-q"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    saved = os.environ.get("STORAGE_EMULATOR_HOST")
-    try:
-        deadline = time.time() + 60
-        while True:  # until it answers (a process start: no event to wait on but the port itself)
-            assert proc.poll() is None, "gcp-storage-emulator exited at start"
-            try:
-                with urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}", timeout=1):
-                    break
-            except OSError:
-                assert time.time() < deadline, "gcp-storage-emulator did not answer within 60 s"
-                time.sleep(0.1)
-        os.environ["STORAGE_EMULATOR_HOST"] = url
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        if saved is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = saved
-
-
-def objects(prefix: str) -> dict[str, bytes]:
-    """Every object under gs://BUCKET/prefix with its bytes, read through pyarrow's own GCS client."""
-    fs, inner = storage.resolve(f"gs://{BUCKET}/{prefix}")
-    out = {}
-    for info in fs.get_file_info(storage.pafs.FileSelector(inner, recursive=True, allow_not_found=True)):
-        if info.type == storage.pafs.FileType.File:
-            with fs.open_input_stream(info.path) as fh:
-                out[info.path.split("/", 1)[1]] = fh.read()
-    return out
 
 
 def test_location_round_trip_on_gcs(gcs_server):
@@ -97,8 +35,8 @@ def test_one_driver_per_run_on_gcs(gcs_server):
     with lease.acquire(root, expiry=60) as held:
         with pytest.raises(UserError, match="in use by another driver"):
             lease.acquire(root, expiry=60)
-        assert [k for k in objects("leased") if "_lease-" in k] == [f"leased/{held.name}"]
-    assert [k for k in objects("leased") if "_lease-" in k] == []
+        assert [k for k in gcs_objects("leased") if "_lease-" in k] == [f"leased/{held.name}"]
+    assert [k for k in gcs_objects("leased") if "_lease-" in k] == []
     with lease.acquire(root, expiry=60) as again:
         assert again.generation == 1
 
@@ -115,7 +53,7 @@ def test_generate_on_gcs_resumes_only_what_is_broken_then_exports(gcs_server, ti
     uri = f"gs://{BUCKET}/serial-run"
     cfg = tiny_config(uri)
     assert generate_serial(cfg)["totals"]["units_run"] == 15
-    objs = objects("serial-run")
+    objs = gcs_objects("serial-run")
     shard_keys = sorted(k for k in objs if k.endswith(".parquet"))
     assert len(shard_keys) == 15 and all(k.startswith("serial-run/generated/u") for k in shard_keys)
     assert {"serial-run/run.json", "serial-run/generated/_summary.json", "serial-run/generated/_manifest.json"} <= set(
@@ -142,7 +80,7 @@ def test_generate_on_gcs_resumes_only_what_is_broken_then_exports(gcs_server, ti
     summary = generate_serial(cfg)
     out = capsys.readouterr().out
     assert summary["totals"]["units_run"] == 2 and "13 done, 2 to do" in out, out
-    again = objects("serial-run")
+    again = gcs_objects("serial-run")
     assert images_of(again) == first  # the same pixels, each image once
     assert all(again[k] == objs[k] for k in shard_keys if k not in (gone, torn))
 
@@ -163,31 +101,7 @@ def test_generate_on_gcs_resumes_only_what_is_broken_then_exports(gcs_server, ti
 def test_other_config_on_gcs_is_refused_and_nothing_changes(gcs_server, tiny_model):
     uri = f"gs://{BUCKET}/refuse-run"
     generate_serial(tiny_config(uri, ipc=1, unit_size=2))  # 5 shards of 2 images
-    before = objects("refuse-run")
+    before = gcs_objects("refuse-run")
     with pytest.raises(UserError, match="differs from this one .*seed 0 -> 1"):
         pipeline.check(tiny_config(uri, ipc=1, unit_size=2, seed=1))
-    assert objects("refuse-run") == before
-
-
-@pytest.fixture(scope="module")
-def ray_gcs(gcs_server, ray_pool):
-    """A local Ray whose workers see the same GCS endpoint."""
-    ray_pool.use(runtime_env={"env_vars": {"STORAGE_EMULATOR_HOST": gcs_server}})
-
-
-@pytest.mark.slow
-def test_generate_and_augment_through_ray_on_gcs(gcs_server, ray_gcs, tiny_model):
-    """The Ray actors and Ray Data tasks write to the bucket themselves; pixels equal the serial run's."""
-    uri = f"gs://{BUCKET}/ray-run"
-    summaries = pipeline.run(tiny_config(uri, stages="generate,augment", pda_variants=1))
-    assert summaries["generate"]["totals"]["units_run"] == 15 and summaries["augment"]["totals"]["images"] == 60
-    objs = objects("ray-run")
-    serial = objects("serial-run") or objects("ray-run-serial")  # the resume test's run, when it ran first
-    if not serial:
-        generate_serial(tiny_config(f"gs://{BUCKET}/ray-run-serial"))
-        serial = objects("ray-run-serial")
-    gen = {k: v for k, v in objs.items() if k.startswith("ray-run/generated/")}
-    assert_same_images(images_of(gen), images_of(serial))  # whichever runner and process made them
-    aug = [k for k in objs if k.startswith("ray-run/augmented/") and k.endswith(".parquet")]
-    assert len(aug) == 15 and "ray-run/augmented/_summary.json" in objs and "ray-run/samples.png" in objs
-    assert sum(pq.read_metadata(io.BytesIO(objs[k])).num_rows for k in aug) == 60
+    assert gcs_objects("refuse-run") == before

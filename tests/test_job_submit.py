@@ -143,7 +143,7 @@ RUN = dict(ipc=2, unit_size=1, gen_resolution=96, batch_size=1)
 
 def uninterrupted_run(out: Path) -> dict[tuple[int, int], bytes]:
     """The run RUN, whole, in this process (serially, one torch thread as an actor has): the reference the
-    resumed one must equal image for image (test_s3 proves the serial runner draws the actors' bytes)."""
+    resumed one must equal image for image (test_stores_on_ray proves the serial runner draws the actors' bytes)."""
     ctx = pipeline.check(build_config(job_values(out, **RUN)))
     with actor_threads():
         gen_stage.run(ctx, serial=True)

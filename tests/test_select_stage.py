@@ -244,8 +244,10 @@ def test_missing_candidates_and_bad_clip_model_are_one_clear_line(tmp_path, gdd_
     assert not (tmp_path / "run" / "selected").exists()
 
 
-@pytest.mark.slow  # the tiny SDXL draws 16 images, then Ray scores, chooses and augments
-def test_tiny_sdxl_overgenerate_select_augment(tmp_path, tiny_model, local_ray):
+@pytest.mark.slow  # the tiny SDXL draws 16 images, then they are scored, chosen and augmented
+def test_tiny_sdxl_overgenerate_select_augment(tmp_path, tiny_model):
+    """The three stages chained on the tiny SDXL twin, each with the in-process runner (the same per-shard work;
+    the select stage's Ray transport is the module's selected run, augment's is test_augment_stage's)."""
     from gdd_ray.augment import stage as augment
     from gdd_ray.generate import stage as generate
 
@@ -255,8 +257,8 @@ def test_tiny_sdxl_overgenerate_select_augment(tmp_path, tiny_model, local_ray):
     )  # fmt: skip
     ctx = pipeline.check(cfg)
     generate.run(ctx, serial=True)
-    summary = stage.run(ctx)
-    augmented = augment.run(ctx)
+    summary = stage.run(ctx, serial=True)
+    augmented = augment.run(ctx, serial=True)
     run_dir = ctx.run_dir
     assert len(run_dir.generated.list(".parquet")) == 4 * 2  # 4 candidates per class, unit 2
     kept = kept_rows(run_dir)

@@ -188,12 +188,16 @@ def _process_group(pgid: int) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # two sweeps of two points: ~2 min on 2 idle cores, far more on a shared machine
-def test_tiny_sweep_is_killed_resumes_without_redoing_finished_points_and_reports(tmp_path, tiny_model):
+def test_tiny_sweep_is_killed_resumes_without_redoing_finished_points_and_reports(tmp_path, tiny_model, local_ray):
     """ipc {2, 4} at K 2 and eval seed 1 on the tiny model, through the real CLI; the first sweep is SIGKILLed (its
     whole process group: driver, Ray, Tune) once a point has finished, and the second does the other. Each point
     is a Tune trial that trains in its own process (a Ray process, with its imports: seconds), so the grid is one
     axis: the other axis, K, is proven below by the rows a K-0 point over the same shared PDA reads (an eval-seed
-    axis adds trainings and proves nothing these do not: each point's seed is checked)."""
+    axis adds trainings and proves nothing these do not: each point's seed is checked).
+
+    The first sweep is a process of its own (to be killed), with the local Ray it starts; the second is the same
+    CLI in this process, on the session's Ray, as `ray job submit` runs a sweep on a running cluster (a Python
+    and a Ray fewer to start)."""
     names = [c.class_id for c in dataset_classes("cifar10")]
     pats = synthetic.patterns(10, 16, seed=0)
     synthetic.write_cifar(str(tmp_path / "test"), *synthetic.sample(pats, 2, seed=2), names, kind="cifar10")
@@ -235,17 +239,21 @@ def test_tiny_sweep_is_killed_resumes_without_redoing_finished_points_and_report
     assert aug_sum["totals"]["images"] == 10 * 4 * 3  # one PDA at K 2
     shared = {"generated": tree_digest(data / "generated"), "augmented": tree_digest(pda / "augmented")}
 
-    second = subprocess.run([*cmd, "--track", "mlflow"], cwd=REPO, capture_output=True, text=True, timeout=1500)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming the Tune experiment" in second.stdout + second.stderr
-    assert "2 points, 1 generation(s), 1 PDA(s)" in second.stdout + second.stderr
+    from gdd_ray.cli import main as cli_main
+
+    second = io.StringIO()
+    with contextlib.redirect_stdout(second):
+        code = cli_main(["sweep", "--config", str(spec), "--out", str(root), "--track", "mlflow"])
+    second = second.getvalue()
+    assert code == 0, second[-3000:]
+    assert "resuming the Tune experiment" in second and "2 points, 1 generation(s), 1 PDA(s)" in second
     # The shared data was neither regenerated nor re-augmented, and the finished point was not trained again.
     assert {"generated": tree_digest(data / "generated"), "augmented": tree_digest(pda / "augmented")} == shared
     after = _point_results(root)
     assert len(after) == 2 and {name: after[name] for name in finished} == finished
 
     board = (root / "leaderboard.md").read_text()
-    assert second.stdout.endswith(board)  # the CLI prints the leaderboard it wrote
+    assert second.endswith(board)  # the CLI prints the leaderboard it wrote
     with open(root / "leaderboard.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 and board.count("\n") == 2 + 2

@@ -70,7 +70,7 @@ def test_train_stage_runs_in_parallel_writes_outputs_skips_and_resumes(local_ray
 
     # A lost result and one more run asked for: run 1 resumes from its checkpoint (its last epoch) and reports
     # the same accuracy, run 3 is new, runs 0 and 2 are not touched. Trained in this process, as a sweep's trial
-    # does (the same worker code; --eval-workers decides no number either): test_s3 resumes through Ray Train.
+    # does (the same worker code; --eval-workers decides no number either): test_stores_on_ray resumes through Ray Train.
     (ev / "runs" / "run01.json").unlink()
     (ev / "results.json").unlink()
     with training_here(torch.device("cpu")):

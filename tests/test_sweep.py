@@ -203,7 +203,7 @@ def test_tiny_sweep_is_killed_resumes_without_redoing_finished_points_and_report
     synthetic.write_cifar(str(tmp_path / "test"), *synthetic.sample(pats, 2, seed=2), names, kind="cifar10")
     spec = tmp_path / "sweep.yaml"
     spec.write_text(
-        f"base: {{dataset: cifar10, model: tiny, gen-resolution: 64, image-size: 16, unit-size: 2, batch-size: 2,"
+        f"base: {{dataset: cifar10, model: tiny, gen-resolution: 32, image-size: 16, unit-size: 4, batch-size: 4,"
         f" eval-data: {tmp_path / 'test'}, epochs: 1, eval-runs: 1, eval-workers: 1, net-width: 8, eval-seed: 1,"
         " pda-variants: 2}\n"
         "grid: {ipc: [2, 4]}\n"

@@ -69,6 +69,11 @@ def ensure_tiny_clip() -> Path:
     model, processor = build_tiny_clip()
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
+    # The tokenizer as the real CLIP repos hold it (vocab.json, merges.txt), not save_pretrained's one 3.6 MB
+    # tokenizer.json: the same tokens, loaded in ~0.1 s instead of ~0.5 s by every scoring actor.
+    (tmp / "tokenizer.json").unlink()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(os.path.join(processor.tokenizer.name_or_path, name), tmp / name)
     try:
         os.rename(tmp, final)
     except OSError:  # another process won the race: keep its copy

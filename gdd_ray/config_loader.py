@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -37,7 +38,8 @@ class Option:
         return "--" + self.name.replace("_", "-")
 
 
-def options() -> list[Option]:
+@functools.cache  # every config built or read back asks (thousands of times in the tests): resolved once
+def options() -> tuple[Option, ...]:
     """Every user-facing option, in help order: top-level fields, then each section's."""
     out = []
     for section, klass in [(None, RunConfig), *SECTIONS.items()]:
@@ -47,7 +49,7 @@ def options() -> list[Option]:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else None
             out.append(Option(section, f.name, hints[f.name], default, f.metadata["help"]))
-    return out
+    return tuple(out)
 
 
 def _strip_optional(tp: Any) -> Any:

@@ -24,6 +24,7 @@ def two_runs(tmp_path_factory):
     return root, a, b
 
 
+@pytest.mark.slow  # two trained runs (the module's `two_runs`): ~5 s
 def test_compare_prints_the_table_and_writes_a_self_contained_page(two_runs, tmp_path, capsys):
     root, a, b = two_runs
     html = tmp_path / "compare.html"
@@ -49,6 +50,7 @@ def test_compare_prints_the_table_and_writes_a_self_contained_page(two_runs, tmp
     assert "no run was started" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a third trained run
 def test_compare_of_runs_with_other_classes_skips_the_per_class_table(two_runs, tmp_path):
     root, a, _ = two_runs
     other = trained_run(tmp_path / "four", tmp_path / "test4", num_classes=4)

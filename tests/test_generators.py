@@ -62,6 +62,7 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(int) - b.astype(int)).max())
 
 
+@pytest.mark.slow  # the four twins' pipelines (the module's `pipes`): seconds to build and load
 def test_twins_have_their_real_models_architecture(pipes):
     sd15, turbo, base = pipes["tiny-sd15"], pipes["tiny-sd-turbo"], pipes["tiny-sdxl-base"]
     for name, pipe in pipes.items():
@@ -85,6 +86,7 @@ def test_twins_have_their_real_models_architecture(pipes):
     )
 
 
+@pytest.mark.slow  # a pipeline call per twin (the engine's own proof on `tiny` is in test-fast)
 @pytest.mark.parametrize("model", list(TWINS))
 def test_generator_reproduces_the_plain_pipeline(tmp_path, pipes, model):
     gen = generator(tmp_path, pipes[model], model)
@@ -99,6 +101,7 @@ def test_generator_reproduces_the_plain_pipeline(tmp_path, pipes, model):
     assert gen.executed_batch_sizes == {2} and not np.array_equal(ours[0], ours[1])
 
 
+@pytest.mark.slow  # two guided twins' pipelines
 @pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sdxl-base"])
 def test_cfg_negatives_are_encoded_once_per_worker(tmp_path, pipes, model):
     pipe = pipes[model]

@@ -168,6 +168,7 @@ def test_resume_redoes_only_what_is_missing_with_the_same_bytes(selected_run):
     assert shards.read_manifest(run_dir.selected, summary["fingerprint"]) is not None
 
 
+@pytest.mark.slow  # the tiny CLIP built and loaded, every shard scored twice: ~6 s
 def test_scores_do_not_depend_on_what_is_scored_together(tmp_path, gdd_cache):
     cfg = make_cfg(tmp_path, ipc=2, overgenerate=1.5)
     classes = load_classes(None, cfg.classes)

@@ -50,6 +50,7 @@ def test_plan_shares_generation_at_the_largest_ipc_and_k(tmp_path):
     assert p["stage_dirs"]["generate"] == gens[p["group"]]["out"] + "/generated"
 
 
+@pytest.mark.slow  # the fingerprints of eight generations, two models' configs: ~4 s
 def test_points_that_differ_in_pixels_get_their_own_generation_keyed_by_its_fingerprint(tmp_path, tiny_model):
     base = {"dataset": "cifar10", "pda_variants": 1}
     grid = {

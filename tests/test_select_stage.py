@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from gen_helpers import write_generated
+from gen_helpers import actor_threads, write_generated
 
 from gdd_ray import pipeline, shards, storage
 from gdd_ray.classes import load_classes
@@ -141,8 +141,11 @@ def test_keeps_exactly_ipc_per_class_the_best_scored(selected_run):
     assert f"<td class='num'>{o['score_mean']:.4f}</td><td class='num'>{o['score_mean_all']:.4f}</td>" in page
 
 
-@pytest.mark.slow  # a copy of the module's select run, broken, then resumed: ~20 s on 2 busy cores
+@pytest.mark.slow  # a copy of the module's select run, broken, then resumed
 def test_resume_redoes_only_what_is_missing_with_the_same_bytes(selected_run):
+    """The module's run was made on Ray (a CLIP actor, the choice tasks); the resume runs in this process with
+    one torch thread, as an actor has: the redone files must be those bytes (the serial runner and the actors
+    score and choose alike), and a CLIP actor fewer to start."""
     ctx, run_dir, _ = selected_run
     scores_loc = run_dir.selected.child(stage.SCORES_DIR)
     kept_before = {n: run_dir.selected.read_bytes(n) for n in run_dir.selected.list(".parquet")}
@@ -158,7 +161,8 @@ def test_resume_redoes_only_what_is_missing_with_the_same_bytes(selected_run):
         n: os.stat(scores_loc.file(n)).st_mtime_ns for n in scores_before if n != "u0000000010-0000000012.parquet"
     }
 
-    summary = stage.run(ctx)
+    with actor_threads():
+        summary = stage.run(ctx, serial=True)
     assert summary["totals"]["units_run"] == 1  # one score file redone
     assert summary["kept_shards_written"] == 1  # the cut one only (the redone scores came back the same)
     assert {n: run_dir.selected.read_bytes(n) for n in run_dir.selected.list(".parquet")} == kept_before

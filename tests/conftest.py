@@ -206,8 +206,8 @@ def trains_here(local_ray, one_torch_thread):
     """The train stage's worker code (run_tasks) run in this process on the CPU, as a sweep's Tune trial runs it
     (worker.training_here), instead of in a Ray Train worker group: for tests whose point is what is trained and
     recorded, not the transport. A one-worker Ray Train job costs 13-16 s of process starts on 2 cores; the
-    transport is proven by test_train_stage (a group of two workers) and test_stores_on_ray (a resume from the bucket). One
-    intra-op thread, as a Ray Train worker on a CPU node has."""
+    transport is proven by test_train_stage (a group of two workers) and test_stores_on_ray (a resume from the
+    bucket). One intra-op thread, as a Ray Train worker on a CPU node has."""
     import torch
 
     from gdd_ray.train.worker import training_here

@@ -78,6 +78,16 @@ def actor_threads():
         torch.set_num_threads(before)
 
 
+def generate_serial(cfg) -> dict:
+    """The generate stage of `cfg` run in this process (the serial runner) with an actor's one torch thread: its
+    images equal the Ray actors' byte for byte. Returns the stage's summary."""
+    from gdd_ray import pipeline
+    from gdd_ray.generate import stage as gen_stage
+
+    with actor_threads():
+        return gen_stage.run(pipeline.check(cfg), serial=True)
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """Every file under folder with its content hash and mtime: to prove a failed command touched nothing."""
     out = {}

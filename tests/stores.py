@@ -13,7 +13,6 @@ for the answer of a server that needs the GIL to send it. A real GCS is never in
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -36,21 +35,6 @@ S3_ENV = {
 
 
 @contextmanager
-def environ(env: dict[str, str]):
-    """os.environ with `env` set for the block (what this process and the Ray it starts see), restored after."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextmanager
 def s3_server():
     """(boto3 client, the env that points every client at it): a moto S3 server with the bucket BUCKET."""
     from moto.server import ThreadedMotoServer
@@ -61,7 +45,9 @@ def s3_server():
     host, port = server.get_host_and_port()
     env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
     try:
-        with environ(env):
+        with pytest.MonkeyPatch.context() as mp:  # what this process and the Ray it starts see, restored after
+            for k, v in env.items():
+                mp.setenv(k, v)
             import boto3
 
             client = boto3.client("s3")
@@ -94,7 +80,8 @@ def gcs_server():
             except OSError:
                 assert time.time() < deadline, "gcp-storage-emulator did not answer within 60 s"
                 time.sleep(0.1)
-        with environ({"STORAGE_EMULATOR_HOST": url}):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("STORAGE_EMULATOR_HOST", url)
             yield url
     finally:
         proc.terminate()

@@ -8,12 +8,11 @@ and its reader are tests/stores.py's; the Ray workers writing the bucket are tes
 from __future__ import annotations
 
 import pytest
-from gen_helpers import actor_threads, images_of, tiny_config
+from gen_helpers import generate_serial, images_of, tiny_config
 from stores import BUCKET, gcs_objects
 
 from gdd_ray import lease, pipeline, storage
 from gdd_ray.errors import UserError
-from gdd_ray.generate import stage as gen_stage
 from gdd_ray.run import RunDir
 from gdd_ray.status import run_status
 
@@ -39,11 +38,6 @@ def test_one_driver_per_run_on_gcs(gcs_server):
     assert [k for k in gcs_objects("leased") if "_lease-" in k] == []
     with lease.acquire(root, expiry=60) as again:
         assert again.generation == 1
-
-
-def generate_serial(cfg):
-    with actor_threads():  # its images are compared with the Ray actors' byte for byte
-        return gen_stage.run(pipeline.check(cfg), serial=True)
 
 
 @pytest.mark.slow  # generates, breaks and regenerates shards in the bucket, then exports them

@@ -8,20 +8,13 @@ the bucket (and a Ray Train worker resuming from it) are test_stores_on_ray.
 from __future__ import annotations
 
 import pytest
-from gen_helpers import actor_threads, images_of, tiny_config
+from gen_helpers import generate_serial, images_of, tiny_config
 from stores import BUCKET, s3_objects
 
 from gdd_ray import pipeline, storage
 from gdd_ray.errors import UserError
-from gdd_ray.generate import stage as gen_stage
 from gdd_ray.run import RunDir
 from gdd_ray.status import run_status
-
-
-def generate_serial(cfg):
-    ctx = pipeline.check(cfg)
-    with actor_threads():  # its images are compared with the Ray actors' byte for byte
-        return ctx.run_dir, gen_stage.run(ctx, serial=True)
 
 
 def test_location_round_trip_on_s3(s3_server):
@@ -43,7 +36,7 @@ def test_generate_on_s3_resumes_only_what_is_broken(s3_server, tiny_model, capsy
     client, _ = s3_server
     uri = f"s3://{BUCKET}/serial-run"
     cfg = tiny_config(uri)
-    _, summary = generate_serial(cfg)
+    summary = generate_serial(cfg)
     assert summary["totals"]["units_run"] == 15 and summary["totals"]["images"] == 30
 
     objects = s3_objects(client, "serial-run/")
@@ -69,7 +62,7 @@ def test_generate_on_s3_resumes_only_what_is_broken(s3_server, tiny_model, capsy
         f"_manifest.json: {gone.rsplit('/', 1)[1]} is listed in its manifest but missing (a rerun writes it again)",
     ]
     capsys.readouterr()
-    _, summary = generate_serial(cfg)
+    summary = generate_serial(cfg)
     out = capsys.readouterr().out
     assert summary["totals"]["units_run"] == 2, out
     assert f"redoing {torn.rsplit('/', 1)[1]}: unreadable" in out and "13 done, 2 to do" in out

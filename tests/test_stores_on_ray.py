@@ -10,11 +10,10 @@ import io
 
 import pyarrow.parquet as pq
 import pytest
-from gen_helpers import EVAL_FILES, actor_threads, assert_same_images, bucket_train_config, images_of, tiny_config
+from gen_helpers import EVAL_FILES, assert_same_images, bucket_train_config, generate_serial, images_of, tiny_config
 from stores import BUCKET, gcs_objects, s3_objects
 
 from gdd_ray import pipeline
-from gdd_ray.generate import stage as gen_stage
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +35,7 @@ def test_generate_and_augment_through_ray(scheme, s3_server, ray_stores, tiny_mo
 
     summaries = pipeline.run(tiny_config(f"{scheme}://{BUCKET}/ray-run", stages="generate,augment", pda_variants=1))
     assert summaries["generate"]["totals"]["units_run"] == 15 and summaries["augment"]["totals"]["images"] == 60
-    with actor_threads():  # the same run made serially in this process, as an actor makes it
-        gen_stage.run(pipeline.check(tiny_config(f"{scheme}://{BUCKET}/serial-run")), serial=True)
+    generate_serial(tiny_config(f"{scheme}://{BUCKET}/serial-run"))  # the same run, in this process
     objs = objects("ray-run")
     gen = {k: v for k, v in objs.items() if k.startswith("ray-run/generated/")}
     assert_same_images(images_of(gen), images_of(objects("serial-run")))  # whichever runner and process made them

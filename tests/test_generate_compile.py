@@ -1,4 +1,4 @@
-"""torch.compile on the CPU backend with the tiny model: the compiled fast path compiles once at load (in
+"""torch.compile on the CPU backend with a one-block SDXL twin: the compiled fast path compiles once at load (in
 the node's compile cache), never recompiles (a short last unit is padded to the full batch), and draws the
 same images as the eager path within float rounding."""
 
@@ -31,15 +31,45 @@ def test_compile_cache_is_the_users_or_one_kept_per_node(tmp_path, monkeypatch):
     assert use_compile_cache() == (str(mine), True)
 
 
-# Scalar C++ kernels: Inductor compiles each kernel with g++ (66 of them for the tiny model's three graphs), and
+# Scalar C++ kernels: Inductor compiles each kernel with g++ (~33 for the one-block twin's three graphs), and
 # vectorised ones (at::vec templates) cost ~30 % more to compile. What these tests prove is torch.compile's use
 # by the fast path (one graph each, no graph break, no recompile, the node's cache, the eager images within
 # rounding), which is the same whatever Inductor's own code generation chooses.
 INDUCTOR = {"cpp.simdlen": 1}
 
 
+def one_block_sdxl():
+    """The tiny SDXL twin (its text encoders, tokenizers and scheduler) with a UNet and a VAE of one block each.
+
+    On the CPU backend every distinct fused op of a graph is a C++ kernel that g++ compiles (~0.8 s of CPU
+    each): the twin's two-level UNet, mid block and four-level VAE made 66 of them and ~130 s of CPU for the
+    `model` scope alone. One level keeps what the compile scopes touch (the fast path's one-step denoise with
+    SDXL's text_time conditioning through cross-attention, the VAE decode, ResnetBlock2D and
+    BasicTransformerBlock for `blocks`) at about half the kernels. The images are noise either way."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from gdd_ray.generate import tiny_models
+
+    tiny = load_pipeline("tiny", device="cpu")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32,), layers_per_block=1, in_channels=4, out_channels=4, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",), mid_block_type=None,
+        attention_head_dim=2, use_linear_projection=True, transformer_layers_per_block=1,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=tiny.unet.config.projection_class_embeddings_input_dim,
+        cross_attention_dim=tiny.unet.config.cross_attention_dim,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        scaling_factor=tiny.vae.config.scaling_factor, force_upcast=False,
+    )  # fmt: skip
+    return tiny_models.assemble_sdxl(unet, vae, tiny.text_encoder, tiny.text_encoder_2, tiny.scheduler)
+
+
 class CompileCase:
-    """The tiny pipeline and the eager images of two units: 2 full batches of 4 classes, then a run's short last
+    """The one-block twin and the eager images of two units: 2 full batches of 4 classes, then a run's short last
     unit of 3 (padded); made once for the module's tests. Each test compiles into a cold compile cache of its
     own, with fullgraph=True, so a graph break anywhere fails the compile (and the test), never a silent eager
     fall back."""
@@ -47,7 +77,7 @@ class CompileCase:
     units = [WorkUnit(0, 8, 10), WorkUnit(8, 11, 10)]
 
     def __init__(self, tmp_path):
-        self.tmp_path, self.pipe = tmp_path, load_pipeline("tiny", device="cpu")
+        self.tmp_path, self.pipe = tmp_path, one_block_sdxl()
         self.want = [self.generator(False).render(u).pixels for u in self.units]
 
     def cold(self, tmp_path, monkeypatch) -> None:

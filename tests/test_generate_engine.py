@@ -65,31 +65,37 @@ def test_fast_engine_reproduces_the_diffusers_pipeline(tmp_path, pipe):
     assert fast.executed_batch_sizes == {2} and not np.array_equal(ours[0], ours[1])
 
 
-@pytest.mark.slow  # builds SDXL-Turbo's full architecture on the CPU (about 14 GB in fp32), then frees it
-def test_fast_engine_reproduces_the_pipeline_on_sdxl_turbos_architecture(tmp_path):
-    """The same proof on `sdxl-random` (SDXL-Turbo's real configs and tokenizers, seeded random weights): the
-    real UNet's time-id and pooled-embedding sizes, the real scheduler and VAE configs. Sized for cost only:
-    32 px (latents of 4, 2 and 1 at the UNet's three levels: every block runs) and one batch of two classes
-    (each prompt costs ~0.1 TFLOP in the second text encoder on a CPU: ~2 s). A padded batch is the tiny
-    model's proof above: padding does not depend on the architecture. The diffusers engine's twin proof is
-    the tiny one."""
-    import gc
+@pytest.mark.slow  # builds SDXL-Turbo's full architecture on the meta device and runs it there: ~4 s
+def test_fast_path_fits_sdxl_turbos_architecture_at_512_px():
+    """SDXL-Turbo's real configs and tokenizers (`sdxl-random` on the meta device: shapes, no memory, no
+    arithmetic) at the product's 512 px: the fast path's conditioning fits the real UNet (6 time ids x 256 + the
+    pooled 1280 = the added embedding's 2816; both encoders' hidden states, 768 + 1280 = cross-attention's 2048),
+    the latents come back in the UNet's shape and the decoder gives uint8 images at the stored size.
 
-    big = load_pipeline("sdxl-random", device="cpu")
-    try:
-        two = CLASSES[:2]
-        cfg = tiny_config(tmp_path / "f" / "run", model="sdxl-random", engine="fast", unit_size=2,
-                          gen_resolution=32, image_size=16)  # fmt: skip
-        fast = UnitGenerator(gen_stage.make_job(cfg, two, "fp-test", str(tmp_path / "f" / "out")), pipeline=big)
-        unit = WorkUnit(0, 2, 2)  # classes 0 and 1: one full batch of 2
-        assert (fast.job.engine, fast.job.vae_dtype) == ("fast", "fp32")
-        ours = fast.render(unit).pixels
-        ref = reference_pixels(big, unit, fast.job.seed, 32, 16, two)
-        assert ours.std() > 0 and not np.array_equal(ours[0], ours[1])  # real images of noise, not NaN or blank
-        assert max_diff(ours, ref) <= 1  # as on the tiny model
-    finally:
-        del big
-        gc.collect()
+    The numbers (the fast path draws the pipeline's images) are the tiny twin's proof above: the twin has the
+    same component classes, scheduler config and conditioning, and its configs differ from SDXL-Turbo's only in
+    widths, depths and head counts (and CLIP-L's activation), which change shapes, never which operations run
+    (test_generators checks the twin's layout). The GPU bench measures the real architecture's numbers on a GPU
+    (`diff_to_diffusers_fp32` of its fast-path rows: against the diffusers engine on the same weights). Running
+    them here, at 32 px, cost ~70 s of CPU and 13 GB."""
+    import torch
+
+    from gdd_ray.generate.decode import Decoder
+    from gdd_ray.generate.engine import FastEngine, PromptTable, latent_shape
+    from gdd_ray.generate.model import build_random_sdxl
+
+    big = build_random_sdxl(device="meta")
+    prompts = PromptTable(big, [c.prompt("{name}") for c in CLASSES[:2]], "meta", with_negative=False)
+    prompts.encode_all()
+    pe, _, pooled, _ = prompts.get(1)
+    assert (tuple(pe.shape), tuple(pooled.shape)) == ((1, 77, 2048), (1, 1280))
+    engine = FastEngine(big, prompts, batch_size=2, resolution=512, device="meta")  # checks the added embedding
+    noise = torch.empty(2, *latent_shape(big, 512), device="meta")
+    latents = engine.latents(noise, None, 1)
+    assert tuple(latents.shape) == (2, 4, 64, 64) and latents.dtype == torch.float32
+    decoder = Decoder(big.vae, 512, 32)
+    images = decoder.finish(decoder.decode(latents))
+    assert tuple(images.shape) == (2, 32, 32, 3) and images.dtype == torch.uint8
 
 
 def test_image_does_not_depend_on_its_batch_or_padding(tmp_path, pipe):

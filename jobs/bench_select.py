@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         "select_by": "clip", "clip_model": args.clip_model, "overgenerate": args.overgenerate,
         "clip_batch_size": args.clip_batch_size, "stages": "select",
     }  # fmt: skip
+    if args.smoke_test:
+        values["select_workers"] = 1  # plumbing only: a CLIP actor per CPU would only add start-ups
     cfg = build_config(values)
     classes = load_classes(cfg.dataset, None)
     names = synthetic.write_generated(cfg, classes, fingerprint=pipeline.generation_fingerprint(cfg, classes))

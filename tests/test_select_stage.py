@@ -75,10 +75,12 @@ def test_rank_keeps_the_best_ties_by_index_in_index_order():
 @pytest.fixture(scope="module")
 def selected_folder(tmp_path_factory, gdd_cache, ray_pool):
     """One select stage run over synthetic candidates (Ray, a CLIP actor, the choice tasks: ~25 s on 2 busy cores),
-    made once for the module: each test works on its own copy (`selected_run`)."""
+    made once for the module: each test works on its own copy (`selected_run`). One CLIP actor, not one per CPU:
+    each costs ~10 s of CPU to start, and what is chosen does not depend on how many score (the resume test below
+    scores serially and must write these bytes)."""
     ray_pool.use()
     folder = tmp_path_factory.mktemp("selected")
-    _, ctx, _ = make_run(folder)
+    _, ctx, _ = make_run(folder, select_workers=1)
     return folder, stage.run(ctx)
 
 

@@ -69,11 +69,11 @@ class SeededScoring:
         return stats
 
 
-def selected_run(out, ipc=4, overgenerate=2.0, pda_variants=1, dataset="cifar10", image_size=16):
+def selected_run(out, ipc=4, overgenerate=2.0, pda_variants=1, dataset="cifar10", image_size=16, unit_size=2):
     """generate (synthetic) -> select (seeded scores) -> augment, each stage in this process."""
     stages = "select,augment,train" if pda_variants else "select,train"
     cfg = config(out, stages, dataset=dataset, ipc=ipc, select_by="clip", clip_model="tiny", image_size=image_size,
-                 overgenerate=overgenerate, pda_variants=pda_variants, clip_batch_size=8)  # fmt: skip
+                 overgenerate=overgenerate, pda_variants=pda_variants, clip_batch_size=8, unit_size=unit_size)  # fmt: skip
     write_generated(cfg, load_classes(dataset, None))
     ctx = pipeline.check(cfg)
     with pytest.MonkeyPatch.context() as mp:
@@ -139,7 +139,8 @@ def test_generate_select_train_without_augment_at_ipc_2(tmp_path):
 
 
 def test_challenge_export_of_cifar100_ipc_10_overgenerated_twice(tmp_path):
-    cfg, ctx = selected_run(tmp_path / "run", ipc=10, pda_variants=0, dataset="cifar100", image_size=32)
+    # Units of 10 (a class's kept images in one shard): 200 candidate shards, not 1,000; the shape is the point.
+    cfg, ctx = selected_run(tmp_path / "run", ipc=10, pda_variants=0, dataset="cifar100", image_size=32, unit_size=10)
     info = export.export_challenge(ctx.run_dir.uri, str(tmp_path / "sub"))
     assert info["shape"] == [1000, 3, 32, 32] and info["source"] == "selected"
 

@@ -29,14 +29,14 @@ def generator(tmp_path, pipe, **overrides) -> UnitGenerator:
     return UnitGenerator(job, pipeline=pipe)
 
 
-def reference_pixels(pipe, unit: WorkUnit, seed: int, resolution: int, size: int, classes=CLASSES) -> np.ndarray:
+def reference_pixels(pipe, unit: WorkUnit, seed: int, resolution: int, size: int) -> np.ndarray:
     """The plain diffusers pipeline call (prompt as text, its own noise draw, its own VAE decode), resized
     and quantised as the generator does: what the fast path has to reproduce."""
     import torch
     import torch.nn.functional as F
 
     gens = [torch.Generator("cpu").manual_seed(image_seed(seed, label, i)) for label, i in unit.images()]
-    prompts = [classes[label].prompt("{name}") for label, _ in unit.images()]  # a unit spans classes
+    prompts = [CLASSES[label].prompt("{name}") for label, _ in unit.images()]  # a unit spans classes
     with torch.inference_mode():
         images = pipe(
             prompt=prompts, num_inference_steps=1, guidance_scale=0.0, height=resolution,

@@ -48,14 +48,14 @@ def test_killed_actor_is_replaced_and_each_image_made_once(tmp_path, fake_gpu_cl
     t = threading.Thread(target=drive)
     t.start()
     # The actor rendering, held still: the kill lands mid-unit, with units left for the run after it.
-    victims = list(busy_at_once(1, t))
-    os.kill(victims[0], signal.SIGKILL)  # mid-unit
+    (victim,) = busy_at_once(1, t)
+    os.kill(victim, signal.SIGKILL)  # mid-unit
     t.join(timeout=300)
     assert not t.is_alive() and not errors, errors
     assert sorted(r.unit for r in results) == sorted(units)  # every unit reported done exactly once
     images = read_images(out)  # asserts no (label, index) twice
     assert sorted(images) == sorted((c, i) for c in range(10) for i in range(2))
-    assert victims[0] not in generator_actor_pids()
+    assert victim not in generator_actor_pids()
     assert "starting a replacement" in capsys.readouterr().out
 
 

@@ -26,13 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from gen_helpers import actor_threads, assert_same_images, generator_actor_pids, read_images
+from gen_helpers import assert_same_images, generate_serial, generator_actor_pids, read_images
 from PIL import Image
 from ray_head import RayHead
 
-from gdd_ray import pipeline, storage
+from gdd_ray import storage
 from gdd_ray.config_loader import build_config
-from gdd_ray.generate import stage as gen_stage
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -144,9 +143,7 @@ RUN = dict(ipc=2, unit_size=1, gen_resolution=96, batch_size=1)
 def uninterrupted_run(out: Path) -> dict[tuple[int, int], bytes]:
     """The run RUN, whole, in this process (serially, one torch thread as an actor has): the reference the
     resumed one must equal image for image (test_stores_on_ray proves the serial runner draws the actors' bytes)."""
-    ctx = pipeline.check(build_config(job_values(out, **RUN)))
-    with actor_threads():
-        gen_stage.run(ctx, serial=True)
+    generate_serial(build_config(job_values(out, **RUN)))
     return read_images(out / "generated")
 
 

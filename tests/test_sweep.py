@@ -177,7 +177,7 @@ def _point_results(root) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # two sweeps of two points: ~2 min on 2 idle cores, far more on a shared machine
+@pytest.mark.timeout(1800)  # two sweeps of two points: ~1 min on 2 idle cores, far more on a shared machine
 def test_tiny_sweep_is_killed_resumes_without_redoing_finished_points_and_reports(tmp_path, tiny_model, local_ray):
     """ipc {2, 4} at K 2 and eval seed 1 on the tiny model, through the real CLI; the first sweep is SIGKILLed once
     a point has finished, and the second does the other. Each point is a Tune trial that trains in its own

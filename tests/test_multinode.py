@@ -8,6 +8,7 @@ cluster is refused unless --shared-local-out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -197,10 +198,18 @@ def test_units_spread_over_nodes_and_a_lost_node_costs_only_time(cluster, tmp_pa
     t, box = start_generation(cfg)  # default workers: one per GPU
     frozen = all_busy_at_once(watcher, t)
     busy_nodes_before_loss = set(frozen.values())
-    resume(frozen)
-    wait_until(lambda: len(storage.Location(str(gen)).list(".parquet")) >= 3, 120, "3 shards", watcher, t)
     victim = workers[1]
-    c.remove_node(victim, allow_graceful=False)  # the instance is gone, with its actor and units in flight
+    # The victim's actor stays frozen with its units in flight until its node goes: resumed, it could finish
+    # its share before the loss on a fast machine, and then nothing would be lost (seen: 30 tiny units take
+    # about a second on two actors).
+    victim_pid = next(pid for pid, node in frozen.items() if node == victim.node_id)
+    try:
+        resume(p for p in frozen if p != victim_pid)
+        wait_until(lambda: len(storage.Location(str(gen)).list(".parquet")) >= 3, 120, "3 shards", watcher, t)
+        c.remove_node(victim, allow_graceful=False)  # the instance is gone, with its actor and units in flight
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):  # and every process on it: a frozen one cannot notice
+            psutil.Process(victim_pid).kill()  # that its raylet died
     fresh = c.add_node(num_cpus=2, num_gpus=1)  # what the autoscaler does for a lost spot node
     watcher.add_nodes(fresh)
     original = [n.node_id for n in workers]

@@ -101,6 +101,10 @@ def checked_context(cfg: RunConfig, run_dir: RunDir | None = None) -> tuple[RunC
     """Every check that only reads: classes, fingerprints, each stage's preflight, that --out is reachable
     from every node (joins the cluster only if there is one to join), and that the output folder's stages
     match this config (or --overwrite). `run_dir`: OUT with shared stage folders (a sweep point's)."""
+    try:
+        storage.refuse_blocked_local(run_dir.uri if run_dir else cfg.out)
+    except OSError as e:
+        raise UserError(f"--out {cfg.out} is not writable ({storage.reason(e)})") from e
     ctx, inputs = context(cfg, run_dir)
     for stage in cfg.stages:
         STAGE_MODULES[stage].preflight(ctx)

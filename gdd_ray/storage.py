@@ -14,6 +14,7 @@ gs:// goes to the emulator named by STORAGE_EMULATOR_HOST when that is set (what
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -415,3 +416,18 @@ def check_writable(loc: Location) -> None:
     probe = temporary_name("probe")
     loc.write_bytes(probe, b"ok")
     loc.delete(probe)
+
+
+def refuse_blocked_local(uri: str) -> None:
+    """For a local path: raise OSError when its nearest existing ancestor is a file or not writable, which no
+    later step could get past. Reads only, and cheap, so a mistyped --out fails before anything heavy (the
+    fingerprints import the model library); check_writable's probe, later, stays the proof."""
+    if is_uri(uri):
+        return
+    path = os.path.abspath(uri)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path)
+    if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "Permission denied", path)

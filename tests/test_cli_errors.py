@@ -9,6 +9,7 @@ import sys
 import pytest
 from gen_helpers import tree_digest
 
+from gdd_ray import storage
 from gdd_ray.cli import main
 from tests.conftest import REPO
 
@@ -57,6 +58,24 @@ def test_bad_input(args, message, existing_run, tmp_path, capsys, tiny_model):  
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines == [lines[-1]] and lines[-1].startswith("error: ") and message in lines[-1], err
     assert tree_digest(existing_run) == before
+
+
+def test_out_under_a_file_is_refused_before_any_stage_is_asked(tmp_path, capsys):
+    """A file where --out needs a folder: refused by the read-only pre-check, before the fingerprints (which
+    import the model library) and before any stage's preflight; the file is untouched."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out in (blocker / "run", blocker / "run" / "deeper", blocker):
+        with pytest.raises(OSError):
+            storage.refuse_blocked_local(str(out))
+        # A model that is not there either: its own error would come from a later check.
+        assert main(["distill", "--dataset", "cifar10", "--ipc", "1", "--model", "someone/not-cached",
+                     "--out", str(out)]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out} is not writable") and err.count("\n") == 1, err
+    assert blocker.read_text() == "x"
+    for fine in (tmp_path / "new" / "deep" / "run", tmp_path, "s3://bucket/run"):
+        storage.refuse_blocked_local(str(fine))  # a folder to create, an existing one, a bucket: left to the probe
 
 
 @pytest.mark.slow  # a fresh interpreter running the script

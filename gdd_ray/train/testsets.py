@@ -124,22 +124,32 @@ def _find_cifar(path: str, split: str) -> tuple[str, str] | None:
     return None
 
 
+def _find_layout(path: str, split: str, is_tiny_imagenet, folder_roots: tuple[str, ...]) -> tuple[str, str] | None:
+    """(kind, root) of `split` of a CIFAR, Tiny-ImageNet (`is_tiny_imagenet(root)`) or class-folder set (in the
+    first of `folder_roots` that has class folders) at or just below `path`."""
+    if not os.path.isdir(path):
+        return None
+    cifar = _find_cifar(path, split)
+    if cifar is not None:
+        return cifar
+    for root in (path, os.path.join(path, "tiny-imagenet-200")):
+        if is_tiny_imagenet(root):
+            return "tiny-imagenet", root
+    for root in folder_roots:
+        if os.path.isdir(root) and _class_folders(root):
+            return "folder", root
+    return None
+
+
 def _find(path: str) -> tuple[str, str] | None:
     """(kind, root) of the test set at or just below `path`."""
     if os.path.isfile(path) and path.endswith(".pt"):
         return "pt", path
-    if not os.path.isdir(path):
-        return None
-    cifar = _find_cifar(path, "test")
-    if cifar is not None:
-        return cifar
-    for root in (path, os.path.join(path, "tiny-imagenet-200")):
-        if os.path.isfile(os.path.join(root, "val", "val_annotations.txt")):
-            return "tiny-imagenet", root
-    for root in (path, os.path.join(path, "val")):
-        if os.path.isdir(root) and _class_folders(root):
-            return "folder", root
-    return None
+
+    def has_val(root: str) -> bool:
+        return os.path.isfile(os.path.join(root, "val", "val_annotations.txt"))
+
+    return _find_layout(path, "test", has_val, (path, os.path.join(path, "val")))
 
 
 def _class_folders(root: str) -> list[str]:
@@ -380,18 +390,11 @@ def _as_train_error(e: UserError) -> UserError:
 
 def _find_train(path: str) -> tuple[str, str] | None:
     """(kind, root) of the training set at or just below `path` (the same layouts as the test sets')."""
-    if not os.path.isdir(path):
-        return None
-    cifar = _find_cifar(path, "train")
-    if cifar is not None:
-        return cifar
-    for root in (path, os.path.join(path, "tiny-imagenet-200")):
-        if os.path.isfile(os.path.join(root, "wnids.txt")) and os.path.isdir(os.path.join(root, "train")):
-            return "tiny-imagenet", root
-    for root in (os.path.join(path, "train"), path):
-        if os.path.isdir(root) and _class_folders(root):
-            return "folder", root
-    return None
+
+    def has_train(root: str) -> bool:
+        return os.path.isfile(os.path.join(root, "wnids.txt")) and os.path.isdir(os.path.join(root, "train"))
+
+    return _find_layout(path, "train", has_train, (os.path.join(path, "train"), path))
 
 
 def _cifar_train(kind: str, root: str, shown: str) -> tuple[TestSetInfo, np.ndarray, np.ndarray]:

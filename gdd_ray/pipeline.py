@@ -23,7 +23,7 @@ from gdd_ray.errors import UserError
 from gdd_ray.fingerprints import output_inputs, stage_fingerprint
 from gdd_ray.generate import stage as generate
 from gdd_ray.plan import check_plan_size, plan_run
-from gdd_ray.run import RunContext, RunDir
+from gdd_ray.run import RunContext, RunDir, not_writable
 from gdd_ray.select import stage as select
 from gdd_ray.train import stage as train
 
@@ -101,10 +101,8 @@ def checked_context(cfg: RunConfig, run_dir: RunDir | None = None) -> tuple[RunC
     """Every check that only reads: classes, fingerprints, each stage's preflight, that --out is reachable
     from every node (joins the cluster only if there is one to join), and that the output folder's stages
     match this config (or --overwrite). `run_dir`: OUT with shared stage folders (a sweep point's)."""
-    try:
-        storage.refuse_blocked_local(run_dir.uri if run_dir else cfg.out)
-    except OSError as e:
-        raise UserError(f"--out {cfg.out} is not writable ({storage.reason(e)})") from e
+    run_dir = run_dir or RunDir(cfg.out)
+    run_dir.refuse_blocked()  # a file in the way fails now, not after the fingerprints import the model library
     ctx, inputs = context(cfg, run_dir)
     for stage in cfg.stages:
         STAGE_MODULES[stage].preflight(ctx)
@@ -138,7 +136,7 @@ def take_lease(run_dir: RunDir) -> lease.Lease:
     try:
         return lease.acquire(run_dir.root)
     except OSError as e:
-        raise UserError(f"--out {run_dir.uri} is not writable ({storage.reason(e)})") from e
+        raise not_writable(run_dir.uri, e) from e
 
 
 def run(cfg: RunConfig, run_dir: RunDir | None = None) -> dict[str, Any]:

@@ -119,6 +119,11 @@ def stage_summary(
     }
 
 
+def not_writable(uri: str, e: OSError) -> UserError:
+    """The one line for an --out that cannot be written, whichever check found it."""
+    return UserError(f"--out {uri} is not writable ({storage.reason(e)})")
+
+
 class RunDir:
     def __init__(self, uri: str, stage_dirs: dict[str, str] | None = None, sweep_point: dict[str, Any] | None = None):
         """`stage_dirs`: stage -> the folder holding its output when that is not under OUT (shared).
@@ -249,6 +254,14 @@ class RunDir:
                 self.root.child(folder).remove_if_empty()
         return n
 
+    def refuse_blocked(self) -> None:
+        """Fail fast, reading only, where OUT can never be written (storage.refuse_blocked_local): before the
+        checks that cost seconds; prepare's write probe stays the proof."""
+        try:
+            storage.refuse_blocked_local(self.uri)
+        except OSError as e:
+            raise not_writable(self.uri, e) from e
+
     def prepare(
         self,
         cfg: RunConfig,
@@ -271,7 +284,7 @@ class RunDir:
         try:
             storage.check_writable(self.root)
         except OSError as e:
-            raise UserError(f"--out {self.uri} is not writable ({storage.reason(e)})") from e
+            raise not_writable(self.uri, e) from e
 
         old_fps = (record or {}).get("fingerprints")
         merged_fps = dict(old_fps) if isinstance(old_fps, dict) else {}
